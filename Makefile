@@ -1,0 +1,34 @@
+# Two entry points: `make demo` and `make test`. Each builds its own .venv.
+PYTHON ?= python3
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TOKENIZERS := .cache/flux-tokenizers/tokenizer_2/spiece.model
+
+.PHONY: test demo bench lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[dev,bench]'
+	touch $@
+
+$(TOKENIZERS): tests/fetch_flux_tokenizers.py | $(STAMP)
+	$(BIN)/python tests/fetch_flux_tokenizers.py .cache/flux-tokenizers
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) $(TOKENIZERS) lint
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py --quick
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

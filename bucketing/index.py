@@ -1,0 +1,131 @@
+"""The columnar result of a scan: accepted images with oriented sizes and captions,
+plus every rejected file with a reason.
+
+Columns are plain lists and numpy arrays so that millions of rows stay cheap and
+everything downstream (``assign``, the sampler) can work vectorised.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bucketing.atomic import atomic_path
+
+INDEX_FORMAT = "aspect-bucketing/index"
+INDEX_VERSION = 1
+
+
+class Rejection(NamedTuple):
+    """A file that will not be trained on, and why (``reason`` is a short stable code)."""
+
+    path: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class ImageIndex:
+    """Accepted images (``paths``, oriented ``width``/``height``, ``captions``) and ``rejections``.
+
+    ``blob`` optionally maps a row to its encoded bytes, for sources whose images
+    live inside another container (a ``datasets.Dataset`` without file paths).
+    It is not saved; an index loaded from disk reads from ``paths``.
+    """
+
+    paths: list[str]
+    width: np.ndarray
+    height: np.ndarray
+    captions: list[list[str]]
+    rejections: list[Rejection] = field(default_factory=list)
+    blob: Callable[[int], bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.width = np.asarray(self.width, dtype=np.int64).reshape(-1)
+        self.height = np.asarray(self.height, dtype=np.int64).reshape(-1)
+        self.rejections = [Rejection(*r) for r in self.rejections]
+        n = len(self.paths)
+        if not (len(self.width) == len(self.height) == len(self.captions) == n):
+            raise ValueError(
+                f"ImageIndex columns differ in length: paths={n}, width={len(self.width)}, "
+                f"height={len(self.height)}, captions={len(self.captions)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(N, 2) int64 array of oriented (width, height)."""
+        return np.stack([self.width, self.height], axis=1)
+
+    def image_source(self, i: int) -> str | bytes:
+        """What ``transforms.load_image`` should open for row ``i``: a path or encoded bytes."""
+        return self.blob(i) if self.blob is not None else self.paths[i]
+
+    def rejection_counts(self) -> dict[str, int]:
+        """Number of rejected files per reason, most common first."""
+        counts: dict[str, int] = {}
+        for r in self.rejections:
+            counts[r.reason] = counts.get(r.reason, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write accepted rows and rejections to one parquet file, atomically."""
+        n, rej = len(self), self.rejections
+        table = pa.table(
+            {
+                "path": pa.array(list(self.paths) + [r.path for r in rej], pa.string()),
+                "width": pa.array(np.concatenate([self.width, np.zeros(len(rej), np.int64)])),
+                "height": pa.array(np.concatenate([self.height, np.zeros(len(rej), np.int64)])),
+                "captions": pa.array(list(self.captions) + [[]] * len(rej), pa.list_(pa.string())),
+                "reason": pa.array([None] * n + [r.reason for r in rej], pa.string()),
+                "detail": pa.array([None] * n + [r.detail for r in rej], pa.string()),
+            }
+        )
+        table = table.replace_schema_metadata(
+            {"format": INDEX_FORMAT, "version": str(INDEX_VERSION)}
+        )
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ImageIndex:
+        """Read an index written by :meth:`save`; refuses files of another format or version."""
+        table = pq.read_table(path)
+        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        if meta.get("format") != INDEX_FORMAT or meta.get("version") != str(INDEX_VERSION):
+            raise ValueError(
+                f"{os.fspath(path)} is not an aspect-bucketing index (version {INDEX_VERSION}); "
+                f"found format={meta.get('format')!r} version={meta.get('version')!r}"
+            )
+        cols = table.to_pydict()
+        accepted = [i for i, r in enumerate(cols["reason"]) if r is None]
+        rejected = [i for i, r in enumerate(cols["reason"]) if r is not None]
+        return cls(
+            paths=[cols["path"][i] for i in accepted],
+            width=np.asarray([cols["width"][i] for i in accepted], dtype=np.int64),
+            height=np.asarray([cols["height"][i] for i in accepted], dtype=np.int64),
+            captions=[list(cols["captions"][i] or []) for i in accepted],
+            rejections=[
+                Rejection(cols["path"][i], cols["reason"][i], cols["detail"][i] or "")
+                for i in rejected
+            ],
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[ImageIndex]) -> ImageIndex:
+        """Join indexes row-wise (e.g. the shards gathered from several ranks)."""
+        return cls(
+            paths=[p for part in parts for p in part.paths],
+            width=np.concatenate([part.width for part in parts] or [np.zeros(0, np.int64)]),
+            height=np.concatenate([part.height for part in parts] or [np.zeros(0, np.int64)]),
+            captions=[c for part in parts for c in part.captions],
+            rejections=[r for part in parts for r in part.rejections],
+        )

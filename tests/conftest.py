@@ -1,0 +1,47 @@
+"""Shared fixtures: paths to the data the repository ships and the real FLUX tokenizers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def examples_dir() -> Path:
+    return REPO / "examples" / "data"
+
+
+@pytest.fixture(scope="session")
+def exif_dir() -> Path:
+    return DATA / "exif"
+
+
+@pytest.fixture(scope="session")
+def odd_dir() -> Path:
+    return DATA / "odd"
+
+
+@pytest.fixture(scope="session")
+def odd_expected() -> dict:
+    return json.loads((DATA / "odd" / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def flux_tokenizer_dir() -> Path:
+    """Folder with tokenizer/ (CLIP-L) and tokenizer_2/ (T5), fetched from PyPI if absent."""
+    dest = REPO / ".cache" / "flux-tokenizers"
+    if not (dest / "tokenizer_2" / "spiece.model").exists():
+        from fetch_flux_tokenizers import fetch
+
+        fetch(dest)
+    return dest
