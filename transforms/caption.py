@@ -1,0 +1,174 @@
+"""Caption augmentation: pick one of several captions, dropout, part shuffle, trigger phrases.
+
+A functional core (`pick_caption`, `shuffle_parts`, `format_caption`, `transform_caption`) and a
+thin, picklable `CaptionTransform` that validates its settings once. All randomness comes from
+the generator passed in (the dataset builds it with `transforms.rng.sample_rng(seed, epoch,
+index, "caption")`), so the same sample gets the same caption in any worker and after a resume.
+
+Draw order is fixed — one uniform for dropout, then the caption pick, then the part shuffle —
+so changing the dropout rate does not change which caption or order the kept samples get.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+PLACEHOLDER = "{caption}"
+
+
+def pick_caption(captions: Sequence[str] | str, rng: np.random.Generator) -> str:
+    """One caption chosen uniformly from ``captions`` ("" when there is none).
+
+    A bare string is taken as a single caption (never as a sequence of characters).
+    """
+    if isinstance(captions, str):
+        return captions
+    captions = list(captions)
+    for c in captions:
+        if not isinstance(c, str):
+            raise TypeError(f"captions must be strings, got {type(c).__name__}: {c!r}")
+    if not captions:
+        return ""
+    if len(captions) == 1:
+        return captions[0]
+    return captions[int(rng.integers(len(captions)))]
+
+
+def split_parts(caption: str, separator: str = ",") -> list[str]:
+    """The caption's ``separator``-separated parts, stripped, empty parts dropped."""
+    return [p.strip() for p in caption.split(separator) if p.strip()]
+
+
+def join_parts(parts: Sequence[str], separator: str = ",") -> str:
+    """Join parts with ``separator`` followed by one space ("a, b, c")."""
+    joiner = separator if separator.isspace() else separator + " "
+    return joiner.join(parts)
+
+
+def shuffle_parts(
+    caption: str, rng: np.random.Generator, *, separator: str = ",", keep_parts: int = 0
+) -> str:
+    """Shuffle the caption's parts, keeping the first ``keep_parts`` in place.
+
+    Parts are stripped and re-joined with ``separator + " "``; empty parts are dropped.
+    """
+    parts = split_parts(caption, separator)
+    head, tail = parts[:keep_parts], parts[keep_parts:]
+    order = rng.permutation(len(tail)) if len(tail) > 1 else range(len(tail))
+    return join_parts(head + [tail[i] for i in order], separator)
+
+
+def format_caption(
+    caption: str, *, prefix: str = "", suffix: str = "", template: str | None = None
+) -> str:
+    """``prefix + template(caption) + suffix``, stripped of outer whitespace.
+
+    ``template`` contains ``{caption}`` (e.g. "a photo of sks person, {caption}"); it is
+    substituted literally, so other braces in the template or the caption are harmless.
+    Prefix and suffix are concatenated as given: include your own separator ("sks, ").
+    """
+    text = caption if template is None else template.replace(PLACEHOLDER, caption)
+    return (prefix + text + suffix).strip()
+
+
+def transform_caption(
+    captions: Sequence[str] | str,
+    rng: np.random.Generator,
+    *,
+    dropout: float = 0.0,
+    shuffle: bool = False,
+    keep_parts: int = 0,
+    separator: str = ",",
+    prefix: str = "",
+    suffix: str = "",
+    template: str | None = None,
+) -> str:
+    """Pick, drop out, shuffle, then format one training caption.
+
+    A dropped-out caption is exactly "" (the unconditional prompt for classifier-free
+    guidance): prefix, suffix and template are not applied to it.
+    """
+    dropped = rng.random() < dropout
+    caption = pick_caption(captions, rng)
+    if dropped:
+        return ""
+    if shuffle:
+        caption = shuffle_parts(caption, rng, separator=separator, keep_parts=keep_parts)
+    return format_caption(caption, prefix=prefix, suffix=suffix, template=template)
+
+
+class CaptionTransform:
+    """``caption_transform(captions, rng) -> str`` for `bucketing.TextToImageDataset`.
+
+    Args:
+        dropout: probability in [0, 1] of returning "" (for classifier-free guidance).
+        shuffle_parts: shuffle the ``separator``-separated parts of the caption (tag lists).
+        keep_parts: with ``shuffle_parts``, the number of leading parts kept in place.
+        separator: the part separator (default ",").
+        prefix, suffix: text concatenated before / after the caption (trigger words).
+        template: a string containing ``{caption}``, e.g. "a photo of sks person, {caption}".
+    """
+
+    def __init__(
+        self,
+        dropout: float = 0.0,
+        shuffle_parts: bool = False,
+        keep_parts: int = 0,
+        separator: str = ",",
+        prefix: str = "",
+        suffix: str = "",
+        template: str | None = None,
+    ) -> None:
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if not (0.0 <= dropout <= 1.0) or math.isnan(dropout):
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        if isinstance(keep_parts, bool) or not isinstance(keep_parts, (int, np.integer)):
+            raise TypeError(f"keep_parts must be an int >= 0, got {keep_parts!r}")
+        if keep_parts < 0:
+            raise ValueError(f"keep_parts must be >= 0, got {keep_parts}")
+        if keep_parts and not shuffle_parts:
+            raise ValueError(
+                f"keep_parts={keep_parts} only applies when shuffle_parts=True; "
+                "set shuffle_parts=True or leave keep_parts=0"
+            )
+        if not isinstance(separator, str) or not separator:
+            raise ValueError(f"separator must be a non-empty string, got {separator!r}")
+        for name, value in (("prefix", prefix), ("suffix", suffix)):
+            if not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {value!r}")
+        if template is not None and (not isinstance(template, str) or PLACEHOLDER not in template):
+            raise ValueError(
+                f"template must be a string containing {PLACEHOLDER!r} "
+                f"(e.g. 'a photo of sks person, {PLACEHOLDER}'), got {template!r}"
+            )
+        self.dropout = float(dropout)
+        self.shuffle_parts = bool(shuffle_parts)
+        self.keep_parts = int(keep_parts)
+        self.separator = separator
+        self.prefix = prefix
+        self.suffix = suffix
+        self.template = template
+
+    def __call__(self, captions: Sequence[str] | str, rng: np.random.Generator) -> str:
+        return transform_caption(
+            captions,
+            rng,
+            dropout=self.dropout,
+            shuffle=self.shuffle_parts,
+            keep_parts=self.keep_parts,
+            separator=self.separator,
+            prefix=self.prefix,
+            suffix=self.suffix,
+            template=self.template,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CaptionTransform(dropout={self.dropout}, shuffle_parts={self.shuffle_parts}, "
+            f"keep_parts={self.keep_parts}, separator={self.separator!r}, prefix={self.prefix!r}, "
+            f"suffix={self.suffix!r}, template={self.template!r})"
+        )
