@@ -8,12 +8,17 @@ image (that is ``scan``'s job). Problems with single entries become
 
 from __future__ import annotations
 
+import csv
+import errno
+import io
+import itertools
 import os
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from bucketing.download import Downloader, DownloadError, is_url
 from bucketing.index import Rejection
 
 __all__ = ["Entry", "ResolvedSource", "RowBytes", "image_extensions", "resolve_source"]
@@ -162,7 +167,7 @@ def _walk_folder(
                 rejections.append(Rejection(path, "missing_file", "broken symbolic link"))
                 continue
             except OSError as e:
-                reason = "symlink_loop" if e.errno == 40 else "unreadable"
+                reason = "symlink_loop" if e.errno == errno.ELOOP else "unreadable"
                 rejections.append(Rejection(path, reason, str(e)))
                 continue
             if stat.S_ISREG(mode):
@@ -295,67 +300,356 @@ def _contain(resolved: ResolvedSource, base_dir: str | None) -> ResolvedSource:
     return resolved
 
 
-def _check_files(
-    items: Iterable[tuple[str, list[str], str]],
-) -> tuple[list[Entry], list[Rejection]]:
-    """Keep existing regular files, merging duplicates (captions appended to the first).
+def _local_path(value: str, relative_to: str) -> str:
+    """Absolute, normalised path (symlinks kept) for a manifest or list value."""
+    return os.path.normpath(os.path.join(relative_to, os.path.expanduser(value)))
 
-    ``items`` are (absolute path, captions, where) with ``where`` naming the origin
-    (e.g. ``"row 7"``) for rejection details. Missing paths are ``missing_file``.
+
+def _collect(
+    rows: Iterable[tuple[str, list[str], str]],
+    relative_to: str,
+    base_dir: str | None,
+    downloader: Downloader | None,
+    download_dir: str | None,
+) -> tuple[list[Entry], list[Rejection]]:
+    """Entries for (image value, captions, where) rows of a manifest or list.
+
+    URLs are fetched (in parallel) into the download cache and their entry is the
+    local copy; local paths must exist (``missing_file``) and, with ``base_dir``,
+    stay inside it (``outside_base_dir``). A path or URL seen before is a
+    ``duplicate``: its captions are merged into the first entry and the row is
+    recorded as a rejection, so nothing disappears silently. ``where`` (e.g.
+    ``"line 7"``) goes into rejection details.
     """
+    rows = list(rows)
+    urls = [value for value, _, _ in rows if is_url(value)]
+    fetched: dict[str, str | DownloadError] = {}
+    if urls:
+        fetched = (downloader or Downloader(download_dir)).fetch_all(urls)
+    base = os.path.realpath(base_dir) if base_dir is not None else None
     entries: list[Entry] = []
     rejections: list[Rejection] = []
     first: dict[str, tuple[int, str]] = {}
-    for path, captions, where in items:
-        if path in first:
-            slot, first_where = first[path]
+    for value, captions, where in rows:
+        keys = [value] if is_url(value) else [_local_path(value, relative_to)]
+        if is_url(value) and not isinstance(fetched[value], DownloadError):
+            keys.append(fetched[value])
+        hit = next((first[k] for k in keys if k in first), None)
+        if hit is not None:
+            slot, first_where = hit
             merged = entries[slot].captions
             merged.extend(c for c in captions if c not in merged)
             rejections.append(
-                Rejection(path, "duplicate", f"{where} repeats {first_where}; captions merged")
+                Rejection(keys[0], "duplicate", f"{where} repeats {first_where}; captions merged")
             )
             continue
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            rejections.append(Rejection(path, "missing_file", f"{where}: no such file"))
-            continue
-        except OSError as e:
-            rejections.append(Rejection(path, "unreadable", f"{where}: {e}"))
-            continue
-        if not stat.S_ISREG(mode):
-            rejections.append(Rejection(path, "not_a_file", f"{where}: not a regular file"))
-            continue
-        first[path] = (len(entries), where)
+        if is_url(value):
+            got = fetched[value]
+            if isinstance(got, DownloadError):
+                rejections.append(Rejection(value, "download_failed", f"{where}: {got}"))
+                continue
+            path = got
+        else:
+            path = keys[0]
+            reason = _local_problem(path, base)
+            if reason is not None:
+                rejections.append(Rejection(path, reason[0], f"{where}: {reason[1]}"))
+                continue
+        for k in keys:
+            first[k] = (len(entries), where)
         entries.append(Entry(path, list(captions)))
     return entries, rejections
 
 
-def _local_path(value: str, relative_to: str) -> str:
-    """Absolute, normalised path (symlinks kept) for a manifest or list value."""
-    value = os.path.expanduser(value)
-    return os.path.normpath(os.path.join(relative_to, value))
+def _local_problem(path: str, base: str | None) -> tuple[str, str] | None:
+    """(reason, detail) if ``path`` escapes ``base`` or is not an existing regular file."""
+    if base is not None:
+        real = os.path.realpath(path)
+        if not _is_within(real, base):
+            return "outside_base_dir", f"resolves to {real}, outside {base}"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing_file", "no such file"
+    except OSError as e:
+        return ("symlink_loop" if e.errno == errno.ELOOP else "unreadable"), str(e)
+    if not stat.S_ISREG(mode):
+        return "not_a_file", "not a regular file"
+    return None
+
+
+# --------------------------------------------------------------------------- manifests
+
+IMAGE_COLUMNS = ("image", "file_name", "path", "url", "image_path", "image_url", "filename")
+CAPTION_COLUMNS = ("caption", "captions", "text", "prompt")
+MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def _pick_columns(
+    columns: Sequence[str], column_map: dict[str, str], what: str
+) -> tuple[str, str | None]:
+    """(image column, caption column or None) from ``column_map`` or the defaults."""
+    unknown = set(column_map) - {"image", "caption"}
+    if unknown:
+        raise ValueError(f"column_map keys are 'image' and 'caption'; got {sorted(unknown)}")
+    hint = (
+        f"{what} has columns {list(columns)}; say which to use with "
+        "column_map={'image': '<column with paths or URLs>', 'caption': '<column>'}"
+    )
+    image = column_map.get("image") or next((c for c in IMAGE_COLUMNS if c in columns), None)
+    if image is None or image not in columns:
+        wanted = repr(image) if image else f"any of {list(IMAGE_COLUMNS)}"
+        raise ValueError(f"no image column {wanted}: {hint}")
+    caption = column_map.get("caption")
+    if caption is not None and caption not in columns:
+        raise ValueError(f"no caption column {caption!r}: {hint}")
+    if caption is None:
+        caption = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    return image, caption
+
+
+def _is_blank(value: Any) -> bool:
+    if value is None or (isinstance(value, float) and value != value):
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple, dict)):
+        return all(_is_blank(v) for v in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def _image_value(value: Any, what: str) -> str | None:
+    """The path/URL string of a manifest image cell (a string or an HF ``{"path", "bytes"}``)."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, dict):
+        if isinstance(value.get("path"), str) and value["path"].strip():
+            return value["path"].strip()
+        if value.get("bytes"):
+            raise ValueError(
+                f"{what} embeds image bytes without paths; load it with "
+                "datasets.Dataset.from_parquet(...) and pass the Dataset to scan"
+            )
+    return None
+
+
+def _manifest_rows(
+    records: Iterable[tuple[str, dict]],
+    image: str,
+    caption: str | None,
+    origin: str,
+    rejections: list[Rejection],
+) -> Iterable[tuple[str, list[str], str]]:
+    """(image value, captions, where) per record; blank records are skipped, records with
+    content but no usable image value become ``no_image`` rejections."""
+    for where, record in records:
+        if _is_blank(record):
+            continue
+        value = _image_value(record.get(image), origin)
+        if value is None:
+            rejections.append(
+                Rejection(f"{origin}:{where}", "no_image", f"no path or URL in column {image!r}")
+            )
+            continue
+        captions = _captions_of(record.get(caption)) if caption is not None else []
+        yield value, captions, where
+
+
+def _looks_like_image_ref(cell: str) -> bool:
+    cell = cell.strip().lower()
+    return is_url(cell) or cell.endswith(image_extensions()) or cell.endswith(".avif")
+
+
+def _read_delimited(path: str, delimiter: str) -> tuple[list[str], Iterable[tuple[str, dict]]]:
+    """Columns and records of a CSV/TSV. Without a header (the first cell is an image path or
+    URL) the columns are ``image`` then ``caption`` (every further cell is another caption)."""
+    csv.field_size_limit(1 << 30)
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    first = next(reader, None)
+    if first is None:
+        return [], []
+    if first and _looks_like_image_ref(first[0]):
+        lines = itertools.chain([first], reader)
+        records = (
+            (f"line {reader.line_num}", {"image": row[0], "caption": row[1:]})
+            for row in lines
+            if row
+        )
+        return ["image", "caption"], records
+    columns = [c.strip() for c in first]
+    records = ((f"line {reader.line_num}", dict(zip(columns, row, strict=False))) for row in reader)
+    return columns, records
+
+
+def _read_manifest(
+    path: str, column_map: dict[str, str], rejections: list[Rejection]
+) -> tuple[str, str | None, Iterable[tuple[str, dict]]]:
+    """(image column, caption column, records) of a manifest file, by extension."""
+    import json
+
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".jsonl":
+        records = [(f"line {n}", row) for n, row in _read_jsonl(path, rejections)]
+        columns = list(dict.fromkeys(k for _, row in records for k in row))
+    elif suffix == ".json":
+        try:
+            data = json.loads(read_text(path))
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ValueError(f"{path} must hold a JSON list of objects, one per image")
+        records = [(f"item {i}", row) for i, row in enumerate(data)]
+        columns = list(dict.fromkeys(k for row in data for k in row))
+    elif suffix in (".csv", ".tsv"):
+        columns, records = _read_delimited(path, "," if suffix == ".csv" else "\t")
+        if not columns:
+            raise ValueError(f"{path} is empty; it needs one row per image")
+        if columns == ["image", "caption"] and "image" not in column_map.values():
+            column_map = {}
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        file = pq.ParquetFile(path)
+        columns = file.schema_arrow.names
+        image, caption = _pick_columns(columns, column_map, path)
+        wanted = [image] + ([caption] if caption else [])
+        records = (
+            (f"row {n}", row)
+            for n, row in enumerate(
+                r for batch in file.iter_batches(columns=wanted) for r in batch.to_pylist()
+            )
+        )
+        return image, caption, records
+    else:
+        raise ValueError(
+            f"unknown manifest type {suffix!r} for {path}; "
+            f"use one of {', '.join(MANIFEST_SUFFIXES)} or a folder"
+        )
+    if not columns and suffix != ".jsonl":
+        raise ValueError(f"{path} has no rows; it needs one row per image")
+    image, caption = _pick_columns(columns, column_map, path)
+    return image, caption, records
+
+
+def _resolve_manifest(
+    path: str,
+    column_map: dict[str, str],
+    base_dir: str | None,
+    downloader: Downloader | None,
+    download_dir: str | None,
+) -> ResolvedSource:
+    path = os.path.abspath(path)
+    rejections: list[Rejection] = []
+    image, caption, records = _read_manifest(path, column_map, rejections)
+    rows = _manifest_rows(records, image, caption, path, rejections)
+    entries, more = _collect(rows, os.path.dirname(path), base_dir, downloader, download_dir)
+    if not entries and not rejections and not more:
+        raise ValueError(f"{path} lists no images; it needs one row per image")
+    return ResolvedSource(entries, rejections + more)
 
 
 # --------------------------------------------------------------------------- lists
 
 
-def _resolve_list(items: Sequence[Any], base_dir: str | None) -> ResolvedSource:
+def _resolve_list(
+    items: Sequence[Any],
+    base_dir: str | None,
+    downloader: Downloader | None,
+    download_dir: str | None,
+) -> ResolvedSource:
     relative_to = os.path.abspath(base_dir) if base_dir is not None else os.getcwd()
     rows: list[tuple[str, list[str], str]] = []
     rejections: list[Rejection] = []
     for i, item in enumerate(items):
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(
-                f"list sources hold paths (str or os.PathLike); item {i} is {type(item).__name__}"
+                f"list sources hold paths or URLs (str or os.PathLike); item {i} is "
+                f"{type(item).__name__}"
             )
         value = os.fspath(item)
+        if isinstance(value, bytes):
+            value = os.fsdecode(value)
         if not value.strip():
             rejections.append(Rejection(f"<list item {i}>", "no_image", "empty path"))
             continue
-        rows.append((_local_path(value, relative_to), [], f"item {i}"))
-    entries, more = _check_files(rows)
-    return _contain(ResolvedSource(entries, rejections + more), base_dir)
+        rows.append((value, [], f"item {i}"))
+    entries, more = _collect(rows, relative_to, base_dir, downloader, download_dir)
+    return ResolvedSource(entries, rejections + more)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def _resolve_dataset(
+    dataset: Any,
+    column_map: dict[str, str],
+    base_dir: str | None,
+    downloader: Downloader | None,
+    download_dir: str | None,
+) -> ResolvedSource:
+    """Entries for a ``datasets.Dataset``: one per row, ``Entry.row`` = the dataset row.
+
+    An ``Image`` column is read with ``decode=False``: a row whose stored path exists
+    on disk is scanned from that file, a row with only bytes through ``blobs``. A
+    string column holds paths or URLs and is treated like a manifest column
+    (relative paths against ``base_dir`` or the current folder; no ``blobs``).
+    """
+    import datasets
+    import pyarrow.compute as pc
+
+    columns = list(dataset.column_names)
+    image_columns = [c for c in columns if isinstance(dataset.features[c], datasets.Image)]
+    if "image" not in column_map and image_columns:
+        column_map = {**column_map, "image": image_columns[0]}
+    image, caption = _pick_columns(columns, column_map, "the dataset")
+    relative_to = os.path.abspath(base_dir) if base_dir is not None else os.getcwd()
+    if not isinstance(dataset.features[image], datasets.Image):
+        rejections: list[Rejection] = []
+        records = (
+            (f"row {i}", row)
+            for i, row in enumerate(
+                dataset.select_columns([image] + ([caption] if caption else []))
+            )
+        )
+        rows = _manifest_rows(records, image, caption, "dataset", rejections)
+        entries, more = _collect(rows, relative_to, base_dir, downloader, download_dir)
+        return ResolvedSource(entries, rejections + more)
+
+    images = dataset.cast_column(image, datasets.Image(decode=False)).select_columns([image])
+    table = images.with_format("arrow")
+    base = os.path.realpath(base_dir) if base_dir is not None else None
+    entries: list[Entry] = []
+    rejections = []
+    any_blob = False
+    caption_rows = dataset.select_columns([caption]) if caption else None
+    step = 4096
+    for start in range(0, len(images), step):
+        cells = table[start : start + step][image].combine_chunks()
+        paths = cells.field("path").to_pylist()
+        has_bytes = pc.fill_null(pc.greater(pc.binary_length(cells.field("bytes")), 0), False)
+        caps = caption_rows[start : start + step][caption] if caption else [None] * len(paths)
+        for offset, (stored, blob) in enumerate(zip(paths, has_bytes.to_pylist(), strict=True)):
+            row = start + offset
+            captions = _captions_of(caps[offset])
+            local = _local_path(stored, relative_to) if stored else None
+            if local is not None and os.path.isfile(local):
+                problem = _local_problem(local, base)
+                if problem is None:
+                    entries.append(Entry(local, captions, row))
+                else:
+                    rejections.append(Rejection(local, problem[0], f"row {row}: {problem[1]}"))
+            elif blob:
+                any_blob = True
+                label = f"dataset[{row}]" + (f":{stored}" if stored else "")
+                entries.append(Entry(label, captions, row))
+            elif local is not None:
+                rejections.append(Rejection(local, "missing_file", f"row {row}: no such file"))
+            else:
+                rejections.append(
+                    Rejection(f"dataset[{row}]", "no_image", "neither bytes nor path")
+                )
+    blobs = RowBytes(images, image) if any_blob else None
+    return ResolvedSource(entries, rejections, blobs)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -367,20 +661,30 @@ def resolve_source(
     column_map: dict[str, str] | None = None,
     base_dir: str | os.PathLike | None = None,
     download_dir: str | os.PathLike | None = None,
+    downloader: Downloader | None = None,
 ) -> ResolvedSource:
     """List the images (and captions) of ``source`` without opening any image.
 
     ``source`` is a folder, a manifest (``.jsonl .json .csv .tsv .parquet``), a list or
-    tuple of paths, or a ``datasets.Dataset`` with an ``Image`` column. Relative paths
-    resolve against the manifest's folder (lists: ``base_dir`` or the current folder).
-    With ``base_dir``, entries whose real path lies outside it are rejected
-    ``outside_base_dir``. Missing files are rejected ``missing_file`` here already for
-    manifests and lists (``scan`` still handles files that vanish afterwards).
-    Raises ``FileNotFoundError``/``ValueError``/``TypeError`` for configuration errors.
+    tuple of paths/URLs, or a ``datasets.Dataset``. ``column_map={"image": ...,
+    "caption": ...}`` names manifest/dataset columns (defaults: the first of
+    ``IMAGE_COLUMNS`` / ``CAPTION_COLUMNS`` present). Relative paths resolve against
+    the manifest's folder (lists and datasets: ``base_dir``, else the current folder).
+    ``http(s)://`` values are fetched once into ``download_dir`` (default: the user
+    cache, see :mod:`bucketing.download`; pass ``downloader=`` for timeouts/retries).
+
+    Per-entry problems are rejections: ``missing_file`` (checked here for manifests,
+    lists and datasets; ``scan`` still handles files that vanish later),
+    ``outside_base_dir`` (with ``base_dir``: the real path, after symlinks, escapes
+    it), ``download_failed``, ``duplicate``, ``no_image``, ``bad_row``,
+    ``symlink_loop``, ``unreadable``, ``not_a_file``. Configuration errors raise
+    ``FileNotFoundError``/``ValueError``/``TypeError`` saying what to do.
     """
     base = os.fspath(base_dir) if base_dir is not None else None
+    ddir = os.fspath(download_dir) if download_dir is not None else None
+    columns = dict(column_map or {})
     if isinstance(source, (list, tuple)):
-        return _resolve_list(source, base)
+        return _resolve_list(source, base, downloader, ddir)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
@@ -388,11 +692,15 @@ def resolve_source(
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"source {path!r} does not exist; pass a folder of images, a manifest file "
-                "(.jsonl .json .csv .tsv .parquet), a list of paths or a datasets.Dataset"
+                f"({' '.join(MANIFEST_SUFFIXES)}), a list of paths or a datasets.Dataset"
             )
-        raise ValueError(
-            f"cannot read {path!r}: expected a folder or a manifest with extension "
-            ".jsonl, .json, .csv, .tsv or .parquet"
+        return _resolve_manifest(path, columns, base, downloader, ddir)
+    if type(source).__module__.startswith("datasets"):
+        if type(source).__name__ == "Dataset":
+            return _resolve_dataset(source, columns, base, downloader, ddir)
+        raise TypeError(
+            f"a {type(source).__name__} is not supported; pass a datasets.Dataset "
+            "(pick a split, e.g. ds['train']; streaming datasets are not supported yet)"
         )
     raise TypeError(
         f"unsupported source type {type(source).__name__}; pass a folder, a manifest file, "
