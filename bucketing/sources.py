@@ -264,11 +264,13 @@ def _read_jsonl(path: str, rejections: list[Rejection]) -> list[tuple[int, dict]
         try:
             obj = json.loads(line)
         except ValueError as e:
-            rejections.append(Rejection(f"{path}:{lineno}", "bad_row", f"invalid JSON: {e}"))
+            rejections.append(Rejection(f"{path}:line {lineno}", "bad_row", f"invalid JSON: {e}"))
             continue
         if not isinstance(obj, dict):
             rejections.append(
-                Rejection(f"{path}:{lineno}", "bad_row", f"expected an object, got {obj!r:.60}")
+                Rejection(
+                    f"{path}:line {lineno}", "bad_row", f"expected an object, got {obj!r:.60}"
+                )
             )
             continue
         rows.append((lineno, obj))

@@ -1,0 +1,509 @@
+"""resolve_source on real files: folders, every manifest format, lists, datasets.Dataset,
+captions from each source kind, hostile names and layouts, base_dir containment."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from bucketing.sources import Entry, image_extensions, resolve_source
+
+
+def write_image(path: Path, size: tuple[int, int] = (8, 6)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    Image.new("RGB", size, (200, 30, 60)).save(path, format=fmt)
+    return path
+
+
+def reasons(resolved) -> dict[str, str]:
+    return {os.path.basename(r.path): r.reason for r in resolved.rejections}
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_folder_recursive_sorted_case_insensitive(tmp_path: Path) -> None:
+    for name in ["b/z.PNG", "a.JPG", "b/a.webp", "c.Jpeg", "d.gif", "e.bmp", "f.tif", "g.TIFF"]:
+        write_image(tmp_path / name)
+    (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / "h.psd").write_bytes(b"8BPS")
+    resolved = resolve_source(tmp_path)
+    names = [os.path.relpath(e.path, tmp_path) for e in resolved.entries]
+    assert names == ["a.JPG", "b/a.webp", "b/z.PNG", "c.Jpeg", "d.gif", "e.bmp", "f.tif", "g.TIFF"]
+    assert all(os.path.isabs(e.path) and e.row is None for e in resolved.entries)
+    assert resolved.rejections == [] and resolved.blobs is None
+    assert resolve_source(str(tmp_path)).entries == resolved.entries  # deterministic
+
+
+def test_avif_listed_when_pillow_reads_it(tmp_path: Path) -> None:
+    if ".avif" not in image_extensions():
+        pytest.skip("this Pillow build cannot read AVIF, so .avif files are not listed")
+    write_image(tmp_path / "x.avif")
+    assert [os.path.basename(e.path) for e in resolve_source(tmp_path).entries] == ["x.avif"]
+
+
+def test_folder_captions_from_each_kind(tmp_path: Path) -> None:
+    write_image(tmp_path / "txt.png")
+    (tmp_path / "txt.txt").write_text("first caption\n\n  second caption  \n\n")
+    write_image(tmp_path / "cap.jpg")
+    (tmp_path / "cap.caption").write_text("from a .caption file\n")
+    write_image(tmp_path / "both.png")
+    (tmp_path / "both.txt").write_text("txt wins")
+    (tmp_path / "both.caption").write_text("caption loses")
+    write_image(tmp_path / "sub" / "meta.png")
+    write_image(tmp_path / "sub" / "deeper" / "meta2.png")
+    write_image(tmp_path / "sub" / "plain.png")
+    (tmp_path / "sub" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "meta.png", "text": "from metadata.jsonl"})
+        + "\n\n"
+        + json.dumps({"file_name": "deeper/meta2.png", "caption": ["one", "two"]})
+        + "\n"
+    )
+    got = {os.path.basename(e.path): e.captions for e in resolve_source(tmp_path).entries}
+    assert got == {
+        "txt.png": ["first caption", "second caption"],
+        "cap.jpg": ["from a .caption file"],
+        "both.png": ["txt wins"],
+        "meta.png": ["from metadata.jsonl"],
+        "meta2.png": ["one", "two"],
+        "plain.png": [],
+    }
+
+
+def test_caption_encodings(tmp_path: Path) -> None:
+    write_image(tmp_path / "latin1.png")
+    (tmp_path / "latin1.txt").write_bytes("café crème, naïve façade".encode("latin-1"))
+    write_image(tmp_path / "cp1252.png")
+    (tmp_path / "cp1252.txt").write_bytes("“quoted” – dash".encode("cp1252"))
+    write_image(tmp_path / "bom.png")
+    (tmp_path / "bom.txt").write_bytes("ﬁne ✓".encode("utf-8-sig"))
+    write_image(tmp_path / "undefined.png")  # 0x81 is unassigned in cp1252: Latin-1 fallback
+    (tmp_path / "undefined.txt").write_bytes(b"a\x81b")
+    got = {os.path.basename(e.path): e.captions for e in resolve_source(tmp_path).entries}
+    assert got["latin1.png"] == ["café crème, naïve façade"]
+    assert got["cp1252.png"] == ["“quoted” – dash"]
+    assert got["bom.png"] == ["ﬁne ✓"]
+    assert got["undefined.png"] == ["a\x81b"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX byte file names")
+def test_non_utf8_file_name_round_trips(tmp_path: Path) -> None:
+    folder = os.fsencode(tmp_path)
+    name = os.path.join(folder, b"caf\xe9 \xff.png")
+    with open(name, "wb") as f:
+        Image.new("RGB", (5, 3)).save(f, format="PNG")
+    with open(os.path.join(folder, b"caf\xe9 \xff.txt"), "wb") as f:
+        f.write(b"caption for a Latin-1 name")
+    (entry,) = resolve_source(tmp_path).entries
+    assert os.fsencode(entry.path) == name
+    assert entry.captions == ["caption for a Latin-1 name"]
+    with Image.open(entry.path) as img:
+        assert img.size == (5, 3)
+    # the same str path works as a list source too
+    assert resolve_source([entry.path]).entries == [Entry(entry.path, [])]
+
+
+def test_symlink_loops_do_not_hang(tmp_path: Path) -> None:
+    write_image(tmp_path / "sub" / "a.png")
+    os.symlink(tmp_path, tmp_path / "sub" / "up")  # a folder linking to its grandparent
+    os.symlink(tmp_path / "sub", tmp_path / "zz")  # a second link to a listed folder
+    os.symlink("self.png", tmp_path / "self.png")  # a file linking to itself
+    os.symlink("nowhere.png", tmp_path / "dangling.png")
+    resolved = resolve_source(tmp_path)
+    assert [os.path.relpath(e.path, tmp_path) for e in resolved.entries] == ["sub/a.png"]
+    assert reasons(resolved) == {
+        "up": "symlink_loop",
+        "zz": "duplicate",
+        "self.png": "symlink_loop",
+        "dangling.png": "missing_file",
+    }
+
+
+def test_symlinked_folder_is_followed(tmp_path: Path) -> None:
+    write_image(tmp_path / "elsewhere" / "x.png")
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "linked")
+    resolved = resolve_source(tmp_path / "data")
+    assert [os.path.relpath(e.path, tmp_path) for e in resolved.entries] == ["data/linked/x.png"]
+    contained = resolve_source(tmp_path / "data", base_dir=tmp_path / "data")
+    assert contained.entries == [] and reasons(contained) == {"x.png": "outside_base_dir"}
+
+
+def _list_as_nobody(root: Path) -> dict:
+    """resolve_source(root) in a forked child that dropped root privileges (uid 65534)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            os.close(read_end)
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            except OSError as e:
+                os.write(write_end, json.dumps({"cannot_drop": str(e)}).encode())
+                os._exit(0)
+            r = resolve_source(root)
+            out = {"entries": [e.path for e in r.entries], "rejections": r.rejections}
+        except BaseException as e:  # report, the parent decides
+            out = {"error": f"{type(e).__name__}: {e}"}
+        os.write(write_end, json.dumps(out).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to drop privileges")
+def test_unreadable_subfolder_is_a_rejection() -> None:
+    root = Path(tempfile.mkdtemp(prefix="sources-perm-"))  # under /tmp: reachable by nobody
+    try:
+        os.chmod(root, 0o755)
+        write_image(root / "ok.png")
+        write_image(root / "locked" / "hidden.png")
+        os.chmod(root / "locked", 0o000)
+        if os.geteuid() != 0:
+            out = resolve_source(root)
+            result = {"entries": [e.path for e in out.entries], "rejections": out.rejections}
+        else:  # root reads anything: list the folder as nobody
+            result = _list_as_nobody(root)
+            if "cannot_drop" in result:
+                pytest.skip(f"root, and cannot drop privileges here: {result['cannot_drop']}")
+        assert "error" not in result, result
+        assert result["entries"] == [str(root / "ok.png")]
+        [[path, reason, detail]] = result["rejections"]
+        assert (path, reason) == (str(root / "locked"), "unreadable")
+        assert "ermission" in detail
+    finally:
+        os.chmod(root / "locked", 0o755)
+        shutil.rmtree(root)
+
+
+def test_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_source(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="no images found"):
+        resolve_source(tmp_path / "empty")
+    (tmp_path / "m.xlsx").write_bytes(b"PK")
+    with pytest.raises(ValueError, match="unknown manifest type '.xlsx'"):
+        resolve_source(tmp_path / "m.xlsx")
+    with pytest.raises(TypeError, match="unsupported source type int"):
+        resolve_source(42)
+    with pytest.raises(TypeError, match="item 1 is int"):
+        resolve_source(["a.png", 3])
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        resolve_source(tmp_path / "empty.csv")
+    (tmp_path / "bad.json").write_text('{"image": "a.png"}')
+    with pytest.raises(ValueError, match="JSON list of objects"):
+        resolve_source(tmp_path / "bad.json")
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def write_manifest(path: Path, rows: list[dict], image: str = "image", caption: str = "caption"):
+    """Write ``rows`` ({"image": str, "caption": str | list}) in the format of ``path``."""
+    recs = [{image: r["image"], caption: r["caption"]} for r in rows]
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(recs))
+    elif path.suffix == ".parquet":
+        pq.write_table(
+            pa.table({image: [r[image] for r in recs], caption: [r[caption] for r in recs]}), path
+        )
+    else:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            writer.writerow([image, caption])
+            writer.writerows([r[image], r[caption]] for r in recs)
+
+
+FORMATS = [".jsonl", ".json", ".csv", ".tsv", ".parquet"]
+
+
+@pytest.fixture()
+def images(tmp_path: Path) -> list[Path]:
+    return [write_image(tmp_path / "img" / f"{i}.png", (8 + i, 8)) for i in range(4)]
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_every_manifest_format(tmp_path: Path, images: list[Path], suffix: str) -> None:
+    listed = [images[2], images[0], images[3]]
+    rows = [{"image": f"img/{p.name}", "caption": f"a photo, number {p.stem}"} for p in listed]
+    write_manifest(tmp_path / f"m{suffix}", rows)
+    resolved = resolve_source(tmp_path / f"m{suffix}")
+    assert resolved.entries == [Entry(str(p), [f"a photo, number {p.stem}"]) for p in listed]
+    assert resolved.rejections == []
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_list_captions_and_column_map(tmp_path: Path, images: list[Path], suffix: str) -> None:
+    rows = [{"image": f"img/{images[1].name}", "caption": ["short", "a longer caption"]}]
+    write_manifest(tmp_path / f"m{suffix}", rows, image="file", caption="prompts")
+    with pytest.raises(ValueError, match=r"columns \['file', 'prompts'\].*column_map"):
+        resolve_source(tmp_path / f"m{suffix}")
+    with pytest.raises(ValueError, match="no caption column 'alt'"):
+        resolve_source(tmp_path / f"m{suffix}", column_map={"image": "file", "caption": "alt"})
+    with pytest.raises(ValueError, match="column_map keys"):
+        resolve_source(tmp_path / f"m{suffix}", column_map={"img": "file"})
+    cmap = {"image": "file", "caption": "prompts"}
+    resolved = resolve_source(tmp_path / f"m{suffix}", column_map=cmap)
+    assert resolved.entries == [Entry(str(images[1]), ["short", "a longer caption"])]
+    # without a caption column the images still resolve, caption-less
+    only_image = resolve_source(tmp_path / f"m{suffix}", column_map={"image": "file"})
+    assert only_image.entries == [Entry(str(images[1]), [])]
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".csv"])
+def test_header_less_two_column_file(tmp_path: Path, images: list[Path], suffix: str) -> None:
+    sep = "\t" if suffix == ".tsv" else ","
+    (tmp_path / f"m{suffix}").write_text(
+        f"img/{images[0].name}{sep}first\n\nimg/{images[1].name}{sep}second{sep}third\n"
+        f"img/{images[2].name}\n"
+    )
+    resolved = resolve_source(tmp_path / f"m{suffix}")
+    assert resolved.entries == [
+        Entry(str(images[0]), ["first"]),
+        Entry(str(images[1]), ["second", "third"]),
+        Entry(str(images[2]), []),
+    ]
+
+
+def test_default_column_names(tmp_path: Path, images: list[Path]) -> None:
+    for image_col, caption_col in [("file_name", "text"), ("path", "prompt"), ("url", "caption")]:
+        write_manifest(
+            tmp_path / "m.csv",
+            [{"image": f"img/{images[0].name}", "caption": "c"}],
+            image=image_col,
+            caption=caption_col,
+        )
+        assert resolve_source(tmp_path / "m.csv").entries == [Entry(str(images[0]), ["c"])]
+
+
+def test_relative_paths_resolve_against_manifest_folder(
+    tmp_path: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "lists").mkdir()
+    rows = [
+        {"image": f"../img/{images[0].name}", "caption": "up and over"},
+        {"image": str(images[1]), "caption": "absolute"},
+        {"image": f"./../img/./{images[2].name}", "caption": "dotted"},
+    ]
+    write_manifest(tmp_path / "lists" / "m.jsonl", rows)
+    monkeypatch.chdir(tmp_path / "img")  # the current folder must not matter
+    resolved = resolve_source(Path("..") / "lists" / "m.jsonl")
+    assert [e.path for e in resolved.entries] == [str(p) for p in images[:3]]
+
+
+def test_duplicates_merge_captions_and_are_recorded(tmp_path: Path, images: list[Path]) -> None:
+    a, b = images[0].name, images[1].name
+    rows = [
+        {"image": f"img/{a}", "caption": "one"},
+        {"image": f"img/{b}", "caption": "other image"},
+        {"image": f"./img/{a}", "caption": "two"},
+        {"image": str(images[0]), "caption": "one"},
+    ]
+    write_manifest(tmp_path / "m.jsonl", rows)
+    resolved = resolve_source(tmp_path / "m.jsonl")
+    assert resolved.entries == [
+        Entry(str(images[0]), ["one", "two"]),
+        Entry(str(images[1]), ["other image"]),
+    ]
+    assert [(r.path, r.reason) for r in resolved.rejections] == [(str(images[0]), "duplicate")] * 2
+    assert "line 3 repeats line 1" in resolved.rejections[0].detail
+
+
+def test_blank_rows_and_rows_without_image(tmp_path: Path, images: list[Path]) -> None:
+    (tmp_path / "m.csv").write_text(
+        f"image,caption\nimg/{images[0].name},kept\n,\n   ,  \n,orphan caption\nimg/nope.png,x\n"
+    )
+    resolved = resolve_source(tmp_path / "m.csv")
+    assert resolved.entries == [Entry(str(images[0]), ["kept"])]
+    got = [(os.path.basename(r.path), r.reason) for r in resolved.rejections]
+    assert got == [("m.csv:line 5", "no_image"), ("nope.png", "missing_file")]
+
+    (tmp_path / "m.jsonl").write_text(
+        f'{{"image": "img/{images[0].name}"}}\n\n{{}}\n{{"image": null, "caption": null}}\n'
+        '{"image": null, "caption": "orphan"}\n{broken\n["a list"]\n{"image": 7}\n'
+    )
+    resolved = resolve_source(tmp_path / "m.jsonl")
+    assert resolved.entries == [Entry(str(images[0]), [])]
+    got = sorted((r.path.rsplit(":", 1)[1], r.reason) for r in resolved.rejections)
+    assert got == [
+        ("line 5", "no_image"),
+        ("line 6", "bad_row"),
+        ("line 7", "bad_row"),
+        ("line 8", "no_image"),
+    ]
+
+
+def test_manifest_with_only_blank_rows_raises(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").write_text("\n{}\n\n")
+    with pytest.raises(ValueError, match="no image column|lists no images"):
+        resolve_source(tmp_path / "m.jsonl")
+
+
+def test_base_dir_containment(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    inside = write_image(base / "in.png")
+    outside = write_image(tmp_path / "out.png")
+    os.symlink(outside, base / "link_out.png")
+    os.symlink(inside, base / "link_in.png")
+    rows = [
+        {"image": "in.png", "caption": "fine"},
+        {"image": "../out.png", "caption": "climbs out"},
+        {"image": "../../../../../../etc/passwd", "caption": "classic"},
+        {"image": "/etc/passwd", "caption": "absolute"},
+        {"image": str(outside), "caption": "absolute out"},
+        {"image": "link_out.png", "caption": "symlink out"},
+        {"image": "link_in.png", "caption": "symlink within"},
+    ]
+    write_manifest(base / "m.jsonl", rows)
+    resolved = resolve_source(base / "m.jsonl", base_dir=base)
+    assert [e.path for e in resolved.entries] == [str(inside), str(base / "link_in.png")]
+    assert [r.reason for r in resolved.rejections] == ["outside_base_dir"] * 5
+    assert all(
+        not os.path.realpath(r.path).startswith(str(base) + os.sep) or "link" in r.path
+        for r in resolved.rejections
+    )
+    # without base_dir every existing file is accepted (the two /etc/passwd and out.png
+    # spellings are duplicates of each other)
+    unguarded = resolve_source(base / "m.jsonl")
+    assert len(unguarded.entries) == 5
+    assert [r.reason for r in unguarded.rejections] == ["duplicate"] * 2
+    # lists: relative paths resolve against base_dir, and the same rule applies
+    listed = resolve_source(["in.png", "../out.png", "link_out.png"], base_dir=base)
+    assert [e.path for e in listed.entries] == [str(inside)]
+    assert [r.reason for r in listed.rejections] == ["outside_base_dir"] * 2
+    # folders too (a symlink out of the folder)
+    folder = resolve_source(base, base_dir=base)
+    assert sorted(os.path.basename(e.path) for e in folder.entries) == ["in.png", "link_in.png"]
+    assert reasons(folder) == {"link_out.png": "outside_base_dir"}
+
+
+@settings(deadline=None, max_examples=15)
+@given(
+    picks=st.lists(
+        st.tuples(
+            st.integers(0, 3),
+            st.text(
+                st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Zl", "Zp")),
+                min_size=1,
+                max_size=30,
+            ).filter(lambda s: s.strip() == s and s),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_formats_agree_on_random_manifests(picks, tmp_path_factory) -> None:
+    """Whatever the rows, every format yields the same entries (captions merged per image)."""
+    tmp = tmp_path_factory.mktemp("agree")
+    imgs = [write_image(tmp / f"{i}.png") for i in range(4)]
+    rows = [{"image": imgs[i].name, "caption": cap} for i, cap in picks]
+    expected: dict[str, list[str]] = {}
+    for i, cap in picks:
+        caps = expected.setdefault(str(imgs[i]), [])
+        if cap not in caps:
+            caps.append(cap)
+    for suffix in FORMATS:
+        write_manifest(tmp / f"m{suffix}", rows)
+        resolved = resolve_source(tmp / f"m{suffix}")
+        assert {e.path: e.captions for e in resolved.entries} == expected, suffix
+        assert len(resolved.rejections) == len(rows) - len(expected)
+
+
+# --------------------------------------------------------------------------- lists
+
+
+def test_list_of_paths(tmp_path: Path, images: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_source([images[3], f"img/{images[1].name}", "img/missing.png", "", "img"])
+    assert resolved.entries == [Entry(str(images[3]), []), Entry(str(images[1]), [])]
+    assert [r.reason for r in resolved.rejections] == ["no_image", "missing_file", "not_a_file"]
+    assert resolve_source((str(images[0]),)).entries == [Entry(str(images[0]), [])]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_dataset_with_image_column_bytes_and_paths(tmp_path: Path, images: list[Path]) -> None:
+    datasets = pytest.importorskip("datasets")
+    blob = images[1].read_bytes()
+    features = datasets.Features({"picture": datasets.Image(), "text": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict(
+        {
+            "picture": [
+                {"bytes": blob, "path": None},  # bytes only
+                {"bytes": None, "path": str(images[2])},  # a real file
+                {"bytes": blob, "path": "gone/away.png"},  # stale path, bytes win
+                {"bytes": None, "path": str(tmp_path / "missing.png")},  # nothing usable
+            ],
+            "text": ["zero", "one", None, "three"],
+        },
+        features=features,
+    )
+    resolved = resolve_source(ds)
+    assert resolved.entries == [
+        Entry("dataset[0]", ["zero"], 0),
+        Entry(str(images[2]), ["one"], 1),
+        Entry("dataset[2]:gone/away.png", [], 2),
+    ]
+    assert [(r.reason, r.detail) for r in resolved.rejections] == [
+        ("missing_file", "row 3: no such file")
+    ]
+    blobs = resolved.blobs
+    assert blobs is not None
+    assert blobs(0) == blob and blobs(1) == images[2].read_bytes() and blobs(2) == blob
+    taken = pickle.loads(pickle.dumps(blobs.take([e.row for e in resolved.entries][::-1])))
+    assert [taken(i) for i in range(3)] == [blob, images[2].read_bytes(), blob]
+    assert taken.take([1])(0) == images[2].read_bytes()
+
+
+def test_dataset_path_rows_only_needs_no_blobs(tmp_path: Path, images: list[Path]) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(p) for p in images], "caption": [["a", "b"], [], ["c"], ["d"]]}
+    ).cast_column("image", datasets.Image())
+    resolved = resolve_source(ds, base_dir=images[0].parent)
+    assert resolved.blobs is None
+    assert resolved.entries == [
+        Entry(str(images[0]), ["a", "b"], 0),
+        Entry(str(images[1]), [], 1),
+        Entry(str(images[2]), ["c"], 2),
+        Entry(str(images[3]), ["d"], 3),
+    ]
+    outside = resolve_source(ds, base_dir=tmp_path / "elsewhere")
+    assert outside.entries == [] and {r.reason for r in outside.rejections} == {"outside_base_dir"}
+
+
+def test_dataset_with_string_paths_and_errors(tmp_path: Path, images: list[Path]) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"file_name": [images[0].name, "nope.png"], "text": ["x", "y"]})
+    resolved = resolve_source(ds, base_dir=images[0].parent)
+    assert resolved.entries == [Entry(str(images[0]), ["x"])]
+    assert [r.reason for r in resolved.rejections] == ["missing_file"]
+    with pytest.raises(ValueError, match=r"columns \['file_name', 'text'\]"):
+        resolve_source(ds, column_map={"image": "img"})
+    with pytest.raises(TypeError, match="pick a split"):
+        resolve_source(datasets.DatasetDict({"train": ds}))
