@@ -1,0 +1,280 @@
+"""URL fetching against a real http.server on 127.0.0.1 (never any other address):
+cache hits without network, retries only where they can help, timeouts, truncation,
+size limits, atomic cache files, and download_failed rejections from resolve_source."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bucketing.download import Downloader, DownloadError, default_cache_dir
+from bucketing.sources import resolve_source
+
+
+def png_bytes(w: int, h: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (w % 256, h % 256, 7)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = png_bytes(12, 9)
+OTHER = png_bytes(9, 12)
+
+
+class Server:
+    """A threaded loopback server whose path picks the behaviour; counts requests per path."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.release = threading.Event()  # stalled handlers wait for this (or 10 s)
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # keep pytest output clean
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+                state.hits[self.path] += 1
+                # the client may give up first (timeouts): expected, not an error
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.respond(self.path, state.hits[self.path])
+
+            def send(self, body: bytes, status: int = 200, length: int | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "image/png" if status == 200 else "text/plain")
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                self.end_headers()
+                self.wfile.write(body)
+                self.wfile.flush()
+
+            def respond(self, path: str, hit: int) -> None:
+                kind = path.split("/")[1]
+                if kind == "ok":
+                    self.send(OTHER if path.endswith("other.png") else PNG)
+                elif kind == "slow":  # each request takes 0.5 s: shows parallel fetching
+                    time.sleep(0.5)
+                    self.send(png_bytes(10 + int(path.split("/")[2][0]), 10))
+                elif kind == "missing":
+                    self.send(b"not found", status=404)
+                elif kind == "flaky":  # 503 on the first request, then the image
+                    self.send(b"busy", status=503) if hit == 1 else self.send(PNG)
+                elif kind == "stall":  # never answers within the client's timeout
+                    state.release.wait(10)
+                elif kind == "truncated":  # promises more bytes than it sends, then hangs up
+                    self.send(PNG[:50], length=len(PNG))
+                    self.close_connection = True
+                elif kind == "huge":
+                    self.send(b"", length=10**9)
+                elif kind == "endless":  # no Content-Length: body runs until the limit trips
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.end_headers()
+                    self.close_connection = True
+                    for _ in range(64):
+                        self.wfile.write(b"\0" * 4096)
+                elif kind == "empty":
+                    self.send(b"")
+                else:
+                    self.send(b"?", status=400)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def fast(tmp_path: Path, **kw) -> Downloader:
+    """A downloader with short timeouts and backoff so failure tests stay quick."""
+    opts = {"timeout": 0.5, "retries": 2, "backoff": 0.01, "max_bytes": 100_000}
+    return Downloader(tmp_path / "dl", **{**opts, **kw})
+
+
+def no_temp_files(root: Path) -> bool:
+    return not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_fetch_stores_content_addressed_and_reuses_without_network(server, tmp_path):
+    url = f"{server.url}/ok/a.png"
+    path = fast(tmp_path).fetch(url)
+    assert Path(path).read_bytes() == PNG and path.endswith(".png")
+    assert Path(path).is_relative_to(tmp_path / "dl" / "objects")
+    # a new downloader (a later run) on the same folder: served from disk
+    assert fast(tmp_path).fetch(url) == path
+    assert server.hits["/ok/a.png"] == 1
+    # another URL with the same bytes shares the object
+    assert fast(tmp_path).fetch(f"{server.url}/ok/b.png") == path
+    assert len(list((tmp_path / "dl" / "objects").rglob("*.png"))) == 1
+    with Image.open(path) as img:
+        assert img.size == (12, 9)
+
+
+def test_404_fails_at_once(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404") as e:
+        fast(tmp_path).fetch(f"{server.url}/missing/x.png")
+    assert "attempts" not in str(e.value)
+    assert server.hits["/missing/x.png"] == 1  # not retried
+    assert fast(tmp_path).cached(f"{server.url}/missing/x.png") is None
+
+
+def test_5xx_is_retried_then_succeeds(server, tmp_path):
+    path = fast(tmp_path).fetch(f"{server.url}/flaky/x.png")
+    assert Path(path).read_bytes() == PNG
+    assert server.hits["/flaky/x.png"] == 2
+
+
+def test_stall_times_out_and_retries(server, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=r"timed out after 0.3s \(after 2 attempts\)"):
+        fast(tmp_path, timeout=0.3, retries=1).fetch(f"{server.url}/stall/x.png")
+    assert time.monotonic() - start < 5
+    assert server.hits["/stall/x.png"] == 2
+    assert no_temp_files(tmp_path)
+
+
+def test_truncated_body_is_retried_and_never_cached(server, tmp_path):
+    with pytest.raises(DownloadError, match="truncated") as e:
+        fast(tmp_path).fetch(f"{server.url}/truncated/x.png")
+    assert "after 3 attempts" in str(e.value)
+    assert server.hits["/truncated/x.png"] == 3
+    assert not (tmp_path / "dl" / "objects").exists() and no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["huge", "endless"])
+def test_size_limit(server, tmp_path, kind):
+    with pytest.raises(DownloadError, match="too large"):
+        fast(tmp_path, max_bytes=50_000).fetch(f"{server.url}/{kind}/x.png")
+    assert server.hits[f"/{kind}/x.png"] == 1  # not retried
+    assert not (tmp_path / "dl" / "objects").exists()
+
+
+def test_unreachable_and_bad_urls(tmp_path):
+    with socket_closed_port() as port, pytest.raises(DownloadError, match="connection failed"):
+        fast(tmp_path, retries=1).fetch(f"http://127.0.0.1:{port}/x.png")
+    with pytest.raises(DownloadError, match="not an http"):
+        fast(tmp_path).fetch("ftp://127.0.0.1/x.png")
+
+
+def test_empty_body_fails(server, tmp_path):
+    with pytest.raises(DownloadError, match="empty body"):
+        fast(tmp_path).fetch(f"{server.url}/empty/x.png")
+
+
+def test_parallel_fetch(server, tmp_path):
+    urls = [f"{server.url}/slow/{i}.png" for i in range(8)]
+    start = time.monotonic()
+    got = fast(tmp_path, timeout=5, workers=8).fetch_all(urls + urls[:2])
+    elapsed = time.monotonic() - start
+    assert list(got) == urls and all(isinstance(p, str) for p in got.values())
+    assert len(set(got.values())) == 8
+    assert elapsed < 8 * 0.5 / 2, f"8 fetches of 0.5 s took {elapsed:.2f} s: not parallel"
+    assert sum(server.hits.values()) == 8
+
+
+def test_default_cache_dir_honours_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == str(tmp_path / "xdg" / "aspect-bucketing" / "downloads")
+    assert Downloader().cache_dir == default_cache_dir()
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == str(
+        tmp_path / "home" / ".cache" / "aspect-bucketing" / "downloads"
+    )
+
+
+def test_resolve_manifest_with_urls(server, tmp_path):
+    local = tmp_path / "local.png"
+    local.write_bytes(OTHER)
+    (tmp_path / "m.jsonl").write_text(
+        "\n".join(
+            [
+                f'{{"url": "{server.url}/ok/a.png", "caption": ["first", "second"]}}',
+                f'{{"url": "{server.url}/missing/b.png", "caption": "gone"}}',
+                '{"url": "local.png", "caption": "a local file beside URLs"}',
+                f'{{"url": "{server.url}/ok/a.png", "caption": "again"}}',
+                f'{{"url": "{server.url}/ok/other.png", "caption": "other"}}',
+            ]
+        )
+    )
+    dl = tmp_path / "downloads"
+    resolved = resolve_source(tmp_path / "m.jsonl", download_dir=dl)
+    paths = [e.path for e in resolved.entries]
+    assert [e.captions for e in resolved.entries] == [
+        ["first", "second", "again"],
+        ["a local file beside URLs"],
+        ["other"],
+    ]
+    assert Path(paths[0]).read_bytes() == PNG and Path(paths[0]).is_relative_to(dl)
+    assert paths[1] == str(local) and Path(paths[2]).read_bytes() == OTHER
+    got = [(r.path, r.reason) for r in resolved.rejections]
+    assert got == [
+        (f"{server.url}/missing/b.png", "download_failed"),
+        (f"{server.url}/ok/a.png", "duplicate"),
+    ]
+    assert "line 2: HTTP 404" in resolved.rejections[0].detail
+    # a second resolve (a rescan) reads the cache: only the failed URL goes out again
+    before = sum(server.hits.values())
+    again = resolve_source(tmp_path / "m.jsonl", download_dir=dl)
+    assert again.entries == resolved.entries
+    assert sum(server.hits.values()) - before == 1
+    assert server.hits["/missing/b.png"] == 2
+
+
+def test_resolve_list_of_urls_with_custom_downloader(server, tmp_path):
+    urls = [f"{server.url}/ok/a.png", f"{server.url}/stall/z.png"]
+    resolved = resolve_source(urls, downloader=fast(tmp_path, timeout=0.2, retries=0))
+    assert [Path(e.path).read_bytes() for e in resolved.entries] == [PNG]
+    [rej] = resolved.rejections
+    assert (rej.path, rej.reason) == (urls[1], "download_failed")
+    assert "item 1: timed out" in rej.detail
+
+
+class socket_closed_port:
+    """A loopback port with nothing listening (bound, then closed)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        return port
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_cache_survives_a_corrupt_url_record(server, tmp_path):
+    """A URL record pointing at a missing object is a miss, not an error."""
+    url = f"{server.url}/ok/c.png"
+    d = fast(tmp_path)
+    path = d.fetch(url)
+    os.unlink(path)
+    assert d.cached(url) is None
+    assert d.fetch(url) == path and server.hits["/ok/c.png"] == 2
