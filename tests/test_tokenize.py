@@ -86,6 +86,14 @@ def test_same_ids_as_diffusers_on_known_captions(flux_tokenizer_dir, reference, 
     assert ours["t5_truncated"].tolist() == [n > t5_len for n in t5_lens]
 
 
+def test_token_lengths_match_tokenize(tok):
+    lengths = tok.token_lengths(CAPTIONS, chunk_size=3)
+    out = tok.tokenize(CAPTIONS)
+    assert lengths["clip"].tolist() == out["clip_lengths"].tolist()
+    assert lengths["t5"].tolist() == out["t5_lengths"].tolist()
+    assert tok.token_lengths([])["t5"].shape == (0,)
+
+
 def test_known_captions_exercise_every_case(tok):
     out = tok.tokenize(CAPTIONS)
     lengths = dict(zip(CAPTIONS, out["clip_lengths"].tolist(), strict=True))

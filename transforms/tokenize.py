@@ -293,6 +293,24 @@ class FluxTokenizer:
             "t5_lengths": torch.from_numpy(t5["lengths"]),
         }
 
+    def token_lengths(
+        self, captions: Sequence[str], chunk_size: int = 4096
+    ) -> dict[str, np.ndarray]:
+        """Token counts before truncation (special tokens included) as int64 arrays ``clip``
+        and ``t5``, without building padded id arrays: the lean path for caption statistics
+        over a whole dataset. Truncated means ``clip > 77`` / ``t5 > t5_max_length``."""
+        captions = list(captions)
+        for c in captions:
+            if not isinstance(c, str):
+                raise TypeError(f"captions must be strings, got {type(c).__name__}: {c!r}")
+        kw = {"add_special_tokens": True, "verbose": False, "return_attention_mask": False}
+        out = {"clip": [], "t5": []}
+        for start in range(0, len(captions), chunk_size):
+            chunk = captions[start : start + chunk_size]
+            for name, tok in (("clip", self.clip), ("t5", self.t5)):
+                out[name].extend(len(ids) for ids in tok(chunk, **kw)["input_ids"])
+        return {name: np.asarray(v, dtype=np.int64) for name, v in out.items()}
+
     def __call__(self, sample: dict) -> dict:
         if "caption" not in sample:
             raise KeyError("FluxTokenizer needs sample['caption'] (the dataset sets it from the "
