@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from bucketing.download import Downloader, DownloadError, is_url
 from bucketing.index import Rejection
 
@@ -85,26 +87,31 @@ class RowBytes:
     (e.g. to the accepted subset of a scan) without copying the dataset.
     """
 
-    def __init__(self, dataset: Any, column: str, rows: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, dataset: Any, column: str, rows: Sequence[int] | None = None, root: str = ""
+    ) -> None:
         self.dataset = dataset
         self.column = column
-        self.rows = list(range(len(dataset))) if rows is None else [int(r) for r in rows]
+        self.rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, np.int64)
+        self.root = root  # folder that relative stored paths are relative to
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __call__(self, row: int) -> bytes:
-        value = self.dataset[self.rows[row]][self.column]
+        value = self.dataset[int(self.rows[row])][self.column]
         if value.get("bytes"):
             return bytes(value["bytes"])
         if value.get("path"):
-            with open(value["path"], "rb") as f:
+            with open(os.path.join(self.root, value["path"]), "rb") as f:
                 return f.read()
         raise ValueError(f"dataset row {self.rows[row]} has neither image bytes nor a path")
 
     def take(self, rows: Iterable[int]) -> RowBytes:
         """A reader whose row ``i`` is this reader's row ``rows[i]``."""
-        return RowBytes(self.dataset, self.column, [self.rows[int(r)] for r in rows])
+        return RowBytes(
+            self.dataset, self.column, self.rows[np.asarray(list(rows), np.int64)], self.root
+        )
 
 
 # --------------------------------------------------------------------------- folders
@@ -634,7 +641,10 @@ def _resolve_dataset(
             row = start + offset
             captions = _captions_of(caps[offset])
             local = _local_path(stored, relative_to) if stored else None
-            if local is not None and os.path.isfile(local):
+            # with bytes at hand, a relative stored path is only a name (HF embeds the
+            # basename): trust a path over the bytes only when it is absolute
+            trusted = local is not None and (not blob or os.path.isabs(stored))
+            if trusted and os.path.isfile(local):
                 problem = _local_problem(local, base)
                 if problem is None:
                     entries.append(Entry(local, captions, row))
@@ -650,7 +660,7 @@ def _resolve_dataset(
                 rejections.append(
                     Rejection(f"dataset[{row}]", "no_image", "neither bytes nor path")
                 )
-    blobs = RowBytes(images, image) if any_blob else None
+    blobs = RowBytes(images, image, root=relative_to) if any_blob else None
     return ResolvedSource(entries, rejections, blobs)
 
 

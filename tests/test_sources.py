@@ -458,16 +458,20 @@ def test_dataset_with_image_column_bytes_and_paths(tmp_path: Path, images: list[
                 {"bytes": None, "path": str(images[2])},  # a real file
                 {"bytes": blob, "path": "gone/away.png"},  # stale path, bytes win
                 {"bytes": None, "path": str(tmp_path / "missing.png")},  # nothing usable
+                {"bytes": blob, "path": images[3].name},  # a relative name is only a label
+                {"bytes": blob, "path": str(images[3])},  # an absolute existing path is used
             ],
-            "text": ["zero", "one", None, "three"],
+            "text": ["zero", "one", None, "three", "four", "five"],
         },
         features=features,
     )
-    resolved = resolve_source(ds)
+    resolved = resolve_source(ds, base_dir=images[0].parent)
     assert resolved.entries == [
         Entry("dataset[0]", ["zero"], 0),
         Entry(str(images[2]), ["one"], 1),
         Entry("dataset[2]:gone/away.png", [], 2),
+        Entry(f"dataset[4]:{images[3].name}", ["four"], 4),
+        Entry(str(images[3]), ["five"], 5),
     ]
     assert [(r.reason, r.detail) for r in resolved.rejections] == [
         ("missing_file", "row 3: no such file")
@@ -476,8 +480,10 @@ def test_dataset_with_image_column_bytes_and_paths(tmp_path: Path, images: list[
     assert blobs is not None
     assert blobs(0) == blob and blobs(1) == images[2].read_bytes() and blobs(2) == blob
     taken = pickle.loads(pickle.dumps(blobs.take([e.row for e in resolved.entries][::-1])))
-    assert [taken(i) for i in range(3)] == [blob, images[2].read_bytes(), blob]
-    assert taken.take([1])(0) == images[2].read_bytes()
+    assert len(taken) == 5
+    assert [taken(i) for i in range(2, 5)] == [blob, images[2].read_bytes(), blob]
+    assert taken.take([3])(0) == images[2].read_bytes()
+    assert taken(0) == images[3].read_bytes()  # row 5: read from its absolute path
 
 
 def test_dataset_path_rows_only_needs_no_blobs(tmp_path: Path, images: list[Path]) -> None:
