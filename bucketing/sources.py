@@ -43,8 +43,10 @@ class ResolvedSource:
     """The entries to scan, the entries already rejected, and a byte reader for blob rows.
 
     ``blobs`` is set only for a ``datasets.Dataset`` with at least one row whose image
-    has no file on disk; read such an entry with ``blobs(entry.row)`` instead of
-    opening ``entry.path`` (which is then only a label).
+    has no file on disk. Then every entry has a ``row`` and ``blobs(entry.row)`` returns
+    its encoded bytes (embedded bytes, or the file's bytes for path rows); a bytes-only
+    entry's ``path`` is a label such as ``"dataset[12]"`` (no file, nothing to stat or
+    cache by mtime). For the index: ``blobs.take([e.row for e in accepted_entries])``.
     """
 
     entries: list[Entry]
