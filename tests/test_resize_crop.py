@@ -1,0 +1,190 @@
+"""resize_crop / BucketResizeCrop: exact bucket shape, no upscaling, exact crop and flip
+coordinates (checked with markers), seeded randomness, and the two resize back-ends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageDraw
+
+from transforms.image import load_image
+from transforms.resize_crop import RESAMPLE_MODES, BucketResizeCrop, resize_crop, resized_size
+from transforms.rng import sample_rng
+
+
+@st.composite
+def image_and_bucket(draw, upscale=False):
+    w = draw(st.integers(1, 300))
+    h = draw(st.integers(1, 300))
+    limit_w, limit_h = (400, 400) if upscale else (w, h)
+    bw = draw(st.integers(1, limit_w))
+    bh = draw(st.integers(1, limit_h))
+    return (w, h), (bw, bh)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    sizes=image_and_bucket(),
+    crop=st.sampled_from(["center", "random"]),
+    flip=st.booleans(),
+    resample=st.sampled_from(["lanczos", "bicubic"]),
+    seed=st.integers(0, 2**32),
+)
+def test_output_is_exactly_the_bucket_and_never_upscaled(sizes, crop, flip, resample, seed):
+    (w, h), (bw, bh) = sizes
+    img = Image.new("RGB", (w, h), (10, 20, 30))
+    out = resize_crop(
+        img, (bw, bh), crop=crop, flip=flip, rng=np.random.default_rng(seed), resample=resample
+    )
+    pv = out["pixel_values"]
+    assert pv.shape == (3, bh, bw) and pv.dtype == torch.uint8 and pv.is_contiguous()
+    assert out["target_size"] == (bh, bw) and out["original_size"] == (h, w)
+    new_w, new_h = resized_size(w, h, (bw, bh))
+    assert bw <= new_w <= w and bh <= new_h <= h  # covers the bucket, never larger than source
+    assert new_w == bw or new_h == bh  # only one axis is cropped
+    y, x = out["crop_top_left"]
+    assert 0 <= y <= new_h - bh and 0 <= x <= new_w - bw
+    assert out["flipped"] is flip
+    assert (pv[:, bh // 2, bw // 2].tolist()) == [10, 20, 30]
+
+
+@settings(deadline=None, max_examples=40)
+@given(sizes=image_and_bucket(upscale=True))
+def test_upscaling_is_refused_unless_allowed(sizes):
+    (w, h), (bw, bh) = sizes
+    img = Image.new("RGB", (w, h))
+    if bw > w or bh > h:
+        with pytest.raises(ValueError, match="smaller than its bucket"):
+            resize_crop(img, (bw, bh))
+        with pytest.raises(ValueError, match="smaller than its bucket"):
+            BucketResizeCrop()(img, (bw, bh), np.random.default_rng(0))
+    out = resize_crop(img, (bw, bh), allow_upscale=True)
+    assert out["pixel_values"].shape == (3, bh, bw)
+
+
+def _marker_image(w: int, h: int, box: tuple[int, int, int, int]) -> Image.Image:
+    img = Image.new("RGB", (w, h), (0, 0, 0))
+    ImageDraw.Draw(img).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(255, 255, 255))
+    return img
+
+
+def _marker_centre(pv: torch.Tensor) -> tuple[float, float]:
+    ys, xs = np.nonzero(pv[0].numpy() > 127)
+    assert len(ys), "marker not in the output"
+    return float(ys.mean()), float(xs.mean())
+
+
+@pytest.mark.parametrize("resample", RESAMPLE_MODES)
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("crop", ["center", (0, 0), (0, 100), (0, 37)])
+def test_marker_lands_where_the_coordinates_say(resample, flip, crop):
+    # 400x200 into a 100x100 bucket: scale 0.5, resized 200x100, 100 px of overhang in x.
+    # Marker covers x 220..260, y 100..140 in the source, i.e. x 110..130, y 50..70 resized.
+    img = _marker_image(400, 200, (220, 100, 260, 140))
+    out = resize_crop(img, (100, 100), crop=crop, flip=flip, resample=resample)
+    y, x = out["crop_top_left"]
+    assert out["flipped"] is flip
+    if crop == "center":
+        assert (y, x) == (0, 150 - 100 if flip else 50)
+    elif not flip:
+        assert (y, x) == crop
+    else:
+        assert (y, x) == (crop[0], 200 - crop[1] - 100)
+    # In the (possibly flipped) resized image the marker centre is at (60, 120) or mirrored
+    # (60, 200 - 120); crop_top_left is in that image, so the output centre follows exactly.
+    cy, cx = 59.5, (200 - 120 if flip else 120) - 0.5
+    if 0 <= cx - x < 100:
+        oy, ox = _marker_centre(out["pixel_values"])
+        assert abs(oy - (cy - y)) <= 1.0 and abs(ox - (cx - x)) <= 1.0
+
+
+def test_flip_mirrors_the_pixels_of_the_same_crop():
+    img = load_image(_gradient_bytes())
+    plain = resize_crop(img, (96, 96), crop=(0, 20))
+    flipped_full = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    resized_w = resized_size(*img.size, (96, 96))[0]
+    mirrored = resize_crop(flipped_full, (96, 96), crop=(0, resized_w - 20 - 96))
+    flipped = resize_crop(img, (96, 96), crop=(0, 20), flip=True)
+    assert flipped["crop_top_left"] == mirrored["crop_top_left"]
+    assert torch.equal(flipped["pixel_values"], plain["pixel_values"].flip(-1))
+    diff = (flipped["pixel_values"].int() - mirrored["pixel_values"].int()).abs()
+    assert diff.float().mean() < 1.0
+
+
+def _gradient_bytes() -> bytes:
+    import io
+
+    a = np.zeros((160, 300, 3), np.uint8)
+    a[..., 0] = np.linspace(0, 255, 300, dtype=np.uint8)[None, :]
+    a[..., 1] = np.linspace(0, 255, 160, dtype=np.uint8)[:, None]
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_random_crop_and_flip_follow_the_generator():
+    img = Image.new("RGB", (300, 100))
+    t = BucketResizeCrop(crop="random", flip_p=0.5)
+    draws = [t(img, (100, 100), sample_rng(0, 0, i, "image")) for i in range(200)]
+    xs = {d["crop_top_left"][1] for d in draws}
+    assert min(xs) < 10 and max(xs) > 190 and len(xs) > 100  # spread over the whole 0..200
+    flips = sum(d["flipped"] for d in draws)
+    assert 60 < flips < 140
+    again = t(img, (100, 100), sample_rng(0, 0, 7, "image"))
+    assert again["crop_top_left"] == draws[7]["crop_top_left"]
+    assert again["flipped"] == draws[7]["flipped"]
+    # The flip is drawn first: switching the crop mode does not change who is flipped.
+    centre = BucketResizeCrop(crop="center", flip_p=0.5)
+    assert [
+        centre(img, (100, 100), sample_rng(0, 0, i, "image"))["flipped"] for i in range(50)
+    ] == [d["flipped"] for d in draws[:50]]
+    assert all(
+        not BucketResizeCrop(flip_p=0.0)(img, (100, 100), sample_rng(0, 0, i, "image"))["flipped"]
+        for i in range(20)
+    )
+
+
+def test_torch_bicubic_matches_pillow_bicubic(examples_dir):
+    img = load_image(examples_dir / "china.jpg")  # 640x427
+    ours = resize_crop(img, (320, 192), resample="bicubic")
+    new_w, new_h = resized_size(*img.size, (320, 192))
+    y, x = ours["crop_top_left"]
+    ref = img.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((x, y, x + 320, y + 192))
+    diff = ours["pixel_values"].permute(1, 2, 0).int() - torch.from_numpy(np.asarray(ref)).int()
+    assert diff.abs().max() <= 2 and diff.abs().float().mean() < 0.1
+
+
+def test_pillow_region_resize_equals_resize_then_crop(examples_dir):
+    img = load_image(examples_dir / "china.jpg")
+    ours = resize_crop(img, (320, 192), resample="lanczos", crop=(11, 0))
+    new_w, new_h = resized_size(*img.size, (320, 192))
+    ref = img.resize((new_w, new_h), Image.Resampling.LANCZOS).crop((0, 11, 320, 203))
+    diff = ours["pixel_values"].permute(1, 2, 0).int() - torch.from_numpy(np.asarray(ref)).int()
+    assert diff.abs().max() <= 1
+
+
+def test_original_size_comes_from_the_decoder(examples_dir):
+    img = load_image(examples_dir / "landscape_exif6.jpg", draft_size=(256, 256))
+    out = BucketResizeCrop()(img, (256, 256), sample_rng(0, 0, 0, "image"))
+    assert out["original_size"] == (1200, 1800)
+
+
+def test_clear_errors():
+    img = Image.new("RGB", (64, 64))
+    with pytest.raises(ValueError, match="resample"):
+        BucketResizeCrop(resample="cubic")
+    with pytest.raises(ValueError, match="crop"):
+        BucketResizeCrop(crop="left")
+    with pytest.raises(ValueError, match="flip_p"):
+        BucketResizeCrop(flip_p=2)
+    with pytest.raises(ValueError, match="RGB"):
+        resize_crop(img.convert("L"), (32, 32))
+    with pytest.raises(ValueError, match="rng"):
+        resize_crop(img, (32, 16), crop="random")
+    with pytest.raises(ValueError, match="outside"):
+        resize_crop(img, (32, 16), crop=(0, 1))  # resized to 32x32: no spare width
+    with pytest.raises(ValueError, match="rng"):
+        BucketResizeCrop(flip_p=0.5)(img, (32, 32), None)
