@@ -103,15 +103,16 @@ class Downloader:
         path = self.cached(url)
         if path is not None:
             return path
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 return self._download(url)
             except DownloadError as e:
-                if not e.retryable or attempt == self.retries:
+                if not e.retryable or attempt >= self.retries:
                     tries = f" (after {attempt + 1} attempts)" if attempt else ""
                     raise DownloadError(f"{e}{tries}") from None
             time.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable")
+            attempt += 1
 
     def fetch_all(self, urls: Iterable[str]) -> dict[str, str | DownloadError]:
         """Fetch distinct ``urls`` in parallel: url -> local path, or the DownloadError."""

@@ -572,9 +572,9 @@ def _resolve_list(
     rows: list[tuple[str, list[str], str]] = []
     rejections: list[Rejection] = []
     for i, item in enumerate(items):
-        if not isinstance(item, (str, os.PathLike)):
+        if not isinstance(item, (str, bytes, os.PathLike)):
             raise TypeError(
-                f"list sources hold paths or URLs (str or os.PathLike); item {i} is "
+                f"list sources hold paths or URLs (str, bytes or os.PathLike); item {i} is "
                 f"{type(item).__name__}"
             )
         value = os.fspath(item)

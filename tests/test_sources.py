@@ -115,6 +115,7 @@ def test_non_utf8_file_name_round_trips(tmp_path: Path) -> None:
         assert img.size == (5, 3)
     # the same str path works as a list source too
     assert resolve_source([entry.path]).entries == [Entry(entry.path, [])]
+    assert resolve_source([name]).entries == [Entry(entry.path, [])]  # bytes paths too
 
 
 def test_symlink_loops_do_not_hang(tmp_path: Path) -> None:
