@@ -14,6 +14,7 @@ _EXPORTS = {
     "scan": "bucketing.scan",
     "ImageIndex": "bucketing.index",
     "Rejection": "bucketing.index",
+    "resolve_source": "bucketing.sources",
     "BucketLadder": "bucketing.ladder",
     "assign": "bucketing.assign",
     "Assignment": "bucketing.assign",

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from bucketing.atomic import atomic_path
 
 INDEX_FORMAT = "aspect-bucketing/index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 class Rejection(NamedTuple):
@@ -81,7 +81,10 @@ class ImageIndex:
         n, rej = len(self), self.rejections
         table = pa.table(
             {
-                "path": pa.array(list(self.paths) + [r.path for r in rej], pa.string()),
+                # Paths go through os.fsencode: file names need not be valid UTF-8.
+                "path": pa.array(
+                    [os.fsencode(p) for p in list(self.paths) + [r.path for r in rej]], pa.binary()
+                ),
                 "width": pa.array(np.concatenate([self.width, np.zeros(len(rej), np.int64)])),
                 "height": pa.array(np.concatenate([self.height, np.zeros(len(rej), np.int64)])),
                 "captions": pa.array(list(self.captions) + [[]] * len(rej), pa.list_(pa.string())),
@@ -106,6 +109,7 @@ class ImageIndex:
                 f"found format={meta.get('format')!r} version={meta.get('version')!r}"
             )
         cols = table.to_pydict()
+        cols["path"] = [os.fsdecode(p) for p in cols["path"]]
         accepted = [i for i, r in enumerate(cols["reason"]) if r is None]
         rejected = [i for i, r in enumerate(cols["reason"]) if r is not None]
         return cls(
