@@ -1,0 +1,229 @@
+"""TextToImageDataset with real files, the real assign and real DataLoader worker processes:
+shapes, determinism across workers/restarts/epochs, substitution of files that fail at
+training time, and the whole pipeline end to end through BucketBatchSampler and collate."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader
+
+from bucketing.assign import assign
+from bucketing.dataset import SubstitutionWarning, TextToImageDataset
+from bucketing.index import ImageIndex
+from bucketing.ladder import BucketLadder
+from transforms.caption import CaptionTransform
+from transforms.collate import collate
+from transforms.image import ImageDecodeError
+from transforms.resize_crop import BucketResizeCrop
+
+SMALL = BucketLadder.for_model("flux", max_area=128 * 128)
+
+
+def _captions(path: Path) -> list[str]:
+    for ext in (".txt", ".caption"):
+        side = path.with_suffix(ext)
+        if side.exists():
+            return [line.strip() for line in side.read_text().splitlines() if line.strip()]
+    return []
+
+
+def _index(paths: list[Path], sizes: list[tuple[int, int]] | None = None) -> ImageIndex:
+    if sizes is None:
+        sizes = [ImageOps.exif_transpose(Image.open(p)).size for p in paths]
+    return ImageIndex(
+        paths=[str(p) for p in paths],
+        width=[w for w, _ in sizes],
+        height=[h for _, h in sizes],
+        captions=[_captions(p) for p in paths],
+    )
+
+
+@pytest.fixture(scope="module")
+def photos(examples_dir):
+    paths = sorted(p for p in examples_dir.iterdir() if p.suffix in (".jpg", ".png"))
+    index = _index(paths)
+    return index, assign(index, SMALL)
+
+
+def _dataset(index, assignment, **kw) -> TextToImageDataset:
+    kw.setdefault("image_transform", BucketResizeCrop(crop="random", flip_p=0.5))
+    return TextToImageDataset(index, assignment, **kw)
+
+
+def _load_all(dataset, rows, num_workers) -> list[dict]:
+    loader = DataLoader(dataset, sampler=list(rows), batch_size=None, num_workers=num_workers)
+    return list(loader)
+
+
+def test_items_have_their_bucket_shape_and_caption(photos):
+    index, assignment = photos
+    assert assignment.accepted.all()
+    ds = _dataset(index, assignment)
+    assert len(ds) == len(index)
+    for i in range(len(ds)):
+        s = ds[i]
+        bw, bh = assignment.bucket_wh[i]
+        assert s["pixel_values"].shape == (3, bh, bw) and s["pixel_values"].dtype == torch.uint8
+        assert s["target_size"] == (bh, bw)
+        assert s["original_size"] == (index.height[i], index.width[i])
+        assert s["caption"] == (index.captions[i][0] if index.captions[i] else "")
+        assert s["index"] == s["original_index"] == i and s["substituted"] is False
+
+
+def test_same_tensors_in_any_worker_after_a_restart_and_per_epoch(photos):
+    index, assignment = photos
+    rows = range(len(index))
+    caption = CaptionTransform(shuffle_parts=True)
+    inline = _load_all(_dataset(index, assignment, caption_transform=caption, seed=3), rows, 0)
+    restarted = _dataset(index, assignment, caption_transform=caption, seed=3)
+    workers = _load_all(restarted, rows, 2)
+    for a, b in zip(inline, workers, strict=True):
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert a["crop_top_left"] == b["crop_top_left"] and a["flipped"] == b["flipped"]
+        assert a["caption"] == b["caption"]
+    restarted.set_epoch(1)
+    epoch1 = _load_all(restarted, rows, 0)
+    moved = sum(
+        a["crop_top_left"] != b["crop_top_left"] or a["flipped"] != b["flipped"]
+        for a, b in zip(inline, epoch1, strict=True)
+    )
+    assert moved >= len(rows) // 2  # a new epoch draws new crops and flips
+
+
+def test_rejected_rows_and_bad_arguments_are_clear_errors(examples_dir, tmp_path):
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (8, 8)).save(tiny)
+    index = _index([examples_dir / "china.jpg", tiny])
+    assignment = assign(index, SMALL)
+    assert assignment.bucket_id[1] == -1
+    ds = _dataset(index, assignment)
+    with pytest.raises(ValueError, match="tiny.png.*rejected.*too_small"):
+        ds[1]
+    with pytest.raises(IndexError):
+        ds[2]
+    with pytest.raises(ValueError, match="on_error"):
+        _dataset(index, assignment, on_error="skip")
+    with pytest.raises(ValueError, match="rows"):
+        TextToImageDataset(_index([tiny]), assignment, image_transform=BucketResizeCrop())
+
+
+def _jpeg_folder(tmp_path: Path, n: int) -> list[Path]:
+    paths = []
+    for k in range(n):
+        p = tmp_path / f"img{k}.jpg"
+        a = np.zeros((64, 96, 3), np.uint8)
+        a[..., 0] = 40 * k
+        Image.fromarray(a).save(p, quality=95)
+        p.with_suffix(".txt").write_text(f"image number {k}\n")
+        paths.append(p)
+    return paths
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # header intact, pixels cut
+
+
+def test_a_file_failing_at_training_time_is_substituted_once_warned(tmp_path):
+    paths = _jpeg_folder(tmp_path, 5)
+    index = _index(paths)
+    assignment = assign(index, BucketLadder.from_buckets([(48, 32)]))
+    _truncate(paths[2])
+    paths[4].unlink()  # deleted between scan and load
+    ds = _dataset(index, assignment)
+    with pytest.warns(SubstitutionWarning, match="img2.jpg"):
+        s = ds[2]
+    assert s["substituted"] is True and s["original_index"] == 2
+    assert s["index"] in (0, 1, 3) and s["pixel_values"].shape == (3, 32, 48)
+    assert s["caption"] == f"image number {s['index']}"  # the caption of the image used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = ds[2]  # deterministic, and no second warning for the same file
+    assert again["index"] == s["index"] and torch.equal(again["pixel_values"], s["pixel_values"])
+    with pytest.warns(SubstitutionWarning, match="img4.jpg"):
+        assert ds[4]["substituted"] is True
+    # In worker processes nothing raises; every sample keeps its bucket's shape.
+    out = _load_all(ds, range(5), 2)
+    assert [o["substituted"] for o in out] == [False, False, True, False, True]
+    assert all(o["pixel_values"].shape == (3, 32, 48) for o in out)
+
+    strict = _dataset(index, assignment, on_error="raise")
+    with pytest.raises(ImageDecodeError, match=r"img2\.jpg.*(?i:truncated)"):
+        strict[2]
+    with pytest.raises(ImageDecodeError, match=r"img4\.jpg"):
+        strict[4]
+
+
+def test_a_bucket_with_nothing_loadable_is_a_clear_error(tmp_path):
+    paths = _jpeg_folder(tmp_path, 3)
+    index = _index(paths)
+    assignment = assign(index, BucketLadder.from_buckets([(48, 32)]))
+    for p in paths:
+        _truncate(p)
+    with pytest.raises(RuntimeError, match=r"img1\.jpg.*no substitute.*2 tried"):
+        _dataset(index, assignment)[1]
+
+
+def test_every_odd_file_yields_its_bucket_or_a_substitute(odd_dir, odd_expected):
+    names = [n for n, e in odd_expected.items() if e["expect"] in ("ok", "decode_error")]
+    sizes = [
+        tuple(odd_expected[n].get("oriented_size") or odd_expected[n]["header_size"]) for n in names
+    ]
+    index = _index([odd_dir / n for n in names], sizes)
+    assignment = assign(index, BucketLadder.from_buckets([(16, 16), (32, 16), (16, 32)]))
+    rows = np.flatnonzero(assignment.accepted)
+    assert len(rows) == len(names) - 3  # only the two 10x10 files and the 1x2 one are too small
+    ds = _dataset(index, assignment)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = _load_all(ds, rows, 2)
+    for row, s in zip(rows, out, strict=True):
+        bw, bh = assignment.bucket_wh[row]
+        assert s["pixel_values"].shape == (3, bh, bw)
+        assert s["substituted"] == (odd_expected[names[row]]["expect"] == "decode_error"), names[
+            row
+        ]
+
+
+def test_end_to_end_with_scan_sampler_collate_and_tokenizer(examples_dir, flux_tokenizer_dir):
+    scan = pytest.importorskip("bucketing.scan").scan
+    sampler_mod = pytest.importorskip("samplers.bucket_batch_sampler")
+    from transforms.tokenize import FluxTokenizer
+
+    index = scan(examples_dir, workers=1)
+    assert len(index) == 14
+    assignment = assign(index, SMALL)
+    sampler = sampler_mod.BucketBatchSampler(assignment, batch_size=2, seed=5)
+    ds = TextToImageDataset(
+        index,
+        assignment,
+        image_transform=BucketResizeCrop(crop="random", flip_p=0.5),
+        caption_transform=CaptionTransform(dropout=0.0),
+        model_transform=FluxTokenizer.from_flux_dir(flux_tokenizer_dir, t5_max_length=64),
+        seed=5,
+    )
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, collate_fn=collate)
+    expected = list(sampler)
+    seen = set()
+    for rows, batch in zip(expected, loader, strict=True):
+        b = len(rows)
+        assert batch["original_index"].tolist() == list(rows)
+        wh = {tuple(assignment.bucket_wh[r]) for r in rows}
+        assert len(wh) == 1
+        bw, bh = wh.pop()
+        assert batch["pixel_values"].shape == (b, 3, bh, bw)
+        assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].is_contiguous()
+        assert batch["target_size"].tolist() == [[bh, bw]] * b
+        assert batch["clip_input_ids"].shape == (b, 77) and batch["t5_input_ids"].shape == (b, 64)
+        assert batch["t5_attention_mask"].shape == (b, 64)
+        assert not batch["substituted"].any()
+        for r, cap in zip(rows, batch["captions"], strict=True):
+            assert cap in index.captions[r]
+        seen.update(rows)
+    assert seen == set(range(len(index)))
