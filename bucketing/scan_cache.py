@@ -1,0 +1,126 @@
+"""The incremental scan cache: one parquet file of header results keyed by
+(path, file size, mtime_ns), so that a rescan re-reads only new or changed files.
+
+The file is written atomically (``bucketing.atomic``): a scan killed mid-write
+leaves the previous cache or the new one, never a torn file. It is versioned: a
+file written by another format version, by another header-reader version, by
+another program, or one that is not parquet at all is ignored with a warning and
+rebuilt by the scan, never misread. It holds only strings and integers and is read
+with pyarrow: nothing in it can execute code (no pickle).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bucketing.atomic import atomic_path
+from bucketing.headers import READER_VERSION, Header
+
+__all__ = ["CACHE_FORMAT", "CACHE_VERSION", "CacheRow", "ScanCache"]
+
+CACHE_FORMAT = "aspect-bucketing/scan-cache"
+CACHE_VERSION = 1
+_COLUMNS = ("path", "size", "mtime_ns", "width", "height", "reason", "detail")
+
+
+class CacheRow(NamedTuple):
+    """One file's header result and the stat key it was read under."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    header: Header
+
+
+class ScanCache:
+    """Header results from an earlier scan, looked up by (path, size, mtime_ns).
+
+    ``status`` says what :meth:`load` found: ``"absent"`` (no file), ``"loaded"``, or
+    ``"rebuilt"`` (the file was unusable and will be replaced).
+    """
+
+    def __init__(self, rows: Iterable[CacheRow] = (), status: str = "absent") -> None:
+        rows = list(rows)
+        self._slot = {r.path: i for i, r in enumerate(rows)}
+        self._size = np.array([r.size for r in rows], dtype=np.int64)
+        self._mtime = np.array([r.mtime_ns for r in rows], dtype=np.int64)
+        self._headers = [r.header for r in rows]
+        self.status = status
+
+    def __len__(self) -> int:
+        return len(self._headers)
+
+    def lookup(self, path: str, size: int, mtime_ns: int) -> Header | None:
+        """The cached header of ``path`` if it was read at this size and mtime, else None."""
+        i = self._slot.get(path)
+        if i is None or self._size[i] != size or self._mtime[i] != mtime_ns:
+            return None
+        return self._headers[i]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ScanCache:
+        """Read a cache file; a missing one is empty, an unusable one warns and is empty."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            return cls()
+        try:
+            table = pq.read_table(path)
+            meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+            found = (meta.get("format"), meta.get("version"), meta.get("reader"))
+            wanted = (CACHE_FORMAT, str(CACHE_VERSION), str(READER_VERSION))
+            if found != wanted:
+                raise ValueError(
+                    f"written as format={found[0]!r} version={found[1]!r} reader={found[2]!r}, "
+                    f"this is format={wanted[0]!r} version={wanted[1]!r} reader={wanted[2]!r}"
+                )
+            if tuple(table.column_names) != _COLUMNS:
+                raise ValueError(f"unexpected columns {table.column_names}")
+            cols = {name: table.column(name) for name in _COLUMNS}
+            paths = cols["path"].to_pylist()
+            size, mtime, width, height = (
+                cols[c].to_numpy().astype(np.int64) for c in ("size", "mtime_ns", "width", "height")
+            )
+            reasons = cols["reason"].to_pylist()
+            details = cols["detail"].to_pylist()
+        except Exception as e:  # not parquet, truncated, foreign: start over
+            warnings.warn(
+                f"ignoring scan cache {path}: {e}; every file will be read again and the "
+                "cache rewritten",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return cls(status="rebuilt")
+        columns = zip(paths, size, mtime, width, height, reasons, details, strict=True)
+        rows = (
+            CacheRow(p, int(s), int(m), Header(int(w), int(h), r, d or ""))
+            for p, s, m, w, h, r, d in columns
+        )
+        return cls(rows, status="loaded")
+
+    @staticmethod
+    def save(path: str | os.PathLike, rows: Iterable[CacheRow]) -> None:
+        """Write ``rows`` (io errors excluded by the caller) as the new cache, atomically."""
+        rows = list(rows)
+        table = pa.table(
+            {
+                "path": pa.array([r.path for r in rows], pa.string()),
+                "size": pa.array([r.size for r in rows], pa.int64()),
+                "mtime_ns": pa.array([r.mtime_ns for r in rows], pa.int64()),
+                "width": pa.array([r.header.width for r in rows], pa.int64()),
+                "height": pa.array([r.header.height for r in rows], pa.int64()),
+                "reason": pa.array([r.header.reason for r in rows], pa.string()),
+                "detail": pa.array([r.header.detail or None for r in rows], pa.string()),
+            }
+        )
+        table = table.replace_schema_metadata(
+            {"format": CACHE_FORMAT, "version": str(CACHE_VERSION), "reader": str(READER_VERSION)}
+        )
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
