@@ -1,0 +1,372 @@
+"""Assign every image to a bucket of a ladder, without upscaling, before decoding a pixel.
+
+Per image (oriented W x H), among the buckets that fit inside it (bw <= W and bh <= H, so
+the resize scale s = max(bw/W, bh/H) is <= 1) we take the one minimising
+
+    crop_loss + resolution_loss,   crop_loss = 1 - bw*bh / (s²*W*H),
+                                   resolution_loss = 1 - bw*bh / min(W*H, max_area),
+
+ties going to the larger bucket. Each ladder level is an antichain, so the fitting buckets
+of a level are one contiguous run in aspect order around the image's aspect: lookup tables
+(the vectorised form of three ``searchsorted`` calls) find the run and the image's place in
+it, and only ``ladder.search_window`` neighbours on each side are scored (the ladder proves
+that is enough). An image more elongated than every bucket of a level takes that level's
+most elongated fitting bucket. Levels are visited from the largest that could fit down, and
+an image stops as soon as a lower level cannot beat its best (its resolution loss alone
+would be worse). Work is done in cache-sized chunks; no N x K matrix is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from bucketing.ladder import BucketLadder
+
+if TYPE_CHECKING:
+    from bucketing.index import ImageIndex
+
+_ON_EXTREME = ("crop", "reject")
+_CHUNK = 1 << 15  # images per vectorised pass: temporaries stay small and cache-resident
+
+
+@dataclass
+class Assignment:
+    """Per-image result of :func:`assign`; row i is row i of the index (or sizes).
+
+    ``bucket_id`` is -1 and ``bucket_wh`` (0, 0) where rejected, with ``reasons[i]`` saying
+    why ("too_small", "extreme_aspect"); ``scale``, ``crop_loss`` and ``resolution_loss`` are
+    NaN there. ``upscaled`` marks images given a bucket larger than themselves (only with
+    ``allow_upscale=True``); their resolution loss is 0.
+    """
+
+    bucket_id: np.ndarray
+    bucket_wh: np.ndarray
+    scale: np.ndarray
+    crop_loss: np.ndarray
+    resolution_loss: np.ndarray
+    upscaled: np.ndarray
+    ladder: BucketLadder
+    reasons: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.bucket_id)
+
+    @property
+    def accepted(self) -> np.ndarray:
+        """(N,) bool: the image has a bucket."""
+        return self.bucket_id >= 0
+
+    @cached_property
+    def counts(self) -> np.ndarray:
+        """(K,) int64 number of images in each bucket of ``ladder.buckets``."""
+        ids = self.bucket_id[self.bucket_id >= 0]
+        return np.bincount(ids, minlength=len(self.ladder.buckets)).astype(np.int64)
+
+    def bucket_members(self) -> list[np.ndarray]:
+        """For each bucket id, the ascending int64 indices of its images."""
+        order = np.argsort(self.bucket_id, kind="stable")
+        start = int(np.searchsorted(self.bucket_id[order], 0))
+        return np.split(order[start:], np.cumsum(self.counts)[:-1])
+
+    def reason_counts(self) -> dict[str, int]:
+        """Rejected images per reason, most common first."""
+        rejected = self.reasons[self.bucket_id < 0]
+        names, counts = np.unique(rejected.astype(str), return_counts=True)
+        pairs = sorted(zip(names.tolist(), counts.tolist(), strict=True), key=lambda kv: -kv[1])
+        return dict(pairs)
+
+
+def assign(
+    index_or_sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]],
+    ladder: BucketLadder,
+    *,
+    allow_upscale: bool = False,
+    on_extreme: str = "crop",
+    min_bucket_size: int | None = None,
+) -> Assignment:
+    """Give each image the fitting bucket with the least crop + resolution loss.
+
+    ``index_or_sizes``: an :class:`~bucketing.index.ImageIndex`, an (N, 2) array or a
+    sequence of (w, h). Images smaller than every bucket are rejected "too_small", or with
+    ``allow_upscale=True`` take the log-aspect-nearest bucket of the smallest level and are
+    flagged ``upscaled``. Images more elongated than ``ladder.max_aspect`` are cropped into
+    the best (most elongated) fitting bucket, or rejected "extreme_aspect" with
+    ``on_extreme="reject"``. ``min_bucket_size``: buckets left with fewer images are emptied,
+    smallest first, each image moving to its best remaining non-empty bucket that still
+    fits it; a bucket whose images cannot all move stays as it is.
+    """
+    if on_extreme not in _ON_EXTREME:
+        raise ValueError(f"on_extreme must be one of {_ON_EXTREME}, got {on_extreme!r}")
+    if min_bucket_size is not None and min_bucket_size < 1:
+        raise ValueError(f"min_bucket_size must be >= 1, got {min_bucket_size}")
+    width, height = _sizes(index_or_sizes)
+    n = len(width)
+    tables = _Tables(ladder)
+    best_id = np.full(n, -1, dtype=np.int64)
+    extreme = np.zeros(n, dtype=bool)
+    for lo in range(0, n, _CHUNK):
+        sl = slice(lo, lo + _CHUNK)
+        w, h = width[sl], height[sl]
+        aspect = w / h
+        if on_extreme == "reject":
+            extreme[sl] = (aspect > ladder.max_aspect) | (aspect < 1.0 / ladder.max_aspect)
+        best_id[sl] = _search(tables, w, h, aspect, extreme[sl])
+
+    reasons = np.full(n, None, dtype=object)
+    reasons[extreme] = "extreme_aspect"
+    unfit = ~extreme & (best_id < 0)
+    upscaled = np.zeros(n, dtype=bool)
+    if allow_upscale:
+        best_id[unfit] = _nearest_in_level(ladder, 0, width[unfit] / height[unfit])
+        upscaled = unfit
+    else:
+        reasons[unfit] = "too_small"
+    if min_bucket_size is not None:
+        _merge_small(ladder, width, height, best_id, upscaled, min_bucket_size)
+    return _result(ladder, width, height, best_id, upscaled, reasons)
+
+
+# -- sizes ------------------------------------------------------------------------------
+
+
+def _sizes(index_or_sizes: object) -> tuple[np.ndarray, np.ndarray]:
+    width = getattr(index_or_sizes, "width", None)
+    height = getattr(index_or_sizes, "height", None)
+    if width is not None and height is not None:
+        width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
+    else:
+        arr = np.asarray(index_or_sizes, dtype=np.int64)
+        if arr.size == 0:
+            arr = arr.reshape(0, 2)
+        if arr.ndim != 2 or arr.shape[1] != 2:
+            raise ValueError(f"sizes must be an (N, 2) array of (width, height), got shape "
+                             f"{arr.shape}")
+        width, height = arr[:, 0], arr[:, 1]
+    if len(width) and (width.min() < 1 or height.min() < 1):
+        i = int(np.flatnonzero((width < 1) | (height < 1))[0])
+        raise ValueError(f"image {i} has size {width[i]}x{height[i]}; sizes must be positive")
+    return np.ascontiguousarray(width), np.ascontiguousarray(height)
+
+
+# -- the search -------------------------------------------------------------------------
+
+
+def _objective(
+    bw: np.ndarray, bh: np.ndarray, w: np.ndarray, h: np.ndarray, cap: np.ndarray
+) -> np.ndarray:
+    """crop_loss + resolution_loss of buckets (bw, bh) that fit images (w, h)."""
+    x = bw * h  # proportional to the bucket's aspect over the image's
+    y = bh * w
+    kept = np.minimum(x, y) / np.maximum(x, y)
+    return 2.0 - kept - (bw * bh) / cap
+
+
+class _Tables:
+    """Lookup tables that replace binary searches in the hot loop (built per call, tiny).
+
+    Per level j (global bucket ids ``start[j]:stop[j]``, aspect ascending):
+    ``hi[j, v]`` = last bucket with bw <= v, ``lo[j, v]`` = first bucket with bh <= v (v up
+    to the largest side ``side``); the image's aspect position p (first bucket with aspect
+    >= x) from a uniform aspect grid: ``below[j, t]`` buckets lie surely below bin t and
+    at most one ``edge`` aspect is near it, compared exactly.
+    """
+
+    def __init__(self, ladder: BucketLadder) -> None:
+        b = ladder.buckets
+        self.ladder = ladder
+        self.bw, self.bh = b[:, 0].astype(np.float64), b[:, 1].astype(np.float64)
+        self.area = self.bw * self.bh
+        self.cap = float(ladder.max_area)
+        self.window = ladder.search_window
+        n_levels = len(ladder.levels)
+        slices = [ladder.level_slice(j) for j in range(n_levels)]
+        self.start = np.array([s.start for s in slices], dtype=np.int64)
+        self.stop = np.array([s.stop for s in slices], dtype=np.int64)
+        self.size = int((self.stop - self.start).max())
+        min_area = np.array([self.area[s].min() if s.stop > s.start else np.inf
+                             for s in slices])
+        self.min_area_from = np.minimum.accumulate(min_area[::-1])[::-1]
+        max_area = np.array([self.area[s].max() if s.stop > s.start else 0.0 for s in slices])
+        # The largest bucket area in levels 0..j: bounds what going down to level j can gain.
+        self.area_at_or_below = np.maximum.accumulate(max_area)
+        self.side = int(b.max())
+        v = np.arange(self.side + 1)
+        self.hi = np.empty((n_levels, self.side + 1), dtype=np.int64)
+        self.lo = np.empty((n_levels, self.side + 1), dtype=np.int64)
+        aspects = ladder.aspects
+        gaps = [np.diff(aspects[s]) for s in slices]
+        min_gap = min([g.min() for g in gaps if len(g)] + [0.25])
+        self.inv_delta = 2.0 / min_gap  # bins half the smallest gap: one edge per bin
+        self.bins = int(np.ceil((aspects.max() + 1.0) * self.inv_delta)) + 1
+        eps = 1e-9
+        edges = np.arange(self.bins) / self.inv_delta
+        self.below = np.empty((n_levels, self.bins), dtype=np.int64)
+        self.edge = np.full((n_levels, self.bins), np.inf)
+        for j, s in enumerate(slices):
+            self.hi[j] = s.start + np.searchsorted(b[s, 0], v, side="right") - 1
+            self.lo[j] = s.start + np.searchsorted(-b[s, 1], -v)
+            r = aspects[s]
+            self.below[j] = s.start + np.searchsorted(r, edges - eps)
+            near_lo = np.searchsorted(r, edges - eps)
+            near_hi = np.searchsorted(r, edges + 1.0 / self.inv_delta + eps, side="right")
+            has = near_lo < near_hi
+            self.edge[j, has] = r[near_lo[has]]
+        self.hi, self.lo = self.hi.reshape(-1), self.lo.reshape(-1)
+        self.below, self.edge = self.below.reshape(-1), self.edge.reshape(-1)
+
+
+def _search(
+    tb: _Tables, width: np.ndarray, height: np.ndarray, aspect: np.ndarray, skip: np.ndarray
+) -> np.ndarray:
+    """Optimal fitting bucket id per image (-1 where none fits or ``skip``)."""
+    area = width * height
+    cap = np.minimum(area, tb.cap).astype(np.float64)
+    # Start at the highest level whose smallest bucket is no larger than the image (a
+    # suffix minimum makes the level minima non-decreasing, so one searchsorted finds it).
+    level = np.searchsorted(tb.min_area_from, area, side="right") - 1
+    level[skip] = -1
+    best_f, best_id, best_a = _score_level(tb, width, height, aspect, cap, level)
+    rows = np.flatnonzero(level >= 0)
+    while len(rows):
+        # Go one level down only where that level could still win: its best possible
+        # resolution loss must not exceed the best total loss found so far.
+        level[rows] -= 1
+        lower = level[rows]
+        can = lower >= 0
+        can[can] = 1.0 - tb.area_at_or_below[lower[can]] / cap[rows[can]] <= best_f[rows[can]]
+        rows = rows[can]
+        if not len(rows):
+            break
+        f, bid, a = _score_level(tb, width[rows], height[rows], aspect[rows], cap[rows],
+                                 level[rows])
+        better = (f < best_f[rows]) | ((f == best_f[rows]) & (a > best_a[rows]))
+        upd = rows[better]
+        best_f[upd], best_id[upd], best_a[upd] = f[better], bid[better], a[better]
+    best_id[~np.isfinite(best_f)] = -1
+    return best_id
+
+
+def _score_level(
+    tb: _Tables, w: np.ndarray, h: np.ndarray, x: np.ndarray, cap: np.ndarray, level: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best (loss, bucket id, area) per image within its given level; loss inf where
+    nothing fits (or the level is -1)."""
+    lv = np.maximum(level, 0)
+    start, stop = tb.start[lv], tb.stop[lv]
+    row = lv * (tb.side + 1)
+    hi = tb.hi[row + np.minimum(w, tb.side)]
+    lo = tb.lo[row + np.minimum(h, tb.side)]
+    cell = lv * tb.bins + np.minimum((x * tb.inv_delta).astype(np.int64), tb.bins - 1)
+    p = tb.below[cell] + (x > tb.edge[cell])
+    fits = (lo <= hi) & (level >= 0)
+    # An image more elongated than every bucket of the level is cropped to the level's most
+    # elongated fitting bucket: collapse its window onto that bucket.
+    lo, hi = np.where(p >= stop, hi, lo), np.where(p <= start, lo, hi)
+    wf, hf = w.astype(np.float64), h.astype(np.float64)
+    best_f = best_id = best_a = None
+    for t in range(-tb.window, tb.window):
+        # Where nothing fits, hi < lo and the candidate is junk (a valid index): masked below.
+        cand = np.clip(p + t, lo, hi)
+        f = _objective(tb.bw[cand], tb.bh[cand], wf, hf, cap)
+        a = tb.area[cand]
+        if best_f is None:
+            best_f, best_id, best_a = f, cand, a
+            continue
+        better = (f < best_f) | ((f == best_f) & (a > best_a))
+        best_f = np.where(better, f, best_f)
+        best_id = np.where(better, cand, best_id)
+        best_a = np.where(better, a, best_a)
+    best_f[~fits] = np.inf
+    return best_f, best_id, best_a
+
+
+def _nearest_in_level(ladder: BucketLadder, level: int, aspect: np.ndarray) -> np.ndarray:
+    """Bucket id of the log-aspect-nearest bucket of ``level`` for each aspect."""
+    sl = ladder.level_slice(level)
+    logr = np.log(ladder.aspects[sl])
+    x = np.log(aspect)
+    p = np.clip(np.searchsorted(logr, x), 1, max(len(logr) - 1, 1))
+    left = np.clip(p - 1, 0, len(logr) - 1)
+    right = np.clip(p, 0, len(logr) - 1)
+    pick = np.where(np.abs(x - logr[left]) <= np.abs(logr[right] - x), left, right)
+    return pick + sl.start
+
+
+def _best_among(
+    ladder: BucketLadder, width: np.ndarray, height: np.ndarray, allowed: np.ndarray
+) -> np.ndarray:
+    """Dense search over the ``allowed`` bucket ids for a few images; -1 where none fits."""
+    cap = np.minimum(width * height, ladder.max_area).astype(np.float64)
+    bw = ladder.buckets[allowed, 0][None, :].astype(np.float64)
+    bh = ladder.buckets[allowed, 1][None, :].astype(np.float64)
+    w, h = width[:, None].astype(np.float64), height[:, None].astype(np.float64)
+    f = np.where((bw <= w) & (bh <= h), _objective(bw, bh, w, h, cap[:, None]), np.inf)
+    # Ties to the larger area: order candidates by area descending before argmin.
+    order = np.argsort(-(bw * bh)[0], kind="stable")
+    pick = np.argmin(f[:, order], axis=1)
+    out = allowed[order][pick]
+    return np.where(np.isfinite(f[np.arange(len(w)), order[pick]]), out, -1)
+
+
+def _merge_small(
+    ladder: BucketLadder,
+    width: np.ndarray,
+    height: np.ndarray,
+    best_id: np.ndarray,
+    upscaled: np.ndarray,
+    min_size: int,
+) -> None:
+    """Empty buckets holding fewer than ``min_size`` images into their best fitting
+    remaining non-empty neighbour, smallest bucket first; in place on ``best_id``."""
+    k = len(ladder.buckets)
+    counts = np.bincount(best_id[best_id >= 0], minlength=k)
+    closed = np.zeros(k, dtype=bool)  # emptied, or known impossible to empty
+    while True:
+        small = np.flatnonzero((counts > 0) & (counts < min_size) & ~closed)
+        if not len(small):
+            return
+        b = small[np.argmin(counts[small])]
+        closed[b] = True
+        members = np.flatnonzero(best_id == b)
+        if upscaled[members].any():
+            continue  # upscaled images fit no bucket: nowhere to move them
+        allowed = np.flatnonzero((counts > 0) & (np.arange(k) != b))
+        if not len(allowed):
+            continue
+        target = _best_among(ladder, width[members], height[members], allowed)
+        if (target < 0).any():
+            continue  # some member fits nowhere else: the bucket stays whole
+        best_id[members] = target
+        counts[b] = 0
+        np.add.at(counts, target, 1)
+
+
+def _result(
+    ladder: BucketLadder, width: np.ndarray, height: np.ndarray, best_id: np.ndarray,
+    upscaled: np.ndarray, reasons: np.ndarray,
+) -> Assignment:
+    n = len(best_id)
+    # Row -1 of the padded table is (0, 0): rejected images need no mask.
+    table = np.vstack([ladder.buckets, np.zeros((1, 2), dtype=np.int64)])
+    wh = table[best_id]
+    scale, crop, res = np.empty(n), np.empty(n), np.empty(n)
+    for lo in range(0, n, _CHUNK):
+        sl = slice(lo, lo + _CHUNK)
+        bw, bh = wh[sl, 0].astype(np.float64), wh[sl, 1].astype(np.float64)
+        wf, hf = width[sl].astype(np.float64), height[sl].astype(np.float64)
+        x, y = bw * hf, bh * wf
+        rejected = best_id[sl] < 0
+        np.maximum(bw / wf, bh / hf, out=scale[sl])
+        with np.errstate(invalid="ignore"):
+            np.divide(np.minimum(x, y), np.maximum(x, y), out=crop[sl])  # bw*bh / (s²*W*H)
+        np.subtract(1.0, crop[sl], out=crop[sl])
+        np.maximum(1.0 - (bw * bh) / np.minimum(wf * hf, ladder.max_area), 0.0, out=res[sl])
+        for out in (scale, crop, res):
+            out[sl][rejected] = np.nan
+    res[upscaled] = 0.0
+    return Assignment(best_id, wh, scale, crop, res, upscaled.copy(), ladder, reasons)

@@ -1,0 +1,274 @@
+"""Bucket ladders: the set of (width, height) training shapes, grouped in area levels.
+
+A ladder has one or more *levels* (pixel areas up to ``max_area``). Each level holds
+buckets of about that area at many aspect ratios: every side a multiple of
+``multiple`` (FLUX: 16 = VAE factor 8 x patch size 2), widths on a ``step`` grid,
+aspect within ``max_aspect`` both ways, mirrored so that (w, h) in implies (h, w) in.
+Small images land in a smaller level instead of being upscaled.
+
+Within a level no bucket is larger than another in both sides (an *antichain*), so the
+buckets that fit inside an image form one contiguous run in aspect order; that is what
+lets :func:`bucketing.assign` search a few log-aspect neighbours per level with
+``searchsorted`` instead of scoring every bucket. ``MODEL_SPECS`` is the single source of
+truth for each model's divisibility, default area, levels and T5 length.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's shape constraints: side ``multiple``, default ``max_area`` and ``levels``
+    (areas), bucket ``step`` and ``max_aspect``, and the T5 token length (None: no T5)."""
+
+    name: str
+    multiple: int
+    max_area: int
+    levels: tuple[int, ...]
+    step: int = 64
+    max_aspect: float = 4.0
+    t5_max_length: int | None = None
+
+
+def _sides(*sides: int) -> tuple[int, ...]:
+    return tuple(s * s for s in sides)
+
+
+# Level sides 512..1024 every 128 px: see README "Buckets and assignment" for the
+# measured trade-off between resolution loss and bucket count that chose this spacing.
+_FLUX_LEVELS = _sides(512, 640, 768, 896, 1024)
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    # FLUX.1: 8x VAE then 2x2 patches -> sides multiple of 16; T5 512 (dev) / 256 (schnell).
+    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, t5_max_length=512),
+    "flux-schnell": ModelSpec("flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, t5_max_length=256),
+    # SD3: 8x VAE then 2x2 patches -> 16; diffusers' SD3 training scripts use T5 length 77.
+    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, t5_max_length=77),
+    # SDXL: the UNet needs latent sides divisible by 4 (pixels by 32), but SDXL was trained
+    # on 64-multiple buckets (1152x896, 1216x832, ...) and kohya uses 64: we use 64.
+    "sdxl": ModelSpec("sdxl", 64, 1024 * 1024, _sides(512, 640, 768, 896, 1024)),
+    # SD1.5: 8x VAE and three 2x downsamplings in the UNet -> 64-multiples; 512x512 native.
+    "sd15": ModelSpec("sd15", 64, 512 * 512, _sides(256, 320, 384, 448, 512)),
+}
+
+
+class BucketLadder:
+    """The (K, 2) int64 ``buckets`` array of (w, h), sorted by level (ascending area) then
+    aspect; bucket id = row. ``levels`` holds each level's nominal area, ``bucket_level``
+    the level of each bucket.
+
+    With ``levels=None`` the levels are the default spacing for ``max_area``: sides from
+    half the top side up to the top side every eighth of it (for 1024²: 512, 640, 768,
+    896, 1024), rounded down to ``multiple``.
+    """
+
+    def __init__(
+        self,
+        max_area: int = 1024 * 1024,
+        multiple: int = 16,
+        step: int = 64,
+        max_aspect: float = 4.0,
+        levels: Sequence[int] | None = None,
+    ) -> None:
+        if multiple < 1 or step < 1:
+            raise ValueError(f"multiple and step must be >= 1, got {multiple} and {step}")
+        if step % multiple:
+            raise ValueError(f"step ({step}) must be a multiple of multiple ({multiple})")
+        if not max_aspect >= 1.0:
+            raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+        if max_area < multiple * multiple:
+            raise ValueError(f"max_area {max_area} is below one {multiple}x{multiple} bucket")
+        if levels is None:
+            levels = default_levels(max_area, multiple)
+        levels = sorted({int(a) for a in levels})
+        if not levels or levels[0] < multiple * multiple or levels[-1] > max_area:
+            raise ValueError(
+                f"levels must be areas in [{multiple * multiple}, max_area={max_area}], "
+                f"got {levels}"
+            )
+        per_level = [_level_buckets(a, multiple, step, max_aspect) for a in levels]
+        buckets, level_of = _dedupe_across_levels(per_level)
+        self.max_area = int(max_area)
+        self.multiple = int(multiple)
+        self.step = int(step)
+        self.max_aspect = float(max_aspect)
+        self._set(buckets, level_of, levels)
+
+    def _set(self, buckets: np.ndarray, level_of: np.ndarray, levels: Sequence[int]) -> None:
+        order = np.lexsort((buckets[:, 0] / buckets[:, 1], level_of))
+        self.buckets = np.ascontiguousarray(buckets[order], dtype=np.int64)
+        self.bucket_level = np.ascontiguousarray(level_of[order], dtype=np.int64)
+        self.levels = np.asarray(levels, dtype=np.int64)
+        self.buckets.flags.writeable = False
+        self.bucket_level.flags.writeable = False
+        self.levels.flags.writeable = False
+        # Half the log-aspect window assign() must search per level to be exact.
+        self.search_window = _search_window(self)
+
+    # -- constructors -------------------------------------------------------------------
+
+    @classmethod
+    def for_model(cls, name: str, **overrides: float) -> BucketLadder:
+        """The preset ladder for ``name`` (one of ``MODEL_SPECS``); keyword overrides
+        (``max_area``, ``levels``, ``step``, ``max_aspect``) replace the preset's values."""
+        if name not in MODEL_SPECS:
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(MODEL_SPECS)}")
+        spec = MODEL_SPECS[name]
+        kwargs = {
+            "max_area": spec.max_area,
+            "multiple": spec.multiple,
+            "step": spec.step,
+            "max_aspect": spec.max_aspect,
+            "levels": spec.levels,
+        }
+        if "max_area" in overrides and "levels" not in overrides:
+            kwargs["levels"] = None  # the preset's levels belong to its own max_area
+        kwargs.update(overrides)
+        ladder = cls(**kwargs)
+        ladder.model = name
+        return ladder
+
+    @classmethod
+    def from_buckets(cls, buckets: Iterable[Sequence[int]], multiple: int = 8) -> BucketLadder:
+        """A ladder from an explicit list of (w, h). Every side must be a positive multiple of
+        ``multiple``; duplicates are an error. The list need not be symmetric. Levels are the
+        layers of the "both sides larger" order (so that each level is an antichain); each
+        level's area is its largest bucket's area."""
+        arr = np.asarray(list(buckets), dtype=np.int64)
+        if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0:
+            raise ValueError("from_buckets needs a non-empty list of (width, height) pairs")
+        if (arr < 1).any() or (arr % multiple).any():
+            bad = arr[((arr < 1) | (arr % multiple != 0)).any(axis=1)][0].tolist()
+            raise ValueError(f"bucket {bad} has a side that is not a positive multiple of "
+                             f"{multiple}")
+        uniq, counts = np.unique(arr, axis=0, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"duplicate bucket {uniq[counts > 1][0].tolist()}")
+        layer = _antichain_layers(arr)
+        n_levels = int(layer.max()) + 1
+        areas = arr[:, 0] * arr[:, 1]
+        levels = [int(areas[layer == j].max()) for j in range(n_levels)]
+        # Order levels by area so that level 0 is the smallest, as for generated ladders.
+        rank = np.argsort(np.argsort(levels, kind="stable"), kind="stable")
+        self = cls.__new__(cls)
+        self.max_area = int(areas.max())
+        self.multiple = int(multiple)
+        self.step = int(multiple)
+        aspects = arr[:, 0] / arr[:, 1]
+        self.max_aspect = float(max(aspects.max(), 1 / aspects.min()))
+        self._set(arr, rank[layer], sorted(levels))
+        return self
+
+    # -- views --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.buckets)
+
+    def __repr__(self) -> str:
+        sides = ", ".join(str(math.isqrt(int(a))) + "²" for a in self.levels)
+        return (f"BucketLadder({len(self)} buckets, levels [{sides}], multiple={self.multiple}, "
+                f"max_aspect={self.max_aspect:g})")
+
+    @property
+    def aspects(self) -> np.ndarray:
+        """(K,) float64 w / h of each bucket."""
+        return self.buckets[:, 0] / self.buckets[:, 1]
+
+    @property
+    def areas(self) -> np.ndarray:
+        """(K,) int64 w * h of each bucket."""
+        return self.buckets[:, 0] * self.buckets[:, 1]
+
+    def level_slice(self, level: int) -> slice:
+        """Rows of ``buckets`` in level ``level`` (contiguous, aspect ascending)."""
+        lo, hi = np.searchsorted(self.bucket_level, [level, level + 1])
+        return slice(int(lo), int(hi))
+
+
+def default_levels(max_area: int, multiple: int) -> list[int]:
+    """Default level areas: sides side/2, 5side/8, 3side/4, 7side/8, side for side =
+    sqrt(max_area), rounded down to ``multiple`` (at least one ``multiple``)."""
+    side = math.isqrt(int(max_area))
+    sides = {max(multiple, (side * k // 8) // multiple * multiple) for k in (4, 5, 6, 7, 8)}
+    return sorted({min(s * s, int(max_area)) for s in sides})
+
+
+def _level_buckets(area: int, multiple: int, step: int, max_aspect: float) -> np.ndarray:
+    """Buckets of one level: the square, landscape widths on the ``step`` grid with the
+    largest height that keeps the area, and their mirrors. An antichain by construction."""
+    side = math.isqrt(area) // multiple * multiple
+    out = [(side, side)] if side >= multiple else []
+    last_h = side
+    w = (side // step + 1) * step
+    while True:
+        h = area // w // multiple * multiple
+        if h < multiple or w > max_aspect * h:
+            break
+        if h < last_h:  # one bucket per height keeps the level an antichain
+            out.append((w, h))
+            out.append((h, w))
+            last_h = h
+        w += step
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def _dedupe_across_levels(per_level: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate levels; a shape present in several levels stays only in the highest."""
+    seen: set[tuple[int, int]] = set()
+    rows, level_of = [], []
+    for j in range(len(per_level) - 1, -1, -1):
+        for w, h in per_level[j].tolist():
+            if (w, h) not in seen:
+                seen.add((w, h))
+                rows.append((w, h))
+                level_of.append(j)
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2), np.asarray(level_of, dtype=np.int64)
+
+
+def _antichain_layers(arr: np.ndarray) -> np.ndarray:
+    """Layer of each bucket in the dominance order (a <= b iff both sides <=): the length of
+    the longest chain of buckets it dominates. Buckets in one layer never dominate each other."""
+    order = np.lexsort((arr[:, 1], arr[:, 0]))
+    layer = np.zeros(len(arr), dtype=np.int64)
+    for pos, i in enumerate(order):
+        below = order[:pos]
+        dom = below[(arr[below, 0] <= arr[i, 0]) & (arr[below, 1] <= arr[i, 1])]
+        layer[i] = layer[dom].max() + 1 if len(dom) else 0
+    return layer
+
+
+def _search_window(ladder: BucketLadder) -> int:
+    """Smallest m such that, per level, the best fitting bucket for any image whose aspect
+    lies inside the level's aspect range is among the m nearest fitting buckets on each side.
+
+    Going k buckets further from the image's aspect costs at least
+    (r[i-1]/r[i]) * (1 - r[i]/r[i+k]) in crop loss and gains at most the level's relative
+    area spread 1 - min_area/max_area in resolution loss; m is where the cost exceeds the gain.
+    """
+    m_all = 1
+    for j in range(len(ladder.levels)):
+        sl = ladder.level_slice(j)
+        r = ladder.aspects[sl]
+        a = ladder.areas[sl]
+        n = len(r)
+        if n < 3:
+            m_all = max(m_all, n)
+            continue
+        spread = 1.0 - a.min() / a.max() + 1e-9
+        m = 1
+        while m < n:
+            i = np.arange(1, n - m)  # i-1 >= 0 and i+m <= n-1
+            up = (r[i - 1] / r[i]) * (1.0 - r[i] / r[i + m])
+            k = np.arange(m + 1, n)  # below side: (r[k-1] - r[k-1-m]) / r[k]
+            down = (r[k - 1] - r[k - 1 - m]) / r[k]
+            if (up.size == 0 or up.min() > spread) and (down.size == 0 or down.min() > spread):
+                break
+            m += 1
+        m_all = max(m_all, m)
+    return m_all
