@@ -83,7 +83,7 @@ class ScanCache:
             if tuple(table.column_names) != _COLUMNS:
                 raise ValueError(f"unexpected columns {table.column_names}")
             cols = {name: table.column(name) for name in _COLUMNS}
-            paths = cols["path"].to_pylist()
+            paths = [os.fsdecode(p) for p in cols["path"].to_pylist()]
             size, mtime, width, height = (
                 cols[c].to_numpy().astype(np.int64) for c in ("size", "mtime_ns", "width", "height")
             )
@@ -110,13 +110,14 @@ class ScanCache:
         rows = list(rows)
         table = pa.table(
             {
-                "path": pa.array([r.path for r in rows], pa.string()),
+                # file names need not be UTF-8: store the bytes os.fsencode gives
+                "path": pa.array([os.fsencode(r.path) for r in rows], pa.binary()),
                 "size": pa.array([r.size for r in rows], pa.int64()),
                 "mtime_ns": pa.array([r.mtime_ns for r in rows], pa.int64()),
                 "width": pa.array([r.header.width for r in rows], pa.int64()),
                 "height": pa.array([r.header.height for r in rows], pa.int64()),
                 "reason": pa.array([r.header.reason for r in rows], pa.string()),
-                "detail": pa.array([r.header.detail or None for r in rows], pa.string()),
+                "detail": pa.array([_text(r.header.detail) for r in rows], pa.string()),
             }
         )
         table = table.replace_schema_metadata(
@@ -124,3 +125,8 @@ class ScanCache:
         )
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
+
+
+def _text(detail: str) -> str | None:
+    """A detail as valid UTF-8 (lone surrogates from odd file names escaped)."""
+    return detail.encode("utf-8", "backslashreplace").decode("utf-8") if detail else None
