@@ -16,7 +16,9 @@ from transforms.rng import sample_rng
 
 # Parts without the separator and without outer whitespace, so that split/join is lossless.
 part = st.text(
-    alphabet=st.characters(blacklist_characters=",", blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc")),
+    alphabet=st.characters(
+        blacklist_characters=",", blacklist_categories=("Cs", "Zs", "Zl", "Zp", "Cc")
+    ),
     min_size=1,
     max_size=8,
 )
