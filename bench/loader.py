@@ -1,0 +1,286 @@
+"""Benchmark 4: images/s through a DataLoader producing bucket-shaped batches.
+
+Every side reads the same files, gets the same bucket per image (our assignment on the
+flux ladder), is batched by the same BucketBatchSampler plan and runs in the same
+DataLoader configuration (``num_workers`` = cores, persistent workers, one warm-up epoch):
+
+- ours: ``TextToImageDataset`` + ``BucketResizeCrop`` (EXIF orientation, JPEG draft,
+  mode conversion) + ``collate`` -> uint8 [B, 3, H, W]; with Pillow lanczos (the default)
+  and with torchvision's bicubic kernels (``resample="bicubic"``);
+- bucketsampler: ``PIL.Image.open`` + its ``BucketResize`` (bicubic, center crop, float32
+  [0, 1]; no EXIF orientation) + ``torch.stack``;
+- typical trainer: ``bench/typical_trainer.py`` (kohya-style open -> convert -> resize ->
+  center crop -> float tensor), when that file is present;
+- decode-only: ``torchvision.io.decode_jpeg`` (``decode_image`` for PNG) of the same files,
+  no resize, no batching: the physical bound. Ours is reported as a fraction of it.
+
+A second table gives decode + fit + collate per core (``num_workers=0``, one torch thread).
+
+    python bench/loader.py            # full: 14 bundled photos x 8 and 256 ~2 MP JPEGs
+    python bench/loader.py --quick    # make bench: fewer images and repetitions
+    python bench/loader.py --tiny     # smoke test: seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line, print_table, ratio, timeit  # noqa: E402
+
+from bucketing.assign import assign  # noqa: E402
+from bucketing.atomic import atomic_write_bytes  # noqa: E402
+from bucketing.dataset import TextToImageDataset  # noqa: E402
+from bucketing.index import ImageIndex  # noqa: E402
+from bucketing.ladder import BucketLadder  # noqa: E402
+from samplers import BucketBatchSampler  # noqa: E402
+from transforms.collate import collate  # noqa: E402
+from transforms.resize_crop import BucketResizeCrop  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "out"
+SIZES_2MP = [(1600, 1200), (1200, 1600), (1920, 1080), (1080, 1920), (1440, 1440), (1800, 1200)]
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def generated_jpegs(count: int, folder: Path = OUT / "jpeg_2mp") -> list[Path]:
+    """``count`` ~2 MP photo-like JPEGs (smooth shapes plus fine texture), cached on disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(count):
+        w, h = SIZES_2MP[k % len(SIZES_2MP)]
+        path = folder / f"img{k:05d}_{w}x{h}.jpg"
+        if not path.exists():
+            atomic_write_bytes(path, _photo_like(w, h, seed=k))
+        paths.append(path)
+    return paths
+
+
+def _photo_like(w: int, h: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.empty((h, w, 3), np.float32)
+    for c in range(3):
+        fx, fy, phase = rng.uniform(1, 6, 2).tolist() + [rng.uniform(0, 6.28)]
+        img[..., c] = 128 + 90 * np.sin(x / w * fx * 6.28 + phase) * np.cos(y / h * fy * 6.28)
+    img += rng.normal(0, 12, (h, w, 1)).astype(np.float32)  # sensor-like grain
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def bundled_photos(repeat: int) -> list[Path]:
+    folder = REPO / "examples" / "data"
+    photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    return photos * repeat
+
+
+def build_index(paths: list[Path]) -> ImageIndex:
+    """An index of ``paths`` (repeats allowed) with oriented sizes read from the headers."""
+    sizes = []
+    for p in paths:
+        with Image.open(p) as img:
+            w, h = img.size
+            swap = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        sizes.append((h, w) if swap else (w, h))
+    return ImageIndex(
+        paths=[str(p) for p in paths],
+        width=[w for w, _ in sizes],
+        height=[h for _, h in sizes],
+        captions=[[] for _ in paths],
+    )
+
+
+# -- the sides ------------------------------------------------------------------------------
+
+
+class BucketsamplerSide(Dataset):
+    """bucketsampler's per-item path: ``Image.open`` then ``BucketResize`` to our bucket."""
+
+    def __init__(self, paths: list[str], bucket_wh: np.ndarray) -> None:
+        from bucketsampler import Bucket
+        from bucketsampler.torch import BucketResize
+
+        self.paths = paths
+        self.resizers = {
+            (int(w), int(h)): BucketResize(Bucket(int(w), int(h))) for w, h in bucket_wh if w > 0
+        }
+        self.bucket_wh = bucket_wh
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        w, h = self.bucket_wh[i]
+        with Image.open(self.paths[i]) as img:
+            return self.resizers[(int(w), int(h))](img)
+
+
+class TypicalTrainerSide(Dataset):
+    """The kohya-style reference of bench/typical_trainer.py, to our bucket."""
+
+    def __init__(self, paths: list[str], bucket_wh: np.ndarray, load: Callable) -> None:
+        self.paths, self.bucket_wh, self.load = paths, bucket_wh, load
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        w, h = self.bucket_wh[i]
+        return self.load(self.paths[i], (int(w), int(h)))
+
+
+class DecodeOnlySide(Dataset):
+    """``torchvision.io`` decode of the file's bytes, nothing else: the physical bound."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+
+        data = read_file(self.paths[i])
+        if self.paths[i].lower().endswith((".jpg", ".jpeg")):
+            return decode_jpeg(data)
+        return decode_image(data, mode=ImageReadMode.RGB)
+
+
+def stack(samples: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(samples)
+
+
+def as_list(samples: list[torch.Tensor]) -> list[torch.Tensor]:
+    return samples
+
+
+def typical_trainer_loader() -> Callable | None:
+    """``load(path, (w, h)) -> float tensor`` from bench/typical_trainer.py, if present."""
+    try:
+        import typical_trainer
+    except ImportError:
+        return None
+    return getattr(typical_trainer, "load_for_bucket", None)
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+def images_per_second(
+    dataset: Dataset, batches: list[list[int]], collate_fn: Callable, workers: int, reps: int
+) -> tuple[float, Any]:
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate_fn,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    n = sum(len(b) for b in batches)
+
+    def epoch() -> None:
+        for _ in loader:
+            pass
+
+    timing = timeit(epoch, reps=reps, warmup=1)
+    return n / timing.median, timing
+
+
+def run_corpus(
+    name: str, paths: list[Path], args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """All sides through the DataLoader on one corpus, then ours per core; two table rows."""
+    index = build_index(paths)
+    assignment = assign(index, BucketLadder.for_model("flux"))
+    batches = [list(b) for b in BucketBatchSampler(assignment, batch_size=args.batch_size)]
+    used = np.unique(assignment.bucket_id[assignment.accepted])
+    print(
+        f"{name}: {len(paths)} files, {int(assignment.accepted.sum())} accepted, "
+        f"{len(batches)} batches in {len(used)} buckets"
+    )
+    str_paths = [str(p) for p in paths]
+    wh = assignment.bucket_wh
+    ours = {
+        resample: TextToImageDataset(
+            index, assignment, image_transform=BucketResizeCrop(resample=resample)
+        )
+        for resample in ("lanczos", "bicubic")
+    }
+    sides: list[tuple[str, Dataset, Callable]] = [
+        ("decode-only (torchvision.io)", DecodeOnlySide(str_paths), as_list),
+        ("ours lanczos (uint8)", ours["lanczos"], collate),
+        ("ours bicubic (uint8)", ours["bicubic"], collate),
+        ("bucketsampler BucketResize (f32)", BucketsamplerSide(str_paths, wh), stack),
+    ]
+    typical = typical_trainer_loader()
+    if typical is None:
+        print("note: bench/typical_trainer.py (load_for_bucket) not found; side skipped")
+    else:
+        sides.append(("typical trainer (f32)", TypicalTrainerSide(str_paths, wh, typical), stack))
+
+    rows = []
+    for label, dataset, collate_fn in sides:
+        ips, timing = images_per_second(dataset, batches, collate_fn, args.workers, args.reps)
+        rows.append({"corpus": name, "side": label, "images/s": ips, "epoch": str(timing)})
+    bound, lanczos, bicubic = (rows[k]["images/s"] for k in range(3))
+    for row in rows:
+        row["of decode-only"] = f"{row['images/s'] / bound:.0%}"
+        peer = row is not rows[1] and row is not rows[2]
+        row["lanczos / it"] = ratio(lanczos, row["images/s"]) if peer else ""
+        row["bicubic / it"] = ratio(bicubic, row["images/s"]) if peer else ""
+
+    per_core = []
+    torch.set_num_threads(1)
+    try:
+        for label, dataset, collate_fn in sides[1:3]:
+            ips, timing = images_per_second(dataset, batches, collate_fn, 0, args.reps)
+            per_core.append(
+                {"corpus": name, "side": label, "images/s per core": ips, "epoch": str(timing)}
+            )
+    finally:
+        torch.set_num_threads(args.threads)
+    return rows, per_core
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer images and repetitions")
+    p.add_argument("--tiny", action="store_true", help="smoke test at a tiny size")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--count", type=int, default=None, help="number of generated ~2 MP JPEGs")
+    args = p.parse_args(argv)
+    repeat, count, reps = (1, 4, 1) if args.tiny else (4, 64, 3) if args.quick else (8, 256, 5)
+    args.count = args.count or count
+    args.reps = args.reps or reps
+    if args.tiny:
+        args.workers = min(args.workers, 2)
+    args.threads = torch.get_num_threads()
+    print(machine_line())
+    print(f"DataLoader num_workers={args.workers}, batch_size={args.batch_size}, reps={args.reps}")
+    photos = bundled_photos(repeat)[: 4 if args.tiny else None]
+    rows, per_core = run_corpus("bundled photos", photos, args)
+    more_rows, more_per_core = run_corpus("~2 MP JPEGs", generated_jpegs(args.count), args)
+    print_table(rows + more_rows, "images/s through the DataLoader (median epoch [min-max])")
+    print_table(per_core + more_per_core, "decode + fit + collate per core (num_workers=0)")
+
+
+if __name__ == "__main__":
+    main()
