@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from transforms.image import ImageDecodeError, describe_source, load_image
+from transforms.image import ImageDecodeError, load_image
 from transforms.rng import sample_rng
 
 if TYPE_CHECKING:
@@ -186,8 +186,7 @@ class TextToImageDataset(Dataset):
         return self._members[bucket]
 
     def _name(self, row: int) -> str:
-        path = self.index.paths[row] if row < len(self.index.paths) else None
-        return path or describe_source(self.index.image_source(row))
+        return self.index.paths[row] or f"row {row}"
 
     def _warn_once(self, i: int, j: int, error: Exception) -> None:
         name = self._name(i)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -75,37 +74,35 @@ def load_image(
     """Open, orient and convert an image to 8-bit RGB.
 
     ``max_pixels``: refuse images with more pixels than this, from the header, before decoding
-    (None: Pillow's own decompression-bomb limit). ``draft_size``: the (w, h) box the image
-    will later be scaled to cover (the bucket); lets a JPEG decode at 1/2, 1/4 or 1/8 scale
-    while staying at least that large. Raises :class:`ImageDecodeError` on any failure.
+    (Pillow's own decompression-bomb check applies as well). ``draft_size``: the (w, h) box
+    the image will later be scaled to cover (the bucket); lets a JPEG decode at 1/2, 1/4 or
+    1/8 scale while staying at least that large. Raises :class:`ImageDecodeError` on any failure.
     """
     name = describe_source(path_or_bytes)
     bg = _background(background)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            fp = (
-                io.BytesIO(path_or_bytes)
-                if isinstance(path_or_bytes, (bytes, bytearray, memoryview))
-                else path_or_bytes
-            )
-            with Image.open(fp) as img:
-                width, height = img.size
-                if width < 1 or height < 1:
-                    raise ImageDecodeError(name, f"empty image ({width}x{height})")
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageDecodeError(
-                        name, f"too_many_pixels: {width}x{height} exceeds max_pixels={max_pixels}"
-                    )
-                orientation = None
-                if img.format == "JPEG":
-                    orientation = _orientation(img)  # needed before decoding to size the draft
-                    if draft_size is not None:
-                        _draft(img, orientation, draft_size)
-                img.load()
-                if orientation is None:
-                    orientation = _orientation(img)
-                rgb = _to_rgb(img, bg)
+        fp = (
+            io.BytesIO(path_or_bytes)
+            if isinstance(path_or_bytes, (bytes, bytearray, memoryview))
+            else path_or_bytes
+        )
+        with Image.open(fp) as img:
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise ImageDecodeError(name, f"empty image ({width}x{height})")
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageDecodeError(
+                    name, f"too_many_pixels: {width}x{height} exceeds max_pixels={max_pixels}"
+                )
+            orientation = None
+            if img.format == "JPEG":
+                orientation = _orientation(img)  # needed before decoding to size the draft
+                if draft_size is not None:
+                    _draft(img, orientation, draft_size)
+            img.load()
+            if orientation is None:
+                orientation = _orientation(img)
+            rgb = _to_rgb(img, bg)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
