@@ -1,0 +1,413 @@
+"""BucketBatchSampler: the guarantees of the global plan, resume, elastic resume, errors.
+
+Ranks are simulated in-process by building one sampler per rank (what each real process does);
+tests/test_sampler_distributed.py runs the same under torchrun.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bucketing.assign import assign
+from bucketing.ladder import BucketLadder
+from samplers import BucketBatchSampler
+
+
+def ranks(ids, world_size, **kw) -> list[BucketBatchSampler]:
+    return [BucketBatchSampler(ids, world_size=world_size, rank=r, **kw) for r in range(world_size)]
+
+
+def run_steps(samplers, steps=None) -> list[list[list[int]]]:
+    """Step-major batches: out[t][r] is rank r's batch at step t (checks lock-step lengths)."""
+    iters = [iter(s) for s in samplers]
+    out = []
+    for _ in range(len(samplers[0]) if steps is None else steps):
+        out.append([next(it) for it in iters])
+    if steps is None:
+        for it in iters:
+            assert next(it, None) is None, "a rank yields more than len(sampler) batches"
+    return out
+
+
+IDS = st.lists(st.integers(-1, 6), min_size=1, max_size=250).filter(lambda x: max(x) >= 0)
+
+
+# -- guarantees 1-3 ----------------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    ids=IDS,
+    world_size=st.sampled_from([1, 2, 3, 5, 8, 13, 32, 64]),
+    batch_size=st.integers(1, 4),
+    drop_last=st.booleans(),
+    seed=st.integers(0, 2**32),
+)
+def test_lock_step_equal_length_and_exactly_once(ids, world_size, batch_size, drop_last, seed):
+    ids = np.array(ids)
+    samplers = ranks(ids, world_size, batch_size=batch_size, drop_last=drop_last, seed=seed)
+    steps = run_steps(samplers)
+    stats = samplers[0].stats()
+    assert all(len(s) == len(steps) == stats["steps"] for s in samplers)  # 2
+    for batches in steps:  # 1: one bucket per step across all ranks
+        assert all(len(b) == batch_size for b in batches)
+        assert len({int(ids[i]) for b in batches for i in b}) == 1
+    seen = Counter(i for batches in steps for b in batches for i in b)
+    accepted = set(np.flatnonzero(ids >= 0).tolist())
+    assert set(seen) <= accepted  # -1 never appears
+    step = world_size * batch_size
+    for bucket in set(ids[ids >= 0].tolist()):
+        members = np.flatnonzero(ids == bucket).tolist()
+        copies = [seen.get(i, 0) for i in members]
+        if drop_last:
+            assert max(copies) <= 1 and copies.count(0) < step
+        else:
+            assert min(copies) >= 1 and sum(copies) - len(members) < step
+    if drop_last:
+        assert len(accepted) - len(seen) == stats["dropped"] and stats["padded"] == 0
+    else:
+        assert set(seen) == accepted
+        assert seen.total() - len(accepted) == stats["padded"] and stats["dropped"] == 0
+
+
+def test_fewer_indices_than_ranks_still_gives_every_rank_a_batch() -> None:
+    steps = run_steps(ranks(np.array([0, 0, 1]), 8, batch_size=2))
+    assert len(steps) == 2 and {i for b in steps[0] + steps[1] for i in b} == {0, 1, 2}
+    assert run_steps(ranks(np.array([0, 0, 1]), 8, batch_size=2, drop_last=True)) == []
+
+
+def test_max_pixels_per_batch_gives_each_bucket_its_own_batch_size() -> None:
+    ladder = BucketLadder.from_buckets([(512, 512), (1024, 1024), (1024, 512), (512, 1024)])
+    sizes = np.array([[1200, 1200], [600, 600], [1100, 600], [600, 1100]] * 30)
+    assignment = assign(sizes, ladder)
+    sampler = BucketBatchSampler(assignment, max_pixels_per_batch=4 * 1024 * 1024, seed=1)
+    area = ladder.buckets[:, 0] * ladder.buckets[:, 1]
+    assert sampler.batch_sizes.tolist() == (4 * 1024 * 1024 // area).tolist()
+    for batch in sampler:
+        (bucket,) = set(assignment.bucket_id[batch].tolist())
+        assert len(batch) == sampler.batch_sizes[bucket]
+    capped = BucketBatchSampler(assignment, max_pixels_per_batch=4 * 1024 * 1024,
+                                max_batch_size=8)  # fmt: skip
+    assert capped.batch_sizes.max() == 8 and capped.batch_sizes.min() == 4
+    tiny = BucketBatchSampler(assignment, max_pixels_per_batch=1)
+    assert tiny.batch_sizes.tolist() == [1, 1, 1, 1]
+    stats = sampler.stats()
+    assert [b["wh"] for b in stats["buckets"]] == ladder.buckets.tolist()
+    assert [b["batch_size"] for b in stats["buckets"]] == sampler.batch_sizes.tolist()
+
+
+def test_assignment_rejections_never_appear() -> None:
+    ladder = BucketLadder.from_buckets([(512, 512), (256, 256)])
+    sizes = np.array([[600, 600], [100, 100], [700, 520], [20, 900]] * 5)
+    assignment = assign(sizes, ladder)
+    seen = {i for b in BucketBatchSampler(assignment, batch_size=3) for i in b}
+    assert seen == set(np.flatnonzero(assignment.bucket_id >= 0).tolist())
+    assert BucketBatchSampler(assignment, batch_size=3).stats()["excluded"] == 10
+
+
+# -- guarantee 4 -------------------------------------------------------------------------
+
+
+def test_iterations_repeat_and_epochs_differ() -> None:
+    ids = np.random.default_rng(0).integers(-1, 5, 400)
+    sampler = BucketBatchSampler(ids, batch_size=4, world_size=2, rank=1, seed=3)
+    first, again = list(sampler), list(sampler)
+    assert first == again
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(map(sorted, second)) != sorted(map(sorted, first))
+    assert list(BucketBatchSampler(ids, batch_size=4, world_size=2, rank=1, seed=4)) != first
+    unshuffled = BucketBatchSampler(ids, batch_size=4, shuffle=False)
+    unshuffled.set_epoch(5)
+    assert list(unshuffled)[0] == np.flatnonzero(ids == 0)[:4].tolist()
+
+
+_DIGEST = """
+import hashlib, sys
+import numpy as np
+from samplers import BucketBatchSampler
+ids = np.random.default_rng(0).integers(-1, 7, 5000)
+s = BucketBatchSampler(ids, batch_size=3, world_size=4, rank=2, seed=11)
+s.set_epoch(2)
+print(hashlib.sha256(repr(list(s)).encode()).hexdigest())
+"""
+
+
+def test_same_plan_in_separate_processes_with_different_hash_seeds() -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _DIGEST],
+            env={**os.environ, "PYTHONHASHSEED": hash_seed},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for hash_seed in ("0", "12345")
+    ]
+    digests = {proc.communicate(timeout=120)[0].strip() for proc in procs}
+    assert all(proc.returncode == 0 for proc in procs)
+    assert len(digests) == 1 and len(digests.pop()) == 64
+
+
+# -- guarantee 5: exact resume -----------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    ids=IDS,
+    world_size=st.integers(1, 4),
+    drop_last=st.booleans(),
+    epoch=st.integers(0, 3),
+    data=st.data(),
+)
+def test_resume_after_any_k_yields_exactly_the_rest(ids, world_size, drop_last, epoch, data):
+    kw = {"batch_size": 2, "world_size": world_size, "rank": world_size - 1, "seed": 9,
+          "drop_last": drop_last}  # fmt: skip
+    ids = np.array(ids)
+    sampler = BucketBatchSampler(ids, **kw)
+    sampler.set_epoch(epoch)
+    full = list(sampler)
+    k = data.draw(st.integers(0, len(full)))
+    it = iter(sampler)
+    assert [next(it) for _ in range(k)] == full[:k]
+    state = json.loads(json.dumps(sampler.state_dict()))
+    fresh = BucketBatchSampler(ids, **kw)
+    fresh.load_state_dict(state)
+    if k < len(full):
+        assert fresh.epoch == epoch and len(fresh) == len(full) - k
+        assert list(fresh) == full[k:]
+        assert list(fresh) == full  # the pass after a resumed one is the whole epoch again
+    else:  # a finished epoch resumes at the start of the next one
+        assert fresh.epoch == epoch + 1 and len(fresh) == len(full)
+
+
+def test_state_is_small_constant_and_survives_json_and_torch_save() -> None:
+    sizes = []
+    for n in (100, 200_000):
+        ids = np.random.default_rng(n).integers(0, 40, n)
+        sampler = BucketBatchSampler(ids, batch_size=4, world_size=8, rank=0)
+        it = iter(sampler)
+        next(it)
+        state = sampler.state_dict()
+        assert json.loads(json.dumps(state)) == state
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        assert torch.load(buffer, weights_only=True) == state
+        sizes.append(len(json.dumps(state)))
+        assert state["consumed"] == 1 and state["world_size"] == 8
+    assert max(sizes) < 400 and sizes[1] - sizes[0] < 10  # O(1): only the digits of N grow
+
+
+def test_state_is_the_same_on_every_rank_and_loads_on_any() -> None:
+    ids = np.random.default_rng(2).integers(0, 3, 90)
+    samplers = ranks(ids, 3, batch_size=2, seed=5)
+    iters = [iter(s) for s in samplers]
+    for _ in range(4):
+        [next(it) for it in iters]
+    states = [s.state_dict() for s in samplers]
+    assert states[0] == states[1] == states[2]
+    rest = [list(it) for it in iters]
+    restored = ranks(ids, 3, batch_size=2, seed=5)
+    for s in restored:
+        s.load_state_dict(states[0])
+    assert [list(s) for s in restored] == rest
+
+
+def test_set_epoch_keeps_a_resume_for_the_same_epoch_and_drops_it_for_another() -> None:
+    ids = np.random.default_rng(3).integers(0, 4, 200)
+    sampler = BucketBatchSampler(ids, batch_size=4, seed=1)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    it = iter(sampler)
+    next(it), next(it)
+    state = sampler.state_dict()
+    fresh = BucketBatchSampler(ids, batch_size=4, seed=1)
+    fresh.load_state_dict(state)
+    fresh.set_epoch(2)
+    assert list(fresh) == full[2:]
+    fresh.load_state_dict(state)
+    fresh.set_epoch(3)
+    assert len(list(fresh)) == len(full) and fresh.state_dict()["epoch"] == 3
+
+
+def test_state_dict_before_iterating_and_after_set_epoch() -> None:
+    sampler = BucketBatchSampler(np.zeros(10, dtype=int), batch_size=2)
+    assert sampler.state_dict()["consumed"] == 0
+    list(sampler)
+    assert sampler.state_dict()["consumed"] == 5
+    sampler.set_epoch(4)
+    assert (sampler.state_dict()["epoch"], sampler.state_dict()["consumed"]) == (4, 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"seed": 1}, "seed"),
+        ({"batch_size": 3}, "batch sizes"),
+        ({"drop_last": True}, "drop_last"),
+        ({"shuffle": False}, "shuffle"),
+        ({"ids": "other"}, "bucket ids"),
+        ({"ids": "longer"}, "number of indices"),
+    ],
+)
+def test_loading_a_state_from_another_configuration_names_the_difference(change, named):
+    ids = np.random.default_rng(0).integers(0, 4, 100)
+    base = {"batch_size": 2, "seed": 0, "drop_last": False, "shuffle": True}
+    state = BucketBatchSampler(ids, **base).state_dict()
+    other_ids = {"other": np.roll(ids, 1), "longer": np.append(ids, 0)}.get(change.get("ids"), ids)
+    kwargs = {**base, **{k: v for k, v in change.items() if k != "ids"}}
+    with pytest.raises(ValueError, match=named) as err:
+        BucketBatchSampler(other_ids, **kwargs).load_state_dict(state)
+    assert "different configuration" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ([1, 2], "must be a dict"),
+        ({"epoch": 0}, "missing"),
+        ({"version": 99}, "version 99"),
+    ],
+)
+def test_loading_garbage_is_a_clear_error(state, message):
+    sampler = BucketBatchSampler(np.zeros(8, dtype=int), batch_size=2)
+    if isinstance(state, dict) and "version" in state:
+        state = {**sampler.state_dict(), **state}
+    with pytest.raises(ValueError, match=message):
+        sampler.load_state_dict(state)
+
+
+def test_loading_more_consumed_steps_than_the_epoch_has_is_an_error() -> None:
+    sampler = BucketBatchSampler(np.zeros(8, dtype=int), batch_size=2)
+    state = {**sampler.state_dict(), "consumed": 5}
+    with pytest.raises(ValueError, match="only 4"):
+        sampler.load_state_dict(state)
+
+
+# -- guarantee 7: elastic ----------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    ids=IDS,
+    sizes=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    batch_size=st.integers(1, 3),
+    drop_last=st.booleans(),
+    data=st.data(),
+)
+def test_elastic_resume_misses_nothing_and_repeats_only_padding(
+    ids, sizes, batch_size, drop_last, data
+):
+    """World size changes (possibly several times) inside one epoch."""
+    ids = np.array(ids)
+    kw = {"batch_size": batch_size, "seed": 4, "drop_last": drop_last}
+    seen, state, padding_bound = Counter(), None, 0
+    for i, world_size in enumerate(sizes):
+        samplers = ranks(ids, world_size, **kw)
+        samplers[0].set_epoch(1)
+        for s in samplers:
+            s.set_epoch(1)
+            if state is not None:
+                s.load_state_dict(state)
+        total = len(samplers[0])
+        last = i == len(sizes) - 1
+        k = total if last else data.draw(st.integers(0, total))
+        steps = run_steps(samplers, k)
+        for batches in steps:
+            assert len({int(ids[j]) for b in batches for j in b}) == 1
+        seen.update(j for batches in steps for b in batches for j in b)
+        state = samplers[0].state_dict()
+        padding_bound += len(set(ids[ids >= 0].tolist())) * (world_size * batch_size - 1)
+        if k == total:
+            break
+    accepted = set(np.flatnonzero(ids >= 0).tolist())
+    assert set(seen) <= accepted
+    if not drop_last:
+        assert set(seen) == accepted
+    assert seen.total() - len(seen) <= (0 if drop_last else padding_bound)
+
+
+def test_elastic_resume_is_recorded_and_chains() -> None:
+    ids = np.random.default_rng(5).integers(0, 3, 300)
+    samplers = ranks(ids, 4, batch_size=2)
+    run_steps(samplers, 10)
+    state = samplers[0].state_dict()
+    two = ranks(ids, 2, batch_size=2)
+    for s in two:
+        s.load_state_dict(state)
+    assert len(two[0]) < len(BucketBatchSampler(ids, batch_size=2, world_size=2))
+    it = iter(two[0])
+    [next(it) for _ in range(3)]
+    chained = two[0].state_dict()
+    assert chained["history"] == [[4, 10]]
+    assert (chained["world_size"], chained["consumed"]) == (2, 3)
+    # loading at the same world size continues that re-planned pass exactly
+    again = BucketBatchSampler(ids, batch_size=2, world_size=2, rank=0)
+    again.load_state_dict(chained)
+    assert list(again) == list(it)
+
+
+def test_elastic_resume_from_zero_is_a_plain_epoch() -> None:
+    ids = np.random.default_rng(6).integers(0, 5, 200)
+    state = BucketBatchSampler(ids, batch_size=2, world_size=4).state_dict()
+    resumed = BucketBatchSampler(ids, batch_size=2, world_size=3, rank=1)
+    resumed.load_state_dict(state)
+    assert list(resumed) == list(BucketBatchSampler(ids, batch_size=2, world_size=3, rank=1))
+
+
+# -- construction ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        (
+            (np.zeros(4, int), 2),
+            {"world_size": 2, "rank": 3},
+            ValueError,
+            r"rank 3 not in \[0, 2\)",
+        ),
+        ((np.zeros(4, int), 2), {"world_size": 2, "rank": -1}, ValueError, r"rank -1 not in"),
+        ((np.zeros(4, int), 2), {"world_size": 0}, ValueError, "world_size must be >= 1"),
+        ((np.zeros(4, int), 0), {}, ValueError, "batch_size must be >= 1"),
+        ((np.zeros(4, int), 2.0), {}, TypeError, "batch_size must be an int"),
+        ((np.zeros(4, int),), {}, ValueError, "exactly one of batch_size or max_pixels"),
+        ((np.zeros(4, int), 2), {"max_pixels_per_batch": 9}, ValueError, "exactly one"),
+        ((np.zeros(4, int),), {"max_pixels_per_batch": 9}, ValueError, "needs the bucket shapes"),
+        ((np.zeros(4, int), 2), {"max_batch_size": 3}, ValueError, "only applies"),
+        ((np.zeros(4, int), 2), {"seed": -1}, ValueError, "seed must be >= 0"),
+        ((np.array([], int), 2), {}, ValueError, "empty"),
+        ((np.full(3, -1), 2), {}, ValueError, "no accepted indices"),
+        ((np.array([0, -2]), 2), {}, ValueError, "index 1 has -2"),
+        ((np.zeros((2, 2), int), 2), {}, ValueError, "1-D"),
+        ((np.array([0.5, 1.0]), 2), {}, ValueError, "integers"),
+    ],
+)
+def test_construction_errors_say_what_is_wrong(args, kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        BucketBatchSampler(*args, **kwargs)
+
+
+def test_bucket_id_beyond_the_ladder_is_an_error() -> None:
+    ladder = BucketLadder.from_buckets([(512, 512), (256, 256)])
+    assignment = assign(np.array([[600, 600], [700, 700]]), ladder)
+    assignment.bucket_id[1] = 3
+    with pytest.raises(ValueError, match="bucket id 3 at index 1 is out of range"):
+        BucketBatchSampler(assignment, batch_size=1)
+
+
+def test_defaults_without_torch_distributed_are_one_rank() -> None:
+    sampler = BucketBatchSampler(np.zeros(4, dtype=int), batch_size=2)
+    assert (sampler.world_size, sampler.rank) == (1, 0)
+    assert "world_size=1" in repr(sampler)
