@@ -40,16 +40,18 @@ def _sides(*sides: int) -> tuple[int, ...]:
     return tuple(s * s for s in sides)
 
 
-# Level sides 512..1024 every 128 px: see README "Buckets and assignment" for the
-# measured trade-off between resolution loss and bucket count that chose this spacing.
+# Level sides 512..1024 every 128 px and a 32 px width step: see README "Buckets and
+# assignment" for the measured trade-off (losses vs bucket count) that chose them.
 _FLUX_LEVELS = _sides(512, 640, 768, 896, 1024)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     # FLUX.1: 8x VAE then 2x2 patches -> sides multiple of 16; T5 512 (dev) / 256 (schnell).
-    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, t5_max_length=512),
-    "flux-schnell": ModelSpec("flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, t5_max_length=256),
+    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=512),
+    "flux-schnell": ModelSpec(
+        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=256
+    ),
     # SD3: 8x VAE then 2x2 patches -> 16; diffusers' SD3 training scripts use T5 length 77.
-    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, t5_max_length=77),
+    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=77),
     # SDXL: the UNet needs latent sides divisible by 4 (pixels by 32), but SDXL was trained
     # on 64-multiple buckets (1152x896, 1216x832, ...) and kohya uses 64: we use 64.
     "sdxl": ModelSpec("sdxl", 64, 1024 * 1024, _sides(512, 640, 768, 896, 1024)),

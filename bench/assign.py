@@ -1,0 +1,220 @@
+"""Benchmark 2: bucket assignment — speed against bucketsampler, quality against the peers.
+
+Speed: the same random (w, h) sizes through ``bucketing.assign`` and bucketsampler's
+vectorised ``assign_many_indices`` (a dense N x K log-aspect distance matrix), with the same
+bucket lists on both sides where memory allows. Quality, on a realistic photo mixture
+(camera ratios 4:3, 3:2, 16:9, 1:1 and their portraits, 0.1-12 MP, a tail of panoramas):
+crop loss, resolution loss, upscaled and rejected shares for ours (flux ladder, default
+levels), bucketsampler's ``sdxl`` preset and the typical-trainer reference with and without
+its no-upscale mode. Also the two trade-offs the README quotes: level spacing (resolution
+loss vs bucket count) and ``min_bucket_size`` (padding vs losses).
+
+    python bench/assign.py            # full: 1M and 10M sizes, 5 repetitions
+    python bench/assign.py --quick    # 1M sizes, 3 repetitions
+    python bench/assign.py --tiny     # smoke test: 20k sizes, 1 repetition
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_line, print_table, ratio, timeit  # noqa: E402
+from bench.typical_trainer import make_bucket_resolutions, select_buckets  # noqa: E402
+from bucketing.assign import assign  # noqa: E402
+from bucketing.ladder import BucketLadder  # noqa: E402
+
+# (aspect w/h of the landscape form, share); each non-square ratio is a portrait 35% of the time.
+CAMERA_RATIOS = ((4 / 3, 0.34), (3 / 2, 0.26), (16 / 9, 0.16), (1.0, 0.12), (5 / 4, 0.07))
+PANORAMA_SHARE = 0.05  # aspects 2:1 .. 6:1
+PORTRAIT_SHARE = 0.35
+
+
+def realistic_sizes(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 2) int64 photo sizes: camera aspect ratios (some cropped by +-5%), portraits,
+    a panorama tail, and megapixels from 0.1 to 12 (log-uniform over three bands: web
+    images 0.1-1 MP 40%, 1-4 MP 35%, camera/phone 4-12 MP 25%)."""
+    rng = np.random.default_rng(seed)
+    ratios = np.array([r for r, _ in CAMERA_RATIOS])
+    shares = np.array([s for _, s in CAMERA_RATIOS])
+    shares = shares / shares.sum() * (1 - PANORAMA_SHARE)
+    kind = rng.choice(len(ratios) + 1, size=n, p=[*shares, PANORAMA_SHARE])
+    aspect = np.where(kind < len(ratios), ratios[np.minimum(kind, len(ratios) - 1)],
+                      rng.uniform(2.0, 6.0, n))
+    jitter = rng.random(n) < 0.2
+    aspect = aspect * np.where(jitter, rng.uniform(0.95, 1.05, n), 1.0)
+    portrait = rng.random(n) < PORTRAIT_SHARE
+    aspect = np.where(portrait, 1 / aspect, aspect)
+    band = rng.choice(3, size=n, p=[0.40, 0.35, 0.25])
+    lo = np.array([0.1, 1.0, 4.0])[band]
+    hi = np.array([1.0, 4.0, 12.0])[band]
+    mp = np.exp(rng.uniform(np.log(lo), np.log(hi)))
+    w = np.maximum(1, np.round(np.sqrt(mp * 1e6 * aspect)))
+    h = np.maximum(1, np.round(w / aspect))
+    return np.stack([w, h], axis=1).astype(np.int64)
+
+
+def random_sizes(n: int, seed: int = 1) -> np.ndarray:
+    """(n, 2) uniform random sizes in [256, 4096]² (timing input)."""
+    return np.random.default_rng(seed).integers(256, 4097, size=(n, 2), dtype=np.int64)
+
+
+def _bucketsampler():
+    try:
+        import bucketsampler
+    except ImportError:
+        return None
+    return bucketsampler
+
+
+def _quality(name: str, wh: np.ndarray, sizes: np.ndarray, max_area: int,
+             n_buckets: int) -> dict:
+    """Loss figures from bucket shapes alone, the same formulas for every side."""
+    ok = (wh > 0).all(axis=1)
+    w, h = sizes[ok, 0].astype(float), sizes[ok, 1].astype(float)
+    bw, bh = wh[ok, 0].astype(float), wh[ok, 1].astype(float)
+    s = np.maximum(bw / w, bh / h)
+    crop = 1 - bw * bh / (s * s * w * h)
+    res = np.maximum(0.0, 1 - bw * bh / np.minimum(w * h, max_area))
+    return {
+        "method": name,
+        "buckets used": n_buckets,
+        "crop mean": crop.mean(),
+        "crop p95": np.percentile(crop, 95),
+        "res loss mean": res.mean(),
+        "upscaled %": 100 * (s > 1 + 1e-9).mean() * ok.mean(),
+        "rejected %": 100 * (1 - ok.mean()),
+    }
+
+
+def bench_speed(sizes_n: list[int], reps: int) -> None:
+    bs = _bucketsampler()
+    flux = BucketLadder.for_model("flux")
+    rows = []
+    sdxl = bs.load_preset("sdxl") if bs is not None else None
+    ours_sdxl = (BucketLadder.from_buckets([b.as_tuple() for b in sdxl], multiple=64)
+                 if sdxl is not None else None)
+    same = (bs.BucketSet.from_dims([tuple(b) for b in flux.buckets.tolist()])
+            if bs is not None else None)
+    for n in sizes_n:
+        sizes = random_sizes(n)
+        ours = timeit(lambda s=sizes: assign(s, flux), reps=reps)
+        row = {"N": f"{n:,}", "buckets": len(flux), "ours": str(ours)}
+        if bs is not None:
+            ours9 = timeit(lambda s=sizes: assign(s, ours_sdxl), reps=reps)
+            peer9 = timeit(lambda s=sizes: bs.assign_many_indices(s, sdxl), reps=reps)
+            row.update({"ours (sdxl 9)": str(ours9), "bucketsampler (sdxl 9)": str(peer9),
+                        "ratio 9": ratio(peer9.median, ours9.median)})
+            # Its dense N x K float64 matrix: 10M sizes x 199 buckets would need 16 GB.
+            if n * len(flux) * 8 <= 2**31:
+                peer = timeit(lambda s=sizes: bs.assign_many_indices(s, same), reps=reps)
+                row.update({f"bucketsampler (same {len(flux)})": str(peer),
+                            f"ratio {len(flux)}": ratio(peer.median, ours.median)})
+            else:
+                row.update({f"bucketsampler (same {len(flux)})": "skipped: N x K > 2 GB",
+                            f"ratio {len(flux)}": "-"})
+        rows.append(row)
+    print_table(rows, "assignment time, uniform random sizes 256-4096 px (median [min-max])")
+    if bs is None:
+        print("bucketsampler not installed (pip install -e '.[bench]'): peer columns skipped")
+
+
+def bench_quality(n: int) -> None:
+    sizes = realistic_sizes(n)
+    flux = BucketLadder.for_model("flux")
+    rows = []
+    a = assign(sizes, flux)
+    rows.append(_quality("ours: flux, default levels", a.bucket_wh, sizes, flux.max_area,
+                         int((a.counts > 0).sum())))
+    bs = _bucketsampler()
+    if bs is not None:
+        sdxl = bs.load_preset("sdxl")
+        idx = bs.assign_many_indices(sizes, sdxl)
+        wh = np.array([b.as_tuple() for b in sdxl], dtype=np.int64)[idx]
+        rows.append(_quality("bucketsampler sdxl preset", wh, sizes, 1024 * 1024,
+                             len(np.unique(idx))))
+    resos = make_bucket_resolutions((1024, 1024))
+    for no_up in (False, True):
+        t = select_buckets(sizes, resos, no_upscale=no_up)
+        used = len(np.unique(t.bucket_wh[~t.rejected], axis=0))
+        label = "typical trainer, no-upscale" if no_up else "typical trainer"
+        rows.append(_quality(label, t.bucket_wh, sizes, 1024 * 1024, used))
+    print_table(rows, f"quality on {n:,} realistic photo sizes (losses are fractions of pixels)")
+
+
+LEVEL_CHOICES = {  # name: (width step, level sides)
+    "1024 only, step 64": (64, [1024]),
+    "512/768/1024, step 64": (64, [512, 768, 1024]),
+    "512..1024 every 128, step 64": (64, [512, 640, 768, 896, 1024]),
+    "512..1024 every 64, step 64": (64, list(range(512, 1025, 64))),
+    "512..1024 every 128, step 32 (flux)": (32, [512, 640, 768, 896, 1024]),
+    "512..1024 every 64, step 32": (32, list(range(512, 1025, 64))),
+    "256..1024 every 128, step 32": (32, list(range(256, 1025, 128))),
+}
+
+
+def bench_levels(n: int) -> None:
+    sizes = realistic_sizes(n, seed=2)
+    rows = []
+    for name, (step, sides) in LEVEL_CHOICES.items():
+        ladder = BucketLadder(step=step, levels=[s * s for s in sides])
+        a = assign(sizes, ladder)
+        ok = a.accepted
+        rows.append({
+            "levels (sides), width step": name,
+            "buckets": len(ladder),
+            "non-empty": int((a.counts > 0).sum()),
+            "res loss mean": a.resolution_loss[ok].mean(),
+            "crop mean": a.crop_loss[ok].mean(),
+            "rejected %": 100 * (1 - ok.mean()),
+        })
+    print_table(rows, f"level spacing and width step, multiple 16, {n:,} realistic sizes")
+
+
+def bench_min_bucket(n: int, batch: int = 4, world: int = 8) -> None:
+    sizes = realistic_sizes(n, seed=3)
+    flux = BucketLadder.for_model("flux")
+    step = batch * world
+    rows = []
+    for m in (None, 8, 16, 32, 64):
+        a = assign(sizes, flux, min_bucket_size=m)
+        counts = a.counts[a.counts > 0]
+        padded = int((-counts % step).sum())  # the last global step of each bucket is padded
+        ok = a.accepted
+        rows.append({
+            "min_bucket_size": m or "-",
+            "non-empty buckets": len(counts),
+            "padded per epoch": padded,
+            "padding %": 100 * padded / max(1, int(counts.sum())),
+            "res loss mean": a.resolution_loss[ok].mean(),
+            "crop mean": a.crop_loss[ok].mean(),
+        })
+    print_table(rows, f"min_bucket_size on {n:,} realistic images, batch {batch} x world {world}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="1M sizes, 3 repetitions")
+    mode.add_argument("--tiny", action="store_true", help="smoke test at 20k sizes")
+    args = ap.parse_args(argv)
+    print(machine_line())
+    if args.tiny:
+        sizes_n, reps, quality_n, small_n = [20_000], 1, 20_000, 2_000
+    elif args.quick:
+        sizes_n, reps, quality_n, small_n = [1_000_000], 3, 200_000, 5_000
+    else:
+        sizes_n, reps, quality_n, small_n = [1_000_000, 10_000_000], 5, 1_000_000, 5_000
+    bench_speed(sizes_n, reps)
+    bench_quality(quality_n)
+    bench_levels(quality_n)
+    bench_min_bucket(small_n)
+
+
+if __name__ == "__main__":
+    main()
