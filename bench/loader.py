@@ -9,8 +9,8 @@ DataLoader configuration (``num_workers`` = cores, persistent workers, one warm-
   and with torchvision's bicubic kernels (``resample="bicubic"``);
 - bucketsampler: ``PIL.Image.open`` + its ``BucketResize`` (bicubic, center crop, float32
   [0, 1]; no EXIF orientation) + ``torch.stack``;
-- typical trainer: ``bench/typical_trainer.py`` (kohya-style open -> convert -> resize ->
-  center crop -> float tensor), when that file is present;
+- typical trainer: ``bench/typical_trainer.load_image_typical`` (kohya-style PIL open ->
+  convert -> lanczos resize -> center crop -> float tensor in [-1, 1]; no EXIF orientation);
 - decode-only: ``torchvision.io.decode_jpeg`` (``decode_image`` for PNG) of the same files,
   no resize, no batching: the physical bound. Ours is reported as a fraction of it.
 
@@ -170,12 +170,12 @@ def as_list(samples: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def typical_trainer_loader() -> Callable | None:
-    """``load(path, (w, h)) -> float tensor`` from bench/typical_trainer.py, if present."""
+    """``load_image_typical(path, (w, h)) -> float tensor`` from bench/typical_trainer.py."""
     try:
-        import typical_trainer
+        from typical_trainer import load_image_typical
     except ImportError:
         return None
-    return getattr(typical_trainer, "load_for_bucket", None)
+    return load_image_typical
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -230,7 +230,7 @@ def run_corpus(
     ]
     typical = typical_trainer_loader()
     if typical is None:
-        print("note: bench/typical_trainer.py (load_for_bucket) not found; side skipped")
+        print("note: bench/typical_trainer.py not found; typical-trainer side skipped")
     else:
         sides.append(("typical trainer (f32)", TypicalTrainerSide(str_paths, wh, typical), stack))
 
