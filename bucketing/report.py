@@ -1,0 +1,706 @@
+"""``bucket-report``: what bucketing will do to a data set, before any GPU time is spent.
+
+Runs the real pipeline front half — scan, assign, plan one sampler epoch — and reports
+files accepted and rejected (by reason), the ladder, per-bucket occupancy and padding,
+crop / resolution loss, the sampler's plan for a world size, and caption statistics.
+Readable by people (a terminal-width text report) and by scripts (``--json``, a
+versioned schema, see :data:`SCHEMA_VERSION`); ``--plot`` and ``--preview`` draw PNGs.
+
+The work is split into small pure steps: :func:`gather` turns the pipeline's results
+into one plain dict (exactly the JSON object), :func:`render_text` formats that dict,
+:func:`write_json` writes it. Exit codes: 0 ok, 2 usage or configuration error (one
+line saying what to fix), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import textwrap
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+EXAMPLES_PER_REASON = 3
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _num(x: Any) -> float | None:
+    """A JSON-safe float: ``None`` for nan/inf (JSON has no NaN)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def summarize(values: np.ndarray) -> dict[str, float | None]:
+    """mean / p50 / p95 / max of the finite values (all ``None`` when there are none)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"mean": None, "p50": None, "p95": None, "max": None}
+    return {
+        "mean": float(v.mean()),
+        "p50": float(np.percentile(v, 50)),
+        "p95": float(np.percentile(v, 95)),
+        "max": float(v.max()),
+    }
+
+
+def image_rows(index: Any, assignment: Any) -> list[dict[str, Any]]:
+    """One JSON row per file seen: index rows first (row i is assignment row i), then the
+    scan's rejections (size unknown)."""
+    rows = []
+    for i, path in enumerate(index.paths):
+        accepted = bool(assignment.bucket_id[i] >= 0)
+        reason = assignment.reasons[i]
+        rows.append(
+            {
+                "path": path,
+                "width": int(index.width[i]),
+                "height": int(index.height[i]),
+                "bucket": [int(v) for v in assignment.bucket_wh[i]] if accepted else None,
+                "scale": _num(assignment.scale[i]) if accepted else None,
+                "crop_loss": _num(assignment.crop_loss[i]) if accepted else None,
+                "resolution_loss": _num(assignment.resolution_loss[i]) if accepted else None,
+                "reason": None if accepted else str(reason or "rejected"),
+            }
+        )
+    for r in index.rejections:
+        rows.append(
+            {
+                "path": r.path,
+                "width": None,
+                "height": None,
+                "bucket": None,
+                "scale": None,
+                "crop_loss": None,
+                "resolution_loss": None,
+                "reason": r.reason,
+            }
+        )
+    return rows
+
+
+def file_figures(rows: list[dict[str, Any]], details: dict[str, str]) -> dict[str, Any]:
+    """Files seen / accepted / rejected, and per reason a count with a few example paths."""
+    by_reason: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["reason"] is None:
+            continue
+        entry = by_reason.setdefault(row["reason"], {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < EXAMPLES_PER_REASON:
+            entry["examples"].append({"path": row["path"], "detail": details.get(row["path"], "")})
+    ordered = dict(sorted(by_reason.items(), key=lambda kv: (-kv[1]["count"], kv[0])))
+    rejected = sum(e["count"] for e in ordered.values())
+    return {
+        "seen": len(rows),
+        "accepted": len(rows) - rejected,
+        "rejected": rejected,
+        "rejections": ordered,
+    }
+
+
+def ladder_figures(ladder: Any, model: str | None) -> dict[str, Any]:
+    """The ladder's configuration and its full bucket list (w, h)."""
+    return {
+        "model": model,
+        "levels": [int(v) for v in ladder.levels],
+        "max_area": int(ladder.max_area),
+        "multiple": int(ladder.multiple),
+        "max_aspect": float(ladder.max_aspect),
+        "buckets": [[int(w), int(h)] for w, h in ladder.buckets],
+    }
+
+
+def quality_figures(index: Any, assignment: Any, max_aspect: float) -> dict[str, Any]:
+    """Crop and resolution loss over accepted images; upscaled and extreme-aspect counts."""
+    ok = np.asarray(assignment.bucket_id) >= 0
+    w = np.asarray(index.width, dtype=np.float64)
+    h = np.asarray(index.height, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        aspect = np.maximum(w / h, h / w)
+    return {
+        "crop_loss": summarize(np.asarray(assignment.crop_loss)[ok]),
+        "resolution_loss": summarize(np.asarray(assignment.resolution_loss)[ok]),
+        "upscaled": int(np.count_nonzero(np.asarray(assignment.upscaled)[ok])),
+        "extreme_aspect": int(np.count_nonzero(aspect > max_aspect)),
+    }
+
+
+def caption_figures(index: Any, assignment: Any, tokens: dict | None) -> dict[str, Any]:
+    """Accepted images without a caption, with several, and token statistics when measured."""
+    ok = np.asarray(assignment.bucket_id) >= 0
+    counts = np.asarray([len(c) for c in index.captions], dtype=np.int64)[ok]
+    return {
+        "missing": int(np.count_nonzero(counts == 0)),
+        "several": int(np.count_nonzero(counts > 1)),
+        "tokens": tokens,
+    }
+
+
+def token_figures(lengths: np.ndarray, max_length: int) -> dict[str, Any]:
+    """p50 / p95 / max token length (special tokens included); how many exceed ``max_length``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    stats = summarize(lengths)
+    return {
+        "max_length": int(max_length),
+        "captions": int(lengths.size),
+        "p50": stats["p50"],
+        "p95": stats["p95"],
+        "max": None if stats["max"] is None else int(stats["max"]),
+        "truncated": int(np.count_nonzero(lengths > max_length)),
+    }
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _fit(text: str, width: int) -> str:
+    """Shorten ``text`` to ``width`` characters, keeping its end (the file name)."""
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _shown(path: str) -> str:
+    """A path for people: relative to the working folder when inside it; undecodable bytes
+    of non-UTF-8 names shown as U+FFFD (the JSON keeps them exactly)."""
+    if os.path.isabs(path):
+        try:
+            rel = os.path.relpath(path)
+            path = rel if not rel.startswith(os.pardir) else path
+        except ValueError:  # another drive on Windows
+            pass
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _files_lines(files: dict[str, Any], width: int) -> list[str]:
+    lines = [
+        f"Files      {files['seen']} seen · {files['accepted']} accepted · "
+        f"{files['rejected']} rejected"
+    ]
+    for reason, entry in files["rejections"].items():
+        lines.append(f"  {reason:<18} {entry['count']:>6}")
+        for ex in entry["examples"]:
+            detail = f"  ({ex['detail']})" if ex["detail"] else ""
+            lines.append("      " + _fit(_shown(ex["path"]) + detail, width - 6))
+    return lines
+
+
+def _ladder_lines(figures: dict[str, Any]) -> list[str]:
+    lad, t = figures["ladder"], figures["timings"]
+    levels = ", ".join(
+        f"{math.isqrt(a)}²" if math.isqrt(a) ** 2 == a else str(a) for a in lad["levels"]
+    )
+    used = len(figures["buckets"])
+    model = lad["model"] or "custom"
+    timing = " · ".join(f"{k} {v:.2f} s" for k, v in t.items())
+    return [
+        f"Ladder     {model}: levels {levels} · multiple {lad['multiple']} · "
+        f"max aspect {lad['max_aspect']:g} · {len(lad['buckets'])} buckets, {used} used",
+        f"Time       {timing}",
+    ]
+
+
+def _bucket_lines(figures: dict[str, Any], width: int) -> list[str]:
+    buckets, plan = figures["buckets"], figures["plan"]
+    if not buckets:
+        return ["Buckets    none: no image was accepted"]
+    head = f"  {'W x H':^11} {'aspect':>6} {'images':>7} {'share':>6} "
+    head += f"{'bs/rank':>7} {'steps':>6} {'padded':>6} "
+    bar_width = max(0, min(30, width - len(head) - 1))
+    lines = [
+        f"Buckets    world size {plan['world_size']} · "
+        + (
+            f"batch size {plan['batch_size']} per rank"
+            if plan["batch_size"] is not None
+            else f"at most {plan['max_pixels_per_batch']} pixels per batch"
+        ),
+        head.rstrip(),
+    ]
+    top = max(b["share"] for b in buckets)
+    for b in buckets:
+        bar = "█" * max(1, round(bar_width * b["share"] / top)) if bar_width else ""
+        flag = " !" if b["underfilled"] else "  "
+        lines.append(
+            f"{flag}{b['width']:>5}x{b['height']:<5} {b['aspect']:>6.2f} {b['images']:>7} "
+            f"{_pct(b['share']):>6} {b['batch_size']:>7} {b['global_steps']:>6} "
+            f"{b['padded']:>6} {bar}"
+        )
+    thin = [b for b in buckets if b["underfilled"]]
+    if thin:
+        lines.append(
+            f"  ! {_plural(len(thin), 'bucket')} hold fewer images than one global step "
+            "(they will be mostly padding):"
+        )
+        names = ", ".join(
+            f"{b['width']}x{b['height']} ({b['images']} of {b['global_step']})" for b in thin
+        )
+        lines += textwrap.wrap(
+            names, width - 4, initial_indent="    ", subsequent_indent="    ", max_lines=4,
+            placeholder=" …",
+        )
+    return lines
+
+
+def _quality_lines(q: dict[str, Any], max_aspect: float) -> list[str]:
+    lines = [f"Quality    {'':<16}{'mean':>7}{'p50':>7}{'p95':>7}{'max':>7}"]
+    for key, label in (("crop_loss", "crop loss"), ("resolution_loss", "resolution loss")):
+        s = q[key]
+        lines.append(
+            f"           {label:<16}" + "".join(f"{_pct(s[k]):>7}" for k in s)
+        )
+    lines.append(
+        f"           upscaled {q['upscaled']} · extreme aspect (beyond {max_aspect:g}:1) "
+        f"{q['extreme_aspect']}"
+    )
+    return lines
+
+
+def _plan_lines(plan: dict[str, Any]) -> list[str]:
+    return [
+        f"Plan       {plan['steps_per_rank']} steps per rank per epoch · "
+        f"{plan['samples_per_epoch']} samples per epoch · "
+        f"{_plural(plan['padded'], 'padded duplicate')} · {plan['dropped']} dropped"
+    ]
+
+
+def _caption_lines(c: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Captions   {c['missing']} images without a caption · {c['several']} with several"
+    ]
+    tokens = c["tokens"]
+    if tokens is None:
+        lines.append("           token lengths: pass --tokenizers DIR to measure them")
+        return lines
+    lines.append(f"           {'tokens':<12}{'p50':>7}{'p95':>7}{'max':>7}  truncated")
+    for name, t in tokens.items():
+        label = f"{name.upper()} ({t['max_length']})"
+        lines.append(
+            f"           {label:<12}{t['p50']:>7.0f}{t['p95']:>7.0f}{t['max']:>7}"
+            f"  {t['truncated']} of {t['captions']}"
+            if t["captions"]
+            else f"           {label:<12}{'-':>7}{'-':>7}{'-':>7}  0 of 0"
+        )
+    return lines
+
+
+def render_text(figures: dict[str, Any], width: int = 100) -> str:
+    """The human report for a figures dict (see :func:`gather`), fitted to ``width`` columns."""
+    width = max(60, width)
+    parts = [
+        [f"bucket-report  {_fit(_shown(figures['source']), width - 15)}"],
+        _files_lines(figures["files"], width),
+        _ladder_lines(figures),
+        _bucket_lines(figures, width),
+        _quality_lines(figures["quality"], figures["ladder"]["max_aspect"]),
+    ]
+    if figures["plan"] is not None and figures["buckets"]:
+        parts.append(_plan_lines(figures["plan"]))
+    parts.append(_caption_lines(figures["captions"]))
+    text = "\n\n".join("\n".join(p) for p in parts)
+    return "\n".join(_wrap(line, width) for line in text.split("\n")) + "\n"
+
+
+def _wrap(line: str, width: int) -> str:
+    """Fold a line longer than ``width`` at spaces, continuing at the line's indent."""
+    if len(line) <= width:
+        return line
+    indent = " " * (len(line) - len(line.lstrip()) or 11)
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent=indent))
+
+
+def write_json(figures: dict[str, Any], dest: str, stdout: TextIO) -> None:
+    """Write the figures as one JSON object to ``dest`` (atomically), or to ``stdout`` for ``-``."""
+    text = json.dumps(figures, indent=1, allow_nan=False) + "\n"
+    if dest == "-":
+        stdout.write(text)
+        return
+    from bucketing.atomic import atomic_write_bytes
+
+    atomic_write_bytes(dest, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- command
+
+
+class ConfigError(Exception):
+    """A usage or configuration problem the user can fix; reported in one line, exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _area(text: str) -> int:
+    """An area in pixels: ``1048576`` or ``1024x1024``."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        value = int(w) * int(h) if sep else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an area in pixels such as 1048576 or 1024x1024, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive area, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bucket-report`` command line."""
+    from bucketing.ladder import MODEL_SPECS
+
+    p = argparse.ArgumentParser(
+        prog="bucket-report",
+        description="Report what aspect-ratio bucketing will do to a data set: files accepted "
+        "and rejected, buckets, padding, crop and resolution loss, the sampler's plan, captions.",
+        epilog="Exit codes: 0 ok, 2 usage or configuration error, 1 unexpected failure.",
+    )
+    p.add_argument("source", help="a folder, a manifest (.jsonl .json .csv .tsv .parquet), "
+                   "or anything else bucketing.scan accepts")
+    p.add_argument("--model", default="flux", choices=sorted(MODEL_SPECS),
+                   help="model preset for the ladder and T5 length (default: flux)")
+    p.add_argument("--max-area", type=_area, metavar="N",
+                   help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
+    p.add_argument("--levels", type=_positive_int, nargs="+", metavar="SIDE",
+                   help="level sides, e.g. --levels 512 768 1024 (areas 512², 768², 1024²)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--batch-size", type=_positive_int, metavar="B",
+                      help="per-rank batch size (default: 1)")
+    size.add_argument("--max-pixels-per-batch", type=_area, metavar="P",
+                      help="per-rank pixel budget: each bucket gets floor(P / (w*h)) images")
+    p.add_argument("--world-size", type=_positive_int, default=1, metavar="W",
+                   help="number of ranks (GPUs) to plan for (default: 1)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed (default: 0)")
+    p.add_argument("--drop-last", action="store_true",
+                   help="drop each bucket's last partial global step instead of padding it")
+    p.add_argument("--allow-upscale", action="store_true",
+                   help="give images smaller than every bucket the nearest smallest bucket")
+    p.add_argument("--tokenizers", metavar="DIR",
+                   help="a FLUX checkout (or folder) with tokenizer/ (CLIP) and tokenizer_2/ "
+                   "(T5): measure caption token lengths and truncation")
+    p.add_argument("--cache", metavar="PATH", help="scan cache (parquet); rescans are incremental")
+    p.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="scan worker processes (default: all cores)")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-': stdout, "
+                   "and the text report goes to stderr)")
+    p.add_argument("--plot", metavar="FILE.png", help="write occupancy and loss plots")
+    p.add_argument("--preview", metavar="FILE.png",
+                   help="write a grid of originals with crop boxes beside the model's input")
+    return p
+
+
+def plan_figures(
+    sampler_cls: type, assignment: Any, args: argparse.Namespace
+) -> tuple[dict[str, Any] | None, dict[int, dict[str, int]]]:
+    """Build the real sampler (``samplers.BucketBatchSampler``, rank 0); read its epoch plan.
+
+    Returns the epoch figures and, per bucket id, ``batch_size`` (per rank),
+    ``global_steps``, ``padded`` and ``dropped``; ``(None, {})`` when nothing was accepted.
+    """
+    if not np.any(np.asarray(assignment.bucket_id) >= 0):
+        return None, {}
+    size = (
+        {"batch_size": args.batch_size or 1}
+        if args.max_pixels_per_batch is None
+        else {"max_pixels_per_batch": args.max_pixels_per_batch}
+    )
+    sampler = _config(
+        sampler_cls, assignment, **size, world_size=args.world_size, rank=0,
+        seed=args.seed, drop_last=args.drop_last,
+    )
+    stats = sampler.stats()
+    per_bucket = {
+        b["bucket"]: {
+            "batch_size": b["batch_size"],
+            "global_steps": b["steps"],
+            "padded": b["padded"],
+            "dropped": b["dropped"],
+        }
+        for b in stats["buckets"]
+    }
+    samples = sum(
+        b["steps"] * b["batch_size"] * stats["world_size"] for b in stats["buckets"]
+    )
+    plan = {
+        "world_size": stats["world_size"],
+        "batch_size": size.get("batch_size"),
+        "max_pixels_per_batch": size.get("max_pixels_per_batch"),
+        "seed": args.seed,
+        "drop_last": args.drop_last,
+        "steps_per_rank": len(sampler),
+        "samples_per_epoch": samples,
+        "padded": stats["padded"],
+        "dropped": stats["dropped"],
+    }
+    return plan, per_bucket
+
+
+def measure_tokens(folder: str, model: str, captions: list[str]) -> dict[str, Any]:
+    """Token-length figures for every caption, with the real tokenizers in ``folder``.
+
+    FLUX and SD3 presets: CLIP (77) and T5 (the preset's length) through
+    ``transforms.FluxTokenizer``; CLIP-only presets (SDXL, SD1.5): CLIP from ``tokenizer/``.
+    """
+    from bucketing.ladder import MODEL_SPECS
+    from transforms.tokenize import CLIP_MAX_LENGTH, FluxTokenizer, load_clip_tokenizer
+
+    t5_length = MODEL_SPECS[model].t5_max_length
+    if t5_length is None:
+        clip = load_clip_tokenizer(os.path.join(folder, "tokenizer"))
+        ids = clip(captions, verbose=False)["input_ids"] if captions else []
+        return {"clip": token_figures(np.asarray([len(s) for s in ids]), CLIP_MAX_LENGTH)}
+    tok = FluxTokenizer.from_flux_dir(folder, t5_max_length=t5_length)
+    clip_lengths, t5_lengths = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start in range(0, len(captions), 2048):  # chunks bound the padded id arrays' memory
+        out = tok.tokenize(captions[start : start + 2048])
+        clip_lengths.append(out["clip_lengths"].numpy())
+        t5_lengths.append(out["t5_lengths"].numpy())
+    return {
+        "clip": token_figures(np.concatenate(clip_lengths), CLIP_MAX_LENGTH),
+        "t5": token_figures(np.concatenate(t5_lengths), tok.t5_max_length),
+    }
+
+
+def gather(
+    *,
+    source: str,
+    index: Any,
+    assignment: Any,
+    plan: dict[str, Any] | None,
+    per_bucket: dict[int, dict[str, int]],
+    timings: dict[str, float],
+    tokens: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Everything the report says, as one plain JSON-ready dict (schema :data:`SCHEMA_VERSION`).
+
+    ``plan`` holds the sampler's epoch-level figures (None when no image was accepted) and
+    ``per_bucket`` its figures per bucket id: ``batch_size``, ``global_steps``, ``padded``,
+    ``dropped``.
+    """
+    ladder = assignment.ladder
+    rows = image_rows(index, assignment)
+    details = {r.path: r.detail for r in index.rejections}
+    ids = np.asarray(assignment.bucket_id)
+    counts = np.bincount(ids[ids >= 0], minlength=len(ladder.buckets))
+    n_ok = int(counts.sum())
+    world = plan["world_size"] if plan else 1
+    buckets = []
+    for b in np.flatnonzero(counts):
+        w, h = (int(v) for v in ladder.buckets[b])
+        fig = per_bucket[int(b)]
+        step = world * fig["batch_size"]
+        buckets.append(
+            {
+                "id": int(b),
+                "width": w,
+                "height": h,
+                "aspect": w / h,
+                "images": int(counts[b]),
+                "share": int(counts[b]) / n_ok,
+                "batch_size": fig["batch_size"],
+                "global_step": step,
+                "global_steps": fig["global_steps"],
+                "padded": fig["padded"],
+                "dropped": fig["dropped"],
+                "underfilled": bool(counts[b] < step),
+            }
+        )
+    buckets.sort(key=lambda r: (r["aspect"], r["width"] * r["height"]))
+    return {
+        "schema": SCHEMA_VERSION,
+        "source": source,
+        "files": file_figures(rows, details),
+        "ladder": ladder_figures(ladder, getattr(ladder, "model", None)),
+        "timings": timings,
+        "plan": plan,
+        "buckets": buckets,
+        "quality": quality_figures(index, assignment, ladder.max_aspect),
+        "captions": caption_figures(index, assignment, tokens),
+        "images": rows,
+    }
+
+
+def _first_loadable(dataset: Any, rows: np.ndarray, load_image: Any) -> tuple[dict, Any] | None:
+    """The first of ``rows`` whose sample and original both decode, or None."""
+    for row in rows.tolist():
+        try:
+            sample = dataset[row]
+            return sample, load_image(dataset.index.image_source(sample["index"]))
+        except Exception:  # noqa: BLE001 - a broken file must not stop the preview
+            continue
+    return None
+
+
+def preview_tiles(
+    index: Any, assignment: Any, buckets: list[dict[str, Any]], *, seed: int, count: int = 6
+) -> list[Any]:
+    """Preview tiles for up to ``count`` buckets spread over the aspect range (one image each):
+    the sample exactly as ``TextToImageDataset`` makes it with a random crop and a 50% flip."""
+    from PIL import Image
+
+    from bucketing.dataset import TextToImageDataset
+    from bucketing.report_plots import PreviewTile
+    from transforms.caption import CaptionTransform
+    from transforms.image import load_image
+    from transforms.resize_crop import BucketResizeCrop, resized_size
+
+    if not buckets:
+        return []
+    picks = np.unique(np.linspace(0, len(buckets) - 1, min(count, len(buckets))).round())
+    dataset = TextToImageDataset(
+        index,
+        assignment,
+        image_transform=BucketResizeCrop(crop="random", flip_p=0.5),
+        caption_transform=CaptionTransform(),
+        seed=seed,
+        on_error="substitute",
+    )
+    ids = np.asarray(assignment.bucket_id)
+    tiles = []
+    for k in picks.astype(int):
+        bucket = buckets[k]
+        loaded = _first_loadable(dataset, np.flatnonzero(ids == bucket["id"])[:3], load_image)
+        if loaded is None:  # no member decodes: the report already says the rest
+            continue
+        sample, original = loaded
+        used = sample["index"]
+        height, width = sample["original_size"]
+        bw, bh = bucket["width"], bucket["height"]
+        new_w, new_h = resized_size(width, height, (bw, bh), allow_upscale=True)
+        y, x = sample["crop_top_left"]
+        if sample["flipped"]:  # crop_top_left is mirrored on a flip: undo it to draw the box
+            x = new_w - x - bw
+        original.thumbnail((640, 640), Image.Resampling.LANCZOS)
+        kx, ky = original.width / new_w, original.height / new_h
+        tiles.append(
+            PreviewTile(
+                original=np.asarray(original),
+                box=(x * kx, y * ky, (x + bw) * kx, (y + bh) * ky),
+                model_input=sample["pixel_values"].permute(1, 2, 0).numpy(),
+                title=f"{os.path.basename(index.paths[used]) or f'row {used}'}  {width}x{height}",
+                caption=sample["caption"],
+                flipped=bool(sample["flipped"]),
+            )
+        )
+    return tiles
+
+
+def _config(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a configuration step; the errors a user can fix become :class:`ConfigError`."""
+    try:
+        return call(*args, **kwargs)
+    except (ValueError, OSError) as error:
+        raise ConfigError(str(error) or type(error).__name__) from error
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
+    """Scan, assign and plan as the arguments say; returns (figures, index, assignment)."""
+    from bucketing.assign import assign
+    from bucketing.ladder import BucketLadder
+    from bucketing.scan import scan
+    from samplers import BucketBatchSampler
+
+    overrides: dict[str, Any] = {}
+    if args.max_area is not None:
+        overrides["max_area"] = args.max_area
+    if args.levels:
+        overrides["levels"] = [s * s for s in args.levels]
+    ladder = _config(BucketLadder.for_model, args.model, **overrides)
+
+    t0 = time.perf_counter()
+    index = _config(scan, args.source, workers=args.workers, cache=args.cache)
+    t1 = time.perf_counter()
+    assignment = assign(index, ladder, allow_upscale=args.allow_upscale)
+    t2 = time.perf_counter()
+    plan, per_bucket = plan_figures(BucketBatchSampler, assignment, args)
+    t3 = time.perf_counter()
+    tokens = None
+    if args.tokenizers:
+        ok = np.asarray(assignment.bucket_id) >= 0
+        captions = [c for i in np.flatnonzero(ok) for c in index.captions[i]]
+        tokens = _config(measure_tokens, args.tokenizers, args.model, captions)
+    timings = {"scan": t1 - t0, "assign": t2 - t1, "plan": t3 - t2}
+    if tokens is not None:
+        timings["tokenize"] = time.perf_counter() - t3
+    figures = gather(
+        source=str(args.source),
+        index=index,
+        assignment=assignment,
+        plan=plan,
+        per_bucket=per_bucket,
+        timings=timings,
+        tokens=tokens,
+    )
+    return figures, index, assignment
+
+
+def _write_outputs(args: argparse.Namespace, figures: dict, index: Any, assignment: Any) -> None:
+    from bucketing import report_plots
+
+    try:
+        if args.json:
+            write_json(figures, args.json, sys.stdout)
+        if args.plot:
+            report_plots.plot_report(figures, args.plot)
+        if args.preview:
+            tiles = preview_tiles(index, assignment, figures["buckets"], seed=args.seed)
+            if not tiles:
+                raise ConfigError("--preview: no accepted image could be loaded to preview")
+            report_plots.plot_preview(tiles, args.preview)
+    except OSError as error:
+        raise ConfigError(f"cannot write output: {error}") from error
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bucket-report``; returns the exit code (0 ok, 2 config error, 1 bug)."""
+    args = build_parser().parse_args(argv)
+    text_out = sys.stderr if args.json == "-" else sys.stdout
+    try:
+        figures, index, assignment = run(args)
+        width = shutil.get_terminal_size((100, 24)).columns
+        text_out.write(render_text(figures, width))
+        text_out.flush()
+        _write_outputs(args, figures, index, assignment)
+    except ConfigError as error:
+        print(f"bucket-report: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bucket-report: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the last resort: a short, honest message
+        where = "".join(traceback.format_list(traceback.extract_tb(error.__traceback__)[-3:]))
+        print(
+            f"bucket-report: unexpected error: {type(error).__name__}: {error}\n{where}"
+            "This is a bug in aspect-bucketing, not in your data: please report it with the "
+            "command line you ran.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

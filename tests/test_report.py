@@ -1,0 +1,282 @@
+"""bucket-report, run as users run it: the real command in subprocesses, on a folder written
+here with known sizes, bad files and captions. All the command runs start at once (each
+imports torch) and the tests read their results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from bucketing.assign import assign
+from bucketing.ladder import BucketLadder
+from bucketing.report import SCHEMA_VERSION, render_text
+from bucketing.scan import scan
+
+REPO = Path(__file__).resolve().parent.parent
+LONG_CAPTION = " ".join(["a very detailed description of a square test picture"] * 12)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_folder(root: Path) -> Path:
+    """3 images 1024², 2 images 512², one 6:1 panorama, one too small, two broken files."""
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (1024, 1024), (40 * i, 90, 160)).save(root / f"big_{i}.jpg")
+    for i in range(2):
+        Image.new("RGB", (512, 512), (200, 40 * i, 60)).save(root / f"small_{i}.png")
+    (root / "pano").mkdir()
+    Image.new("RGB", (3000, 500), (10, 200, 30)).save(root / "pano" / "wide.jpg")
+    Image.new("RGB", (64, 64)).save(root / "tiny.png")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "garbage.png").write_bytes(np.random.default_rng(0).bytes(300))
+    (root / "big_0.txt").write_text("a blue square\nanother caption of the same picture\n")
+    (root / "big_1.txt").write_text(LONG_CAPTION + "\n")
+    return root
+
+
+def _command() -> list[str]:
+    script = REPO / ".venv" / "bin" / "bucket-report"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "bucketing.report"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, flux_tokenizer_dir: Path) -> dict[str, Any]:
+    """Start every command run at once, then wait for all of them."""
+    tmp = tmp_path_factory.mktemp("report")
+    folder = _write_folder(tmp / "photos")
+    (tmp / "empty").mkdir()
+    out = {
+        "json": tmp / "report.json",
+        "plot": tmp / "plot.png",
+        "preview": tmp / "preview.png",
+    }
+    argv = {
+        "full": [str(folder), "--batch-size", "2", "--world-size", "2", "--tokenizers",
+                 str(flux_tokenizer_dir), "--cache", str(tmp / "scan.parquet"), "--workers", "1",
+                 "--json", str(out["json"]), "--plot", str(out["plot"]),
+                 "--preview", str(out["preview"])],
+        "stdout_json": [str(folder), "--max-pixels-per-batch", "1024x1024", "--drop-last",
+                        "--workers", "1", "--json", "-"],
+        "missing": [str(tmp / "no_such_folder")],
+        "empty": [str(tmp / "empty")],
+        "usage": [str(folder), "--batch-size", "0"],
+    }
+    env = {**os.environ, "COLUMNS": "100"}
+    procs = {
+        name: subprocess.Popen(_command() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, cwd=tmp)
+        for name, args in argv.items()
+    }
+    results = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return {"folder": folder, "out": out, **results}
+
+
+# --------------------------------------------------------------------------- text
+
+
+def test_text_report_has_the_expected_figures(runs: dict[str, Any]) -> None:
+    r = runs["full"]
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert "9 seen · 6 accepted · 3 rejected" in text
+    for reason, path in (("empty_file", "empty.jpg"), ("not_an_image", "garbage.png"),
+                         ("too_small", "tiny.png")):
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(reason))
+        assert line.split()[-1] == "1"
+        assert path in text
+    assert "flux: levels 512², 640², 768², 896², 1024²" in text
+    assert "world size 2 · batch size 2 per rank" in text
+    rows = {}  # W x H -> aspect, images, share, bs/rank, steps, padded
+    for ln in text.splitlines():
+        words = ln.replace("!", " ").split()
+        if words and re.fullmatch(r"\d+x\d+", words[0]) and len(words) >= 7:
+            rows.setdefault(words[0], words[1:7])
+    assert rows["1024x1024"] == ["1.00", "3", "50.0%", "2", "1", "1"]
+    assert rows["512x512"] == ["1.00", "2", "33.3%", "2", "1", "2"]
+    assert len(rows) == 3
+    assert "3 buckets hold fewer images than one global step" in text
+    assert "3 steps per rank per epoch · 12 samples per epoch · 6 padded duplicates · 0 dropped" \
+        in text
+    assert "extreme aspect (beyond 4:1) 1" in text and "upscaled 0" in text
+    assert "4 images without a caption · 1 with several" in text
+    clip = next(ln for ln in text.splitlines() if "CLIP (77)" in ln)
+    t5 = next(ln for ln in text.splitlines() if "T5 (512)" in ln)
+    assert clip.endswith("1 of 3") and t5.endswith("0 of 3")
+    assert "Traceback" not in r.stderr
+
+
+def test_json_to_stdout_keeps_text_on_stderr(runs: dict[str, Any]) -> None:
+    r = runs["stdout_json"]
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(r.stdout)
+    _validate(figures)
+    assert "6 accepted" in r.stderr
+    plan = figures["plan"]
+    assert plan["max_pixels_per_batch"] == 1024 * 1024 and plan["batch_size"] is None
+    for b in figures["buckets"]:  # each bucket's batch size follows the pixel budget
+        assert b["batch_size"] == max(1, 1024 * 1024 // (b["width"] * b["height"]))
+    small = next(b for b in figures["buckets"] if b["width"] == b["height"] == 512)
+    assert small["batch_size"] == 4 and small["global_steps"] == 0 and small["dropped"] == 2
+    assert plan["dropped"] == 2 and plan["padded"] == 0
+    assert plan["steps_per_rank"] == sum(b["global_steps"] for b in figures["buckets"]) == 4
+
+
+@pytest.mark.parametrize("name", ["missing", "empty"])
+def test_unusable_source_exits_2_with_one_line(runs: dict[str, Any], name: str) -> None:
+    r = runs[name]
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bucket-report: error: ")
+    assert ("does not exist" if name == "missing" else "no images found") in lines[0]
+    assert r.stdout == ""
+
+
+def test_bad_usage_exits_2(runs: dict[str, Any]) -> None:
+    r = runs["usage"]
+    assert r.returncode == 2
+    assert "--batch-size" in r.stderr and "positive integer" in r.stderr
+
+
+# --------------------------------------------------------------------------- JSON
+
+_STATS = {"mean": (float, None), "p50": (float, None), "p95": (float, None), "max": (float, None)}
+_TOKENS = {"max_length": int, "captions": int, "p50": (float, None), "p95": (float, None),
+           "max": (int, None), "truncated": int}
+SCHEMA: dict[str, Any] = {
+    "schema": int,
+    "source": str,
+    "files": {
+        "seen": int, "accepted": int, "rejected": int,
+        "rejections": ("map", {"count": int, "examples": [{"path": str, "detail": str}]}),
+    },
+    "ladder": {"model": (str, None), "levels": [int], "max_area": int, "multiple": int,
+               "max_aspect": float, "buckets": [[int]]},
+    "timings": ("map", float),
+    "plan": ({"world_size": int, "batch_size": (int, None), "max_pixels_per_batch": (int, None),
+              "seed": int, "drop_last": bool, "steps_per_rank": int, "samples_per_epoch": int,
+              "padded": int, "dropped": int}, None),
+    "buckets": [{"id": int, "width": int, "height": int, "aspect": float, "images": int,
+                 "share": float, "batch_size": int, "global_step": int, "global_steps": int,
+                 "padded": int, "dropped": int, "underfilled": bool}],
+    "quality": {"crop_loss": _STATS, "resolution_loss": _STATS, "upscaled": int,
+                "extreme_aspect": int},
+    "captions": {"missing": int, "several": int,
+                 "tokens": (("map", _TOKENS), None)},
+    "images": [{"path": str, "width": (int, None), "height": (int, None),
+                "bucket": ([int], None), "scale": (float, None), "crop_loss": (float, None),
+                "resolution_loss": (float, None), "reason": (str, None)}],
+}
+
+
+def _check(value: Any, spec: Any, where: str) -> None:
+    """A small structural validator: types, exact key sets, lists, maps and nullable specs."""
+    if isinstance(spec, tuple) and spec and spec[0] == "map":
+        assert isinstance(value, dict), where
+        for k, v in value.items():
+            assert isinstance(k, str), where
+            _check(v, spec[1], f"{where}.{k}")
+    elif isinstance(spec, tuple):
+        if value is None and None in spec:
+            return
+        _check(value, next(s for s in spec if s is not None), where)
+    elif isinstance(spec, dict):
+        assert isinstance(value, dict) and set(value) == set(spec), (where, value)
+        for k, s in spec.items():
+            _check(value[k], s, f"{where}.{k}")
+    elif isinstance(spec, list):
+        assert isinstance(value, list), where
+        for i, v in enumerate(value):
+            _check(v, spec[0], f"{where}[{i}]")
+    elif spec is float:
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), (where, value)
+        assert math.isfinite(value), where
+    else:
+        assert isinstance(value, spec) and not (spec is int and isinstance(value, bool)), (
+            where, value)
+
+
+def _validate(figures: dict[str, Any]) -> None:
+    _check(figures, SCHEMA, "$")
+    assert figures["schema"] == SCHEMA_VERSION == 1
+
+
+def test_json_matches_schema_and_assign_row_by_row(runs: dict[str, Any]) -> None:
+    assert runs["full"].returncode == 0, runs["full"].stderr
+    raw = runs["out"]["json"].read_text()
+    figures = json.loads(raw)
+    _validate(figures)
+    assert "NaN" not in raw
+
+    index = scan(runs["folder"], workers=1)
+    a = assign(index, BucketLadder.for_model("flux"))
+    rows = figures["images"]
+    assert len(rows) == len(index) + len(index.rejections) == figures["files"]["seen"] == 9
+    for i, row in enumerate(rows[: len(index)]):
+        assert row["path"] == index.paths[i]
+        assert (row["width"], row["height"]) == (index.width[i], index.height[i])
+        if a.bucket_id[i] < 0:
+            assert row["bucket"] is None and row["reason"] == a.reasons[i]
+            continue
+        assert row["bucket"] == a.bucket_wh[i].tolist() and row["reason"] is None
+        for key in ("scale", "crop_loss", "resolution_loss"):
+            assert row[key] == pytest.approx(float(getattr(a, key)[i]), abs=1e-12)
+    for row, rej in zip(rows[len(index):], index.rejections, strict=True):
+        assert (row["path"], row["reason"], row["bucket"]) == (rej.path, rej.reason, None)
+
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["big_0.jpg"]["bucket"] == [1024, 1024]
+    assert by_name["big_0.jpg"]["crop_loss"] == 0 and by_name["big_0.jpg"]["resolution_loss"] == 0
+    assert by_name["small_1.png"]["bucket"] == [512, 512]
+    assert by_name["tiny.png"]["reason"] == "too_small"
+
+    counts = {(b["width"], b["height"]): b["images"] for b in figures["buckets"]}
+    ids, n = a.bucket_id[a.bucket_id >= 0], np.bincount(a.bucket_id[a.bucket_id >= 0])
+    assert counts == {tuple(a.ladder.buckets[b].tolist()): int(n[b]) for b in np.unique(ids)}
+    aspects = [b["aspect"] for b in figures["buckets"]]
+    assert aspects == sorted(aspects)
+    assert figures["quality"]["crop_loss"]["max"] == pytest.approx(np.nanmax(a.crop_loss))
+    assert figures["captions"]["tokens"]["clip"]["truncated"] == 1
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+@pytest.mark.parametrize("name", ["plot", "preview"])
+def test_pngs_are_real_pictures(runs: dict[str, Any], name: str) -> None:
+    assert runs["full"].returncode == 0, runs["full"].stderr
+    path = runs["out"][name]
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as img:
+        img.load()
+        assert img.format == "PNG"
+        assert 600 <= img.width <= 4000 and 300 <= img.height <= 4000
+        lo, hi = img.convert("L").getextrema()
+        assert hi - lo > 100  # drawn content, not a blank canvas
+    assert not list(path.parent.glob(f".{path.name}.*"))  # no temp file left behind
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@settings(deadline=None, max_examples=25)
+@given(width=st.integers(60, 220))
+def test_text_fits_the_terminal_width(runs: dict[str, Any], width: int) -> None:
+    figures = json.loads(runs["out"]["json"].read_text())
+    figures["source"] = "/a/very/long/path/" * 20
+    for line in render_text(figures, width).splitlines():
+        assert len(line) <= width, line
