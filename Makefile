@@ -24,7 +24,7 @@ lint: $(STAMP)
 test: $(STAMP) $(TOKENIZERS) lint
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
+demo: $(STAMP) $(TOKENIZERS)
 	$(BIN)/python examples/demo.py
 
 bench: $(STAMP)
