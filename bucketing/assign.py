@@ -266,7 +266,8 @@ def _score_level(
     fits = (lo <= hi) & (level >= 0)
     # An image more elongated than every bucket of the level is cropped to the level's most
     # elongated fitting bucket: collapse its window onto that bucket.
-    lo, hi = np.where(p >= stop, hi, lo), np.where(p <= start, lo, hi)
+    # (np.minimum keeps junk candidates in range where nothing fits and lo is past the end.)
+    lo, hi = np.where(p >= stop, hi, lo), np.where(p <= start, np.minimum(lo, hi), hi)
     wf, hf = w.astype(np.float64), h.astype(np.float64)
     best_f = best_id = best_a = None
     for t in range(-tb.window, tb.window):

@@ -212,9 +212,10 @@ def _level_buckets(area: int, multiple: int, step: int, max_aspect: float) -> np
         h = area // w // multiple * multiple
         if h < multiple or w > max_aspect * h:
             break
-        if h < last_h:  # one bucket per height keeps the level an antichain
-            out.append((w, h))
-            out.append((h, w))
+        if h == last_h and len(out) > 1:  # one bucket per height keeps the level an
+            out[-2:] = [(w, h), (h, w)]  # antichain: keep the wider (larger) one
+        elif h < last_h:
+            out += [(w, h), (h, w)]
             last_h = h
         w += step
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)

@@ -1,0 +1,221 @@
+"""assign(): no upscaling, optimal bucket under the documented objective (checked against a
+brute-force reference), rejections, upscale mode, min_bucket_size merging, input forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from bucketing.assign import Assignment, assign
+from bucketing.index import ImageIndex
+from bucketing.ladder import MODEL_SPECS, BucketLadder
+
+PRESETS = {name: BucketLadder.for_model(name) for name in MODEL_SPECS}
+
+
+def brute_force(sizes: np.ndarray, ladder: BucketLadder) -> np.ndarray:
+    """(N, K) loss of every bucket for every image, inf where the bucket is not a candidate.
+
+    Straight from the definitions: a candidate fits (bw <= W, bh <= H); loss =
+    1 - bw*bh/(s²WH) + 1 - bw*bh/min(WH, max_area) with s = max(bw/W, bh/H). Within a level,
+    an image at or beyond the level's most elongated aspect (aspect <= the level's smallest,
+    or > its largest) only has that level's nearest fitting bucket as candidate.
+    """
+    b = ladder.buckets.astype(float)
+    w, h = sizes[:, :1].astype(float), sizes[:, 1:].astype(float)
+    s = np.maximum(b[:, 0] / w, b[:, 1] / h)
+    crop = 1 - b[:, 0] * b[:, 1] / (s * s * w * h)
+    res = 1 - b[:, 0] * b[:, 1] / np.minimum(w * h, ladder.max_area)
+    loss = np.where((b[:, 0] <= w) & (b[:, 1] <= h), crop + res, np.inf)
+    x = (w / h)[:, 0]
+    for j in range(len(ladder.levels)):
+        sl = ladder.level_slice(j)
+        r = ladder.aspects[sl]
+        part = loss[:, sl]
+        fits = np.isfinite(part)
+        k = part.shape[1]
+        first = fits.argmax(axis=1)
+        last = k - 1 - fits[:, ::-1].argmax(axis=1)
+        keep = np.ones_like(fits)
+        low, high = x <= r[0], x > r[-1]
+        keep[low] = np.arange(k)[None, :] == first[low, None]
+        keep[high] = np.arange(k)[None, :] == last[high, None]
+        loss[:, sl] = np.where(keep, part, np.inf)
+    return loss
+
+
+def check_basic(a: Assignment, sizes: np.ndarray, ladder: BucketLadder) -> None:
+    ok = a.accepted
+    assert len(a) == len(sizes) and a.bucket_id.dtype == np.int64
+    assert (a.bucket_wh[~ok] == 0).all() and np.isnan(a.crop_loss[~ok]).all()
+    assert (a.bucket_wh[ok] == ladder.buckets[a.bucket_id[ok]]).all()
+    assert (a.bucket_wh[ok] % ladder.multiple == 0).all()
+    areas = a.bucket_wh[:, 0] * a.bucket_wh[:, 1]
+    assert (areas[ok] <= ladder.levels[ladder.bucket_level[a.bucket_id[ok]]]).all()
+    fit = ~a.upscaled & ok
+    assert (a.bucket_wh[fit] <= sizes[fit]).all(), "upscaled without being asked"
+    assert (a.scale[fit] <= 1).all()
+    assert ((a.crop_loss[ok] >= 0) & (a.crop_loss[ok] < 1)).all()
+    assert ((a.resolution_loss[ok] >= 0) & (a.resolution_loss[ok] < 1)).all()
+    assert all(a.reasons[i] is None for i in np.flatnonzero(ok))
+    assert all(isinstance(a.reasons[i], str) for i in np.flatnonzero(~ok))
+
+
+def check_optimal(a: Assignment, sizes: np.ndarray, ladder: BucketLadder) -> None:
+    loss = brute_force(sizes, ladder)
+    best = loss.min(axis=1)
+    none_fit = ~np.isfinite(best)
+    assert (a.bucket_id[none_fit] == -1).all()
+    assert all(a.reasons[i] == "too_small" for i in np.flatnonzero(none_fit))
+    rows = np.flatnonzero(~none_fit)
+    assert (a.bucket_id[rows] >= 0).all(), "an image that fits some bucket was rejected"
+    chosen = loss[rows, a.bucket_id[rows]]
+    np.testing.assert_array_less(chosen, best[rows] + 1e-12)
+    # Ties go to the larger bucket.
+    areas = ladder.areas
+    for i, c in zip(rows.tolist(), chosen.tolist(), strict=True):
+        tied = np.flatnonzero(loss[i] <= c + 1e-12)
+        assert areas[a.bucket_id[i]] >= areas[tied].max()
+
+
+sizes_strategy = hnp.arrays(np.int64, st.tuples(st.integers(1, 60), st.just(2)),
+                            elements=st.integers(1, 6000))
+
+
+@settings(deadline=None, max_examples=60)
+@given(sizes=sizes_strategy, name=st.sampled_from(sorted(PRESETS)))
+def test_presets_optimal(sizes: np.ndarray, name: str) -> None:
+    ladder = PRESETS[name]
+    a = assign(sizes, ladder)
+    check_basic(a, sizes, ladder)
+    check_optimal(a, sizes, ladder)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    sizes=sizes_strategy,
+    side=st.integers(16, 80),
+    step_k=st.integers(1, 4),
+    max_aspect=st.floats(1.0, 5.0),
+    n_levels=st.integers(1, 5),
+)
+def test_random_ladders_optimal(sizes: np.ndarray, side: int, step_k: int, max_aspect: float,
+                                n_levels: int) -> None:
+    max_area = (side * 16) ** 2
+    levels = sorted({max(256, max_area * (k + 1) // n_levels) for k in range(n_levels)})
+    ladder = BucketLadder(max_area=max_area, multiple=16, step=16 * step_k,
+                          max_aspect=max_aspect, levels=levels)
+    a = assign(sizes, ladder)
+    check_basic(a, sizes, ladder)
+    check_optimal(a, sizes, ladder)
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    sizes=sizes_strategy,
+    buckets=st.sets(st.tuples(st.integers(1, 40), st.integers(1, 40)), min_size=1, max_size=25),
+)
+def test_explicit_buckets_optimal(sizes: np.ndarray, buckets: set) -> None:
+    ladder = BucketLadder.from_buckets([(w * 32, h * 32) for w, h in sorted(buckets)])
+    a = assign(sizes, ladder)
+    check_basic(a, sizes, ladder)
+    check_optimal(a, sizes, ladder)
+
+
+@settings(deadline=None, max_examples=40)
+@given(sizes=sizes_strategy)
+def test_near_log_aspect_nearest_within_level(sizes: np.ndarray) -> None:
+    """The chosen bucket crops at most the level's area spread more than the log-aspect
+    nearest bucket of its level, whenever that nearest bucket fits."""
+    ladder = PRESETS["flux"]
+    a = assign(sizes, ladder)
+    for i in np.flatnonzero(a.accepted):
+        sl = ladder.level_slice(int(ladder.bucket_level[a.bucket_id[i]]))
+        b = ladder.buckets[sl]
+        near = b[np.argmin(np.abs(np.log(ladder.aspects[sl]) - np.log(sizes[i, 0] / sizes[i, 1])))]
+        if (near <= sizes[i]).all():
+            area = b[:, 0] * b[:, 1]
+            spread = 1 - area.min() / area.max()
+            s = max(near[0] / sizes[i, 0], near[1] / sizes[i, 1])
+            near_crop = 1 - near[0] * near[1] / (s * s * sizes[i, 0] * sizes[i, 1])
+            assert a.crop_loss[i] <= near_crop + spread + 1e-12
+
+
+def test_examples() -> None:
+    flux = PRESETS["flux"]
+    a = assign([(1024, 1024), (4032, 3024), (1000, 1000), (300, 300), (1920, 1080)], flux)
+    assert a.bucket_wh.tolist()[:2] == [[1024, 1024], [1184, 880]]  # 4:3 within 1%
+    assert a.bucket_wh[2].tolist() == [896, 896]  # a 1000² photo keeps 80% of its pixels
+    assert a.reasons[3] == "too_small" and a.bucket_id[3] == -1
+    assert a.crop_loss[0] == 0 and a.resolution_loss[0] == 0 and a.scale[0] == 1
+    assert a.reason_counts() == {"too_small": 1}
+
+
+def test_upscale_and_extreme() -> None:
+    flux = PRESETS["flux"]
+    up = assign([(300, 300), (100, 400), (2000, 1000)], flux, allow_upscale=True)
+    assert up.upscaled.tolist() == [True, True, False]
+    assert up.bucket_wh[:2].tolist() == [[512, 512], [256, 1024]]
+    assert (up.resolution_loss[:2] == 0).all() and (up.scale[:2] > 1).all()
+    sizes = np.array([[8000, 1000], [1000, 8000], [1600, 400]])
+    crop = assign(sizes, flux)
+    assert crop.accepted.all()
+    assert crop.bucket_wh[0].tolist() == [2048, 512] and crop.bucket_wh[1].tolist() == [512, 2048]
+    assert crop.crop_loss[0] == pytest.approx(0.5)
+    rej = assign(sizes, flux, on_extreme="reject")
+    assert rej.reasons.tolist() == ["extreme_aspect", "extreme_aspect", None]
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    sizes=hnp.arrays(np.int64, st.tuples(st.integers(1, 300), st.just(2)),
+                     elements=st.integers(400, 3000)),
+    min_size=st.integers(2, 40),
+)
+def test_min_bucket_size(sizes: np.ndarray, min_size: int) -> None:
+    ladder = PRESETS["flux"]
+    plain = assign(sizes, ladder)
+    merged = assign(sizes, ladder, min_bucket_size=min_size)
+    check_basic(merged, sizes, ladder)
+    assert (merged.accepted == plain.accepted).all()
+    assert merged.counts.sum() == plain.counts.sum()
+    nonempty = np.flatnonzero(merged.counts > 0)
+    for b in np.flatnonzero((merged.counts > 0) & (merged.counts < min_size)):
+        members = np.flatnonzero(merged.bucket_id == b)
+        others = ladder.buckets[nonempty[nonempty != b]]
+        fits_elsewhere = [(others <= sizes[i]).all(axis=1).any() for i in members]
+        assert not all(fits_elsewhere), f"bucket {b} could have been emptied"
+
+
+def test_input_forms_and_members(examples_dir) -> None:
+    paths = sorted(str(p) for p in examples_dir.iterdir() if p.suffix.lower() == ".jpg")
+    sizes = []
+    for p in paths:
+        with Image.open(p) as im:
+            sizes.append(im.size)
+    index = ImageIndex(paths, [w for w, _ in sizes], [h for _, h in sizes], [[] for _ in paths])
+    flux = PRESETS["flux"]
+    a, b, c = assign(index, flux), assign(np.array(sizes), flux), assign(sizes, flux)
+    assert a.bucket_id.tolist() == b.bucket_id.tolist() == c.bucket_id.tolist()
+    members = a.bucket_members()
+    assert len(members) == len(flux.buckets)
+    assert sorted(np.concatenate(members).tolist()) == np.flatnonzero(a.accepted).tolist()
+    assert [len(m) for m in members] == a.counts.tolist()
+    empty = assign(np.zeros((0, 2), dtype=np.int64), flux)
+    assert len(empty) == 0 and empty.counts.sum() == 0
+
+
+def test_bad_input() -> None:
+    flux = PRESETS["flux"]
+    with pytest.raises(ValueError, match="positive"):
+        assign([(0, 100)], flux)
+    with pytest.raises(ValueError, match="on_extreme"):
+        assign([(100, 100)], flux, on_extreme="squash")
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        assign(np.zeros((3, 3)), flux)
+    with pytest.raises(ValueError, match="min_bucket_size"):
+        assign([(100, 100)], flux, min_bucket_size=0)
