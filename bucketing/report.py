@@ -90,16 +90,17 @@ def image_rows(index: Any, assignment: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def file_figures(rows: list[dict[str, Any]], details: dict[str, str]) -> dict[str, Any]:
-    """Files seen / accepted / rejected, and per reason a count with a few example paths."""
+def file_figures(rows: list[dict[str, Any]], details: list[str]) -> dict[str, Any]:
+    """Files seen / accepted / rejected, and per reason a count with a few example paths
+    (``details[i]`` says more about row i: its size, or the scan's detail)."""
     by_reason: dict[str, dict[str, Any]] = {}
-    for row in rows:
+    for row, detail in zip(rows, details, strict=True):
         if row["reason"] is None:
             continue
         entry = by_reason.setdefault(row["reason"], {"count": 0, "examples": []})
         entry["count"] += 1
         if len(entry["examples"]) < EXAMPLES_PER_REASON:
-            entry["examples"].append({"path": row["path"], "detail": details.get(row["path"], "")})
+            entry["examples"].append({"path": row["path"], "detail": detail})
     ordered = dict(sorted(by_reason.items(), key=lambda kv: (-kv[1]["count"], kv[0])))
     rejected = sum(e["count"] for e in ordered.values())
     return {
@@ -205,15 +206,15 @@ def _files_lines(files: dict[str, Any], width: int) -> list[str]:
 
 def _ladder_lines(figures: dict[str, Any]) -> list[str]:
     lad, t = figures["ladder"], figures["timings"]
-    levels = ", ".join(
+    levels = " ".join(
         f"{math.isqrt(a)}²" if math.isqrt(a) ** 2 == a else str(a) for a in lad["levels"]
     )
     used = len(figures["buckets"])
     model = lad["model"] or "custom"
     timing = " · ".join(f"{k} {v:.2f} s" for k, v in t.items())
     return [
-        f"Ladder     {model}: levels {levels} · multiple {lad['multiple']} · "
-        f"max aspect {lad['max_aspect']:g} · {len(lad['buckets'])} buckets, {used} used",
+        f"Ladder     {model}: {len(lad['buckets'])} buckets, {used} used · levels {levels} · "
+        f"multiple {lad['multiple']} · aspect ≤ {lad['max_aspect']:g}:1",
         f"Time       {timing}",
     ]
 
@@ -319,11 +320,23 @@ def render_text(figures: dict[str, Any], width: int = 100) -> str:
 
 
 def _wrap(line: str, width: int) -> str:
-    """Fold a line longer than ``width`` at spaces, continuing at the line's indent."""
+    """Fold a line longer than ``width``: between its `` · `` items where possible, else at
+    spaces; continuation lines keep the line's indent (11 columns for a labelled line)."""
     if len(line) <= width:
         return line
     indent = " " * (len(line) - len(line.lstrip()) or 11)
-    return "\n".join(textwrap.wrap(line, width, subsequent_indent=indent))
+    out: list[str] = []
+    current = ""
+    for item in line.split(" · "):
+        candidate = f"{current} · {item}" if current else item
+        if len(candidate) <= width or not current:
+            current = candidate
+        else:
+            out.append(current + " ·")
+            current = indent + item
+    out.append(current)
+    fold = textwrap.TextWrapper(width, subsequent_indent=indent)
+    return "\n".join(piece for part in out for piece in fold.wrap(part))
 
 
 def write_json(figures: dict[str, Any], dest: str, stdout: TextIO) -> None:
@@ -502,7 +515,8 @@ def gather(
     """
     ladder = assignment.ladder
     rows = image_rows(index, assignment)
-    details = {r.path: r.detail for r in index.rejections}
+    details = [f"{w}x{h}" for w, h in zip(index.width, index.height, strict=True)]
+    details += [r.detail for r in index.rejections]
     ids = np.asarray(assignment.bucket_id)
     counts = np.bincount(ids[ids >= 0], minlength=len(ladder.buckets))
     n_ok = int(counts.sum())
