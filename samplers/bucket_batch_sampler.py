@@ -149,16 +149,18 @@ class BucketBatchSampler(Sampler[list[int]]):
             self._epoch, self._pending, self._active = epoch, None, None
 
     def __iter__(self) -> Iterator[list[int]]:
+        return self._batches()
+
+    def _batches(self) -> Iterator[list[int]]:
+        # A generator: the position is taken at the first next(), not at iter(). DataLoader
+        # calls iter() more than once before using the last iterator, and a resume position
+        # must go to the iterator that actually runs.
         position = self._pending or Position(self._epoch, self._world_size, 0)
         self._pending = None
         plan = self._plan(position.epoch, position.history)
-        self._active = _Pass(
-            plan, position.epoch, position.history, position.consumed, position.consumed
-        )
-        return self._batches(self._active)
-
-    def _batches(self, p: _Pass) -> Iterator[list[int]]:
-        plan, rank, total = p.plan, self._rank, p.plan.num_steps
+        p = _Pass(plan, position.epoch, position.history, position.consumed, position.consumed)
+        self._active = p
+        rank, total = self._rank, plan.num_steps
         chunk = max(1, _CHUNK_INDICES // int(plan.batch_sizes.max()))
         t = p.next_step
         while t < total:
@@ -182,20 +184,32 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     # -- state -----------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, received: int | None = None) -> dict[str, Any]:
         """O(1) resume state: epoch, global steps consumed, world size, fingerprint.
 
-        Counts the batches already handed out by the latest iterator (a DataLoader that
-        prefetches is accounted for by ``StatefulDataLoader``, which snapshots this state when it
-        takes each batch). JSON- and ``torch.save``-safe; identical on every rank.
+        By default it counts every batch the latest iterator handed out. That is exact under
+        ``StatefulDataLoader`` (it snapshots this state as it takes each batch) and with
+        ``num_workers=0``; a plain ``DataLoader`` with workers prefetches ahead of the training
+        loop, so pass ``received``: the batches the loop has received from the current
+        iteration (like ``num_samples`` in mosaicml-streaming's ``StreamingDataset.state_dict``).
+        The state is plain JSON (and ``torch.save``) data, identical on every rank.
         """
-        if self._pending is not None:
-            position = self._pending
-        elif self._active is not None and self._active.epoch == self._epoch:
-            a = self._active
-            position = Position(a.epoch, self._world_size, a.next_step, a.history)
+        a = self._active
+        if self._pending is not None or a is None or a.epoch != self._epoch:
+            position = self._pending or Position(self._epoch, self._world_size, 0)
+            if received:
+                raise ValueError(
+                    f"received={received}, but no iteration of this position has started"
+                )
         else:
-            position = Position(self._epoch, self._world_size, 0)
+            handed_out = a.next_step - a.start
+            if received is None:
+                received = handed_out
+            elif not 0 <= received <= handed_out:
+                raise ValueError(
+                    f"received={received}, but this iteration has handed out {handed_out} batches"
+                )
+            position = Position(a.epoch, self._world_size, a.start + received, a.history)
         return to_state(position, self._fingerprint)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
