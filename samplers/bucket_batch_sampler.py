@@ -199,7 +199,8 @@ class BucketBatchSampler(Sampler[list[int]]):
             position = self._pending or Position(self._epoch, self._world_size, 0)
             if received:
                 raise ValueError(
-                    f"received={received}, but no iteration of this position has started"
+                    f"received={received}, but no iteration has started since the last "
+                    "set_epoch or load_state_dict"
                 )
         else:
             handed_out = a.next_step - a.start

@@ -111,3 +111,30 @@ def test_collated_batches_are_tensors_of_one_bucket() -> None:
     for batch in loader:
         assert isinstance(batch, torch.Tensor)
         assert len(set(IDS[batch.numpy()].tolist())) == 1
+
+
+def test_plain_dataloader_with_workers_resumes_from_the_batches_received() -> None:
+    sampler = BucketBatchSampler(IDS, batch_size=3, seed=2)
+    full = [b.tolist() for b in DataLoader(Indices(), batch_sampler=sampler, num_workers=2)]
+    sampler = BucketBatchSampler(IDS, batch_size=3, seed=2)
+    it = iter(DataLoader(Indices(), batch_sampler=sampler, num_workers=2))
+    head = [next(it).tolist() for _ in range(6)]
+    assert sampler.state_dict()["consumed"] > 6  # the workers' prefetch, not what we received
+    state = sampler.state_dict(received=6)
+    del it
+    fresh = BucketBatchSampler(IDS, batch_size=3, seed=2)
+    fresh.load_state_dict(state)
+    loader = DataLoader(Indices(), batch_sampler=fresh, num_workers=2)
+    assert len(loader) == len(full) - 6
+    assert head + [b.tolist() for b in loader] == full
+
+
+def test_received_beyond_what_was_handed_out_is_an_error() -> None:
+    sampler = BucketBatchSampler(IDS, batch_size=3)
+    with pytest.raises(ValueError, match="no iteration has started"):
+        sampler.state_dict(received=1)
+    assert sampler.state_dict(received=0)["consumed"] == 0
+    it = iter(sampler)
+    next(it), next(it)
+    with pytest.raises(ValueError, match="handed out 2 batches"):
+        sampler.state_dict(received=3)
