@@ -306,10 +306,14 @@ def _png(r: _Reader) -> tuple[tuple[int, int], dict] | None:
                 in_data = True
                 continue
             if cid == b"IHDR":
-                s = r.read(start, 8)
-                if length < 13 or len(s) < 8:
+                s = r.read(start, 13)
+                if length < 13 or len(s) < 13 or s[11]:  # Pillow: "unknown filter category"
                     return None
-                size = (int.from_bytes(s[:4], "big"), int.from_bytes(s[4:], "big"))
+                size = (int.from_bytes(s[:4], "big"), int.from_bytes(s[4:8], "big"))
+            elif cid == b"iCCP":  # Pillow refuses an unknown compression method here
+                s = r.read(start, min(length, 81))
+                if s[s.find(b"\x00") + 1 :][:1] != b"\x00":
+                    return None
             elif cid == b"acTL" and length >= 8:
                 n = int.from_bytes(r.read(start, 4), "big")
                 animated = not animated and 1 < n <= 0x80000000
