@@ -134,8 +134,8 @@ def _draw_tile(ax: Any, tile: PreviewTile) -> None:
     h0, w0 = tile.original.shape[:2]
     h1, w1 = tile.model_input.shape[:2]
     k0, k1 = height / h0, height / h1
-    left_w, gap = w0 * k0, 8.0
-    right_x = left_w + gap
+    left_w = w0 * k0
+    right_x = max(left_w + 8.0, 80.0)  # room for the left title above narrow portraits
     ax.imshow(tile.original, extent=(0, left_w, height, 0))
     ax.imshow(tile.model_input, extent=(right_x, right_x + w1 * k1, height, 0))
     x0, y0, x1, y1 = (v * k0 for v in tile.box)
@@ -148,13 +148,13 @@ def _draw_tile(ax: Any, tile: PreviewTile) -> None:
     ):
         ax.add_patch(Rectangle(rect[:2], *rect[2:], **shade))
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="#e53e3e", lw=1.8))
-    ax.text(0, -3, tile.title, fontsize=8, va="bottom", ha="left")
+    ax.text(0, -3, tile.title, fontsize=9, va="bottom", ha="left")
     flipped = ", flipped" if tile.flipped else ""
-    ax.text(right_x, -3, f"model input {w1}x{h1}{flipped}", fontsize=8, va="bottom", ha="left")
-    caption = textwrap.fill(tile.caption or "(no caption)", width=70, max_lines=2)
-    ax.text(0, height + 4, caption, fontsize=8, va="top", ha="left", style="italic")
+    ax.text(right_x, -3, f"model input\n{w1}x{h1}{flipped}", fontsize=9, va="bottom", ha="left")
+    caption = textwrap.fill(tile.caption or "(no caption)", width=64, max_lines=2)
+    ax.text(0, height + 4, caption, fontsize=9, va="top", ha="left", style="italic")
     ax.set_xlim(-1, max(right_x + w1 * k1, 210) + 1)
-    ax.set_ylim(height + 20, -14)
+    ax.set_ylim(height + 20, -22)
     ax.set_aspect("equal")
     ax.axis("off")
 
@@ -171,4 +171,4 @@ def plot_preview(tiles: list[PreviewTile], path: str | os.PathLike, columns: int
         _draw_tile(ax, tile)
     for ax in axes.flat[len(tiles) :]:
         ax.axis("off")
-    _save(fig, path, dpi=110)
+    _save(fig, path, dpi=85)
