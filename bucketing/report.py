@@ -634,7 +634,7 @@ def _config(call: Any, *args: Any, **kwargs: Any) -> Any:
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     """Scan, assign and plan as the arguments say; returns (figures, index, assignment)."""
     from bucketing.assign import assign
-    from bucketing.ladder import BucketLadder
+    from bucketing.ladder import MODEL_SPECS, BucketLadder
     from bucketing.scan import scan
     from samplers import BucketBatchSampler
 
@@ -642,6 +642,13 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     if args.max_area is not None:
         overrides["max_area"] = args.max_area
     if args.levels:
+        max_area = args.max_area or MODEL_SPECS[args.model].max_area
+        too_big = [s for s in args.levels if s * s > max_area]
+        if too_big:
+            raise ConfigError(
+                f"--levels {too_big[0]}: a {too_big[0]}² level is above the largest bucket area "
+                f"{max_area} ({args.model}); pass a larger --max-area or smaller level sides"
+            )
         overrides["levels"] = [s * s for s in args.levels]
     ladder = _config(BucketLadder.for_model, args.model, **overrides)
 

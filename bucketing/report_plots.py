@@ -51,7 +51,7 @@ def plot_report(figures: dict[str, Any], path: str | os.PathLike) -> None:
     accepted = [r for r in rows if r["bucket"] is not None]
     ladder = np.asarray(figures["ladder"]["buckets"], dtype=np.float64).reshape(-1, 2)
 
-    fig = plt.figure(figsize=(12, 8), layout="constrained")
+    fig = plt.figure(figsize=(min(24.0, max(12.0, 0.16 * len(buckets))), 8), layout="constrained")
     grid = fig.add_gridspec(2, 3)
     ax_occ = fig.add_subplot(grid[0, :])
     ax_asp, ax_crop, ax_res = (fig.add_subplot(grid[1, i]) for i in range(3))
@@ -62,11 +62,12 @@ def plot_report(figures: dict[str, Any], path: str | os.PathLike) -> None:
     x = np.arange(len(buckets))
     colors = [_WARN if b["underfilled"] else _ACCENT for b in buckets]
     ax_occ.bar(x, [b["images"] for b in buckets], color=colors)
-    ax_occ.set_xticks(x)
+    every = -(-len(buckets) // 150)  # at most 150 labels: they stay legible
+    ax_occ.set_xticks(x[::every])
     ax_occ.set_xticklabels(
-        [f"{b['width']}x{b['height']}" for b in buckets],
+        [f"{b['width']}x{b['height']}" for b in buckets[::every]],
         rotation=90 if len(buckets) > 8 else 0,
-        fontsize=8 if len(buckets) > 24 else 9,
+        fontsize=7 if len(buckets) > 24 else 9,
     )
     ax_occ.set_ylabel("images")
     ax_occ.set_title(
