@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,11 +82,12 @@ def load_image(
     name = describe_source(path_or_bytes)
     bg = _background(background)
     try:
-        fp = (
-            io.BytesIO(path_or_bytes)
-            if isinstance(path_or_bytes, (bytes, bytearray, memoryview))
-            else path_or_bytes
-        )
+        if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+            fp = io.BytesIO(path_or_bytes)
+        else:
+            fp = path_or_bytes
+            if not stat.S_ISREG(os.stat(fp).st_mode):  # opening a FIFO would block forever
+                raise ImageDecodeError(name, "not a regular file")
         with Image.open(fp) as img:
             width, height = img.size
             if width < 1 or height < 1:
@@ -109,7 +111,7 @@ def load_image(
         raise ImageDecodeError(name, f"too_many_pixels: {e}") from e
     except Image.UnidentifiedImageError as e:
         raise ImageDecodeError(name, "not a recognised image format") from e
-    except (OSError, ValueError, SyntaxError, EOFError, TypeError, MemoryError) as e:
+    except Exception as e:  # any decoder failure (the AVIF plugin raises RuntimeError)
         raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from e
     if orientation in _TRANSPOSE:
         rgb = rgb.transpose(_TRANSPOSE[orientation])
