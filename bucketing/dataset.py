@@ -4,7 +4,8 @@ bucket, captioned and (optionally) tokenized.
 Every random choice comes from ``sample_rng(seed, epoch, i, stream)``, never from worker RNG
 state, so a sample is the same in any worker, with any worker count, after any resume.
 
-A file that fails to decode (or to fit its bucket) at training time does not end the epoch:
+A file that fails to decode (or to fit its bucket, or no longer has the size the scan
+recorded) at training time does not end the epoch:
 with ``on_error="substitute"`` another member of the same bucket (so the batch keeps its
 shape) is used, chosen deterministically, the sample says ``substituted=True`` and carries
 the requested row as ``original_index``, and a warning names the file once per process;
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from transforms.image import ImageDecodeError, load_image
+from transforms.image import ORIGINAL_SIZE_KEY, ImageDecodeError, load_image
 from transforms.rng import sample_rng
 
 if TYPE_CHECKING:
@@ -149,6 +150,13 @@ class TextToImageDataset(Dataset):
             max_pixels=self.max_pixels,
             draft_size=wh if self.draft else None,
         )
+        h, w = img.info[ORIGINAL_SIZE_KEY]
+        scanned = (int(self.index.width[row]), int(self.index.height[row]))
+        if (w, h) != scanned:  # its bucket was chosen for another picture
+            raise ValueError(
+                f"the file is {w}x{h} but was {scanned[0]}x{scanned[1]} when scanned: it "
+                "changed after the scan (rescan to train on it)"
+            )
         rng = sample_rng(self.seed, self.epoch, requested, "image")
         sample = dict(self.image_transform(img, wh, rng))
         shape = tuple(getattr(sample.get("pixel_values"), "shape", ()))
