@@ -27,6 +27,8 @@ import numpy as np
 
 from samplers.permutation import permute
 
+_GROUP_CHUNK = 1 << 16  # indices per chunk of the grouping sort
+
 
 @dataclass(frozen=True, eq=False)
 class Plan:
@@ -89,21 +91,39 @@ def canonical_ids(bucket_ids: np.ndarray) -> np.ndarray:
     The representation depends on the values only, so it is what the fingerprint hashes, and
     numpy radix-sorts uint8 / uint16 keys, which makes :func:`group_by_bucket` fast.
     """
-    return _compact(bucket_ids + 1, int(bucket_ids.max()) + 2)
+    bound = int(bucket_ids.max()) + 2
+    for dtype in (np.uint8, np.uint16):
+        if bound <= np.iinfo(dtype).max + 1:
+            codes = bucket_ids.astype(dtype)  # -1 wraps to the dtype's max ...
+            codes += 1  # ... and back to 0: no int64 temporary of size N
+            return codes
+    return bucket_ids + 1
 
 
 def group_by_bucket(codes: np.ndarray, num_buckets: int) -> tuple[np.ndarray, np.ndarray]:
     """Dataset indices grouped by bucket, ascending within each, and the bucket offsets.
 
     ``codes`` are :func:`canonical_ids` (bucket id + 1, every id < ``num_buckets``); excluded
-    entries are left out. Returns (members, offsets): members int32 when N < 2**31 (else
-    int64), bucket b being ``members[offsets[b]:offsets[b + 1]]``; offsets (K + 1,) int64.
+    entries are left out. A stable counting sort done in cache-sized chunks, so the only
+    array of size N it allocates is the result. Returns (members, offsets): members int32 when
+    N < 2**31 (else int64), bucket b being ``members[offsets[b]:offsets[b + 1]]``; offsets
+    (K + 1,) int64.
     """
-    counts = np.bincount(codes, minlength=num_buckets + 1)
-    order = np.argsort(codes, kind="stable")[counts[0] :]
-    dtype = np.int32 if len(codes) < 2**31 else np.int64
-    offsets = np.concatenate([[0], np.cumsum(counts[1:])]).astype(np.int64)
-    return order.astype(dtype, copy=False), offsets
+    starts = range(0, len(codes), _GROUP_CHUNK)
+    chunk_counts = [np.bincount(codes[i : i + _GROUP_CHUNK], minlength=num_buckets + 1)
+                    for i in starts]  # fmt: skip
+    counts = np.sum(chunk_counts, axis=0)[1:]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    members = np.empty(offsets[-1], dtype=np.int32 if len(codes) < 2**31 else np.int64)
+    write = offsets[:-1].copy()
+    for i, local_counts in zip(starts, chunk_counts, strict=True):
+        order = np.argsort(codes[i : i + _GROUP_CHUNK], kind="stable")
+        cuts = np.cumsum(local_counts)
+        for b in np.flatnonzero(local_counts[1:]):
+            part = order[cuts[b] : cuts[b + 1]]
+            members[write[b] : write[b] + len(part)] = part + i
+            write[b] += len(part)
+    return members, offsets
 
 
 def make_plan(
@@ -223,11 +243,3 @@ def _members_at(
     if plan.shuffle:
         slot = permute(slot, n, plan.keys[member_bucket])
     return plan.members[plan.offsets[member_bucket] + slot], bounds
-
-
-def _compact(values: np.ndarray, bound: int) -> np.ndarray:
-    """Non-negative ``values`` (all < ``bound``) in uint8 / uint16 when they fit, else int64."""
-    for dtype in (np.uint8, np.uint16):
-        if bound <= np.iinfo(dtype).max + 1:
-            return values.astype(dtype)
-    return values.astype(np.int64)
