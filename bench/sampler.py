@@ -11,7 +11,7 @@ at another world size (elastic: the rest of the epoch is re-planned).
 
     python bench/sampler.py            # 1M and 10M indices, world sizes 1/8/64, 5 repetitions
     python bench/sampler.py --quick    # same sizes, 1 timed repetition (after the warm-up)
-    python bench/sampler.py --tiny     # smoke test: 20k indices, world sizes 1 and 8
+    python bench/sampler.py --tiny     # smoke test: 20k indices, world size 8
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     if args.tiny:
-        args.sizes, args.world_sizes, args.reps = [20_000], [1, 8], 1
+        args.sizes, args.world_sizes, args.reps = [20_000], [8], 1
     elif args.quick:
         args.reps = 1
 
