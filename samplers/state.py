@@ -110,9 +110,15 @@ def from_state(state: dict[str, Any], fp: dict[str, Any]) -> Position:
             + "; ".join(diffs)
             + ". Build the sampler with the same data and settings to resume, or do not load it."
         )
+    segments = state.get("history", [])
+    if not isinstance(segments, (list, tuple)) or any(
+        not isinstance(seg, (list, tuple)) or len(seg) != 2 for seg in segments
+    ):
+        raise ValueError(
+            f"sampler state history must be [[world_size, consumed], ...], got {segments!r}"
+        )
     history = tuple(
-        (_int(w, "history world_size", 1), _int(k, "history consumed", 0))
-        for w, k in state.get("history", [])
+        (_int(w, "history world_size", 1), _int(k, "history consumed", 0)) for w, k in segments
     )
     return Position(
         epoch=_int(state["epoch"], "epoch", 0),

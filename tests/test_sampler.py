@@ -279,15 +279,27 @@ def test_loading_a_state_from_another_configuration_names_the_difference(change,
     [
         ([1, 2], "must be a dict"),
         ({"epoch": 0}, "missing"),
-        ({"version": 99}, "version 99"),
     ],
 )
 def test_loading_garbage_is_a_clear_error(state, message):
     sampler = BucketBatchSampler(np.zeros(8, dtype=int), batch_size=2)
-    if isinstance(state, dict) and "version" in state:
-        state = {**sampler.state_dict(), **state}
     with pytest.raises(ValueError, match=message):
         sampler.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ({"version": 99}, "version 99"),
+        ({"history": [[2]]}, "history must be"),
+        ({"consumed": -1}, "consumed must be an int >= 0"),
+        ({"epoch": "1"}, "epoch must be an int"),
+    ],
+)
+def test_loading_a_corrupted_field_is_a_clear_error(field, message):
+    sampler = BucketBatchSampler(np.zeros(8, dtype=int), batch_size=2)
+    with pytest.raises(ValueError, match=message):
+        sampler.load_state_dict({**sampler.state_dict(), **field})
 
 
 def test_loading_more_consumed_steps_than_the_epoch_has_is_an_error() -> None:
