@@ -73,8 +73,10 @@ def _bucketsampler():
 
 
 def _quality(name: str, wh: np.ndarray, sizes: np.ndarray, max_area: int,
-             n_buckets: int) -> dict:
-    """Loss figures from bucket shapes alone, the same formulas for every side."""
+             n_buckets: int, common: np.ndarray) -> dict:
+    """Loss figures from bucket shapes alone, the same formulas for every side. ``common``:
+    the images ours accepts; its crop mean compares every side on the same images (ours
+    rejects the smallest ones, which would otherwise weigh on the peers' figures only)."""
     ok = (wh > 0).all(axis=1)
     w, h = sizes[ok, 0].astype(float), sizes[ok, 1].astype(float)
     bw, bh = wh[ok, 0].astype(float), wh[ok, 1].astype(float)
@@ -85,6 +87,7 @@ def _quality(name: str, wh: np.ndarray, sizes: np.ndarray, max_area: int,
         "method": name,
         "buckets used": n_buckets,
         "crop mean": crop.mean(),
+        "crop mean, same images": crop[common[ok]].mean(),
         "crop p95": np.percentile(crop, 95),
         "res loss mean": res.mean(),
         "upscaled %": 100 * (s > 1 + 1e-9).mean() * ok.mean(),
@@ -130,20 +133,20 @@ def bench_quality(n: int) -> None:
     rows = []
     a = assign(sizes, flux)
     rows.append(_quality("ours: flux, default levels", a.bucket_wh, sizes, flux.max_area,
-                         int((a.counts > 0).sum())))
+                         int((a.counts > 0).sum()), a.accepted))
     bs = _bucketsampler()
     if bs is not None:
         sdxl = bs.load_preset("sdxl")
         idx = bs.assign_many_indices(sizes, sdxl)
         wh = np.array([b.as_tuple() for b in sdxl], dtype=np.int64)[idx]
         rows.append(_quality("bucketsampler sdxl preset", wh, sizes, 1024 * 1024,
-                             len(np.unique(idx))))
+                             len(np.unique(idx)), a.accepted))
     resos = make_bucket_resolutions((1024, 1024))
     for no_up in (False, True):
         t = select_buckets(sizes, resos, no_upscale=no_up)
         used = len(np.unique(t.bucket_wh[~t.rejected], axis=0))
         label = "typical trainer, no-upscale" if no_up else "typical trainer"
-        rows.append(_quality(label, t.bucket_wh, sizes, 1024 * 1024, used))
+        rows.append(_quality(label, t.bucket_wh, sizes, 1024 * 1024, used, a.accepted))
     print_table(rows, f"quality on {n:,} realistic photo sizes (losses are fractions of pixels)")
 
 
