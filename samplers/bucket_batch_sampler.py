@@ -170,7 +170,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             # (e.g. a 2-D tolist) wakes the cyclic garbage collector over and over.
             values, cuts = flat.tolist(), bounds.tolist()
             for i in range(stop - t):
-                p.next_step = t + i + 1  # counted before the yield: a state taken now excludes it
+                p.next_step = t + i + 1  # counted before the yield: the caller has it once asked
                 yield values[cuts[i] : cuts[i + 1]]
             t = stop
 
