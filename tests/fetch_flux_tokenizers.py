@@ -40,4 +40,5 @@ def fetch(dest: Path) -> Path:
 
 
 if __name__ == "__main__":
-    print(f"FLUX tokenizers in {fetch(Path(sys.argv[1] if len(sys.argv) > 1 else '.cache/flux-tokenizers'))}")
+    dest = Path(sys.argv[1] if len(sys.argv) > 1 else ".cache/flux-tokenizers")
+    print(f"FLUX tokenizers in {fetch(dest)}")
