@@ -65,7 +65,10 @@ def image_extensions() -> tuple[str, ...]:
 
 def read_text(path: str) -> str:
     """Read a caption file as UTF-8 (a BOM is dropped), falling back to cp1252 and then
-    Latin-1 (which accepts every byte), so legacy Windows/Latin-1 captions read correctly."""
+    Latin-1 (which accepts every byte), so legacy Windows/Latin-1 captions read correctly.
+    Only regular files are read: a FIFO would block and a device may never end (OSError)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", path)
     with open(path, "rb") as f:
         data = f.read()
     for encoding in ("utf-8-sig", "cp1252"):
