@@ -13,13 +13,17 @@ the README's "bad input -> what happens" table; a test keeps the two in step.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
 import random
 import re
+import resource
+import select
 import shutil
+import signal
 import struct
 import tempfile
 import warnings
@@ -46,6 +50,14 @@ from bucketing.scan import scan
 from transforms.collate import collate
 from transforms.image import ImageDecodeError, load_image
 from transforms.resize_crop import BucketResizeCrop
+
+# Pillow's own complaints about the hostile files are expected; ours are asserted on.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Corrupt EXIF data",
+    "ignore:Metadata Warning",
+    "ignore:Tag data larger than file",
+    "ignore::PIL.Image.DecompressionBombWarning",
+)
 
 LADDER = BucketLadder.from_buckets([(32, 32), (48, 16), (16, 48), (64, 16), (16, 64)])
 TRANSFORM = BucketResizeCrop(crop="random", flip_p=0.5)
@@ -167,6 +179,7 @@ SCAN_REJECTS = {  # file -> the reason scan records (the file is never decoded)
     "dangling.png": "missing_file",
     "self_loop.jpg": "symlink_loop",
     "sub/up": "symlink_loop",
+    "fifo_caption.txt": "unreadable_caption",  # the image is kept, caption-less
 }
 
 # Accepted by scan (the header is fine) but no pixels come out: substituted at load time.
@@ -233,6 +246,7 @@ def _write_folder(root: Path, odd_dir: Path) -> set[str]:
         "strip_1x50.png": _encode(_picture(20, 1000), "PNG"),
         "strip_50x1.jpg": _encode(_picture(1500, 30), "JPEG"),
         "folder.jpg/inside.png": _encode(_picture(40, 40), "PNG"),
+        "fifo_caption.png": _encode(_picture(40, 40), "PNG"),
         "avif_decoder_fails.avif": _broken_avif(),
     }
     for name in CHANGED_AFTER_SCAN:
@@ -244,6 +258,7 @@ def _write_folder(root: Path, odd_dir: Path) -> set[str]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
     os.mkfifo(root / "fifo.jpg")
+    os.mkfifo(root / "fifo_caption.txt")  # a caption sidecar nobody will ever write to
     os.symlink("nowhere.png", root / "dangling.png")
     os.symlink("self_loop.jpg", root / "self_loop.jpg")
     (root / "sub").mkdir()
@@ -255,6 +270,7 @@ def _write_folder(root: Path, odd_dir: Path) -> set[str]:
         f.write(LATIN1_CAPTION.encode("latin-1") + b"\n")
     odd = {f"odd/{p.name}" for p in odd_dir.iterdir() if p.suffix != ".json"}
     links = {"fifo.jpg", "dangling.png", "self_loop.jpg", "sub/up"}
+    links |= {"fifo_caption.txt"}
     return odd | set(files) | links | {os.fsdecode(LATIN1_NAME)}
 
 
@@ -272,6 +288,26 @@ def _damage(root: Path) -> None:
     os.mkfifo(root / "later_a_fifo.jpg")
 
 
+class _Blocked(Exception):
+    """Not an OSError (as TimeoutError is), so no ``except OSError`` can swallow it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str):
+    """Raise :class:`_Blocked` in the main thread if the block runs longer than ``seconds``."""
+
+    def expire(signum, frame):
+        raise _Blocked(f"{what} took more than {seconds} s: something blocked")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _rel(root: Path, path: str) -> str:
     return os.path.relpath(path, root)
 
@@ -284,7 +320,8 @@ def world(tmp_path_factory, odd_dir, odd_expected):
     root.mkdir()
     written = _write_folder(root, odd_dir)
     cache = base / "scan-cache.parquet"
-    index = scan(root, workers=2, cache=cache)
+    with _deadline(60, "scan"):  # a hang on a hostile file fails here, not forever
+        index = scan(root, workers=2, cache=cache)
     index_path = base / "index.parquet"
     index.save(index_path)
     assignment = assign(index, LADDER)
@@ -368,7 +405,6 @@ def test_a_rescan_through_the_cache_sees_the_damage(world):
     assert sizes["later_swapped.png"] == [400, 40] and sizes["later_shrunk.png"] == [12, 12]
 
 
-@pytest.mark.filterwarnings("ignore:Corrupt EXIF data", "ignore:Metadata Warning")
 def test_scan_size_is_what_the_decoder_gives_for_absurd_exif(world):
     for name, (_, oriented) in EXIF_CASES.items():
         path = world.root / name
@@ -416,6 +452,26 @@ def test_messy_manifest_through_scan_and_dataset(tmp_path):
     assert [s["caption"] for s in out] == ["first", "third, with a comma", ""]
     assert [tuple(s["pixel_values"].shape) for s in out] == [(3, 32, 32)] * 3
     assert not any(s["substituted"] for s in out)
+
+
+def test_caption_sidecars_that_never_end_are_refused(tmp_path):
+    """A sidecar linked to /dev/zero (endless) or a FIFO (blocks on open) must not hang the
+    scan or eat the memory: the image is kept without a caption, the sidecar rejected."""
+    for stem in ("endless", "fifo", "plain"):
+        _picture(40, 40).save(tmp_path / f"{stem}.png")
+    os.symlink("/dev/zero", tmp_path / "endless.txt")
+    os.mkfifo(tmp_path / "fifo.caption")
+    (tmp_path / "plain.txt").write_text("a plain caption\n")
+
+    def scan_it() -> dict:
+        index = scan(tmp_path, workers=0)
+        return {"captions": index.captions, "rejections": [list(r) for r in index.rejections]}
+
+    out = _in_child(scan_it, timeout=30)
+    assert "error" not in out, out
+    assert out["captions"] == [[], [], ["a plain caption"]]
+    got = [(os.path.basename(p), reason) for p, reason, _ in out["rejections"]]
+    assert got == [("endless.txt", "unreadable_caption"), ("fifo.caption", "unreadable_caption")]
 
 
 # -- assign: too small and extreme aspect ----------------------------------------------------
@@ -553,17 +609,20 @@ def test_bomb_limit_holds_at_scan_and_at_decode(tmp_path):
 # -- unreadable permissions (as an unprivileged user) ----------------------------------------
 
 
-def _as_nobody(fn) -> dict:
-    """Run ``fn() -> dict`` in a forked child that dropped root privileges (uid 65534)."""
+def _in_child(fn, *, as_nobody: bool = False, timeout: float = 60.0) -> dict:
+    """Run ``fn() -> dict`` in a forked child (optionally as uid 65534, root dropped), its
+    address space capped at 4 GiB; a child still running after ``timeout`` s is killed."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
         try:
             os.close(read_end)
+            resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
             try:
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
+                if as_nobody:
+                    os.setgroups([])
+                    os.setgid(65534)
+                    os.setuid(65534)
             except OSError as e:
                 out = {"cannot_drop": str(e)}
             else:
@@ -574,8 +633,13 @@ def _as_nobody(fn) -> dict:
         os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as f:
-        data = f.read()
+        ready, _, _ = select.select([f], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        data = f.read() if ready else b""
     os.waitpid(pid, 0)
+    if not ready:
+        pytest.fail(f"{fn.__name__} did not finish within {timeout} s: something blocked")
     return json.loads(data)
 
 
@@ -606,7 +670,7 @@ def test_unreadable_files_at_scan_and_at_load(odd_dir):
             }
 
         if os.geteuid() == 0:
-            out = _as_nobody(child)
+            out = _in_child(child, as_nobody=True)
             if "cannot_drop" in out:
                 pytest.skip(f"root, and cannot drop privileges here: {out['cannot_drop']}")
         else:
@@ -867,6 +931,11 @@ HOSTILE_CASES = [  # (bad input, what happens): the README's table, row by row
     (
         "non-UTF-8 file name; caption file in Latin-1",
         "scanned, loaded, caption decoded; the saved index keeps the exact bytes",
+    ),
+    (
+        "caption sidecar that is a FIFO, or a symlink to `/dev/zero`",
+        "image kept without a caption; the sidecar rejected `unreadable_caption` (only "
+        "regular files are read: nothing blocks, nothing reads forever)",
     ),
     (
         "CSV manifest with blank rows, a short row, a row without a path, a repeated path, "
