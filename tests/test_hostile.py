@@ -610,14 +610,19 @@ def test_bomb_limit_holds_at_scan_and_at_decode(tmp_path):
 
 
 def _in_child(fn, *, as_nobody: bool = False, timeout: float = 60.0) -> dict:
-    """Run ``fn() -> dict`` in a forked child (optionally as uid 65534, root dropped), its
-    address space capped at 4 GiB; a child still running after ``timeout`` s is killed."""
+    """Run ``fn() -> dict`` in a forked child (optionally as uid 65534, root dropped) that
+    may map at most 2 GiB more than it inherited; one still running after ``timeout`` s is
+    killed."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
         try:
             os.close(read_end)
-            resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+            mapped = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf(
+                "SC_PAGESIZE"
+            )
+            hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+            resource.setrlimit(resource.RLIMIT_AS, (mapped + (2 << 30), hard))
             try:
                 if as_nobody:
                     os.setgroups([])
