@@ -12,6 +12,7 @@ loss vs bucket count) and ``min_bucket_size`` (padding vs losses).
     python bench/assign.py            # full: 1M and 10M sizes, 5 repetitions
     python bench/assign.py --quick    # 1M sizes, 3 repetitions
     python bench/assign.py --tiny     # smoke test: 20k sizes, 1 repetition
+    python bench/assign.py --quick --sizes 1000000 10000000   # what make bench runs
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="1M sizes, 3 repetitions")
     mode.add_argument("--tiny", action="store_true", help="smoke test at 20k sizes")
+    ap.add_argument("--sizes", type=int, nargs="+", help="override the timed N (e.g. 10000000)")
     args = ap.parse_args(argv)
     print(machine_line())
     if args.tiny:
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes_n, reps, quality_n, small_n = [1_000_000], 3, 200_000, 5_000
     else:
         sizes_n, reps, quality_n, small_n = [1_000_000, 10_000_000], 5, 1_000_000, 5_000
+    sizes_n = args.sizes or sizes_n
     bench_speed(sizes_n, reps)
     bench_quality(quality_n)
     bench_levels(quality_n)

@@ -35,7 +35,11 @@ from bucketing.atomic import atomic_write_bytes  # noqa: E402
 # name -> arguments per mode; the order is the issue's.
 SCRIPTS: dict[str, dict[str, list[str]]] = {
     "scan": {"full": [], "quick": ["--quick"], "tiny": ["--files", "50", "--reps", "1"]},
-    "assign": {"full": [], "quick": ["--quick"], "tiny": ["--tiny"]},
+    "assign": {
+        "full": [],
+        "quick": ["--quick", "--sizes", "1000000", "10000000"],  # the 10M target
+        "tiny": ["--tiny"],
+    },
     "sampler": {"full": [], "quick": ["--quick"], "tiny": ["--tiny"]},
     "loader": {"full": [], "quick": ["--quick"], "tiny": ["--tiny"]},
 }
