@@ -49,8 +49,10 @@ _ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "LA", "La": "LA", "PA": "R
 class ImageDecodeError(OSError):
     """An image that cannot become RGB pixels; ``source`` and ``reason`` say which and why."""
 
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"cannot load image {source}: {reason}")
+    def __init__(self, source: str, reason: str | None = None) -> None:
+        # A lone argument is a finished message: that is how torch's DataLoader re-raises a
+        # worker's exception in the main process, so ``except ImageDecodeError`` still works.
+        super().__init__(source if reason is None else f"cannot load image {source}: {reason}")
         self.source = source
         self.reason = reason
 
