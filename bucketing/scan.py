@@ -140,13 +140,19 @@ def _scan_shard(
     show: bool,
 ) -> tuple[list[Header], list[tuple[int, int] | None], int, int]:
     """Headers for ``shard``, their stat keys, how many were read and how many came from
-    the cache."""
+    the cache.
+
+    An entry is read through ``blobs(entry.row)`` only when there is a blob reader: a
+    dataset whose images are all files on disk has rows but no ``blobs``, and its
+    entries are read (and cached) by path like any other file.
+    """
+    rows = [e.row if blobs is not None else None for e in shard]
     headers: list[Header | None] = [None] * len(shard)
     keys: list[tuple[int, int] | None] = [None] * len(shard)
     todo: list[int] = []
     reused = 0
     for i, entry in enumerate(shard):
-        if prior is not None and entry.row is None:
+        if prior is not None and rows[i] is None:
             try:
                 st = os.stat(entry.path)
             except FileNotFoundError:
@@ -162,7 +168,7 @@ def _scan_shard(
                 reused += 1
                 continue
         todo.append(i)
-    fresh = _read_all([(shard[i].path, shard[i].row) for i in todo], workers, blobs, show)
+    fresh = _read_all([(shard[i].path, rows[i]) for i in todo], workers, blobs, show)
     for i, h in zip(todo, fresh, strict=True):
         headers[i] = h
     return headers, keys, len(todo), reused  # type: ignore[return-value]

@@ -194,6 +194,25 @@ def test_dataset_with_image_bytes(exif_dir):
         assert index.image_source(i) == f.read_bytes()
 
 
+def test_dataset_of_image_paths_on_disk(exif_dir, tmp_path, monkeypatch):
+    """An Image column of files on disk (no bytes): scanned from the files, with or without a
+    cache, in-process and in workers; the index reads the files by path (no blob reader)."""
+    monkeypatch.setattr(scan_module, "_MIN_PER_WORKER", 1)  # use the pool on 3 files
+    datasets = pytest.importorskip("datasets")
+    files = sorted(exif_dir.glob("Landscape_*.jpg"))[:3]
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(f) for f in files], "text": ["a", "b", "c"]}
+    ).cast_column("image", datasets.Image())
+    for kw in ({"workers": 0}, {"workers": 0, "cache": tmp_path / "c.parquet"}, {"workers": 2}):
+        index = scan(ds, **kw)
+        assert index.rejections == [], kw
+        assert index.paths == [str(f) for f in files] and index.blob is None
+        assert index.sizes.tolist() == [[1800, 1200]] * 3
+        assert index.captions == [["a"], ["b"], ["c"]]
+    again = scan(ds, workers=0, cache=tmp_path / "c.parquet")
+    assert again.scan_stats.reused == 3 and again.scan_stats.read == 0
+
+
 @settings(
     deadline=None,
     max_examples=10,
