@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
-    "READER_VERSION", "Header", "default_max_pixels", "read_header", "read_many",
-    "worker_init", "worker_read",
+    "READER_VERSION", "SWAPS_AXES", "Header", "default_max_pixels", "orientation_code",
+    "read_header", "read_many", "worker_init", "worker_read",
 ]  # fmt: skip
 
 READER_VERSION = 1
@@ -42,7 +42,9 @@ _WINDOW = 4096
 # non-blocking: a FIFO put where an image was must not hang the scan
 _OPEN_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
 _MAX_TEXT = 64 * 2**20  # Pillow refuses PNGs with more text than this (MAX_TEXT_MEMORY)
-_SWAP = frozenset({5, 6, 7, 8})  # orientations that turn the image a quarter turn
+SWAPS_AXES = frozenset({5, 6, 7, 8})
+"""Orientation codes that turn the image a quarter turn (width and height swap)."""
+_CODES = {code: code for code in range(1, 9)}
 _ABSENT = object()  # an EXIF directory without an orientation entry
 _ASK_PILLOW = object()  # an orientation entry the fast parser leaves to Pillow
 
@@ -210,14 +212,26 @@ def _parse(r: _Reader, source: str | bytes) -> Header:
     return _oriented(w, h, orientation)
 
 
+def orientation_code(value: Any) -> int:
+    """The EXIF orientation (1..8) that ``ImageOps.exif_transpose`` applies for a tag-274
+    ``value`` as ``Image.getexif()`` returns it; 1 (as stored) for anything else.
+
+    Pillow looks the raw value up in a dict keyed 2..8, so a RATIONAL or FLOAT entry
+    (``IFDRational(6, 1)``, ``6.0``) counts as 6 while ``"6"``, ``6.5``, ``True`` or a
+    tuple count as nothing. Unhashable junk, on which ``exif_transpose`` itself raises,
+    is 1 here. ``scan`` (the oriented size) and ``load_image`` (the pixels) share this
+    one rule, so they cannot disagree.
+    """
+    try:
+        return _CODES.get(value, 1)
+    except TypeError:
+        return 1
+
+
 def _oriented(w: int, h: int, orientation: Any) -> Header:
     if w <= 0 or h <= 0:
         return Header(reason="unreadable", detail=f"header declares a {w}x{h} image")
-    try:
-        swap = orientation in _SWAP
-    except TypeError:  # unhashable junk: Pillow's exif_transpose would fail on it
-        swap = False
-    return Header(h, w) if swap else Header(w, h)
+    return Header(h, w) if orientation_code(orientation) in SWAPS_AXES else Header(w, h)
 
 
 def _oserror(e: OSError) -> str:

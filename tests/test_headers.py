@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageOps, PngImagePlugin, features
+from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, features
 
-from bucketing.headers import Header, default_max_pixels, read_header
+from bucketing.headers import Header, default_max_pixels, orientation_code, read_header
 
 REASONS = {"missing_file", "empty_file", "not_an_image", "unreadable", "too_many_pixels"}
 SIZE = (60, 20)  # non-square so that a missed quarter turn shows
@@ -188,7 +188,11 @@ def jpeg_with_exif_entry(typ: int, count: int, value: bytes, endian: str = "<") 
     """A JPEG whose only EXIF entry is tag 274 with the given TIFF type/count/value field."""
     prefix = b"II*\x00" if endian == "<" else b"MM\x00*"
     ifd = struct.pack(endian + "H", 1) + struct.pack(endian + "HHL", 274, typ, count)
-    tiff = prefix + struct.pack(endian + "L", 8) + ifd + value.ljust(4, b"\x00") + b"\x00" * 4
+    if len(value) > 4:  # stored after the directory; the entry holds its offset
+        field, tail = struct.pack(endian + "L", 8 + 2 + 12 + 4), value
+    else:
+        field, tail = value.ljust(4, b"\x00"), b""
+    tiff = prefix + struct.pack(endian + "L", 8) + ifd + field + b"\x00" * 4 + tail
     app1 = b"Exif\x00\x00" + tiff
     plain = encode("JPEG")
     return plain[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + plain[2:]
@@ -206,11 +210,46 @@ def jpeg_with_exif_entry(typ: int, count: int, value: bytes, endian: str = "<") 
         (2, 2, b"6\x00", "<"),  # ASCII "6"
         (9, 1, struct.pack("<l", 6), "<"),  # SLONG
         (99, 1, struct.pack("<H", 6), "<"),  # unknown type: Pillow skips the entry
+        (5, 1, struct.pack("<LL", 6, 1), "<"),  # RATIONAL 6/1
+        (10, 1, struct.pack(">ll", 16, 2), ">"),  # SRATIONAL 16/2 = 8
+        (5, 1, struct.pack("<LL", 13, 2), "<"),  # RATIONAL 6.5: no such orientation
+        (5, 1, struct.pack("<LL", 6, 0), "<"),  # RATIONAL 6/0 (nan)
+        (11, 1, struct.pack("<f", 6.0), "<"),  # FLOAT
+        (12, 1, struct.pack(">d", 5.0), ">"),  # DOUBLE
     ],
 )
 def test_unusual_exif_encodings_follow_pillow(typ, count, value, endian):
     data = jpeg_with_exif_entry(typ, count, value, endian)
     assert (both(data).width, both(data).height) == pillow_size(data)
+
+
+def _transposed(value: object) -> Image.Image:
+    """``ImageOps.exif_transpose`` of a small marked image whose tag 274 holds ``value``."""
+    im = Image.new("RGB", SIZE, (200, 30, 30))
+    im.putpixel((0, 0), (0, 0, 255))
+    im.getexif()[274] = value
+    return ImageOps.exif_transpose(im)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    value=st.one_of(
+        st.integers(-1, 10),
+        st.integers(-1, 10).map(float),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.builds(TiffImagePlugin.IFDRational, st.integers(-2, 20), st.integers(0, 3)),
+        st.sampled_from(["6", b"6", (6,), (6, 1), None, True, False]),
+    )
+)
+def test_orientation_code_reads_a_value_as_exif_transpose_does(value):
+    code = orientation_code(value)
+    assert type(code) is int and 1 <= code <= 8
+    got, want = _transposed(value), _transposed(code)
+    assert got.size == want.size and got.tobytes() == want.tobytes()
+
+
+def test_orientation_code_of_unhashable_junk_is_1():
+    assert orientation_code([6]) == orientation_code({6: 6}) == 1
 
 
 def test_two_exif_segments_and_fill_bytes():

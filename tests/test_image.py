@@ -4,6 +4,7 @@ the JPEG draft path, the bomb limit, and clean failures on hostile bytes."""
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 
+from bucketing.headers import read_header
 from transforms.image import ImageDecodeError, load_image
 from transforms.resize_crop import BucketResizeCrop, resize_crop
 
@@ -48,6 +50,38 @@ def test_hopper_orientations_match_upright(odd_dir, ext, n):
     ref = _px(load_image(odd_dir / "hopper.jpg"))
     img = load_image(odd_dir / f"hopper_orientation_{n}.{ext}")
     assert np.abs(_px(img) - ref).mean() < 6
+
+
+def _jpeg_with_orientation(typ: int, value: bytes) -> bytes:
+    """A marked 60x20 JPEG whose EXIF holds tag 274 as TIFF type ``typ`` (little-endian)."""
+    entry = struct.pack("<HHL", 274, typ, 1)
+    if len(value) > 4:  # stored after the directory; the entry holds its offset
+        field, tail = struct.pack("<L", 8 + 2 + 12 + 4), value
+    else:
+        field, tail = value.ljust(4, b"\x00"), b""
+    tiff = b"II*\x00" + struct.pack("<LH", 8, 1) + entry + field + b"\x00" * 4 + tail
+    img = Image.new("RGB", (60, 20), (200, 30, 30))
+    img.paste((0, 0, 255), (0, 0, 10, 5))
+    return _save(img, "JPEG", exif=b"Exif\x00\x00" + tiff)
+
+
+@pytest.mark.parametrize(
+    "typ, value",
+    [
+        (5, struct.pack("<LL", 6, 1)),  # RATIONAL 6/1: Pillow reads 6.0 and turns the image
+        (10, struct.pack("<ll", 16, 2)),  # SRATIONAL 8
+        (11, struct.pack("<f", 6.0)),  # FLOAT
+        (12, struct.pack("<d", 5.0)),  # DOUBLE
+        (5, struct.pack("<LL", 13, 2)),  # 6.5: no orientation, left as stored
+    ],
+)
+def test_orientation_stored_as_rational_or_float(typ, value):
+    data = _jpeg_with_orientation(typ, value)
+    with Image.open(io.BytesIO(data)) as im:
+        want = ImageOps.exif_transpose(im)
+    img = load_image(data)
+    assert img.size == want.size == tuple(read_header(data)[:2])
+    assert np.array_equal(np.asarray(img), np.asarray(want))
 
 
 def test_orientation_changes_reported_size(odd_dir):

@@ -27,6 +27,7 @@ import math
 import os
 import stat
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -42,7 +43,6 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_SWAPS_AXES = {5, 6, 7, 8}
 _ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "LA": "LA", "La": "LA", "PA": "RGBA"}
 
 
@@ -81,6 +81,10 @@ def load_image(
     the image will later be scaled to cover (the bucket); lets a JPEG decode at 1/2, 1/4 or
     1/8 scale while staying at least that large. Raises :class:`ImageDecodeError` on any failure.
     """
+    # Not a top-level import: bucketing/__init__ imports bucketing.dataset, which imports
+    # this module, so importing transforms first would be circular.
+    from bucketing.headers import SWAPS_AXES, orientation_code
+
     name = describe_source(path_or_bytes)
     bg = _background(background)
     try:
@@ -100,12 +104,13 @@ def load_image(
                 )
             orientation = None
             if img.format == "JPEG":
-                orientation = _orientation(img)  # needed before decoding to size the draft
+                # needed before decoding to size the draft
+                orientation = orientation_code(_exif_orientation(img))
                 if draft_size is not None:
-                    _draft(img, orientation, draft_size)
+                    _draft(img, orientation in SWAPS_AXES, draft_size)
             img.load()
             if orientation is None:
-                orientation = _orientation(img)
+                orientation = orientation_code(_exif_orientation(img))
             rgb = _to_rgb(img, bg)
     except ImageDecodeError:
         raise
@@ -117,7 +122,7 @@ def load_image(
         raise ImageDecodeError(name, f"{type(e).__name__}: {e}") from e
     if orientation in _TRANSPOSE:
         rgb = rgb.transpose(_TRANSPOSE[orientation])
-    if orientation in _SWAPS_AXES:
+    if orientation in SWAPS_AXES:
         width, height = height, width
     rgb.info = {ORIGINAL_SIZE_KEY: (height, width)}
     return rgb
@@ -130,20 +135,21 @@ def _background(background: Sequence[int]) -> tuple[int, int, int]:
     return bg  # type: ignore[return-value]
 
 
-def _orientation(img: Image.Image) -> int:
-    """EXIF orientation (1..8) as ``ImageOps.exif_transpose`` reads it; 1 when unreadable."""
+def _exif_orientation(img: Image.Image) -> Any:
+    """Tag 274 as ``Image.getexif`` returns it (``bucketing.headers.orientation_code`` says
+    what it means); 1 when there is none or the EXIF block is unreadable."""
     try:
-        value = img.getexif().get(0x0112, 1)
+        return img.getexif().get(0x0112, 1)
     except Exception:  # a corrupt EXIF block must not lose the image; Pillow then reads 1 too
         return 1
-    return value if isinstance(value, int) and value in _TRANSPOSE else 1
 
 
-def _draft(img: Image.Image, orientation: int, draft_size: Sequence[int]) -> None:
-    """Ask libjpeg for the smallest DCT scale that still covers ``draft_size`` once oriented."""
+def _draft(img: Image.Image, swaps_axes: bool, draft_size: Sequence[int]) -> None:
+    """Ask libjpeg for the smallest DCT scale that still covers ``draft_size`` once oriented
+    (``swaps_axes``: the orientation turns the image a quarter turn)."""
     bw, bh = (int(v) for v in draft_size)
     width, height = img.size
-    if orientation in _SWAPS_AXES:
+    if swaps_axes:
         bw, bh = bh, bw
     if bw < 1 or bh < 1:
         return
