@@ -66,9 +66,10 @@ class Downloader:
 
     ``timeout`` bounds connecting and every socket read (seconds); ``deadline`` bounds
     one whole attempt, so a server dripping bytes cannot hold a worker forever.
-    Timeouts, connection errors, truncated bodies, HTTP 5xx/408/429 are retried
-    ``retries`` times with exponential ``backoff``; other HTTP errors (404, 403...)
-    and oversize files fail at once. ``workers`` threads fetch in parallel.
+    Timeouts, connection and TLS errors, truncated bodies, HTTP 5xx/408/429 are retried
+    ``retries`` times with exponential ``backoff``; other HTTP errors (404, 403...),
+    malformed URLs, oversize files and a cache folder that cannot be written fail at
+    once. Every failure is a :class:`DownloadError`. ``workers`` threads fetch in parallel.
     """
 
     cache_dir: str | os.PathLike | None = None
@@ -130,9 +131,9 @@ class Downloader:
             return dict(zip(todo, pool.map(one, todo), strict=True))
 
     def _download(self, url: str) -> str:
-        request = urllib.request.Request(url, headers={"User-Agent": "aspect-bucketing"})
         start = time.monotonic()
         try:
+            request = urllib.request.Request(url, headers={"User-Agent": "aspect-bucketing"})
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 declared = response.headers.get("Content-Length")
                 expected = int(declared) if declared and declared.isdigit() else None
@@ -170,18 +171,23 @@ class Downloader:
                 f"truncated body: got {len(e.partial)} more bytes, {e.expected} missing",
                 retryable=True,
             ) from None
-        except (http.client.HTTPException, ConnectionError) as e:
+        except (http.client.HTTPException, OSError) as e:  # resets, TLS errors, ...
             raise DownloadError(f"{type(e).__name__}: {e}", retryable=True) from None
+        except ValueError as e:  # a malformed URL (bad IPv6 host, port): fails before connecting
+            raise DownloadError(f"invalid URL: {e}") from None
         if total == 0:
             raise DownloadError("empty body")
         name = digest.hexdigest()
         name = os.path.join(name[:2], name + ext)
         target = os.path.join(self.cache_dir, "objects", name)
-        if not os.path.isfile(target):
-            with atomic_path(target) as tmp, open(tmp, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-        atomic_write_bytes(self._url_file(url), name.encode())
+        try:
+            if not os.path.isfile(target):
+                with atomic_path(target) as tmp, open(tmp, "wb") as f:
+                    for chunk in chunks:
+                        f.write(chunk)
+            atomic_write_bytes(self._url_file(url), name.encode())
+        except OSError as e:  # disk full, read-only or unusable cache folder: not a network issue
+            raise DownloadError(f"cannot store the download in {self.cache_dir}: {e}") from None
         return target
 
 

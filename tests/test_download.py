@@ -180,6 +180,23 @@ def test_unreachable_and_bad_urls(tmp_path):
         fast(tmp_path).fetch("ftp://127.0.0.1/x.png")
 
 
+def test_malformed_url_is_a_download_error_not_a_crash(tmp_path):
+    # urllib raises ValueError before connecting: not retryable, no network touched
+    got = fast(tmp_path).fetch_all(["http://[::1/x.jpg", "http://h:port/x.jpg"])
+    assert all(isinstance(e, DownloadError) and not e.retryable for e in got.values()), got
+    assert "attempts" not in str(got["http://[::1/x.jpg"])
+    resolved = resolve_source(["http://[::1/x.jpg"], downloader=fast(tmp_path))
+    assert [r.reason for r in resolved.rejections] == ["download_failed"]
+
+
+def test_cache_that_cannot_be_written_is_a_download_error(server, tmp_path):
+    (tmp_path / "file").write_bytes(b"")  # the cache folder would have to be inside a file
+    downloader = Downloader(tmp_path / "file" / "dl", retries=2, backoff=0.01)
+    with pytest.raises(DownloadError, match="cannot store") as e:
+        downloader.fetch(f"{server.url}/ok/a.png")
+    assert server.hits["/ok/a.png"] == 1 and not e.value.retryable
+
+
 def test_empty_body_fails(server, tmp_path):
     with pytest.raises(DownloadError, match="empty body"):
         fast(tmp_path).fetch(f"{server.url}/empty/x.png")
