@@ -22,6 +22,15 @@ INDEX_FORMAT = "aspect-bucketing/index"
 INDEX_VERSION = 2
 
 
+def utf8_text(text: str) -> str:
+    """``text`` as valid UTF-8 for parquet string columns: lone surrogates (a file name that
+    is not UTF-8, decoded with ``surrogateescape``; a JSON ``\\udce9`` escape) become
+    backslash escapes such as ``\\udce9``, readable and never a crash on save."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class Rejection(NamedTuple):
     """A file that will not be trained on, and why (``reason`` is a short stable code)."""
 
@@ -77,8 +86,13 @@ class ImageIndex:
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write accepted rows and rejections to one parquet file, atomically."""
+        """Write accepted rows and rejections to one parquet file, atomically.
+
+        Paths are stored as the bytes ``os.fsencode`` gives, so any file name round-trips;
+        captions, reasons and details as UTF-8 text (see :func:`utf8_text`).
+        """
         n, rej = len(self), self.rejections
+        captions = [[utf8_text(c) for c in caps] for caps in self.captions]
         table = pa.table(
             {
                 # Paths go through os.fsencode: file names need not be valid UTF-8.
@@ -87,9 +101,9 @@ class ImageIndex:
                 ),
                 "width": pa.array(np.concatenate([self.width, np.zeros(len(rej), np.int64)])),
                 "height": pa.array(np.concatenate([self.height, np.zeros(len(rej), np.int64)])),
-                "captions": pa.array(list(self.captions) + [[]] * len(rej), pa.list_(pa.string())),
-                "reason": pa.array([None] * n + [r.reason for r in rej], pa.string()),
-                "detail": pa.array([None] * n + [r.detail for r in rej], pa.string()),
+                "captions": pa.array(captions + [[]] * len(rej), pa.list_(pa.string())),
+                "reason": pa.array([None] * n + [utf8_text(r.reason) for r in rej], pa.string()),
+                "detail": pa.array([None] * n + [utf8_text(r.detail) for r in rej], pa.string()),
             }
         )
         table = table.replace_schema_metadata(

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from bucketing.atomic import atomic_path
 from bucketing.headers import READER_VERSION, Header
+from bucketing.index import utf8_text
 
 __all__ = ["CACHE_FORMAT", "CACHE_VERSION", "CacheRow", "ScanCache"]
 
@@ -117,7 +118,7 @@ class ScanCache:
                 "width": pa.array([r.header.width for r in rows], pa.int64()),
                 "height": pa.array([r.header.height for r in rows], pa.int64()),
                 "reason": pa.array([r.header.reason for r in rows], pa.string()),
-                "detail": pa.array([_text(r.header.detail) for r in rows], pa.string()),
+                "detail": pa.array([utf8_text(r.header.detail) for r in rows], pa.string()),
             }
         )
         table = table.replace_schema_metadata(
@@ -125,8 +126,3 @@ class ScanCache:
         )
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
-
-
-def _text(detail: str) -> str | None:
-    """A detail as valid UTF-8 (lone surrogates from odd file names escaped)."""
-    return detail.encode("utf-8", "backslashreplace").decode("utf-8") if detail else None

@@ -1,0 +1,38 @@
+"""ImageIndex.save/load: text that is not valid UTF-8 (names decoded with surrogateescape) in
+paths, rejection details and captions."""
+
+from __future__ import annotations
+
+import os
+
+from bucketing.index import ImageIndex, Rejection, utf8_text
+
+ODD = os.fsdecode(b"/data/caf\xe9/\xff.jpg")  # a Latin-1 name on a UTF-8 system: surrogates
+
+
+def test_surrogates_in_paths_details_and_captions_round_trip(tmp_path):
+    index = ImageIndex(
+        paths=[ODD],
+        width=[64],
+        height=[48],
+        captions=[["plain", "from json \udce9"]],
+        rejections=[
+            Rejection(ODD + ".png", "outside_base_dir", f"resolves to {ODD}"),
+            Rejection("/ok.jpg", "empty_file", ""),
+        ],
+    )
+    index.save(tmp_path / "index.parquet")
+    loaded = ImageIndex.load(tmp_path / "index.parquet")
+    assert loaded.paths == [ODD] and loaded.sizes.tolist() == [[64, 48]]
+    assert loaded.captions == [["plain", "from json \\udce9"]]
+    assert loaded.rejections == [
+        Rejection(ODD + ".png", "outside_base_dir", "resolves to /data/caf\\udce9/\\udcff.jpg"),
+        Rejection("/ok.jpg", "empty_file", ""),
+    ]
+    assert all(utf8_text(r.detail) == r.detail for r in loaded.rejections)
+
+
+def test_utf8_text_keeps_valid_text():
+    for text in ("", "ascii", "café ☕ 𝄞"):
+        assert utf8_text(text) == text
+    assert utf8_text("\ud800x").encode("utf-8") == b"\\ud800x"
