@@ -30,6 +30,10 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 EXAMPLES_PER_REASON = 3
+NOTICE_REASONS = frozenset({"duplicate", "unreadable_caption"})
+"""Scan rejections that drop no image: a repeated manifest row or folder link (its captions
+merged into the first) and a caption sidecar that cannot be read (the image is kept,
+uncaptioned). The report counts them as ``notices``, not as files seen or rejected."""
 
 
 # --------------------------------------------------------------------------- figures
@@ -55,9 +59,23 @@ def summarize(values: np.ndarray) -> dict[str, float | None]:
     }
 
 
+def file_rejections(index: Any) -> list[Any]:
+    """The scan's rejections that are files not trained on (``NOTICE_REASONS`` left out)."""
+    return [r for r in index.rejections if r.reason not in NOTICE_REASONS]
+
+
+def notice_counts(index: Any) -> dict[str, int]:
+    """Per notice reason (``NOTICE_REASONS``), how many the scan recorded; most common first."""
+    counts: dict[str, int] = {}
+    for r in index.rejections:
+        if r.reason in NOTICE_REASONS:
+            counts[r.reason] = counts.get(r.reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def image_rows(index: Any, assignment: Any) -> list[dict[str, Any]]:
     """One JSON row per file seen: index rows first (row i is assignment row i), then the
-    scan's rejections (size unknown)."""
+    scan's rejected files (size unknown; notices are not files, see ``NOTICE_REASONS``)."""
     rows = []
     for i, path in enumerate(index.paths):
         accepted = bool(assignment.bucket_id[i] >= 0)
@@ -74,7 +92,7 @@ def image_rows(index: Any, assignment: Any) -> list[dict[str, Any]]:
                 "reason": None if accepted else str(reason or "rejected"),
             }
         )
-    for r in index.rejections:
+    for r in file_rejections(index):
         rows.append(
             {
                 "path": r.path,
@@ -204,6 +222,11 @@ def _files_lines(files: dict[str, Any], width: int) -> list[str]:
     return lines
 
 
+def _notice_lines(notices: dict[str, int]) -> list[str]:
+    counts = " · ".join(f"{reason} {n}" for reason, n in notices.items())
+    return [f"Notices    {counts} (the images are kept; not counted as files above)"]
+
+
 def _ladder_lines(figures: dict[str, Any]) -> list[str]:
     lad, t = figures["ladder"], figures["timings"]
     levels = " ".join(
@@ -307,7 +330,8 @@ def render_text(figures: dict[str, Any], width: int = 100) -> str:
     width = max(60, width)
     parts = [
         [f"bucket-report  {_fit(_shown(figures['source']), width - 15)}"],
-        _files_lines(figures["files"], width),
+        _files_lines(figures["files"], width)
+        + (_notice_lines(figures["notices"]) if figures["notices"] else []),
         _ladder_lines(figures),
         _bucket_lines(figures, width),
         _quality_lines(figures["quality"], figures["ladder"]["max_aspect"]),
@@ -516,7 +540,7 @@ def gather(
     ladder = assignment.ladder
     rows = image_rows(index, assignment)
     details = [f"{w}x{h}" for w, h in zip(index.width, index.height, strict=True)]
-    details += [r.detail for r in index.rejections]
+    details += [r.detail for r in file_rejections(index)]
     ids = np.asarray(assignment.bucket_id)
     counts = np.bincount(ids[ids >= 0], minlength=len(ladder.buckets))
     n_ok = int(counts.sum())
@@ -547,6 +571,7 @@ def gather(
         "schema": SCHEMA_VERSION,
         "source": source,
         "files": file_figures(rows, details),
+        "notices": notice_counts(index),
         "ladder": ladder_figures(ladder, getattr(ladder, "model", None)),
         "timings": timings,
         "plan": plan,

@@ -30,7 +30,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _write_folder(root: Path) -> Path:
-    """3 images 1024², 2 images 512², one 6:1 panorama, one too small, two broken files."""
+    """3 images 1024², 2 images 512², one 6:1 panorama, one too small, two broken files, and a
+    caption sidecar that cannot be read (a notice: its image is kept)."""
     root.mkdir()
     for i in range(3):
         Image.new("RGB", (1024, 1024), (40 * i, 90, 160)).save(root / f"big_{i}.jpg")
@@ -43,7 +44,18 @@ def _write_folder(root: Path) -> Path:
     (root / "garbage.png").write_bytes(np.random.default_rng(0).bytes(300))
     (root / "big_0.txt").write_text("a blue square\nanother caption of the same picture\n")
     (root / "big_1.txt").write_text(LONG_CAPTION + "\n")
+    (root / "big_2.txt").symlink_to(root / "no_such_caption.txt")
     return root
+
+
+def _write_manifest(folder: Path) -> Path:
+    """A CSV listing every file of the folder, one of them twice (a notice: captions merged)."""
+    names = sorted(p.relative_to(folder.parent).as_posix() for p in folder.rglob("*.*")
+                   if p.suffix in (".jpg", ".png"))
+    rows = [f"{name},caption of {name}" for name in names + ["photos/big_0.jpg"]]
+    path = folder.parent / "photos.csv"
+    path.write_text("image,caption\n" + "\n".join(rows) + "\n")
+    return path
 
 
 def _command() -> list[str]:
@@ -56,6 +68,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, flux_tokenizer_dir: Path) -> 
     """Start every command run at once, then wait for all of them."""
     tmp = tmp_path_factory.mktemp("report")
     folder = _write_folder(tmp / "photos")
+    manifest = _write_manifest(folder)
     (tmp / "empty").mkdir()
     out = {
         "json": tmp / "report.json",
@@ -67,7 +80,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, flux_tokenizer_dir: Path) -> 
                  str(flux_tokenizer_dir), "--cache", str(tmp / "scan.parquet"), "--workers", "1",
                  "--json", str(out["json"]), "--plot", str(out["plot"]),
                  "--preview", str(out["preview"])],
-        "stdout_json": [str(folder), "--max-pixels-per-batch", "1024x1024", "--drop-last",
+        "stdout_json": [str(manifest), "--max-pixels-per-batch", "1024x1024", "--drop-last",
                         "--workers", "1", "--json", "-"],
         "missing": [str(tmp / "no_such_folder")],
         "empty": [str(tmp / "empty")],
@@ -93,6 +106,7 @@ def test_text_report_has_the_expected_figures(runs: dict[str, Any]) -> None:
     assert r.returncode == 0, r.stderr
     text = r.stdout
     assert "9 seen · 6 accepted · 3 rejected" in text
+    assert "Notices    unreadable_caption 1 (the images are kept" in text
     for reason, path in (("empty_file", "empty.jpg"), ("not_an_image", "garbage.png"),
                          ("too_small", "tiny.png")):
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(reason))
@@ -125,6 +139,12 @@ def test_json_to_stdout_keeps_text_on_stderr(runs: dict[str, Any]) -> None:
     figures = json.loads(r.stdout)
     _validate(figures)
     assert "6 accepted" in r.stderr
+    # the repeated row is a notice, not a second file: counted once, listed once
+    files = figures["files"]
+    assert (files["seen"], files["accepted"], files["rejected"]) == (9, 6, 3)
+    assert figures["notices"] == {"duplicate": 1} and "Notices    duplicate 1" in r.stderr
+    paths = [row["path"] for row in figures["images"]]
+    assert len(paths) == len(set(paths)) == 9
     plan = figures["plan"]
     assert plan["max_pixels_per_batch"] == 1024 * 1024 and plan["batch_size"] is None
     for b in figures["buckets"]:  # each bucket's batch size follows the pixel budget
@@ -183,6 +203,7 @@ SCHEMA: dict[str, Any] = {
                 "extreme_aspect": int},
     "captions": {"missing": int, "several": int,
                  "tokens": (("map", _TOKENS), None)},
+    "notices": ("map", int),
     "images": [{"path": str, "width": (int, None), "height": (int, None),
                 "bucket": ([int], None), "scale": (float, None), "crop_loss": (float, None),
                 "resolution_loss": (float, None), "reason": (str, None)}],
@@ -231,7 +252,9 @@ def test_json_matches_schema_and_assign_row_by_row(runs: dict[str, Any]) -> None
     index = scan(runs["folder"], workers=1)
     a = assign(index, BucketLadder.for_model("flux"))
     rows = figures["images"]
-    assert len(rows) == len(index) + len(index.rejections) == figures["files"]["seen"] == 9
+    rejected = [r for r in index.rejections if r.reason != "unreadable_caption"]
+    assert figures["notices"] == {"unreadable_caption": 1}
+    assert len(rows) == len(index) + len(rejected) == figures["files"]["seen"] == 9
     for i, row in enumerate(rows[: len(index)]):
         assert row["path"] == index.paths[i]
         assert (row["width"], row["height"]) == (index.width[i], index.height[i])
@@ -241,7 +264,7 @@ def test_json_matches_schema_and_assign_row_by_row(runs: dict[str, Any]) -> None
         assert row["bucket"] == a.bucket_wh[i].tolist() and row["reason"] is None
         for key in ("scale", "crop_loss", "resolution_loss"):
             assert row[key] == pytest.approx(float(getattr(a, key)[i]), abs=1e-12)
-    for row, rej in zip(rows[len(index):], index.rejections, strict=True):
+    for row, rej in zip(rows[len(index):], rejected, strict=True):
         assert (row["path"], row["reason"], row["bucket"]) == (rej.path, rej.reason, None)
 
     by_name = {Path(r["path"]).name: r for r in rows}
