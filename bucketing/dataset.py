@@ -56,6 +56,8 @@ class TextToImageDataset(Dataset):
     decode at a reduced DCT scale when the bucket is at most half their size (only right
     for transforms that scale the image to cover the bucket). ``max_pixels`` refuses
     decompression bombs at decode time; ``background`` is the colour behind transparency.
+    An assignment with upscaled rows (``assign(..., allow_upscale=True)``) needs an image
+    transform that upscales: one with ``allow_upscale=False`` is refused here.
     """
 
     def __init__(
@@ -82,6 +84,14 @@ class TextToImageDataset(Dataset):
             )
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        upscaled = int(np.count_nonzero(getattr(assignment, "upscaled", ())))
+        if upscaled and getattr(image_transform, "allow_upscale", True) is False:
+            raise ValueError(
+                f"{upscaled} rows were assigned with allow_upscale=True (upscaled to a bucket "
+                f"larger than the image) but image_transform refuses to upscale "
+                "(allow_upscale=False): every such row would fail at training time; pass "
+                "image_transform=BucketResizeCrop(allow_upscale=True, ...)"
+            )
         self.index = index
         self.bucket_id = np.asarray(assignment.bucket_id, dtype=np.int64)
         self.bucket_wh = np.asarray(assignment.bucket_wh, dtype=np.int64).reshape(-1, 2)

@@ -612,7 +612,9 @@ def preview_tiles(
     dataset = TextToImageDataset(
         index,
         assignment,
-        image_transform=BucketResizeCrop(crop="random", flip_p=0.5),
+        image_transform=BucketResizeCrop(
+            crop="random", flip_p=0.5, allow_upscale=bool(np.any(assignment.upscaled))
+        ),
         caption_transform=CaptionTransform(),
         seed=seed,
         on_error="substitute",

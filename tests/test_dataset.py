@@ -113,6 +113,20 @@ def test_rejected_rows_and_bad_arguments_are_clear_errors(examples_dir, tmp_path
         TextToImageDataset(_index([tiny]), assignment, image_transform=BucketResizeCrop())
 
 
+def test_upscaled_rows_need_a_transform_that_upscales(tmp_path):
+    paths = _jpeg_folder(tmp_path, 3)  # 96x64, smaller than the only bucket
+    index = _index(paths)
+    assignment = assign(index, BucketLadder.from_buckets([(192, 128)]), allow_upscale=True)
+    assert assignment.upscaled.all()
+    with pytest.raises(ValueError, match=r"3 rows.*upscaled.*BucketResizeCrop\(allow_upscale=True"):
+        _dataset(index, assignment, image_transform=BucketResizeCrop())
+    ds = _dataset(index, assignment, image_transform=BucketResizeCrop(allow_upscale=True))
+    s = ds[1]
+    assert s["pixel_values"].shape == (3, 128, 192) and not s["substituted"]
+    # a transform without the attribute is trusted; one that upscales needs nothing more
+    _dataset(index, assignment, image_transform=lambda img, wh, rng: {})
+
+
 def _jpeg_folder(tmp_path: Path, n: int) -> list[Path]:
     paths = []
     for k in range(n):

@@ -302,6 +302,19 @@ def test_pngs_are_real_pictures(runs: dict[str, Any], name: str) -> None:
 # --------------------------------------------------------------------------- pure parts
 
 
+def test_preview_of_upscaled_buckets(tmp_path: Path) -> None:
+    """--allow-upscale: the preview draws upscaled images instead of failing on them."""
+    from bucketing.report import preview_tiles
+
+    for i in range(2):
+        Image.new("RGB", (96, 64), (50 * i, 90, 160)).save(tmp_path / f"{i}.png")
+    index = scan(tmp_path, workers=0)
+    a = assign(index, BucketLadder.from_buckets([(192, 128)]), allow_upscale=True)
+    assert a.upscaled.all()
+    tiles = preview_tiles(index, a, [{"id": 0, "width": 192, "height": 128}], seed=0)
+    assert len(tiles) == 1 and tiles[0].model_input.shape == (128, 192, 3)
+
+
 @settings(deadline=None, max_examples=25)
 @given(width=st.integers(60, 220))
 def test_text_fits_the_terminal_width(runs: dict[str, Any], width: int) -> None:
