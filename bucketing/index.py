@@ -45,7 +45,7 @@ class ImageIndex:
 
     ``blob`` optionally maps a row to its encoded bytes, for sources whose images
     live inside another container (a ``datasets.Dataset`` without file paths).
-    It is not saved; an index loaded from disk reads from ``paths``.
+    Such an index cannot be saved (:meth:`save` says so); rebuild it with ``scan``.
     """
 
     paths: list[str]
@@ -89,8 +89,16 @@ class ImageIndex:
         """Write accepted rows and rejections to one parquet file, atomically.
 
         Paths are stored as the bytes ``os.fsencode`` gives, so any file name round-trips;
-        captions, reasons and details as UTF-8 text (see :func:`utf8_text`).
+        captions, reasons and details as UTF-8 text (see :func:`utf8_text`). An index that
+        reads its images through ``blob`` (a ``datasets.Dataset`` with embedded bytes) is
+        refused: its paths are labels, so a loaded copy could not read a single image.
         """
+        if self.blob is not None:
+            raise ValueError(
+                "this index reads its images from inside a datasets.Dataset (embedded bytes, "
+                "paths such as 'dataset[12]' are only labels), so a saved copy could not read "
+                "them; rebuild it with scan(dataset) instead of saving it"
+            )
         n, rej = len(self), self.rejections
         captions = [[utf8_text(c) for c in caps] for caps in self.captions]
         table = pa.table(
