@@ -499,7 +499,8 @@ def measure_tokens(folder: str, model: str, captions: list[str]) -> dict[str, An
     """Token-length figures for every caption, with the real tokenizers in ``folder``.
 
     FLUX and SD3 presets: CLIP (77) and T5 (the preset's length) through
-    ``transforms.FluxTokenizer``; CLIP-only presets (SDXL, SD1.5): CLIP from ``tokenizer/``.
+    ``FluxTokenizer.token_lengths``; CLIP-only presets (SDXL, SD1.5): CLIP from ``tokenizer/``
+    alone (their ``tokenizer_2/``, if any, is a second CLIP, not T5).
     """
     from bucketing.ladder import MODEL_SPECS
     from transforms.tokenize import CLIP_MAX_LENGTH, FluxTokenizer, load_clip_tokenizer
@@ -510,14 +511,10 @@ def measure_tokens(folder: str, model: str, captions: list[str]) -> dict[str, An
         ids = clip(captions, verbose=False)["input_ids"] if captions else []
         return {"clip": token_figures(np.asarray([len(s) for s in ids]), CLIP_MAX_LENGTH)}
     tok = FluxTokenizer.from_flux_dir(folder, t5_max_length=t5_length)
-    clip_lengths, t5_lengths = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for start in range(0, len(captions), 2048):  # chunks bound the padded id arrays' memory
-        out = tok.tokenize(captions[start : start + 2048])
-        clip_lengths.append(out["clip_lengths"].numpy())
-        t5_lengths.append(out["t5_lengths"].numpy())
+    lengths = tok.token_lengths(captions)
     return {
-        "clip": token_figures(np.concatenate(clip_lengths), CLIP_MAX_LENGTH),
-        "t5": token_figures(np.concatenate(t5_lengths), tok.t5_max_length),
+        "clip": token_figures(lengths["clip"], CLIP_MAX_LENGTH),
+        "t5": token_figures(lengths["t5"], tok.t5_max_length),
     }
 
 
