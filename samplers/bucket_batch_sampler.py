@@ -13,7 +13,6 @@ the not-yet-seen samples of that epoch are planned again for the new world size.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from samplers.plan import (
     rank_batches,
     remaining_members,
 )
-from samplers.state import Position, digest, fingerprint, from_state, to_state
+from samplers.state import Position, check_int, digest, fingerprint, from_state, to_state
 
 _CHUNK_INDICES = 1 << 15  # indices computed per vectorised call while iterating
 
@@ -89,7 +88,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             num_buckets, shapes, batch_size, max_pixels_per_batch, max_batch_size
         )
         self._world_size, self._rank = _world(world_size, rank)
-        self._seed = _check_int(seed, "seed", 0)
+        self._seed = check_int(seed, "seed", 0)
         self._shuffle = bool(shuffle)
         self._drop_last = bool(drop_last)
         self._bucket_wh = shapes
@@ -144,7 +143,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Plan ``epoch`` next. A no-op for the current epoch, so a resume position survives."""
-        epoch = _check_int(epoch, "epoch", 0)
+        epoch = check_int(epoch, "epoch", 0)
         if epoch != self._epoch:
             self._epoch, self._pending, self._active = epoch, None, None
 
@@ -360,8 +359,8 @@ def _batch_sizes(
     if batch_size is not None:
         if max_batch_size is not None:
             raise ValueError("max_batch_size only applies with max_pixels_per_batch")
-        return np.full(num_buckets, _check_int(batch_size, "batch_size", 1), dtype=np.int64)
-    pixels = _check_int(max_pixels_per_batch, "max_pixels_per_batch", 1)
+        return np.full(num_buckets, check_int(batch_size, "batch_size", 1), dtype=np.int64)
+    pixels = check_int(max_pixels_per_batch, "max_pixels_per_batch", 1)
     if shapes is None:
         raise ValueError(
             "max_pixels_per_batch needs the bucket shapes: pass a bucketing.Assignment, "
@@ -369,7 +368,7 @@ def _batch_sizes(
         )
     sizes = np.maximum(1, pixels // np.maximum(1, shapes[:, 0] * shapes[:, 1]))
     if max_batch_size is not None:
-        sizes = np.minimum(sizes, _check_int(max_batch_size, "max_batch_size", 1))
+        sizes = np.minimum(sizes, check_int(max_batch_size, "max_batch_size", 1))
     return sizes.astype(np.int64)
 
 
@@ -383,16 +382,8 @@ def _world(world_size: int | None, rank: int | None) -> tuple[int, int]:
             world_size = dist.get_world_size() if live else 1
         if rank is None:
             rank = dist.get_rank() if live else 0
-    world_size = _check_int(world_size, "world_size", 1)
-    rank = _check_int(rank, "rank", -(2**63))
+    world_size = check_int(world_size, "world_size", 1)
+    rank = check_int(rank, "rank", -(2**63))
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     return world_size, rank
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)

@@ -11,6 +11,7 @@ saved for other data or settings instead of silently resuming the wrong plan.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +76,6 @@ def to_state(position: Position, fp: dict[str, Any]) -> dict[str, Any]:
         "world_size": position.world_size,
         "consumed": position.consumed,
         "history": [list(seg) for seg in position.history],
-        "seed": fp["seed"],
         "fingerprint": dict(fp),
     }
 
@@ -117,18 +117,25 @@ def from_state(state: dict[str, Any], fp: dict[str, Any]) -> Position:
         raise ValueError(
             f"sampler state history must be [[world_size, consumed], ...], got {segments!r}"
         )
-    history = tuple(
-        (_int(w, "history world_size", 1), _int(k, "history consumed", 0)) for w, k in segments
-    )
-    return Position(
-        epoch=_int(state["epoch"], "epoch", 0),
-        world_size=_int(state["world_size"], "world_size", 1),
-        consumed=_int(state["consumed"], "consumed", 0),
-        history=history,
-    )
+    try:
+        return Position(
+            epoch=check_int(state["epoch"], "epoch", 0),
+            world_size=check_int(state["world_size"], "world_size", 1),
+            consumed=check_int(state["consumed"], "consumed", 0),
+            history=tuple(
+                (check_int(w, "history world_size", 1), check_int(k, "history consumed", 0))
+                for w, k in segments
+            ),
+        )
+    except (TypeError, ValueError) as e:  # a corrupted state is a bad value, whatever the field
+        raise ValueError(f"sampler state field {e}") from None
 
 
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"sampler state field {name} must be an int >= {minimum}, got {value!r}")
+def check_int(value: Any, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``: TypeError for a non-integer (bool included),
+    ValueError below ``minimum``; both name ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)

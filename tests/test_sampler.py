@@ -292,7 +292,7 @@ def test_loading_garbage_is_a_clear_error(state, message):
     [
         ({"version": 99}, "version 99"),
         ({"history": [[2]]}, "history must be"),
-        ({"consumed": -1}, "consumed must be an int >= 0"),
+        ({"consumed": -1}, "field consumed must be >= 0"),
         ({"epoch": "1"}, "epoch must be an int"),
     ],
 )
