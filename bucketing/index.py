@@ -8,7 +8,7 @@ everything downstream (``assign``, the sampler) can work vectorised.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -143,15 +143,4 @@ class ImageIndex:
                 Rejection(cols["path"][i], cols["reason"][i], cols["detail"][i] or "")
                 for i in rejected
             ],
-        )
-
-    @classmethod
-    def concat(cls, parts: Sequence[ImageIndex]) -> ImageIndex:
-        """Join indexes row-wise (e.g. the shards gathered from several ranks)."""
-        return cls(
-            paths=[p for part in parts for p in part.paths],
-            width=np.concatenate([part.width for part in parts] or [np.zeros(0, np.int64)]),
-            height=np.concatenate([part.height for part in parts] or [np.zeros(0, np.int64)]),
-            captions=[c for part in parts for c in part.captions],
-            rejections=[r for part in parts for r in part.rejections],
         )

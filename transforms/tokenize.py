@@ -325,10 +325,6 @@ class FluxTokenizer:
             "t5_truncated": bool(out["t5_truncated"][0]),
         }
 
-    def image_ids(self, height: int, width: int, **kwargs: Any) -> torch.Tensor:
-        """`flux_image_ids` for a pixel size (kept here so the model side needs one object)."""
-        return flux_image_ids(height, width, **kwargs)
-
     def __repr__(self) -> str:
         return (f"FluxTokenizer(clip_dir={str(self.clip_dir)!r}, t5_dir={str(self.t5_dir)!r}, "
                 f"t5_max_length={self.t5_max_length}, model={self.model!r})")
