@@ -450,13 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def plan_figures(
-    sampler_cls: type, assignment: Any, args: argparse.Namespace
+    assignment: Any, args: argparse.Namespace
 ) -> tuple[dict[str, Any] | None, dict[int, dict[str, int]]]:
     """Build the real sampler (``samplers.BucketBatchSampler``, rank 0); read its epoch plan.
 
     Returns the epoch figures and, per bucket id, ``batch_size`` (per rank),
     ``global_steps``, ``padded`` and ``dropped``; ``(None, {})`` when nothing was accepted.
     """
+    from samplers import BucketBatchSampler
+
     if not np.any(np.asarray(assignment.bucket_id) >= 0):
         return None, {}
     size = (
@@ -465,7 +467,7 @@ def plan_figures(
         else {"max_pixels_per_batch": args.max_pixels_per_batch}
     )
     sampler = _config(
-        sampler_cls, assignment, **size, world_size=args.world_size, rank=0,
+        BucketBatchSampler, assignment, **size, world_size=args.world_size, rank=0,
         seed=args.seed, drop_last=args.drop_last,
     )
     stats = sampler.stats()
@@ -660,7 +662,6 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     from bucketing.assign import assign
     from bucketing.ladder import MODEL_SPECS, BucketLadder
     from bucketing.scan import scan
-    from samplers import BucketBatchSampler
 
     overrides: dict[str, Any] = {}
     if args.max_area is not None:
@@ -681,7 +682,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     t1 = time.perf_counter()
     assignment = assign(index, ladder, allow_upscale=args.allow_upscale)
     t2 = time.perf_counter()
-    plan, per_bucket = plan_figures(BucketBatchSampler, assignment, args)
+    plan, per_bucket = plan_figures(assignment, args)
     t3 = time.perf_counter()
     tokens = None
     if args.tokenizers:
