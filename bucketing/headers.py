@@ -129,8 +129,11 @@ def read_many(
     return out
 
 
-# Worker-process entry points for ``bucketing.scan``: they live in this light module so
-# that a worker started by spawn/forkserver does not import pyarrow and friends.
+# Worker-process entry points for ``bucketing.scan``, next to the reader they run. A worker
+# started by spawn/forkserver still imports the whole ``bucketing`` package (its __init__
+# imports scan, assign, dataset... eagerly, on purpose: with lazy exports the submodule
+# ``bucketing.scan``, once imported, would shadow the function ``scan``), so pyarrow and
+# torch load there too. Linux uses fork, where workers start with all that already loaded.
 _WORKER_BLOBS: Callable[[int], bytes] | None = None
 
 
