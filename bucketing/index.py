@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +46,8 @@ class ImageIndex:
     ``blob`` optionally maps a row to its encoded bytes, for sources whose images
     live inside another container (a ``datasets.Dataset`` without file paths).
     Such an index cannot be saved (:meth:`save` says so); rebuild it with ``scan``.
+    ``scan_stats`` is the :class:`bucketing.scan.ScanStats` of the ``scan`` call that built
+    the index; None for an index built otherwise or loaded from disk.
     """
 
     paths: list[str]
@@ -54,6 +56,7 @@ class ImageIndex:
     captions: list[list[str]]
     rejections: list[Rejection] = field(default_factory=list)
     blob: Callable[[int], bytes] | None = None
+    scan_stats: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.width = np.asarray(self.width, dtype=np.int64).reshape(-1)

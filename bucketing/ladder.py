@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -116,7 +117,7 @@ class BucketLadder:
     # -- constructors -------------------------------------------------------------------
 
     @classmethod
-    def for_model(cls, name: str, **overrides: float) -> BucketLadder:
+    def for_model(cls, name: str, **overrides: Any) -> BucketLadder:
         """The preset ladder for ``name`` (one of ``MODEL_SPECS``); keyword overrides
         (``max_area``, ``levels``, ``step``, ``max_aspect``) replace the preset's values."""
         if name not in MODEL_SPECS:

@@ -104,6 +104,7 @@ class RowBytes:
         return len(self.rows)
 
     def __call__(self, row: int) -> bytes:
+        """The encoded image bytes of row ``row`` (embedded bytes, else its file's)."""
         value = self.dataset[int(self.rows[row])][self.column]
         if value.get("bytes"):
             return bytes(value["bytes"])

@@ -154,6 +154,7 @@ class CaptionTransform:
         self.template = template
 
     def __call__(self, captions: Sequence[str] | str, rng: np.random.Generator) -> str:
+        """:func:`transform_caption` with this transform's settings."""
         return transform_caption(
             captions,
             rng,

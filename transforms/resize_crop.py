@@ -138,6 +138,7 @@ class BucketResizeCrop:
     def __call__(
         self, img: Image.Image, bucket_wh: Sequence[int], rng: np.random.Generator | None
     ) -> dict[str, Any]:
+        """:func:`resize_crop` with this transform's settings; the flip is drawn from ``rng``."""
         if rng is None:
             if self.crop == "random" or self.flip_p > 0:
                 raise ValueError("BucketResizeCrop needs an rng for random crops or flips")

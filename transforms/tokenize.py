@@ -30,10 +30,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizerFast, T5TokenizerFast
+
+    from bucketing.ladder import ModelSpec
 
 CLIP_MAX_LENGTH = 77
 T5_LIMIT = 512  # diffusers' FluxPipeline.check_inputs rejects max_sequence_length > 512
@@ -46,7 +51,7 @@ _T5_FILES = (("tokenizer.json",), ("spiece.model",))
 # --------------------------------------------------------------------------- model constraints
 
 
-def model_spec(model: str = "flux") -> Any:
+def model_spec(model: str = "flux") -> ModelSpec:
     """The entry of `bucketing.ladder.MODEL_SPECS` for a FLUX model ("flux" or "flux-schnell")."""
     from bucketing.ladder import MODEL_SPECS
 
@@ -166,14 +171,14 @@ def _load(cls, path: Path, what: str):
     return tok
 
 
-def load_clip_tokenizer(folder: str | os.PathLike):
+def load_clip_tokenizer(folder: str | os.PathLike) -> CLIPTokenizerFast:
     """transformers' fast CLIP tokenizer from a local folder (tokenizer/ of a FLUX checkout)."""
     from transformers import CLIPTokenizerFast
 
     return _load(CLIPTokenizerFast, _require_folder(folder, "CLIP tokenizer", _CLIP_FILES), "CLIP")
 
 
-def load_t5_tokenizer(folder: str | os.PathLike):
+def load_t5_tokenizer(folder: str | os.PathLike) -> T5TokenizerFast:
     """transformers' fast T5 tokenizer from a local folder (tokenizer_2/ of a FLUX checkout)."""
     from transformers import T5TokenizerFast
 
@@ -312,6 +317,7 @@ class FluxTokenizer:
         return {name: np.asarray(v, dtype=np.int64) for name, v in out.items()}
 
     def __call__(self, sample: dict) -> dict:
+        """``sample`` plus the token ids and truncation flags of ``sample["caption"]``."""
         if "caption" not in sample:
             raise KeyError("FluxTokenizer needs sample['caption'] (the dataset sets it from the "
                            "caption_transform, or the first caption)")
