@@ -17,10 +17,13 @@ from bucketing.assign import assign
 from bucketing.dataset import SubstitutionWarning, TextToImageDataset
 from bucketing.index import ImageIndex
 from bucketing.ladder import BucketLadder
+from bucketing.scan import scan
+from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
 from transforms.collate import collate
 from transforms.image import ImageDecodeError
 from transforms.resize_crop import BucketResizeCrop
+from transforms.tokenize import FluxTokenizer
 
 SMALL = BucketLadder.for_model("flux", max_area=128 * 128)
 
@@ -206,14 +209,10 @@ def test_every_odd_file_yields_its_bucket_or_a_substitute(odd_dir, odd_expected)
 
 
 def test_end_to_end_with_scan_sampler_collate_and_tokenizer(examples_dir, flux_tokenizer_dir):
-    scan = pytest.importorskip("bucketing.scan").scan
-    sampler_mod = pytest.importorskip("samplers.bucket_batch_sampler")
-    from transforms.tokenize import FluxTokenizer
-
     index = scan(examples_dir, workers=1)
     assert len(index) == 14
     assignment = assign(index, SMALL)
-    sampler = sampler_mod.BucketBatchSampler(assignment, batch_size=2, seed=5)
+    sampler = BucketBatchSampler(assignment, batch_size=2, seed=5)
     ds = TextToImageDataset(
         index,
         assignment,
