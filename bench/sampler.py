@@ -32,6 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Timing, fmt_seconds, machine_line, print_table, ratio, timeit  # noqa: E402
 
+from bucketing.atomic import atomic_write_bytes  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "out"
 SIDES = ("bucketsampler", "ours")
 
@@ -192,7 +194,7 @@ def main() -> None:
     print_table(rows, "plan + iterate rank 0's epoch (median [min-max]); peak MB above the ids")
     print_table(restores, "ours: restore at mid-epoch (same world size, and elastic)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        atomic_write_bytes(args.json, json.dumps(results, indent=1).encode())
 
 
 if __name__ == "__main__":

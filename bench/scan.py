@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine_line, print_table, ratio, timeit  # noqa: E402
+from bucketing.atomic import atomic_write_bytes  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 CORPUS_VERSION = 1
@@ -89,7 +90,8 @@ def corpus(n: int, root: Path = OUT) -> tuple[Path, dict[str, tuple[int, int]]]:
             path = sub / f"{i:06d}{ext}"
             path.write_bytes(data)
             truth[str(path)] = size
-        truth_file.write_text(json.dumps(truth))  # written last: marks the corpus complete
+        # written last, atomically: its presence marks the corpus complete
+        atomic_write_bytes(truth_file, json.dumps(truth).encode())
     truth = {p: tuple(s) for p, s in json.loads(truth_file.read_text()).items()}
     return folder, truth
 
