@@ -136,6 +136,12 @@ EXIF_CASES = {
     "exif_o65535.jpg": (_orientation(65535), (64, 40)),
     "exif_o6_long.jpg": (_orientation(6, typ=4), (40, 64)),
     "exif_o6_as_text.jpg": (_exif([(274, 2, 2, b"6\x00\x00\x00")]), (64, 40)),
+    # RATIONAL 6/1 (its 8 bytes after the IFD, at offset 26) and FLOAT 6.0: Pillow reads 6.0
+    "exif_o6_rational.jpg": (
+        _exif([(274, 5, 1, struct.pack("<L", 26))], tail=struct.pack("<LL", 6, 1)),
+        (40, 64),
+    ),
+    "exif_o6_float.jpg": (_exif([(274, 11, 1, struct.pack("<f", 6.0))]), (40, 64)),
     "exif_ifd_past_end.jpg": (b"Exif\x00\x00II*\x00" + struct.pack("<L", 10**6), (64, 40)),
     "exif_count_65535.jpg": (
         b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff" + struct.pack("<HHLHH", 274, 3, 1, 6, 0),
@@ -878,9 +884,9 @@ HOSTILE_CASES = [  # (bad input, what happens): the README's table, row by row
         "scan reports 64x48, what the decoder yields",
     ),
     (
-        "EXIF orientation 0, 9, 65535, orientation stored as text, IFD offset past the "
-        "end, 65535 IFD entries, an IFD pointing at itself, random EXIF bytes (JPEG and "
-        "PNG)",
+        "EXIF orientation 0, 9, 65535, orientation stored as text or as a rational/float, "
+        "IFD offset past the end, 65535 IFD entries, an IFD pointing at itself, random EXIF "
+        "bytes (JPEG and PNG)",
         "scan size = `exif_transpose` size; load gives the same pixels as `exif_transpose`",
     ),
     (
