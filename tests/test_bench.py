@@ -1,0 +1,112 @@
+"""bench/: every benchmark script runs at a tiny size (through bench/run_all.py, each script in
+its own subprocess) and exits 0 with tables the summary can read; the table parser round-trips
+``print_table``. No benchmark figures are checked here: timings on a shared machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench/ is scripts, not an installed package
+
+from bench.common import print_table  # noqa: E402
+from bench.run_all import SCRIPTS, headlines_scan, parse_tables, seconds  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run_all.py"), "--tiny", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "run_all-tiny.json").read_text())
+    report["summary_text"] = proc.stdout.split("# Summary")[-1]
+    return report
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_script_runs_tiny(tiny_run: dict, script: str) -> None:
+    result = tiny_run["results"][script]
+    assert result["rc"] == 0, result["stdout"][-3000:]
+    assert result["tables"], f"bench/{script}.py printed no table"
+    assert all(t["rows"] for t in result["tables"])
+    mine = [h for h in tiny_run["headlines"] if h["bench"] == script]
+    assert mine, f"no headline figures for {script}"
+    unreadable = [h for h in mine if h["target"] == "headline figures"]
+    assert not unreadable, unreadable  # the summary found the tables and columns it needs
+    assert all(h["status"] in ("PASS", "MISS", "n/a") for h in mine)
+
+
+def test_summary_lists_every_headline(tiny_run: dict) -> None:
+    for h in tiny_run["headlines"]:
+        assert f"{h['bench']}: {h['target']}" in tiny_run["summary_text"]
+
+
+_text = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=12)
+_cell = st.one_of(st.just(""), _text, st.builds(lambda a, b: f"{a} [{b}]", _text, _text))
+
+
+@settings(deadline=None, max_examples=50)
+@given(
+    columns=st.lists(_text, min_size=1, max_size=6, unique=True),
+    data=st.data(),
+)
+def test_parse_tables_round_trips_print_table(columns: list[str], data: st.DataObject) -> None:
+    rows = data.draw(
+        # a row's first cell is never empty (print_table rows are never all blank)
+        st.lists(
+            st.fixed_dictionaries({c: _text if c == columns[0] else _cell for c in columns}),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        print("noise before")
+        print_table(rows, "first table")
+        print_table(rows[:1], "second table")
+        print("\nnoise after")
+    first, second = parse_tables(buf.getvalue())
+    assert (first["title"], second["title"]) == ("first table", "second table")
+    assert first["columns"] == list(rows[0])  # print_table takes the first row's key order
+    assert first["rows"] == rows and second["rows"] == rows[:1]
+
+
+def test_seconds_reads_timing_cells() -> None:
+    assert seconds("1.23 s [1.1 s-1.4 s]") == 1.23
+    assert seconds("45.6 ms") == pytest.approx(0.0456)
+    assert seconds("789 us [700 us-800 us]") == pytest.approx(789e-6)
+    assert seconds("16: 5.6 ms [5.6 ms-5.6 ms]") == pytest.approx(0.0056)
+    with pytest.raises(ValueError):
+        seconds("skipped")
+
+
+def test_scan_headlines_pass_and_miss() -> None:
+    def table(cold: float, warm: float, peer: float, bare: float, wrong: int) -> list:
+        rows = [
+            ("ours, 1 worker, cold cache", cold / 2, wrong),
+            ("ours, 2 workers, cold cache", cold, wrong),
+            ("ours, 2 workers, warm rescan", warm, wrong),
+            ("bare imagesize.get loop", bare, 7),
+            ("bucketsampler build_metadata_cache, 1 thread", peer, 9),
+            ("bucketsampler build_metadata_cache, 2 threads", peer / 2, 9),
+        ]
+        rows = [{"side": s, "files/s": str(v), "wrong orientation": str(w)} for s, v, w in rows]
+        return [{"title": "header scan, 6 files", "columns": list(rows[0]), "rows": rows}]
+
+    good = headlines_scan(table(cold=1000, warm=30000, peer=400, bare=1500, wrong=0))
+    assert [h.status for h in good] == ["PASS"] * 3
+    bad = headlines_scan(table(cold=1000, warm=10000, peer=600, bare=1500, wrong=1))
+    assert [h.status for h in bad] == ["MISS"] * 3
