@@ -133,8 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         return run
 
+    # imagesize >= 2 reads the EXIF orientation of JPEG/TIFF by default; the reference here
+    # is header parsing without orientation, as the docstring and issue 7 define it.
+    major = int(imagesize.__version__.split(".")[0])
+    no_rotation = {"exif_rotation": False} if major >= 2 else {}
+
     def bare_imagesize():
-        return {p: imagesize.get(p) for p in paths}
+        return {p: imagesize.get(p, **no_rotation) for p in paths}
 
     def bare_pil():
         out = {}
