@@ -10,7 +10,6 @@ TOKENIZERS := .cache/flux-tokenizers/tokenizer_2/spiece.model
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e '.[dev,bench]'
 	touch $@
