@@ -156,6 +156,16 @@ def _sizes(index_or_sizes: object) -> tuple[np.ndarray, np.ndarray]:
 # -- the search -------------------------------------------------------------------------
 
 
+# Losses closer than this are a tie (then the larger bucket wins): equal losses computed by
+# different float expressions can differ in the last bits.
+_TIE = 1e-12
+
+
+def _better(f: np.ndarray, a: np.ndarray, best_f: np.ndarray, best_a: np.ndarray) -> np.ndarray:
+    """Where loss ``f`` of area ``a`` beats the best so far: lower, or tied and larger."""
+    return (f < best_f - _TIE) | ((f <= best_f + _TIE) & (a > best_a))
+
+
 def _objective(
     bw: np.ndarray, bh: np.ndarray, w: np.ndarray, h: np.ndarray, cap: np.ndarray
 ) -> np.ndarray:
@@ -238,13 +248,14 @@ def _search(
         level[rows] -= 1
         lower = level[rows]
         can = lower >= 0
-        can[can] = 1.0 - tb.area_at_or_below[lower[can]] / cap[rows[can]] <= best_f[rows[can]]
+        bound = 1.0 - tb.area_at_or_below[lower[can]] / cap[rows[can]]
+        can[can] = bound <= best_f[rows[can]] + _TIE
         rows = rows[can]
         if not len(rows):
             break
         f, bid, a = _score_level(tb, width[rows], height[rows], aspect[rows], cap[rows],
                                  level[rows])
-        better = (f < best_f[rows]) | ((f == best_f[rows]) & (a > best_a[rows]))
+        better = _better(f, a, best_f[rows], best_a[rows])
         upd = rows[better]
         best_f[upd], best_id[upd], best_a[upd] = f[better], bid[better], a[better]
     best_id[~np.isfinite(best_f)] = -1
@@ -278,7 +289,7 @@ def _score_level(
         if best_f is None:
             best_f, best_id, best_a = f, cand, a
             continue
-        better = (f < best_f) | ((f == best_f) & (a > best_a))
+        better = _better(f, a, best_f, best_a)
         best_f = np.where(better, f, best_f)
         best_id = np.where(better, cand, best_id)
         best_a = np.where(better, a, best_a)

@@ -219,3 +219,11 @@ def test_bad_input() -> None:
         assign(np.zeros((3, 3)), flux)
     with pytest.raises(ValueError, match="min_bucket_size"):
         assign([(100, 100)], flux, min_bucket_size=0)
+
+
+def test_exact_tie_across_levels_goes_to_the_larger_bucket():
+    # 1248² into 32x32 (no crop, 97% resolution loss) or 32x1248 (97% crop, no resolution
+    # loss): the same loss in exact arithmetic, computed by different float expressions.
+    ladder = BucketLadder.from_buckets([(32, 32), (32, 1248)])
+    a = assign(np.array([[1248, 1248]]), ladder)
+    assert tuple(a.bucket_wh[0]) == (32, 1248)
