@@ -12,9 +12,9 @@ the requested row as ``original_index``, and a warning names the file once per p
 with ``on_error="raise"`` an :class:`~transforms.image.ImageDecodeError` names the file
 and the reason.
 
-``set_epoch`` must be called before each epoch's iterator is created; DataLoader workers
-hold a copy of the dataset, so with ``persistent_workers=True`` a later ``set_epoch`` does
-not reach them.
+``set_epoch`` must be called before each epoch's iterator is created. The epoch lives in a
+one-element shared-memory tensor, so it reaches DataLoader workers that outlive an epoch
+(``persistent_workers=True``) as well as freshly started ones.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from transforms.image import ORIGINAL_SIZE_KEY, ImageDecodeError, load_image
@@ -105,17 +106,22 @@ class TextToImageDataset(Dataset):
         self.draft = draft
         self.max_pixels = max_pixels
         self.background = tuple(background)
-        self.epoch = 0
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._members: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def epoch(self) -> int:
+        """The epoch every per-sample generator uses (shared with DataLoader workers)."""
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` in every per-sample generator from now on (call before iterating)."""
         if int(epoch) < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self.epoch = int(epoch)
+        self._epoch[0] = int(epoch)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         i = operator.index(i)

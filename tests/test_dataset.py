@@ -99,6 +99,18 @@ def test_same_tensors_in_any_worker_after_a_restart_and_per_epoch(photos):
     assert moved >= len(rows) // 2  # a new epoch draws new crops and flips
 
 
+def test_set_epoch_reaches_persistent_workers(photos):
+    index, assignment = photos
+    rows = list(range(len(index)))
+    ds = _dataset(index, assignment, seed=5)
+    loader = DataLoader(ds, sampler=rows, batch_size=None, num_workers=2, persistent_workers=True)
+    for epoch in range(3):  # the same two worker processes serve all three epochs
+        ds.set_epoch(epoch)
+        seen = [(tuple(s["crop_top_left"]), s["flipped"]) for s in loader]
+        expected = [(ds[i]["crop_top_left"], ds[i]["flipped"]) for i in rows]
+        assert seen == expected, f"epoch {epoch}: workers drew with a stale epoch"
+
+
 def test_rejected_rows_and_bad_arguments_are_clear_errors(examples_dir, tmp_path):
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (8, 8)).save(tiny)
