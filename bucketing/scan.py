@@ -149,12 +149,13 @@ def _scan(
     blob = resolved.blobs.take(rows) if resolved.blobs is not None else None
     index = ImageIndex(paths, widths, heights, captions, rejections, blob=blob)
 
+    reused = sum(shard[3] for shard in shards)
     if cache is not None and rank == 0:
-        _update_cache(cache, prior, entries, headers, keys)
+        _update_cache(cache, prior, entries, headers, keys, reused)
     index.scan_stats = ScanStats(
         files=len(entries),
         read=n_read,
-        reused=sum(shard[3] for shard in shards),
+        reused=reused,
         read_local=local[2],
         rejected=len(rejections),
         cache="none" if prior is None else prior.status,
@@ -214,18 +215,17 @@ def _update_cache(
     entries: Sequence[Entry],
     headers: Sequence[Header],
     keys: Sequence[tuple[int, int] | None],
+    reused: int,
 ) -> None:
-    """Rewrite the cache with this scan's files (deleted ones drop out) unless nothing changed."""
+    """Rewrite the cache with this scan's files (deleted ones drop out) unless nothing changed:
+    every cached row was a hit (``reused``) and nothing new joined."""
     rows = [
         CacheRow(e.path, k[0], k[1], h)
         for e, h, k in zip(entries, headers, keys, strict=True)
         if k is not None and not h.io_error
     ]
     unchanged = (
-        prior is not None
-        and prior.status == "loaded"
-        and len(prior) == len(rows)
-        and all(prior.lookup(r.path, r.size, r.mtime_ns) == r.header for r in rows)
+        prior is not None and prior.status == "loaded" and reused == len(rows) == len(prior)
     )
     if not unchanged:
         ScanCache.save(cache, rows)
