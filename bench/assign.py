@@ -6,7 +6,7 @@ bucket lists on both sides where memory allows. Quality, on a realistic photo mi
 (camera ratios 4:3, 3:2, 16:9, 1:1 and their portraits, 0.1-12 MP, a tail of panoramas):
 crop loss, resolution loss, upscaled and rejected shares for ours (flux ladder, default
 levels), bucketsampler's ``sdxl`` preset and the typical-trainer reference with and without
-its no-upscale mode. Also the two trade-offs the README quotes: level spacing (resolution
+its no-upscale mode. Also the two trade-offs docs/ladders.md quotes: level spacing (resolution
 loss vs bucket count) and ``min_bucket_size`` (padding vs losses).
 
     python bench/assign.py            # full: 1M and 10M sizes, 5 repetitions

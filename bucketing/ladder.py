@@ -41,7 +41,7 @@ def _sides(*sides: int) -> tuple[int, ...]:
     return tuple(s * s for s in sides)
 
 
-# Level sides 512..1024 every 128 px and a 32 px width step: see README "Buckets and
+# Level sides 512..1024 every 128 px and a 32 px width step: see docs/ladders.md "Buckets and
 # assignment" for the measured trade-off (losses vs bucket count) that chose them.
 _FLUX_LEVELS = _sides(512, 640, 768, 896, 1024)
 

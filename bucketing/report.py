@@ -28,6 +28,19 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from bucketing import report_plots
+from bucketing.assign import assign
+from bucketing.atomic import atomic_write_bytes
+from bucketing.dataset import TextToImageDataset
+from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.report_plots import PreviewTile
+from bucketing.scan import scan
+from samplers import BucketBatchSampler
+from transforms.caption import CaptionTransform
+from transforms.image import load_image
+from transforms.resize_crop import BucketResizeCrop, resized_size
+from transforms.tokenize import CLIP_MAX_LENGTH, FluxTokenizer, load_clip_tokenizer
+
 SCHEMA_VERSION = 1
 EXAMPLES_PER_REASON = 3
 NOTICE_REASONS = frozenset({"duplicate", "unreadable_caption"})
@@ -369,8 +382,6 @@ def write_json(figures: dict[str, Any], dest: str, stdout: TextIO) -> None:
     if dest == "-":
         stdout.write(text)
         return
-    from bucketing.atomic import atomic_write_bytes
-
     atomic_write_bytes(dest, text.encode("utf-8"))
 
 
@@ -407,8 +418,6 @@ def _area(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``bucket-report`` command line."""
-    from bucketing.ladder import MODEL_SPECS
-
     p = argparse.ArgumentParser(
         prog="bucket-report",
         description="Report what aspect-ratio bucketing will do to a data set: files accepted "
@@ -457,8 +466,6 @@ def plan_figures(
     Returns the epoch figures and, per bucket id, ``batch_size`` (per rank),
     ``global_steps``, ``padded`` and ``dropped``; ``(None, {})`` when nothing was accepted.
     """
-    from samplers import BucketBatchSampler
-
     if not np.any(np.asarray(assignment.bucket_id) >= 0):
         return None, {}
     size = (
@@ -504,9 +511,6 @@ def measure_tokens(folder: str, model: str, captions: list[str]) -> dict[str, An
     ``FluxTokenizer.token_lengths``; CLIP-only presets (SDXL, SD1.5): CLIP from ``tokenizer/``
     alone (their ``tokenizer_2/``, if any, is a second CLIP, not T5).
     """
-    from bucketing.ladder import MODEL_SPECS
-    from transforms.tokenize import CLIP_MAX_LENGTH, FluxTokenizer, load_clip_tokenizer
-
     t5_length = MODEL_SPECS[model].t5_max_length
     if t5_length is None:
         clip = load_clip_tokenizer(os.path.join(folder, "tokenizer"))
@@ -599,11 +603,6 @@ def preview_tiles(
     the sample exactly as ``TextToImageDataset`` makes it with a random crop and a 50% flip."""
     from PIL import Image
 
-    from bucketing.dataset import TextToImageDataset
-    from bucketing.report_plots import PreviewTile
-    from transforms.caption import CaptionTransform
-    from transforms.image import load_image
-    from transforms.resize_crop import BucketResizeCrop, resized_size
 
     if not buckets:
         return []
@@ -659,10 +658,6 @@ def _config(call: Any, *args: Any, **kwargs: Any) -> Any:
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     """Scan, assign and plan as the arguments say; returns (figures, index, assignment)."""
-    from bucketing.assign import assign
-    from bucketing.ladder import MODEL_SPECS, BucketLadder
-    from bucketing.scan import scan
-
     overrides: dict[str, Any] = {}
     if args.max_area is not None:
         overrides["max_area"] = args.max_area
@@ -705,8 +700,6 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
 
 
 def _write_outputs(args: argparse.Namespace, figures: dict, index: Any, assignment: Any) -> None:
-    from bucketing import report_plots
-
     try:
         if args.json:
             write_json(figures, args.json, sys.stdout)

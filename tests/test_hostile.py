@@ -8,7 +8,7 @@ one DataLoader epoch with two workers over every accepted row. The tests below t
 class by class, that each bad file became a rejection with its specific reason, or the
 right oriented size, and that every sample is its bucket's uint8 RGB tensor: the file's
 own pixels, or a flagged substitute from the same bucket. ``HOSTILE_TABLE`` at the end is
-the README's "bad input -> what happens" table; a test keeps the two in step.
+docs/robustness.md's "bad input -> what happens" table; a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -848,9 +848,9 @@ def test_a_parquet_file_carrying_a_pickle_payload_is_never_executed(tmp_path, od
     assert not marker.exists()
 
 
-# -- the README table ------------------------------------------------------------------------
+# -- the docs table ------------------------------------------------------------------------
 
-HOSTILE_CASES = [  # (bad input, what happens): the README's table, row by row
+HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row by row
     (
         "zero-byte file (`.jpg`, `.png`)",
         "scan rejects `empty_file`",
@@ -981,7 +981,7 @@ HOSTILE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(
 )
 
 
-def test_readme_table_is_this_one(repo_root):
-    readme = (repo_root / "README.md").read_text()
+def test_docs_table_is_this_one(repo_root):
+    readme = (repo_root / "docs" / "robustness.md").read_text()
     block = readme.split("<!-- section:robustness -->", 1)[1].split("<!--", 1)[0]
     assert HOSTILE_TABLE in block

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bucketing.headers import SWAPS_AXES, orientation_code
+
 ORIGINAL_SIZE_KEY = "original_size"
 
 _TRANSPOSE = {
@@ -81,10 +83,6 @@ def load_image(
     the image will later be scaled to cover (the bucket); lets a JPEG decode at 1/2, 1/4 or
     1/8 scale while staying at least that large. Raises :class:`ImageDecodeError` on any failure.
     """
-    # Not a top-level import: bucketing/__init__ imports bucketing.dataset, which imports
-    # this module, so importing transforms first would be circular.
-    from bucketing.headers import SWAPS_AXES, orientation_code
-
     name = describe_source(path_or_bytes)
     bg = _background(background)
     try:

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from bucketing.ladder import MODEL_SPECS, ModelSpec
+
 if TYPE_CHECKING:
     from transformers import CLIPTokenizerFast, T5TokenizerFast
-
-    from bucketing.ladder import ModelSpec
 
 CLIP_MAX_LENGTH = 77
 T5_LIMIT = 512  # diffusers' FluxPipeline.check_inputs rejects max_sequence_length > 512
@@ -53,8 +53,6 @@ _T5_FILES = (("tokenizer.json",), ("spiece.model",))
 
 def model_spec(model: str = "flux") -> ModelSpec:
     """The entry of `bucketing.ladder.MODEL_SPECS` for a FLUX model ("flux" or "flux-schnell")."""
-    from bucketing.ladder import MODEL_SPECS
-
     if model not in FLUX_MODELS:
         raise ValueError(f"FluxTokenizer supports models {FLUX_MODELS}, got {model!r}")
     return MODEL_SPECS[model]
