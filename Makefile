@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TOKENIZERS := .cache/flux-tokenizers/tokenizer_2/spiece.model
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo docs bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP) $(TOKENIZERS) lint
 
 demo: $(STAMP) $(TOKENIZERS)
 	$(BIN)/python examples/demo.py
+
+# Refresh the pictures the README shows (only this target writes into docs/).
+docs: $(STAMP) $(TOKENIZERS)
+	$(BIN)/python examples/demo.py --out docs --report-only
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py --quick

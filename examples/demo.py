@@ -1,7 +1,8 @@
 """What ``make demo`` runs: the report a user reads first, then one epoch of the whole pipeline.
 
-1. ``bucket-report examples/data --model flux --batch-size 2 --plot docs/demo_plot.png
-   --preview docs/demo_preview.png`` (in this process, through its ``main``);
+1. ``bucket-report examples/data --model flux --batch-size 2 --plot OUT/demo_plot.png
+   --preview OUT/demo_preview.png`` (in this process, through its ``main``), OUT being
+   ``.cache/demo`` (``make docs`` passes ``--out docs`` to refresh the README's pictures);
 2. scan -> assign -> TextToImageDataset (BucketResizeCrop, CaptionTransform, FluxTokenizer)
    -> BucketBatchSampler -> DataLoader with 2 workers, printing every batch's shapes.
 
@@ -11,6 +12,7 @@ without that folder the demo runs without tokenization and says so.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -29,11 +31,11 @@ TOKENIZERS = REPO / ".cache" / "flux-tokenizers"
 BATCH_SIZE = 2
 
 
-def report() -> int:
-    """Run the real ``bucket-report`` command on the bundled photos, writing the docs PNGs."""
+def report(out: Path) -> int:
+    """Run the real ``bucket-report`` command on the bundled photos, writing its PNGs to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
     argv = [str(DATA), "--model", "flux", "--batch-size", str(BATCH_SIZE),
-            "--plot", str(REPO / "docs" / "demo_plot.png"),
-            "--preview", str(REPO / "docs" / "demo_preview.png")]
+            "--plot", str(out / "demo_plot.png"), "--preview", str(out / "demo_preview.png")]
     if TOKENIZERS.is_dir():
         argv += ["--tokenizers", str(TOKENIZERS)]
     print("$ bucket-report " + " ".join(Path(a).relative_to(REPO).as_posix()
@@ -80,7 +82,13 @@ def one_epoch() -> None:
 
 
 if __name__ == "__main__":
-    code = report()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / ".cache" / "demo",
+                        help="folder for the report's PNGs (default: .cache/demo)")
+    parser.add_argument("--report-only", action="store_true", help="skip the epoch")
+    args = parser.parse_args()
+    code = report(args.out)
     if code != 0:
         sys.exit(code)
-    one_epoch()
+    if not args.report_only:
+        one_epoch()
