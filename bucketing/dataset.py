@@ -40,7 +40,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transforms.image import ORIGINAL_SIZE_KEY, ImageDecodeError, load_image
+from transforms.image import (
+    DEFAULT_MAX_DECODE_BYTES,
+    ORIGINAL_SIZE_KEY,
+    ImageDecodeError,
+    load_image,
+)
 from transforms.rng import sample_rng
 
 if TYPE_CHECKING:
@@ -79,7 +84,8 @@ class TextToImageDataset(Dataset):
     ``FluxTokenizer``); anything else is a TypeError here, not in a worker. ``draft`` lets JPEGs
     decode at a reduced DCT scale when the bucket is at most half their size (only right
     for transforms that scale the image to cover the bucket). ``max_pixels`` refuses
-    decompression bombs at decode time; ``background`` is the colour behind transparency.
+    decompression bombs at decode time, ``max_decode_bytes`` images whose decoding would
+    hold more memory than that (both from the header, before decoding); ``background`` is the colour behind transparency.
     An assignment with upscaled rows (``assign(..., allow_upscale=True)``) needs an image
     transform that upscales: one with ``allow_upscale=False`` is refused here.
     """
@@ -97,6 +103,7 @@ class TextToImageDataset(Dataset):
         max_substitutes: int = 8,
         draft: bool = True,
         max_pixels: int | None = None,
+        max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
         background: Sequence[int] = (255, 255, 255),
     ) -> None:
         if on_error not in _ON_ERROR:
@@ -135,6 +142,7 @@ class TextToImageDataset(Dataset):
         self.max_substitutes = int(max_substitutes)
         self.draft = draft
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         self.background = tuple(background)
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._members: tuple[np.ndarray, np.ndarray] | None = None  # built on first need
@@ -202,6 +210,7 @@ class TextToImageDataset(Dataset):
             self.index.image_source(row),
             background=self.background,
             max_pixels=self.max_pixels,
+            max_decode_bytes=self.max_decode_bytes,
             draft_size=wh if self.draft else None,
         )
         h, w = img.info[ORIGINAL_SIZE_KEY]
