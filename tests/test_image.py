@@ -245,32 +245,28 @@ def test_max_pixels_refuses_before_decoding():
     assert load_image(data, max_pixels=10_000).size == (100, 100)
 
 
-def _png_header(width: int, height: int, bit_depth: int, colour_type: int) -> bytes:
-    """A PNG that declares a size and depth but holds almost no pixel data (a few hundred
-    bytes): decoding it would fail as truncated, so a refusal proves nothing was decoded."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    idat = zlib.compress(bytes(64))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+def _png_header(width: int, height: int, mode: str) -> bytes:
+    """An 8x8 PNG of ``mode`` whose header is edited to declare width x height: decoding it
+    would fail as truncated, so a refusal proves that nothing was decoded."""
+    data = bytearray(_save(Image.new(mode, (8, 8)), "PNG"))
+    struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_decode_memory_is_bounded_in_bytes_before_decoding():
-    # 280 KB on disk, 12000x12000 16-bit: over the default 1 GiB of decode memory
+    # 12000x12000 16-bit in a few hundred bytes: over the default 1 GiB of decode memory
     with pytest.raises(ImageDecodeError, match=r"too_many_bytes: .*12000x12000 I;16.*max_decode"):
-        load_image(_png_header(12000, 12000, 16, 0))
+        load_image(_png_header(12000, 12000, "I;16"))
     # the same pixel count at 8 bits needs less than half, and the limit counts bytes
     assert decode_bytes("L", (12000, 12000)) < DEFAULT_MAX_DECODE_BYTES
     assert decode_bytes("I;16", (12000, 12000)) > 1.5 * decode_bytes("L", (12000, 12000))
     limit = decode_bytes("L", (4000, 4000))
     with pytest.raises(ImageDecodeError, match="too_many_bytes"):
-        load_image(_png_header(4000, 4000, 16, 0), max_decode_bytes=limit)
+        load_image(_png_header(4000, 4000, "I;16"), max_decode_bytes=limit)
     with pytest.raises(ImageDecodeError) as decoded:  # within the limit: decoding was tried
-        load_image(_png_header(4000, 4000, 8, 0), max_decode_bytes=limit)
+        load_image(_png_header(4000, 4000, "L"), max_decode_bytes=limit)
     assert "too_many_bytes" not in str(decoded.value)
     # a float TIFF and an alpha PNG: refused one byte under their need, loaded at it
     for img, fmt in ((Image.new("F", (300, 200), 0.5), "TIFF"), (Image.new("RGBA", (3, 2)), "PNG")):
