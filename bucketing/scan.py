@@ -32,7 +32,7 @@ from bucketing.headers import (
     worker_read,
 )
 from bucketing.index import ImageIndex, Rejection
-from bucketing.scan_cache import CacheRow, ScanCache
+from bucketing.scan_cache import CacheRow, ScanCache, check_cache_path
 from bucketing.sources import Entry, resolve_source
 
 __all__ = ["ScanStats", "scan"]
@@ -115,6 +115,7 @@ def _scan(
     download_dir: str | os.PathLike | None,
 ) -> ImageIndex:
     t0 = time.perf_counter()
+    check_cache_path(cache, source)
     limit = default_max_pixels() if max_pixels is None else int(max_pixels)
     resolved = resolve_source(
         source, column_map=column_map, base_dir=base_dir, download_dir=download_dir

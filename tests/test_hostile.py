@@ -24,6 +24,7 @@ import resource
 import select
 import shutil
 import signal
+import stat
 import struct
 import tempfile
 import warnings
@@ -47,6 +48,7 @@ from bucketing.headers import default_max_pixels, read_header
 from bucketing.index import ImageIndex
 from bucketing.ladder import BucketLadder
 from bucketing.scan import scan
+from bucketing.scan_cache import CACHE_FORMAT
 from transforms.collate import collate
 from transforms.image import ImageDecodeError, load_image
 from transforms.resize_crop import BucketResizeCrop
@@ -839,6 +841,13 @@ def test_a_parquet_file_carrying_a_pickle_payload_is_never_executed(tmp_path, od
     shutil.copy(odd_dir / "hopper.jpg", folder / "a.jpg")
     cache = tmp_path / "cache.parquet"
     shutil.copy(hostile, cache)
+    with pytest.raises(FileExistsError, match="not the scan cache"):
+        scan(folder, workers=0, cache=cache)  # not our format: never read, never replaced
+    assert cache.read_bytes() == hostile.read_bytes()
+    forged = pq.read_table(hostile).replace_schema_metadata(
+        {"format": CACHE_FORMAT, "version": "1"}  # carries our mark: read, then ignored
+    )
+    pq.write_table(forged, cache)
     with pytest.warns(RuntimeWarning, match="ignoring scan cache"):
         index = scan(folder, workers=0, cache=cache)
     assert len(index) == 1 and index.scan_stats.cache == "rebuilt"
@@ -846,6 +855,55 @@ def test_a_parquet_file_carrying_a_pickle_payload_is_never_executed(tmp_path, od
     with pytest.raises(ValueError, match="not an aspect-bucketing index"):
         ImageIndex.load(hostile)
     assert not marker.exists()
+
+
+def _state(path: Path) -> tuple:
+    """What a path is and holds (kind, bytes or listing), to prove nothing changed."""
+    st = os.lstat(path)
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    if path.is_dir():
+        return ("dir", sorted(p.name for p in path.iterdir()))
+    return (stat.S_IFMT(st.st_mode), path.read_bytes() if path.is_file() else None)
+
+
+def test_a_scan_cache_path_never_clobbers_user_files(tmp_path, odd_dir):
+    """The cache path is checked before any work: the source itself, a file the scan
+    lists, a saved index, any file not in the scan-cache format, a FIFO, a folder, a
+    device or a symlink to one are refused, and left exactly as they were."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(odd_dir / "hopper.jpg", folder / "a.jpg")
+    (folder / "a.txt").write_text("a red car")
+    (folder / "empty.png").write_bytes(b"")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,caption\n{folder / 'a.jpg'},a red car\n")
+    saved = tmp_path / "index.parquet"
+    scan(folder, workers=0).save(saved)
+    data = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"image": ["imgs/a.jpg"]}), data)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "to-fifo").symlink_to(tmp_path / "fifo")
+    (tmp_path / "to-manifest").symlink_to(manifest)
+    cases = [
+        (manifest, manifest), (manifest, tmp_path / "to-manifest"), (folder, folder),
+        (folder, folder / "a.jpg"), (folder, folder / "a.txt"), (folder, folder / "empty.png"),
+        (manifest, folder / "a.jpg"), (data, data), (folder, saved), (folder, data),
+        (folder, tmp_path / "fifo"), (folder, tmp_path / "to-fifo"),
+        (tmp_path / "missing-source", tmp_path / "fifo"),  # refused before listing anything
+    ]
+    if os.geteuid() == 0:  # a private copy of /dev/null, never the real one
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        cases.append((folder, tmp_path / "null"))
+    for source, cache in cases:
+        before = _state(cache)
+        with pytest.raises(FileExistsError, match="refusing to write over"):
+            scan(source, workers=0, cache=cache)
+        assert _state(cache) == before, (source, cache)
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    cache = tmp_path / "scan.parquet"  # our own cache file is replaced as before
+    assert scan(folder, workers=0, cache=cache).scan_stats.cache == "absent"
+    assert scan(manifest, workers=0, cache=cache).scan_stats.cache == "loaded"
 
 
 # -- the docs table ------------------------------------------------------------------------
@@ -967,8 +1025,21 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
     (
         "a scan cache or saved index carrying a pickled pyarrow extension-type payload "
         "(CVE-2023-47248)",
-        "cache: ignored with a `RuntimeWarning` and rebuilt; index: `ValueError` (not our "
-        "format); the payload never runs",
+        "cache: refused as not ours (below), or, forging our format mark, ignored with a "
+        "`RuntimeWarning` and rebuilt; index: `ValueError` (not our format); the payload "
+        "never runs",
+    ),
+    (
+        "`scan(..., cache=P)` where P is the source, a file the scan lists (image, caption, "
+        "manifest), a saved index or any file not in the scan-cache format",
+        "`FileExistsError` naming P before any work; P left as it was (a scan cache of "
+        "another version is rebuilt)",
+    ),
+    (
+        "an output path (scan cache, saved index, download cache, report files) that is a "
+        "folder, FIFO, socket, character device (`/dev/null`) or a symlink to one",
+        "`FileExistsError` before anything is written; a symlink to a regular file: that "
+        "file is replaced, the link kept",
     ),
     (
         "anything the library writes (scan cache, saved index)",
