@@ -57,8 +57,9 @@ def check_replaceable(
             raise _refuse(real, f"it is {os.fspath(path)}, the input; put {what} elsewhere")
     if ours is not None and not ours(real):
         raise _refuse(
-            real, f"it exists and is not {what} written by this library; delete it or choose "
-            "another path"
+            real,
+            f"it exists and is not {what} written by this library; delete it or choose "
+            "another path",
         )
     return real
 

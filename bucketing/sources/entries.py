@@ -8,6 +8,7 @@ and normalised here, and every local path goes through one check
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
 import stat
@@ -21,6 +22,12 @@ if TYPE_CHECKING:
 
 _BASE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")
+_BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
 
 
 class Entry(NamedTuple):
@@ -58,13 +65,20 @@ def image_extensions() -> tuple[str, ...]:
 
 
 def read_text(path: str) -> str:
-    """Read a caption file as UTF-8 (a BOM is dropped), falling back to cp1252 and then
-    Latin-1 (which accepts every byte), so legacy Windows/Latin-1 captions read correctly.
+    """Read a caption file or manifest as UTF-8 (a BOM is dropped; a UTF-16/32 BOM, as
+    spreadsheets write, is honoured), falling back to cp1252 and then Latin-1 (which accepts
+    every byte), so legacy Windows/Latin-1 captions read correctly.
     Only regular files are read: a FIFO would block and a device may never end (OSError)."""
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise OSError(errno.EINVAL, "not a regular file", path)
     with open(path, "rb") as f:
         data = f.read()
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom) :].decode(encoding)
+            except UnicodeDecodeError:
+                break
     for encoding in ("utf-8-sig", "cp1252"):
         try:
             return data.decode(encoding)
@@ -79,17 +93,35 @@ def caption_lines(text: str) -> list[str]:
 
 
 def captions_of(value: Any) -> list[str]:
-    """Normalise a caption cell (string, list of strings, None/NaN) to a list of strings."""
-    if value is None:
-        return []
-    if isinstance(value, float) and value != value:  # NaN from parquet/pandas
-        return []
-    if isinstance(value, str):
-        return [value.strip()] if value.strip() else []
-    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        items = value.tolist() if hasattr(value, "tolist") else value
-        return [c for item in items for c in captions_of(item)]
-    return [str(value)]
+    """Normalise a caption cell (string, list of strings, None/NaN) to a list of strings.
+    Nested lists are flattened in order, however deep (no recursion)."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if hasattr(item, "tolist"):  # numpy / pyarrow values
+            item = item.tolist()
+        if item is None or (isinstance(item, float) and item != item):  # NaN: pandas' None
+            continue
+        if isinstance(item, str):
+            if item.strip():
+                out.append(item.strip())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        else:
+            out.append(str(item))
+    return out
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` can be no file name (a NUL, a lone surrogate), or None."""
+    if "\0" in value:
+        return "the path holds a NUL character"
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError as e:
+        return f"the path holds {value[e.start : e.end]!a}, which no file name can hold"
+    return None
 
 
 def local_path(value: str, relative_to: str) -> str:
