@@ -3,6 +3,7 @@ captions from each source kind, hostile names and layouts, base_dir containment.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -597,17 +598,25 @@ def test_one_deeply_nested_row_costs_one_rejection(tmp_path: Path, images: list[
 
 
 def test_a_folder_nested_a_thousand_levels_deep(tmp_path: Path) -> None:
-    deep = str(tmp_path)
-    for _ in range(1000):  # os.makedirs would recurse once per level
-        deep = os.path.join(deep, "d")
-        os.mkdir(deep)
-    deep = Path(deep)
-    write_image(deep / "bottom.png")
-    write_image(tmp_path / "top.png")
-    resolved = resolve_source(tmp_path)
-    assert [e.path for e in resolved.entries] == [
-        str(deep / "bottom.png"), str(tmp_path / "top.png"),
-    ]
+    top = tmp_path / "deep"
+    levels = [str(top)] + [os.path.join(str(top), *["d"] * i) for i in range(1, 1001)]
+    try:
+        for level in levels:  # os.makedirs would recurse once per level
+            os.mkdir(level)
+        write_image(Path(levels[-1]) / "bottom.png")
+        write_image(top / "top.png")
+        resolved = resolve_source(top)
+        assert [e.path for e in resolved.entries] == [
+            os.path.join(levels[-1], "bottom.png"),
+            str(top / "top.png"),
+        ]
+    finally:  # pytest's own clean-up (shutil.rmtree) recurses once per level: undo it here
+        for level in reversed(levels):
+            for name in ("bottom.png", "top.png"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(level, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(level)
 
 
 def test_paths_no_file_can_have_are_rejections_naming_the_row(
