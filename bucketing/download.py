@@ -364,10 +364,15 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 class _Redirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects only to ``http(s)://`` URLs (urllib alone would follow ``ftp://``)."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
-        if not is_url(newurl):
-            raise DownloadError(f"redirected to {newurl!r}: only http(s) URLs are fetched")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001, ANN201
+        location = headers.get("location") or headers.get("uri")
+        if location is not None:
+            target = urllib.parse.urljoin(req.full_url, location)
+            if not is_url(target):
+                raise DownloadError(f"redirected to {target!r}: only http(s) URLs are fetched")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def _extension(url: str, content_type: str) -> str:

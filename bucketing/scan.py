@@ -138,7 +138,7 @@ def _scan(
     for entry, h in zip(entries, headers, strict=True):
         if h.ok and limit is not None and h.width * h.height > limit:
             detail = f"{h.width}x{h.height} is more than max_pixels={limit}"
-            rejections.append(Rejection(entry.path, "too_many_pixels", detail))
+            rejections.append(Rejection(entry.label, "too_many_pixels", detail))
         elif h.ok:
             paths.append(entry.path)
             widths.append(h.width)
@@ -146,7 +146,7 @@ def _scan(
             captions.append(list(entry.captions))
             rows.append(entry.row)
         else:
-            rejections.append(Rejection(entry.path, h.reason, h.detail))
+            rejections.append(Rejection(entry.label, h.reason, h.detail))
     blob = resolved.blobs.take(rows) if resolved.blobs is not None else None
     index = ImageIndex(paths, widths, heights, captions, rejections, blob=blob)
 

@@ -857,6 +857,27 @@ def test_a_parquet_file_carrying_a_pickle_payload_is_never_executed(tmp_path, od
     assert not marker.exists()
 
 
+def test_one_bad_manifest_row_costs_one_rejection_through_scan(tmp_path, odd_dir):
+    """Rows no file can name, nested beyond the JSON reader, or not fitting the header are
+    rejections naming their row; the scan goes on and its index saves and loads."""
+    shutil.copy(odd_dir / "hopper.jpg", tmp_path / "a.jpg")
+    deep = "[" * 50_000 + '"x"' + "]" * 50_000
+    (tmp_path / "m.jsonl").write_text(
+        '{"image": "a\\u0000b.jpg"}\n{"image": "\\ud800.jpg"}\n'
+        f'{{"image": "a.jpg", "caption": {deep}}}\n{{"image": "a.jpg", "caption": "ok"}}\n'
+    )
+    (tmp_path / "m.csv").write_text(
+        'image,caption,score\na.jpg,a red car, parked,1\na.jpg,"x"y,2\n'
+    )
+    for name, bad in [("m.jsonl", ["line 1", "line 2", "line 3"]), ("m.csv", ["line 2", "line 3"])]:
+        index = scan(tmp_path / name, workers=0)
+        got = sorted((r.path, r.reason) for r in index.rejections)
+        assert got == [(f"{tmp_path / name}:{w}", "bad_row") for w in bad], name
+        index.save(tmp_path / "index.parquet")
+        assert ImageIndex.load(tmp_path / "index.parquet").rejections == index.rejections
+    assert index.captions == [] and len(scan(tmp_path / "m.jsonl", workers=0)) == 1
+
+
 def _state(path: Path) -> tuple:
     """What a path is and holds (kind, bytes or listing), to prove nothing changed."""
     st = os.lstat(path)
@@ -1011,6 +1032,51 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "a missing file, a path out of `base_dir`",
         "blank rows skipped; short row: no caption; `no_image`; `duplicate` (captions "
         "merged, image kept once); `missing_file`; `outside_base_dir`; the rest train",
+    ),
+    (
+        "CSV/TSV row with more cells than the header (`a.jpg,a red car, parked` under "
+        "`image,caption`), header-less rows with separators in the caption, a quote never "
+        "closed",
+        "the caption is read whole when it is the last column (trailing empty cells "
+        "dropped); header-less: all after the first separator is one caption; any other "
+        "extra cell or broken quoting: `bad_row` naming the line, the rows after it read",
+    ),
+    (
+        "a header naming the image or caption column twice (`image,image,caption`); a JSON "
+        "row naming a key twice",
+        "`ValueError` naming the column and its positions; the JSON row: `bad_row`",
+    ),
+    (
+        "a caption nested 50,000 lists deep (`.jsonl` line or `.json` item), a folder "
+        "nested 1,000 levels deep",
+        "that row: `bad_row` (\"nested deeper than the JSON reader allows\"), the others "
+        "read; shallower nesting flattened; the deep folder walked without recursion",
+    ),
+    (
+        "a NUL or a lone surrogate in a manifest, list or dataset path",
+        "`bad_row` named by the row (`m.jsonl:line 2`, `list:item 0`), never a "
+        "`ValueError`/`UnicodeEncodeError` ending the scan; the index still saves",
+    ),
+    (
+        "a dataset or manifest whose caption column has an unrecognised name (`prompt_en`), "
+        "or two caption columns",
+        "a `UserWarning` naming the columns found and the ones used (pass `column_map`)",
+    ),
+    (
+        "a server dripping one byte per 50 ms, sending headers that slowly, or chunks "
+        "forever; a stall on every retry",
+        "the download ends at `deadline` (a watchdog cuts the connection; retries included): "
+        "`download_failed` (\"too slow\")",
+    ),
+    (
+        "a redirect to `ftp://` or `file://`; a `gzip`/`deflate` body, a gzip bomb, "
+        "`Content-Encoding: br`",
+        "redirect refused (`download_failed`, only http(s) at every hop); decoded; "
+        "`too large` after decoding past `max_bytes`; refused by name",
+    ),
+    (
+        "a downloaded body that is no image",
+        "rejected `not_an_image` under its URL, not the cache file's path",
     ),
     (
         "random bytes, truncations and byte flips of JPEG/PNG/WebP/GIF/BMP/TIFF/AVIF (hypothesis)",

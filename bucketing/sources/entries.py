@@ -31,12 +31,19 @@ _BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
 
 
 class Entry(NamedTuple):
-    """One image to scan: an absolute local ``path``, its ``captions`` (possibly empty) and,
-    for ``datasets.Dataset`` sources, the dataset ``row`` it came from (else ``None``)."""
+    """One image to scan: an absolute local ``path``, its ``captions`` (possibly empty),
+    for ``datasets.Dataset`` sources the dataset ``row`` it came from (else ``None``) and,
+    for a download, the ``url`` it came from (``path`` is then the local copy)."""
 
     path: str
     captions: list[str]
     row: int | None = None
+    url: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What a rejection of this entry names: the URL of a download, else the path."""
+        return self.url or self.path
 
 
 @dataclass

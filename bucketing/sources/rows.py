@@ -180,7 +180,7 @@ def collect(
                 continue
         for k in keys:
             first[k] = (len(entries), where)
-        entries.append(Entry(path, list(captions)))
+        entries.append(Entry(path, list(captions), url=value if is_url(value) else None))
     return entries, rejections
 
 
