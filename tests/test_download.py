@@ -5,10 +5,12 @@ size limits, atomic cache files, and download_failed rejections from resolve_sou
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import os
 import threading
 import time
+import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from PIL import Image
 
 from bucketing.download import Downloader, DownloadError, default_cache_dir
+from bucketing.scan import scan
 from bucketing.sources import resolve_source
 
 
@@ -85,6 +88,57 @@ class Server:
                         self.wfile.write(b"\0" * 4096)
                 elif kind == "empty":
                     self.send(b"")
+                elif kind == "drip":  # a byte every 50 ms, each well within the timeout
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(PNG)))
+                    self.end_headers()
+                    for byte in PNG:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        if state.release.wait(0.05):
+                            return
+                elif kind == "slowheaders":  # the status line, then a header byte every 50 ms
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    for byte in b"X-Padding: " + b"a" * 400:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        if state.release.wait(0.05):
+                            return
+                elif kind == "chunks":  # chunked encoding that never ends
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    while not state.release.wait(0.02):
+                        self.wfile.write(b"1\r\n\0\r\n")
+                        self.wfile.flush()
+                elif kind == "redirect":  # /redirect/<status>/<scheme>
+                    _, _, status, scheme = path.split("/")[:4]
+                    target = {
+                        "ftp": "ftp://127.0.0.1/x.png",
+                        "file": "file:///etc/passwd",
+                        "http": "/ok/a.png",
+                    }[scheme]
+                    self.send_response(int(status))
+                    self.send_header("Location", target)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif kind in ("gzip", "deflate", "rawdeflate", "bomb", "br"):
+                    body = {
+                        "gzip": lambda: gzip.compress(PNG),
+                        "deflate": lambda: zlib.compress(PNG),
+                        "rawdeflate": lambda: zlib.compress(PNG, wbits=-15),
+                        "bomb": lambda: gzip.compress(b"\0" * 10_000_000),
+                        "br": lambda: PNG,
+                    }[kind]()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    encoding = {"rawdeflate": "deflate", "bomb": "gzip"}.get(kind, kind)
+                    self.send_header("Content-Encoding", encoding)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                elif kind == "notimage":
+                    self.send(b"<html>not an image</html>")
                 else:
                     self.send(b"?", status=400)
 
@@ -295,3 +349,54 @@ def test_cache_survives_a_corrupt_url_record(server, tmp_path):
     os.unlink(path)
     assert d.cached(url) is None
     assert d.fetch(url) == path and server.hits["/ok/c.png"] == 2
+
+
+@pytest.mark.parametrize("kind", ["drip", "slowheaders", "chunks"])
+def test_the_deadline_bounds_every_download(server, tmp_path, kind):
+    """Each byte arrives well within ``timeout``; only the deadline can end these."""
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="too slow: not finished within the deadline of 0.6s"):
+        fast(tmp_path, timeout=0.5, deadline=0.6).fetch(f"{server.url}/{kind}/x.png")
+    assert time.monotonic() - start < 1.2
+    assert server.hits[f"/{kind}/x.png"] == 1  # no retry past the deadline
+    assert no_temp_files(tmp_path)
+
+
+def test_the_deadline_covers_retries(server, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DownloadError):
+        fast(tmp_path, timeout=0.2, retries=50, backoff=0.05, deadline=0.8).fetch(
+            f"{server.url}/stall/x.png"
+        )
+    assert time.monotonic() - start < 1.5
+    assert 1 <= server.hits["/stall/x.png"] <= 4
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "file"])
+@pytest.mark.parametrize("status", [301, 302, 307])
+def test_redirects_only_to_http(server, tmp_path, status, scheme):
+    with pytest.raises(DownloadError, match=f"redirected to '{scheme}:.*only http"):
+        fast(tmp_path).fetch(f"{server.url}/redirect/{status}/{scheme}")
+    path = fast(tmp_path).fetch(f"{server.url}/redirect/{status}/http")  # http hops are fine
+    assert Path(path).read_bytes() == PNG
+
+
+@pytest.mark.parametrize("kind", ["gzip", "deflate", "rawdeflate"])
+def test_compressed_bodies_are_decoded(server, tmp_path, kind):
+    path = fast(tmp_path).fetch(f"{server.url}/{kind}/x.png")
+    assert Path(path).read_bytes() == PNG and path.endswith(".png")
+
+
+def test_compressed_bodies_are_bounded_after_decoding_or_refused(server, tmp_path):
+    with pytest.raises(DownloadError, match="too large: more than max_bytes 100000"):
+        fast(tmp_path).fetch(f"{server.url}/bomb/x.png")  # 10 KB on the wire, 10 MB decoded
+    with pytest.raises(DownloadError, match="unsupported Content-Encoding 'br'"):
+        fast(tmp_path).fetch(f"{server.url}/br/x.png")
+    assert server.hits["/bomb/x.png"] == server.hits["/br/x.png"] == 1  # not retried
+
+
+def test_a_download_that_is_no_image_is_rejected_under_its_url(server, tmp_path):
+    url = f"{server.url}/notimage/x.png"
+    index = scan([url, f"{server.url}/ok/a.png"], workers=0, download_dir=tmp_path / "dl")
+    assert [(r.path, r.reason) for r in index.rejections] == [(url, "not_an_image")]
+    assert len(index) == 1 and index.paths[0].startswith(str(tmp_path / "dl"))

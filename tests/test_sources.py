@@ -3,6 +3,7 @@ captions from each source kind, hostile names and layouts, base_dir containment.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -271,7 +272,8 @@ def test_list_captions_and_column_map(tmp_path: Path, images: list[Path], suffix
     resolved = resolve_source(tmp_path / f"m{suffix}", column_map=cmap)
     assert resolved.entries == [Entry(str(images[1]), ["short", "a longer caption"])]
     # without a caption column the images still resolve, caption-less
-    only_image = resolve_source(tmp_path / f"m{suffix}", column_map={"image": "file"})
+    with pytest.warns(UserWarning, match=r"no caption column .* columns \['file', 'prompts'\]"):
+        only_image = resolve_source(tmp_path / f"m{suffix}", column_map={"image": "file"})
     assert only_image.entries == [Entry(str(images[1]), [])]
 
 
@@ -283,9 +285,9 @@ def test_header_less_two_column_file(tmp_path: Path, images: list[Path], suffix:
         f"img/{images[2].name}\n"
     )
     resolved = resolve_source(tmp_path / f"m{suffix}")
-    assert resolved.entries == [
+    assert resolved.entries == [  # everything after the first separator is one caption
         Entry(str(images[0]), ["first"]),
-        Entry(str(images[1]), ["second", "third"]),
+        Entry(str(images[1]), [f"second{sep}third"]),
         Entry(str(images[2]), []),
     ]
 
@@ -514,3 +516,146 @@ def test_dataset_with_string_paths_and_errors(tmp_path: Path, images: list[Path]
         resolve_source(ds, column_map={"image": "img"})
     with pytest.raises(TypeError, match="pick a split"):
         resolve_source(datasets.DatasetDict({"train": ds}))
+
+
+# --------------------------------------------------------------------------- rows that do not fit
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_rows_that_do_not_fit_the_header_are_never_cut(
+    tmp_path: Path, images: list[Path], suffix: str
+) -> None:
+    sep = "," if suffix == ".csv" else "\t"
+    a, b, c, d = (f"img/{p.name}" for p in images)
+    (tmp_path / f"m{suffix}").write_text(
+        f"image{sep}caption\n{a}{sep}a red car{sep} parked\n{b}{sep}trailing{sep}{sep}\n"
+        f'{c}{sep}"a quote never closed\n{d}{sep}after it\n'
+    )
+    resolved = resolve_source(tmp_path / f"m{suffix}")
+    assert resolved.entries == [
+        Entry(str(images[0]), [f"a red car{sep} parked"]),  # the caption read whole
+        Entry(str(images[1]), ["trailing"]),  # empty trailing cells hold nothing
+        Entry(str(images[3]), ["after it"]),  # the stray quote swallowed nothing
+    ]
+    assert [(r.path.rsplit(":", 1)[1], r.reason) for r in resolved.rejections] == [
+        ("line 4", "bad_row")
+    ]
+    # header-less: everything after the first separator is the one caption
+    (tmp_path / f"n{suffix}").write_text(f"{a}{sep}a red car{sep} parked\n")
+    assert resolve_source(tmp_path / f"n{suffix}").entries == [
+        Entry(str(images[0]), [f"a red car{sep} parked"])
+    ]
+    # extra cells that cannot belong to the caption: the row is rejected by line
+    (tmp_path / f"s{suffix}").write_text(
+        f"image{sep}caption{sep}score\n{a}{sep}a red car{sep} parked{sep}5\n{b}{sep}x{sep}1\n"
+    )
+    resolved = resolve_source(tmp_path / f"s{suffix}")
+    assert resolved.entries == [Entry(str(images[1]), ["x"])]
+    (bad,) = resolved.rejections
+    assert bad.path.endswith(f"s{suffix}:line 2") and bad.reason == "bad_row"
+    assert "4 cells under the 3 columns" in bad.detail
+
+
+def test_a_repeated_column_name_is_an_error_not_a_dropped_file(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    (tmp_path / "m.csv").write_text(f"image,image,caption\nimg/{images[0].name},img/x.png,c\n")
+    with pytest.raises(ValueError, match=r"column 'image' is named 2 times .*\[1, 2\]"):
+        resolve_source(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text(f"image,caption,note,note\nimg/{images[0].name},c,1,2\n")
+    assert resolve_source(tmp_path / "m.csv").entries == [Entry(str(images[0]), ["c"])]
+    # in JSON a repeated key is one bad row
+    (tmp_path / "m.jsonl").write_text(
+        f'{{"image": "img/{images[0].name}", "image": "img/{images[1].name}"}}\n'
+        f'{{"image": "img/{images[2].name}"}}\n'
+    )
+    resolved = resolve_source(tmp_path / "m.jsonl")
+    assert resolved.entries == [Entry(str(images[2]), [])]
+    assert [(r.reason, r.detail) for r in resolved.rejections] == [
+        ("bad_row", "key 'image' appears more than once")
+    ]
+
+
+def test_one_deeply_nested_row_costs_one_rejection(tmp_path: Path, images: list[Path]) -> None:
+    deep = "[" * 50_000 + '"deep"' + "]" * 50_000
+    ok = [f'{{"image": "img/{p.name}", "caption": "fine"}}' for p in images[:2]]
+    nested = f'{{"image": "img/{images[2].name}", "caption": {deep}}}'
+    (tmp_path / "m.jsonl").write_text("\n".join([ok[0], nested, ok[1]]) + "\n")
+    (tmp_path / "m.json").write_text("[" + ",\n".join([ok[0], nested, ok[1], '"a string"']) + "]")
+    for name, where in [("m.jsonl", "line 2"), ("m.json", "item 1")]:
+        resolved = resolve_source(tmp_path / name)
+        assert resolved.entries == [Entry(str(p), ["fine"]) for p in images[:2]], name
+        assert resolved.rejections[0].path.endswith(f"{name}:{where}")
+        assert resolved.rejections[0].reason == "bad_row"
+        assert "nested deeper" in resolved.rejections[0].detail
+    assert resolved.rejections[1].detail.startswith("expected an object")
+    # nesting the reader can parse is flattened, in order, without recursion
+    moderate = "[" * 300 + '"b"' + "]" * 300
+    (tmp_path / "n.jsonl").write_text(
+        f'{{"image": "img/{images[0].name}", "caption": ["a", {moderate}, ["c"]]}}\n'
+    )
+    assert resolve_source(tmp_path / "n.jsonl").entries == [Entry(str(images[0]), ["a", "b", "c"])]
+
+
+def test_a_folder_nested_a_thousand_levels_deep(tmp_path: Path) -> None:
+    top = tmp_path / "deep"
+    levels = [str(top)] + [os.path.join(str(top), *["d"] * i) for i in range(1, 1001)]
+    try:
+        for level in levels:  # os.makedirs would recurse once per level
+            os.mkdir(level)
+        write_image(Path(levels[-1]) / "bottom.png")
+        write_image(top / "top.png")
+        resolved = resolve_source(top)
+        assert [e.path for e in resolved.entries] == [
+            os.path.join(levels[-1], "bottom.png"),
+            str(top / "top.png"),
+        ]
+    finally:  # pytest's own clean-up (shutil.rmtree) recurses once per level: undo it here
+        for level in reversed(levels):
+            for name in ("bottom.png", "top.png"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(level, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(level)
+
+
+def test_paths_no_file_can_have_are_rejections_naming_the_row(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    good = f"img/{images[0].name}"
+    (tmp_path / "m.jsonl").write_text(
+        f'{{"image": "img/a\\u0000b.png"}}\n{{"image": "img/\\ud800.png"}}\n{{"image": "{good}"}}\n'
+    )
+    (tmp_path / "m.csv").write_text(f"image,caption\nimg/a\0b.png,x\n{good},y\n")
+    for name, rows in [("m.jsonl", ["line 1", "line 2"]), ("m.csv", ["line 2"])]:
+        resolved = resolve_source(tmp_path / name)
+        assert [e.path for e in resolved.entries] == [str(images[0])]
+        assert [r.path for r in resolved.rejections] == [f"{tmp_path / name}:{w}" for w in rows]
+        assert {r.reason for r in resolved.rejections} == {"bad_row"}
+        assert all("NUL" in r.detail or "\\ud800" in r.detail for r in resolved.rejections)
+        assert all(os.fsencode(r.path) for r in resolved.rejections)  # an index can save them
+    listed = resolve_source(["a\0b.png", "\udc80\ud800.png", str(images[0])])
+    assert [r.path for r in listed.rejections] == ["list:item 0", "list:item 1"]
+
+
+def test_dataset_with_an_unrecognised_caption_column_says_so(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"image": [str(images[0])], "prompt_en": ["a red car"]})
+    with pytest.warns(UserWarning, match=r"columns \['image', 'prompt_en'\]; using 'image'"):
+        resolved = resolve_source(ds)
+    assert resolved.entries == [Entry(str(images[0]), [])]
+    picked = resolve_source(ds, column_map={"caption": "prompt_en"})
+    assert picked.entries == [Entry(str(images[0]), ["a red car"])]
+    both = datasets.Dataset.from_dict(
+        {"image": [str(images[0])], "caption": ["short"], "text": ["long"]}
+    )
+    with pytest.warns(UserWarning, match=r"read from 'caption', not from \['text'\]"):
+        resolve_source(both)
+
+
+def test_utf16_manifest_from_a_spreadsheet(tmp_path: Path, images: list[Path]) -> None:
+    text = f"image\tcaption\nimg/{images[0].name}\tcafé\n"
+    (tmp_path / "m.tsv").write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+    assert resolve_source(tmp_path / "m.tsv").entries == [Entry(str(images[0]), ["café"])]
