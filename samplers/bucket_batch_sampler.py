@@ -134,7 +134,7 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         self._seed = check_int(seed, "seed", 0, 2**64 - 1)
         self._shuffle = bool(shuffle)
         self._last_batch = _last_batch(last_batch, drop_last)
-        self._repeats = _repeats(repeats, len(ids))
+        self._repeats = _repeats(repeats, ids >= 0)
         self._bucket_wh = shapes
         self._num_indices = len(ids)
         codes = canonical_ids(ids)
@@ -539,8 +539,9 @@ def _last_batch(last_batch: str | None, drop_last: bool) -> str:
     return last_batch
 
 
-def _repeats(repeats: Any, num_indices: int) -> np.ndarray | None:
+def _repeats(repeats: Any, accepted: np.ndarray) -> np.ndarray | None:
     """Validated repeats: None (every row once), a 0-d or an (N,) float64 array."""
+    num_indices = len(accepted)
     if repeats is None:
         return None
     if isinstance(repeats, numbers.Real) and not isinstance(repeats, bool):
@@ -559,6 +560,8 @@ def _repeats(repeats: Any, num_indices: int) -> np.ndarray | None:
         shown = value.reshape(-1)[at]
         where = "" if value.ndim == 0 else f" at row {at}"
         raise ValueError(f"repeats must be in [0, {MAX_REPEATS}], got {shown}{where}")
+    if not np.any(np.broadcast_to(value, accepted.shape)[accepted] > 0):
+        raise ValueError("repeats are 0 for every accepted row: there is nothing to sample")
     return None if np.all(value == 1) else value
 
 
