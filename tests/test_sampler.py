@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tracemalloc
 from collections import Counter
 
 import numpy as np
@@ -19,9 +20,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bucketing import TextToImageDataset, scan
 from bucketing.assign import assign
 from bucketing.ladder import BucketLadder
-from samplers import BatchingRule, BucketBatchSampler, SampleIndex
+from samplers import BatchingRule, BucketBatchSampler, SampleIndex, bucket_batch_sampler
+from samplers.plan import PLAN_VERSION
+from transforms import BucketResizeCrop
 
 
 def ranks(ids, world_size, **kw) -> list[BucketBatchSampler]:
@@ -317,7 +321,8 @@ def test_resume_after_any_k_yields_exactly_the_rest(
         assert occurrences == [[i.occurrence for i in b] for b in full[k:]]
         assert list(fresh) == full  # the pass after a resumed one is the whole epoch again
     else:  # a finished epoch resumes at the start of the next one
-        assert fresh.epoch == epoch + 1 and len(fresh) == len(full)
+        sampler.set_epoch(epoch + 1)  # (with fractional repeats its length may differ)
+        assert fresh.epoch == epoch + 1 and len(fresh) == len(sampler)
 
 
 def test_state_is_small_constant_and_survives_json_and_torch_save() -> None:
@@ -571,3 +576,140 @@ def test_defaults_without_torch_distributed_are_one_rank() -> None:
     sampler = BucketBatchSampler(np.zeros(4, dtype=int), batch_size=2)
     assert (sampler.world_size, sampler.rank) == (1, 0)
     assert "world_size=1" in repr(sampler)
+
+
+# -- hostile states: every field bounded before anything is allocated --------------------
+
+
+def _peak_bytes(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ({"world_size": 2**27}, "world_size must be <= 1048576"),
+        ({"world_size": 2**28}, "world_size must be <= 1048576"),
+        ({"history": [[2**27, 1]]}, "history world_size must be <="),
+        ({"history": [[2, 1]] * 257}, "at most 256 entries"),
+        ({"epoch": 2**63}, "epoch must be <="),
+        ({"fingerprint": "abc"}, "fingerprint must be a dict, got str"),
+        ({"fingerprint": None}, "fingerprint must be a dict, got NoneType"),
+        ({"fingerprint": [1, 2]}, "fingerprint must be a dict, got list"),
+    ],
+)
+def test_an_edited_state_is_refused_before_any_allocation(field, message) -> None:
+    sampler = BucketBatchSampler(np.random.default_rng(0).integers(0, 3, 1000), batch_size=2)
+    state = {**sampler.state_dict(), **field}
+
+    def load() -> None:
+        with pytest.raises(ValueError, match=message):
+            sampler.load_state_dict(state)
+
+    assert _peak_bytes(load) < 2**20
+
+
+def test_the_largest_world_size_in_a_history_costs_memory_in_proportion_to_the_data() -> None:
+    ids = np.random.default_rng(0).integers(0, 3, 1000)
+    for mode in ("short", "pad"):
+        state = {**BucketBatchSampler(ids, batch_size=2, last_batch=mode).state_dict(),
+                 "world_size": 2**20, "consumed": 1}  # fmt: skip
+        resumed = BucketBatchSampler(ids, batch_size=2, world_size=2, rank=1, last_batch=mode)
+        assert _peak_bytes(lambda s=resumed, st=state: s.load_state_dict(st)) < 2**20
+        assert resumed.state_dict()["history"] == [[2**20, 1]]
+        rest = [i for b in resumed for i in b]
+        assert 0 < len(rest) < 1000
+
+
+def test_a_state_of_an_older_planning_algorithm_is_refused_with_a_clear_error() -> None:
+    sampler = BucketBatchSampler(np.zeros(8, dtype=int), batch_size=2)
+    state = sampler.state_dict()
+    assert state["fingerprint"]["plan_version"] == PLAN_VERSION
+    old = {**state, "fingerprint": {k: v for k, v in state["fingerprint"].items()
+                                    if k != "plan_version"}}  # fmt: skip
+    for saved in (old, {**state, "fingerprint": {**state["fingerprint"], "plan_version": 99}}):
+        with pytest.raises(ValueError, match="planning algorithm version .* plans with version"):
+            sampler.load_state_dict(saved)
+
+
+# -- the batching rule -------------------------------------------------------------------
+
+
+def test_the_batching_rule_is_what_the_sampler_uses_and_exposes() -> None:
+    ladder = BucketLadder.from_buckets([(512, 512), (1024, 1024), (1024, 512)])
+    sizes = np.array([[1200, 1200], [600, 600], [1100, 600]] * 20)
+    assignment = assign(sizes, ladder)
+    rule = BatchingRule(max_pixels_per_batch=2**22, max_batch_size=12)
+    by_rule = BucketBatchSampler(assignment, batching=rule, seed=3)
+    by_keywords = BucketBatchSampler(assignment, max_pixels_per_batch=2**22, max_batch_size=12,
+                                     seed=3)  # fmt: skip
+    assert by_rule.batching == by_keywords.batching == rule
+    assert list(by_rule) == list(by_keywords) and by_rule.state_dict() == by_keywords.state_dict()
+    assert by_rule.batch_sizes.tolist() == rule.batch_sizes(ladder.buckets).tolist() == [12, 8, 4]
+    assert by_rule.stats()["batching"]["max_pixels_per_batch"] == 2**22
+    assert BucketBatchSampler(assignment, 3).batching == BatchingRule(batch_size=3)
+
+
+def test_a_quadratic_cost_shrinks_large_buckets_more_as_attention_does() -> None:
+    wh = np.array([[256, 256], [512, 512], [1024, 1024]])
+    linear = BatchingRule(max_pixels_per_batch=2**22)
+    quadratic = BatchingRule(max_pixels_per_batch=2**22, quadratic_pixels=2**20)
+    assert linear.batch_sizes(wh).tolist() == [64, 16, 4]
+    area = wh[:, 0] * wh[:, 1]
+    expected = np.floor(2**22 / (area + area**2 / 2**20)).astype(int)
+    assert quadratic.batch_sizes(wh).tolist() == expected.tolist() == [60, 12, 2]
+    assert np.allclose(quadratic.cost(wh), area + area.astype(float) ** 2 / 2**20)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({}, ValueError, "exactly one"),
+        ({"batch_size": 2, "max_pixels_per_batch": 4}, ValueError, "exactly one"),
+        ({"batch_size": 2, "quadratic_pixels": 4}, ValueError, "only apply"),
+        ({"max_pixels_per_batch": 0}, ValueError, "max_pixels_per_batch must be >= 1"),
+        ({"max_pixels_per_batch": 9, "quadratic_pixels": 1.5}, TypeError, "must be an int"),
+        ({"batch_size": True}, TypeError, "batch_size must be an int"),
+    ],
+)
+def test_batching_rule_errors(kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        BatchingRule(**kwargs)
+
+
+# -- the builder -------------------------------------------------------------------------
+
+
+def test_builder_takes_a_text_to_image_dataset(examples_dir) -> None:
+    index = scan(examples_dir, workers=1, progress=False)
+    assignment = assign(index, BucketLadder.from_buckets([(256, 256), (320, 192), (192, 320)]))
+    dataset = TextToImageDataset(index, assignment, image_transform=BucketResizeCrop())
+    built = bucket_batch_sampler(dataset, 2, seed=4, repeats=2)
+    direct = BucketBatchSampler(assignment, 2, seed=4, repeats=2)
+    assert list(built) == list(direct) and built.state_dict() == direct.state_dict()
+    by_pixels = bucket_batch_sampler(dataset, max_pixels_per_batch=3 * 256 * 256, last_batch="pad")
+    used = np.unique(assignment.bucket_id[assignment.bucket_id >= 0])
+    expected = BatchingRule(max_pixels_per_batch=3 * 256 * 256).batch_sizes(ladder_wh(assignment))
+    assert by_pixels.batch_sizes[used].tolist() == expected[used].tolist()
+    state = by_pixels.state_dict()
+    BucketBatchSampler(assignment, max_pixels_per_batch=3 * 256 * 256,
+                       last_batch="pad").load_state_dict(state)  # fmt: skip
+    with pytest.raises(TypeError, match="needs a dataset with an assignment or bucket_id"):
+        bucket_batch_sampler([1, 2, 3], 2)
+
+
+def ladder_wh(assignment) -> np.ndarray:
+    return np.asarray(assignment.ladder.buckets).reshape(-1, 2)
+
+
+def test_rows_of_one_bucket_with_different_shapes_are_an_error() -> None:
+    rows = Rows(np.array([0, 0]), np.array([[64, 64]]))
+    rows.bucket_wh[1] = [32, 32]
+    with pytest.raises(ValueError, match=r"row \d of bucket 0 has bucket_wh"):
+        BucketBatchSampler(rows, max_pixels_per_batch=4096)
