@@ -1,5 +1,7 @@
 """Which indices go together: the distributed, lock-step, resumable bucket batch sampler."""
 
-from samplers.bucket_batch_sampler import BucketBatchSampler
+from samplers.batching import BatchingRule
+from samplers.bucket_batch_sampler import BucketBatchSampler, bucket_batch_sampler
+from samplers.sample_index import SampleIndex
 
-__all__ = ["BucketBatchSampler"]
+__all__ = ["BatchingRule", "BucketBatchSampler", "SampleIndex", "bucket_batch_sampler"]

@@ -1,10 +1,12 @@
 """``BucketBatchSampler``: distributed, lock-step, exactly-once, resumable, elastic.
 
 Pass it to ``DataLoader(dataset, batch_sampler=sampler)``. Each epoch is one global plan
-(:mod:`samplers.plan`): every bucket's members shuffled and cut into global steps of
-``world_size x batch_size_b``, the last step padded within its bucket (or dropped), the steps
-shuffled, and rank r taking slice r of each step. So every batch is one bucket, all ranks are
-in the same bucket at every step, and every rank yields exactly ``len(sampler)`` batches.
+(:mod:`samplers.plan`): every bucket's rows (times their repeats) shuffled and cut into global
+steps of ``world_size x batch_size_b``, the last step split across ranks (``last_batch="short"``),
+padded within its bucket (``"pad"``) or dropped (``"drop"``), the steps shuffled, and rank r
+taking its share of each step. So every batch is one bucket, all ranks are in the same bucket
+at every step, and every rank yields exactly ``len(sampler)`` batches of
+:class:`~samplers.SampleIndex` (ints that carry their occurrence within the epoch).
 
 Batches are computed lazily from O(buckets) numbers, so resuming from :meth:`state_dict` slices
 the plan instead of replaying it, and a state saved at one world size can be loaded at another:
@@ -13,24 +15,42 @@ the not-yet-seen samples of that epoch are planned again for the new world size.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
 
+from samplers.batching import BatchingRule
 from samplers.plan import (
+    LAST_BATCH,
+    MAX_REPEATS,
+    Layout,
     Plan,
     canonical_ids,
     group_by_bucket,
+    make_layout,
     make_plan,
     rank_batches,
-    remaining_members,
+    remaining_units,
 )
-from samplers.state import Position, check_int, digest, fingerprint, from_state, to_state
+from samplers.sample_index import SampleIndex
+from samplers.state import (
+    MAX_EPOCH,
+    MAX_WORLD_SIZE,
+    Position,
+    check_int,
+    digest,
+    fingerprint,
+    from_state,
+    to_state,
+)
 
 _CHUNK_INDICES = 1 << 15  # indices computed per vectorised call while iterating
+_FIRST = partial(int.__new__, SampleIndex)  # a first occurrence, made at C speed
 
 
 @dataclass
@@ -48,21 +68,35 @@ class _Pass:
         return self.next_step >= self.plan.num_steps
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+class BucketBatchSampler(Sampler[list[SampleIndex]]):
     """Yields this rank's batches of dataset indices, one bucket per batch, in lock-step.
 
     Args:
         assignment_or_bucket_ids: a ``bucketing.Assignment`` (anything with ``bucket_id`` and
-            ``ladder.buckets``) or a 1-D int array of bucket ids; -1 marks excluded entries.
+            ``ladder.buckets``), a dataset with ``bucket_id`` and per-row ``bucket_wh`` (like
+            ``TextToImageDataset``), or a 1-D int array of bucket ids; -1 marks excluded rows.
         batch_size: per-rank batch size for every bucket.
         max_pixels_per_batch: instead of ``batch_size``: bucket b's per-rank batch size is
-            ``max(1, max_pixels_per_batch // (w_b * h_b))``; needs an Assignment for the shapes.
+            ``max(1, max_pixels_per_batch // (w_b * h_b))``; needs the bucket shapes.
         max_batch_size: cap on those per-bucket batch sizes.
+        batching: a :class:`BatchingRule` instead of the three keywords above (it also offers
+            a cost quadratic in pixels, for attention).
         world_size, rank: default to ``torch.distributed`` when initialised, else 1 and 0.
-        seed: the plan's seed (an int >= 0); the same on every rank.
-        shuffle: shuffle members within buckets and the order of steps (else bucket order).
-        drop_last: drop each bucket's last partial global step instead of padding it.
+        seed: the plan's seed (an int in [0, 2**64)); the same on every rank.
+        shuffle: shuffle rows within buckets and the order of steps (else bucket order).
+        last_batch: what happens to each bucket's last, partial global step: ``"short"`` (the
+            default) splits it as evenly as possible across ranks (a rank pads with one
+            duplicate only when the step has fewer images than ranks: never at world size 1);
+            ``"pad"`` fills it with duplicates from the same bucket (fixed batch shapes);
+            ``"drop"`` leaves it out.
+        drop_last: ``True`` is the older spelling of ``last_batch="drop"``.
+        repeats: how many times each row appears per epoch: a number for every row or one per
+            row, each in [0, 2**16]; a fractional part f adds one more appearance with
+            probability f, drawn per (seed, epoch, row), so ``len(sampler)`` may change from
+            epoch to epoch (:meth:`total_steps` sums a run).
 
+    Batches are lists of :class:`SampleIndex`: ints whose ``occurrence`` is 0 for a row's first
+    occurrence in the epoch and 1, 2, ... for its repeats and padding duplicates.
     ``len(sampler)`` is the number of batches the next (or running) pass yields on this rank:
     a whole epoch, or what is left of it after :meth:`load_state_dict`. Call :meth:`set_epoch`
     before each epoch. The state from :meth:`state_dict` is the same on every rank.
@@ -75,22 +109,32 @@ class BucketBatchSampler(Sampler[list[int]]):
         *,
         max_pixels_per_batch: int | None = None,
         max_batch_size: int | None = None,
+        batching: BatchingRule | None = None,
         world_size: int | None = None,
         rank: int | None = None,
         seed: int = 0,
         shuffle: bool = True,
+        last_batch: str | None = None,
         drop_last: bool = False,
+        repeats: Any = None,
     ) -> None:
         super().__init__()
         ids, shapes = _bucket_ids(assignment_or_bucket_ids)
         num_buckets = len(shapes) if shapes is not None else int(ids.max()) + 1
-        self._batch_sizes = _batch_sizes(
-            num_buckets, shapes, batch_size, max_pixels_per_batch, max_batch_size
+        self._batching = _rule(batching, batch_size, max_pixels_per_batch, max_batch_size)
+        if self._batching.needs_shapes and shapes is None:
+            raise ValueError(
+                "max_pixels_per_batch needs the bucket shapes: pass a bucketing.Assignment "
+                "(or a dataset with bucket_wh), not bare bucket ids"
+            )
+        self._batch_sizes = self._batching.batch_sizes(
+            np.zeros((num_buckets, 2)) if shapes is None else shapes
         )
         self._world_size, self._rank = _world(world_size, rank)
-        self._seed = check_int(seed, "seed", 0)
+        self._seed = check_int(seed, "seed", 0, 2**64 - 1)
         self._shuffle = bool(shuffle)
-        self._drop_last = bool(drop_last)
+        self._last_batch = _last_batch(last_batch, drop_last)
+        self._repeats = _repeats(repeats, ids >= 0)
         self._bucket_wh = shapes
         self._num_indices = len(ids)
         codes = canonical_ids(ids)
@@ -98,15 +142,17 @@ class BucketBatchSampler(Sampler[list[int]]):
         self._fingerprint = fingerprint(
             data=digest(codes),
             num_indices=len(ids),
-            batch_sizes=self._batch_sizes,
+            batch_sizes=np.where(np.diff(self._offsets) > 0, self._batch_sizes, 0),
+            repeats=self._repeats,
             seed=self._seed,
             shuffle=self._shuffle,
-            drop_last=self._drop_last,
+            last_batch=self._last_batch,
         )
         self._epoch = 0
         self._pending: Position | None = None
         self._active: _Pass | None = None
         self._plans: dict[tuple[int, tuple[tuple[int, int], ...]], Plan] = {}
+        self._layouts: dict[int, Layout] = {}
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -127,12 +173,23 @@ class BucketBatchSampler(Sampler[list[int]]):
         return self._shuffle
 
     @property
+    def last_batch(self) -> str:
+        """``"short"``, ``"pad"`` or ``"drop"``."""
+        return self._last_batch
+
+    @property
     def drop_last(self) -> bool:
-        return self._drop_last
+        """Whether ``last_batch == "drop"`` (the older spelling)."""
+        return self._last_batch == "drop"
 
     @property
     def epoch(self) -> int:
         return self._epoch
+
+    @property
+    def batching(self) -> BatchingRule:
+        """The rule that sized the batches (ask it for other shapes: ``batch_sizes(wh)``)."""
+        return self._batching
 
     @property
     def batch_sizes(self) -> np.ndarray:
@@ -143,14 +200,14 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Plan ``epoch`` next. A no-op for the current epoch, so a resume position survives."""
-        epoch = check_int(epoch, "epoch", 0)
+        epoch = check_int(epoch, "epoch", 0, MAX_EPOCH)
         if epoch != self._epoch:
             self._epoch, self._pending, self._active = epoch, None, None
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[SampleIndex]]:
         return self._batches()
 
-    def _batches(self) -> Iterator[list[int]]:
+    def _batches(self) -> Iterator[list[SampleIndex]]:
         # A generator: the position is taken at the first next(), not at iter(). DataLoader
         # calls iter() more than once before using the last iterator, and a resume position
         # must go to the iterator that actually runs.
@@ -164,13 +221,19 @@ class BucketBatchSampler(Sampler[list[int]]):
         t = p.next_step
         while t < total:
             stop = min(total, t + chunk)
-            flat, bounds = rank_batches(plan, rank, t, stop)
+            rows, occurrences, bounds = rank_batches(plan, rank, t, stop)
             # Lists are cut one at a time as they are asked for: building thousands at once
             # (e.g. a 2-D tolist) wakes the cyclic garbage collector over and over.
-            values, cuts = flat.tolist(), bounds.tolist()
+            values, cuts = rows.tolist(), bounds.tolist()
+            repeated = occurrences.tolist() if occurrences.any() else None
             for i in range(stop - t):
+                a, b = cuts[i], cuts[i + 1]
+                if repeated is None:
+                    batch = list(map(_FIRST, values[a:b]))
+                else:
+                    batch = list(map(SampleIndex, values[a:b], repeated[a:b]))
                 p.next_step = t + i + 1  # counted before the yield: the caller has it once asked
-                yield values[cuts[i] : cuts[i + 1]]
+                yield batch
             t = stop
 
     def __len__(self) -> int:
@@ -180,6 +243,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         if self._active is not None and not self._active.done:
             return self._active.plan.num_steps - self._active.start
         return self._plan(self._epoch, ()).num_steps
+
+    def total_steps(self, epochs: int) -> int:
+        """Batches per rank over epochs 0 .. ``epochs - 1`` at this world size (what a learning
+        rate schedule needs). Equal to ``epochs * len(sampler)`` unless repeats are fractional,
+        whose draws change each epoch's length; then it costs O(rows) per epoch."""
+        epochs = check_int(epochs, "epochs", 0, MAX_EPOCH)
+        fixed = self._repeats is None or not np.any(self._repeats % 1)
+        if fixed:
+            return epochs * self._plan(0, ()).num_steps if epochs else 0
+        return sum(self._plan_of(self._layout(e), e, None, 0).num_steps for e in range(epochs))
 
     # -- state -----------------------------------------------------------------------------
 
@@ -217,7 +290,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
         At a different world size the epoch's not-yet-seen samples are planned again for this
         one (elastic resume). A finished epoch resumes at the start of the next. Raises
-        ValueError for a state saved with different data or settings, naming what differs.
+        ValueError for a state saved with different data, settings or planning algorithm
+        (naming what differs), or with a field out of range (checked before any planning).
         """
         saved = from_state(state_dict, self._fingerprint)
         segments = [seg for seg in (*saved.history, (saved.world_size, saved.consumed)) if seg[1]]
@@ -232,7 +306,7 @@ class BucketBatchSampler(Sampler[list[int]]):
                 f"{total} at world size {self._world_size}"
             )
         if consumed == total:  # that epoch is over
-            position = Position(saved.epoch + 1, self._world_size, 0)
+            position = Position(min(saved.epoch + 1, MAX_EPOCH), self._world_size, 0)
         else:
             position = Position(saved.epoch, self._world_size, consumed, history)
         self._epoch, self._pending, self._active = position.epoch, position, None
@@ -242,34 +316,45 @@ class BucketBatchSampler(Sampler[list[int]]):
     def stats(self) -> dict[str, Any]:
         """The current epoch's plan at this world size, in plain ints (JSON-safe).
 
-        ``steps`` is the number of batches per rank; per bucket with members: ``count``,
-        ``batch_size`` (per rank), ``steps``, ``padded`` (duplicate slots added to fill the last
-        global step), ``dropped`` (left out with ``drop_last``) and ``wh`` when shapes are known.
+        ``steps`` is the number of batches per rank; ``samples`` the occurrences the repeats
+        give (``accepted`` rows without repeats), ``padded`` the duplicates added (all ranks
+        together), ``dropped`` the occurrences left out, ``short_steps`` the steps where some
+        rank's batch is below its batch size. Per bucket with members: ``count`` (rows),
+        ``samples``, ``batch_size`` (per rank), ``steps``, ``padded``, ``dropped``, ``short``
+        (whether its last step is short) and ``wh`` when shapes are known.
         """
         plan = self._plan(self._epoch, ())
-        counts, steps = plan.counts, plan.steps
-        padded, dropped = plan.padded, plan.dropped
+        rows = np.diff(self._offsets)
+        samples, steps = plan.counts, plan.steps
+        padded, dropped, short = plan.padded, plan.dropped, plan.short
         buckets = [
             {
                 "bucket": int(b),
                 "wh": None if self._bucket_wh is None else self._bucket_wh[b].tolist(),
-                "count": int(counts[b]),
+                "count": int(rows[b]),
+                "samples": int(samples[b]),
                 "batch_size": int(self._batch_sizes[b]),
                 "steps": int(steps[b]),
                 "padded": int(padded[b]),
                 "dropped": int(dropped[b]),
+                "short": bool(short[b]),
             }
-            for b in np.flatnonzero(counts)
+            for b in np.flatnonzero(rows)
         ]
         return {
             "epoch": self._epoch,
             "world_size": self._world_size,
+            "last_batch": self._last_batch,
+            "batching": asdict(self._batching),
+            "repeats": self._repeats is not None,
             "num_indices": self._num_indices,
-            "accepted": int(counts.sum()),
-            "excluded": self._num_indices - int(counts.sum()),
+            "accepted": int(rows.sum()),
+            "excluded": self._num_indices - int(rows.sum()),
+            "samples": int(samples.sum()),
             "steps": plan.num_steps,
             "padded": int(padded.sum()),
             "dropped": int(dropped.sum()),
+            "short_steps": int(short.sum()),
             "buckets": buckets,
         }
 
@@ -277,51 +362,107 @@ class BucketBatchSampler(Sampler[list[int]]):
         return (
             f"BucketBatchSampler(indices={self._num_indices}, buckets={len(self._batch_sizes)}, "
             f"world_size={self._world_size}, rank={self._rank}, seed={self._seed}, "
-            f"shuffle={self._shuffle}, drop_last={self._drop_last}, epoch={self._epoch})"
+            f"shuffle={self._shuffle}, last_batch={self._last_batch!r}, "
+            f"repeats={self._repeats is not None}, epoch={self._epoch})"
+        )
+
+    def _layout(self, epoch: int) -> Layout:
+        """The units (rows times their repeats) of ``epoch`` (the last two cached)."""
+        if epoch not in self._layouts:
+            if len(self._layouts) >= 2:
+                self._layouts.pop(next(iter(self._layouts)))
+            self._layouts[epoch] = make_layout(
+                self._members, self._offsets, self._repeats, seed=self._seed, epoch=epoch
+            )
+        return self._layouts[epoch]
+
+    def _plan_of(
+        self, layout: Layout, epoch: int, units: tuple | None, segment: int, world_size: int = 0
+    ) -> Plan:
+        """The plan of ``units`` of ``layout`` (all when None) at ``world_size`` (default: ours)."""
+        return make_plan(
+            layout,
+            self._batch_sizes,
+            world_size or self._world_size,
+            seed=self._seed,
+            epoch=epoch,
+            units=units,
+            segment=segment,
+            shuffle=self._shuffle,
+            last_batch=self._last_batch,
         )
 
     def _plan(self, epoch: int, history: tuple[tuple[int, int], ...]) -> Plan:
         """The plan for ``epoch`` at this world size after elastic ``history`` (cached)."""
         key = (epoch, history)
         if key not in self._plans:
-            members, offsets = self._members, self._offsets
-            common = {
-                "seed": self._seed,
-                "epoch": epoch,
-                "shuffle": self._shuffle,
-                "drop_last": self._drop_last,
-            }
+            layout, units = self._layout(epoch), None
             for segment, (world_size, consumed) in enumerate(history):
-                plan = make_plan(
-                    members, offsets, self._batch_sizes, world_size, segment=segment, **common
-                )
+                plan = self._plan_of(layout, epoch, units, segment, world_size)
                 if consumed > plan.num_steps:
                     raise ValueError(
                         f"sampler state history says {consumed} steps consumed at world size "
                         f"{world_size}, but that plan has only {plan.num_steps}"
                     )
-                members, offsets = remaining_members(plan, consumed)
-            plan = make_plan(
-                members,
-                offsets,
-                self._batch_sizes,
-                self._world_size,
-                segment=len(history),
-                **common,
-            )
+                units = remaining_units(plan, consumed)
+            plan = self._plan_of(layout, epoch, units, len(history))
             if len(self._plans) >= 4:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
         return self._plans[key]
 
 
+def bucket_batch_sampler(
+    dataset: Any,
+    batch_size: int | None = None,
+    *,
+    max_pixels_per_batch: int | None = None,
+    max_batch_size: int | None = None,
+    seed: int = 0,
+    shuffle: bool = True,
+    last_batch: str = "short",
+    repeats: Any = None,
+    world_size: int | None = None,
+    rank: int | None = None,
+) -> BucketBatchSampler:
+    """Builder (torchtune style: a plain function, instantiable from a YAML ``_component_``):
+    the sampler for ``dataset``, read from its ``assignment`` attribute when it has one, else
+    from its ``bucket_id`` and per-row ``bucket_wh`` (a ``TextToImageDataset`` has both).
+
+    Example: ``DataLoader(ds, batch_sampler=bucket_batch_sampler(ds, 4), collate_fn=collate)``.
+    """
+    source = getattr(dataset, "assignment", None)
+    if source is None:
+        if not hasattr(dataset, "bucket_id"):
+            raise TypeError(
+                f"bucket_batch_sampler needs a dataset with an assignment or bucket_id "
+                f"(like TextToImageDataset), got {type(dataset).__name__}"
+            )
+        source = dataset
+    return BucketBatchSampler(
+        source,
+        batch_size,
+        max_pixels_per_batch=max_pixels_per_batch,
+        max_batch_size=max_batch_size,
+        world_size=world_size,
+        rank=rank,
+        seed=seed,
+        shuffle=shuffle,
+        last_batch=last_batch,
+        repeats=repeats,
+    )
+
+
 def _bucket_ids(obj: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validated (N,) int64 bucket ids and the (K, 2) bucket shapes when ``obj`` carries them."""
-    shapes = None
+    """Validated (N,) int64 bucket ids and the (K, 2) bucket shapes when ``obj`` carries them
+    (``ladder.buckets``, or per-row ``bucket_wh`` next to ``bucket_id``)."""
+    shapes = per_row_wh = None
     if hasattr(obj, "bucket_id"):
         ladder = getattr(obj, "ladder", None)
         if ladder is not None:
             shapes = np.asarray(ladder.buckets, dtype=np.int64).reshape(-1, 2)
+        else:
+            per_row_wh = getattr(obj, "bucket_wh", None)
         obj = obj.bucket_id
     ids = np.asarray(obj)
     if ids.ndim != 1:
@@ -343,33 +484,85 @@ def _bucket_ids(obj: Any) -> tuple[np.ndarray, np.ndarray | None]:
             f"bucket id {ids[at]} at index {at} is out of range for a ladder of "
             f"{len(shapes)} buckets"
         )
+    if per_row_wh is not None:
+        shapes = _shapes_from_rows(ids, per_row_wh)
     return ids, shapes
 
 
-def _batch_sizes(
-    num_buckets: int,
-    shapes: np.ndarray | None,
+def _shapes_from_rows(ids: np.ndarray, per_row_wh: Any) -> np.ndarray:
+    """(K, 2) bucket shapes from one (w, h) per row; (0, 0) for buckets without rows."""
+    wh = np.asarray(per_row_wh, dtype=np.int64)
+    if wh.shape != (len(ids), 2):
+        raise ValueError(f"bucket_wh must have shape ({len(ids)}, 2), got {wh.shape}")
+    accepted = ids >= 0
+    shapes = np.zeros((int(ids.max()) + 1, 2), dtype=np.int64)
+    shapes[ids[accepted]] = wh[accepted]
+    clash = np.flatnonzero(np.any(shapes[ids[accepted]] != wh[accepted], axis=1))
+    if clash.size:
+        at = int(np.flatnonzero(accepted)[clash[0]])
+        raise ValueError(
+            f"row {at} of bucket {ids[at]} has bucket_wh {wh[at].tolist()}, but other rows of "
+            f"that bucket have {shapes[ids[at]].tolist()}"
+        )
+    return shapes
+
+
+def _rule(
+    batching: BatchingRule | None,
     batch_size: int | None,
     max_pixels_per_batch: int | None,
     max_batch_size: int | None,
-) -> np.ndarray:
-    """Per-rank batch size of each bucket, (K,) int64."""
-    if (batch_size is None) == (max_pixels_per_batch is None):
-        raise ValueError("pass exactly one of batch_size or max_pixels_per_batch")
-    if batch_size is not None:
-        if max_batch_size is not None:
-            raise ValueError("max_batch_size only applies with max_pixels_per_batch")
-        return np.full(num_buckets, check_int(batch_size, "batch_size", 1), dtype=np.int64)
-    pixels = check_int(max_pixels_per_batch, "max_pixels_per_batch", 1)
-    if shapes is None:
+) -> BatchingRule:
+    """The batching rule: ``batching`` itself, or the one the three keywords describe."""
+    if batching is None:
+        return BatchingRule(batch_size, max_pixels_per_batch, max_batch_size)
+    if not isinstance(batching, BatchingRule):
+        raise TypeError(f"batching must be a BatchingRule, got {type(batching).__name__}")
+    if (batch_size, max_pixels_per_batch, max_batch_size) != (None, None, None):
         raise ValueError(
-            "max_pixels_per_batch needs the bucket shapes: pass a bucketing.Assignment, "
-            "not bare bucket ids"
+            "pass batching=BatchingRule(...) or batch_size / max_pixels_per_batch / "
+            "max_batch_size, not both"
         )
-    sizes = np.maximum(1, pixels // np.maximum(1, shapes[:, 0] * shapes[:, 1]))
-    if max_batch_size is not None:
-        sizes = np.minimum(sizes, check_int(max_batch_size, "max_batch_size", 1))
-    return sizes.astype(np.int64)
+    return batching
+
+
+def _last_batch(last_batch: str | None, drop_last: bool) -> str:
+    """The ``last_batch`` mode, with ``drop_last=True`` meaning ``"drop"``."""
+    if drop_last:
+        if last_batch not in (None, "drop"):
+            raise ValueError(f"drop_last=True contradicts last_batch={last_batch!r}")
+        return "drop"
+    if last_batch is None:
+        return "short"
+    if last_batch not in LAST_BATCH:
+        raise ValueError(f"last_batch must be one of {LAST_BATCH}, got {last_batch!r}")
+    return last_batch
+
+
+def _repeats(repeats: Any, accepted: np.ndarray) -> np.ndarray | None:
+    """Validated repeats: None (every row once), a 0-d or an (N,) float64 array."""
+    num_indices = len(accepted)
+    if repeats is None:
+        return None
+    if isinstance(repeats, numbers.Real) and not isinstance(repeats, bool):
+        value = np.asarray(float(repeats))
+    else:
+        value = np.asarray(repeats)
+        if value.dtype.kind not in "iuf" or value.shape != (num_indices,):
+            raise ValueError(
+                f"repeats must be a number or {num_indices} numbers (one per row), got "
+                f"{value.shape} of {value.dtype}"
+            )
+        value = value.astype(np.float64)
+    bad = np.flatnonzero(~((value >= 0) & (value <= MAX_REPEATS)).reshape(-1))
+    if bad.size:
+        at = int(bad[0])
+        shown = value.reshape(-1)[at]
+        where = "" if value.ndim == 0 else f" at row {at}"
+        raise ValueError(f"repeats must be in [0, {MAX_REPEATS}], got {shown}{where}")
+    if not np.any(np.broadcast_to(value, accepted.shape)[accepted] > 0):
+        raise ValueError("repeats are 0 for every accepted row: there is nothing to sample")
+    return None if np.all(value == 1) else value
 
 
 def _world(world_size: int | None, rank: int | None) -> tuple[int, int]:
@@ -382,7 +575,7 @@ def _world(world_size: int | None, rank: int | None) -> tuple[int, int]:
             world_size = dist.get_world_size() if live else 1
         if rank is None:
             rank = dist.get_rank() if live else 0
-    world_size = check_int(world_size, "world_size", 1)
+    world_size = check_int(world_size, "world_size", 1, MAX_WORLD_SIZE)
     rank = check_int(rank, "rank", -(2**63))
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")

@@ -81,3 +81,11 @@ def _reduce(h: np.ndarray, m: np.ndarray) -> np.ndarray:
     h *= m
     h >>= _S32
     return h
+
+
+def uniform(x: np.ndarray, key: int) -> np.ndarray:
+    """Floats in [0, 1), one per integer of ``x``: a pure function of (x, key), the same on every
+    machine (a 64-bit hash of each value, its top 53 bits as the fraction)."""
+    h = _mix(np.asarray(x, dtype=_U), _U(key))
+    h >>= _U(11)
+    return h.astype(np.float64) * 2.0**-53

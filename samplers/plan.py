@@ -1,21 +1,32 @@
 """The epoch plan of the bucket batch sampler, as pure numpy functions.
 
-An epoch is a pure function of (members grouped by bucket, per-rank batch sizes, world size,
-seed, epoch, shuffle, drop_last):
+An epoch is a pure function of (rows grouped by bucket, repeats, per-rank batch sizes, world
+size, seed, epoch, shuffle, last_batch):
 
-- bucket b's ``n_b`` members are shuffled (slot q holds member ``perm_b(q)``);
-- its slots are cut into global steps of ``g_b = world_size * batch_size_b``; the last, partial
-  step is padded by wrapping around the bucket (slot q >= n_b holds slot ``q mod n_b``), or
-  dropped with ``drop_last``;
-- the ``T = sum_b steps_b`` global steps are shuffled; at step t rank r takes slots
-  ``[r * bs_b, (r + 1) * bs_b)`` of global step t.
+- row i appears ``c_i`` times in the epoch: its repeat count, whose fractional part is drawn
+  per (seed, epoch, row) (1 without repeats). The copies of bucket b's rows are its ``n_b``
+  *units*, each a (row, occurrence) pair with occurrence in [0, c_i) (the :class:`Layout`);
+- bucket b's units are shuffled (slot q holds unit ``perm_b(q)``) and cut into global steps of
+  ``g_b = world_size * batch_size_b`` slots;
+- the last, partial global step of a bucket is, by ``last_batch``:
+  ``"short"``: split as evenly as possible across the ranks (rank r gets ``r_b // W`` or one
+  more of its ``r_b`` units); a rank left with none takes one padding slot, so duplicates exist
+  only when the step holds fewer units than ranks;
+  ``"pad"``: filled to ``g_b`` slots; ``"drop"``: left out;
+- a padding slot q >= n_b holds the unit of slot ``q mod n_b`` again, as a new occurrence
+  (``occurrence + (q // n_b) * c_i``), so every yielded (row, occurrence) pair is unique;
+- the ``T = sum_b steps_b`` global steps are shuffled; at step t rank r takes its slots of t.
 
-Nothing of size N or T is ever materialised: :class:`Plan` holds O(buckets) numbers, and
-:func:`rank_batches` computes the indices of any range of steps for one rank on demand with
-the keyed permutations of :mod:`samplers.permutation`. That is what makes iteration lazy,
-resume O(1) and a rank's epoch cost proportional to N / world_size.
-:func:`remaining_members` gives the not-yet-seen members after k steps, which an elastic resume
-plans again for a new world size.
+Nothing of size T or of the units is materialised: :class:`Plan` holds O(buckets) numbers and
+the layout O(rows) (int32 where it fits), and :func:`rank_batches` computes the rows and
+occurrences of any range of steps for one rank on demand with the keyed permutations of
+:mod:`samplers.permutation`. That is what makes iteration lazy, resume O(1) and a rank's epoch
+cost proportional to N / world_size. :func:`remaining_units` gives the not-yet-seen units after
+k steps, which an elastic resume plans again for a new world size.
+
+``PLAN_VERSION`` names this algorithm; it is part of the sampler's fingerprint and changes
+whenever the batches a configuration yields change, so a checkpoint of another version is
+refused instead of resuming a different plan.
 """
 
 from __future__ import annotations
@@ -25,44 +36,91 @@ from functools import cached_property
 
 import numpy as np
 
-from samplers.permutation import permute
+from samplers.permutation import permute, uniform
+
+PLAN_VERSION = 2
+LAST_BATCH = ("short", "pad", "drop")
+MAX_REPEATS = 2**16  # per row and epoch
 
 _GROUP_CHUNK = 1 << 16  # indices per chunk of the grouping sort
+_STREAM_REPEATS = 2**32 - 1  # key stream of the repeat draws (plan segments use 0, 1, ...)
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """The units of one epoch: bucket b's are ``[offsets[b], offsets[b + 1])``.
+
+    ``members`` are rows grouped by bucket; ``ends`` the running total of their repeat counts
+    (None when every row appears once, and unit u is then row ``members[u]``).
+    """
+
+    members: np.ndarray
+    ends: np.ndarray | None
+    offsets: np.ndarray
+
+    def lookup(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(row, occurrence, repeat count of the row) of each unit id."""
+        if self.ends is None:
+            return (
+                self.members[units],
+                np.zeros(len(units), np.int64),
+                np.ones(len(units), np.int64),
+            )
+        # same dtype as ends, or numpy would convert (copy) all of ends on every call
+        pos = np.searchsorted(self.ends, units.astype(self.ends.dtype), side="right")
+        end = self.ends[pos].astype(np.int64)
+        count = end - np.where(pos > 0, self.ends[np.maximum(pos - 1, 0)], 0)
+        return self.members[pos], units - (end - count), count
 
 
 @dataclass(frozen=True, eq=False)
 class Plan:
     """One epoch (or the rest of one, after an elastic resume) for a given world size.
 
-    ``members`` are dataset indices grouped by bucket (bucket b is
-    ``members[offsets[b]:offsets[b + 1]]``); ``keys`` hold one permutation key per bucket and
+    Bucket b's units are ``units[offsets[b]:offsets[b + 1]]`` (ids into ``layout``), or the
+    layout's own range when ``units`` is None; ``keys`` hold one permutation key per bucket and
     ``step_key`` the key of the step order.
     """
 
-    members: np.ndarray
+    layout: Layout
+    units: np.ndarray | None
     offsets: np.ndarray
     batch_sizes: np.ndarray
     world_size: int
     keys: np.ndarray
     step_key: int
     shuffle: bool
-    drop_last: bool
+    last_batch: str
 
     @cached_property
     def counts(self) -> np.ndarray:
-        """Members per bucket, (K,) int64."""
+        """Units per bucket, (K,) int64."""
         return np.diff(self.offsets)
 
     @property
     def step_sizes(self) -> np.ndarray:
-        """Indices per global step of each bucket: world_size * batch size, (K,) int64."""
+        """Slots per full global step of each bucket: world_size * batch size, (K,) int64."""
         return self.world_size * self.batch_sizes
 
     @cached_property
     def steps(self) -> np.ndarray:
         """Global steps per bucket, (K,) int64."""
         counts, size = self.counts, self.step_sizes
-        return counts // size if self.drop_last else -(-counts // size)
+        return counts // size if self.last_batch == "drop" else -(-counts // size)
+
+    @cached_property
+    def last_units(self) -> np.ndarray:
+        """Units in each bucket's last global step (0 for a bucket without steps), (K,) int64."""
+        return np.where(self.steps > 0, self.counts - (self.steps - 1) * self.step_sizes, 0)
+
+    @cached_property
+    def slots(self) -> np.ndarray:
+        """Slots each bucket's steps hold, padding included, (K,) int64."""
+        full = self.steps * self.step_sizes
+        if self.last_batch != "short":
+            return full
+        last = np.maximum(self.last_units, self.world_size)  # a rank pads only when it has none
+        return np.where(self.steps > 0, full - self.step_sizes + last, 0)
 
     @cached_property
     def step_offsets(self) -> np.ndarray:
@@ -76,13 +134,23 @@ class Plan:
 
     @property
     def padded(self) -> np.ndarray:
-        """Duplicate slots added to each bucket's last step, (K,) int64 (0 with drop_last)."""
-        return np.maximum(self.steps * self.step_sizes - self.counts, 0)
+        """Duplicate slots added to each bucket's last step, (K,) int64."""
+        return np.maximum(self.slots - self.counts, 0)
 
     @property
     def dropped(self) -> np.ndarray:
-        """Members of each bucket left out of every step, (K,) int64 (0 without drop_last)."""
-        return np.maximum(self.counts - self.steps * self.step_sizes, 0)
+        """Units of each bucket left out of every step, (K,) int64 (0 unless "drop")."""
+        return np.maximum(self.counts - self.slots, 0)
+
+    @property
+    def short(self) -> np.ndarray:
+        """Whether a rank's batch in each bucket's last step is below its batch size, (K,)."""
+        return (
+            (self.last_batch == "short")
+            & (self.last_units < self.step_sizes)
+            & (self.batch_sizes > 1)
+            & (self.steps > 0)
+        )
 
 
 def canonical_ids(bucket_ids: np.ndarray) -> np.ndarray:
@@ -114,7 +182,7 @@ def group_by_bucket(codes: np.ndarray, num_buckets: int) -> tuple[np.ndarray, np
                     for i in starts]  # fmt: skip
     counts = np.sum(chunk_counts, axis=0)[1:]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    members = np.empty(offsets[-1], dtype=np.int32 if len(codes) < 2**31 else np.int64)
+    members = np.empty(offsets[-1], dtype=_index_dtype(len(codes)))
     write = offsets[:-1].copy()
     for i, local_counts in zip(starts, chunk_counts, strict=True):
         order = np.argsort(codes[i : i + _GROUP_CHUNK], kind="stable")
@@ -126,35 +194,65 @@ def group_by_bucket(codes: np.ndarray, num_buckets: int) -> tuple[np.ndarray, np
     return members, offsets
 
 
-def make_plan(
+def make_layout(
     members: np.ndarray,
     offsets: np.ndarray,
+    repeats: np.ndarray | None,
+    *,
+    seed: int,
+    epoch: int,
+) -> Layout:
+    """The units of ``epoch``: row i repeated ``floor(r_i)`` times, plus once more with
+    probability ``frac(r_i)`` (drawn from (seed, epoch, i) alone). ``repeats`` is None (once
+    each), a 0-d array (every row) or one value per dataset row."""
+    if repeats is None:
+        return Layout(members, None, np.asarray(offsets, dtype=np.int64))
+    per_member = repeats if repeats.ndim == 0 else repeats[members]
+    whole = np.floor(per_member)
+    counts = np.broadcast_to(whole, members.shape).astype(np.int64)
+    frac = np.broadcast_to(per_member - whole, members.shape)
+    drawn = np.flatnonzero(frac > 0)
+    if drawn.size:
+        key = int(_key_state(seed, epoch, _STREAM_REPEATS, 1)[0])
+        counts[drawn] += uniform(members[drawn], key) < frac[drawn]
+    ends = np.cumsum(counts)
+    ends = ends.astype(_index_dtype(int(ends[-1]) if len(ends) else 0), copy=False)
+    starts = np.concatenate([[0], ends.astype(np.int64)])
+    return Layout(members, ends, starts[np.asarray(offsets, dtype=np.int64)])
+
+
+def make_plan(
+    layout: Layout,
     batch_sizes: np.ndarray,
     world_size: int,
     *,
     seed: int,
     epoch: int,
+    units: tuple[np.ndarray, np.ndarray] | None = None,
     segment: int = 0,
     shuffle: bool = True,
-    drop_last: bool = False,
+    last_batch: str = "short",
 ) -> Plan:
     """The plan for ``epoch`` at ``world_size``; keys come from (seed, epoch, segment) only.
 
-    ``segment`` numbers the re-plans of one epoch after elastic resumes (0 = the epoch's own plan).
+    ``units`` = (unit ids, offsets) from :func:`remaining_units` plans only those (an elastic
+    re-plan; ``segment`` numbers the re-plans of one epoch, 0 = the epoch's own plan).
     """
+    if last_batch not in LAST_BATCH:
+        raise ValueError(f"last_batch must be one of {LAST_BATCH}, got {last_batch!r}")
+    offsets = layout.offsets if units is None else units[1]
     num_buckets = len(offsets) - 1
-    state = np.random.SeedSequence([seed, epoch, segment]).generate_state(
-        num_buckets + 1, dtype=np.uint64
-    )
+    state = _key_state(seed, epoch, segment, num_buckets + 1)
     return Plan(
-        members=members,
+        layout=layout,
+        units=None if units is None else units[0],
         offsets=np.asarray(offsets, dtype=np.int64),
         batch_sizes=np.asarray(batch_sizes, dtype=np.int64),
         world_size=int(world_size),
         keys=state[:num_buckets],
         step_key=int(state[num_buckets]),
         shuffle=shuffle,
-        drop_last=drop_last,
+        last_batch=last_batch,
     )
 
 
@@ -166,62 +264,60 @@ def step_buckets(plan: Plan, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
     return bucket, step_id - step_offsets[bucket]
 
 
-def rank_batches(plan: Plan, rank: int, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
+def rank_batches(
+    plan: Plan, rank: int, t0: int, t1: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank ``rank``'s batches for global steps ``t0 <= t < t1``, concatenated.
 
-    Returns (indices, bounds): batch i is ``indices[bounds[i]:bounds[i + 1]]``.
+    Returns (rows, occurrences, bounds): batch i is ``rows[bounds[i]:bounds[i + 1]]``.
     """
     bucket, local = step_buckets(plan, t0, t1)
     sizes = plan.batch_sizes[bucket]
-    first_slot = local * plan.step_sizes[bucket] + rank * sizes
-    return _members_at(plan, bucket, first_slot, sizes)
+    first = local * plan.step_sizes[bucket] + rank * sizes
+    if plan.last_batch == "short":
+        last = (local == plan.steps[bucket] - 1) & (
+            plan.last_units[bucket] < plan.step_sizes[bucket]
+        )
+        if last.any():  # the last step's r units, split evenly; a rank without one pads
+            r = plan.last_units[bucket[last]]
+            q, rem = np.divmod(r, plan.world_size)
+            start = rank * q + np.minimum(rank, rem) + np.maximum(0, rank - r)
+            first[last] = local[last] * plan.step_sizes[bucket[last]] + start
+            sizes = sizes.copy()
+            sizes[last] = np.maximum(1, q + (rank < rem))
+    return _units_at(plan, bucket, first, sizes)
 
 
-def step_indices(plan: Plan, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
-    """All ranks' indices of global steps ``t0 <= t < t1`` (rank 0's slice first), concatenated.
+def remaining_units(plan: Plan, consumed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Units not seen in the first ``consumed`` global steps, grouped like the plan's.
 
-    Returns (indices, bounds) like :func:`rank_batches`, one entry per global step.
-    """
-    bucket, local = step_buckets(plan, t0, t1)
-    sizes = plan.step_sizes[bucket]
-    return _members_at(plan, bucket, local * sizes, sizes)
-
-
-def remaining_members(plan: Plan, consumed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Members not seen in the first ``consumed`` global steps, grouped like ``plan.members``.
-
-    A member counts as seen when any consumed step held it, padding included. Within a bucket
+    A unit counts as seen when any consumed step held it, padding included. Within a bucket
     the survivors keep their slot order in ``plan``, so the result is a pure function of
-    (plan, consumed). Returns (members, offsets) ready for :func:`make_plan`.
+    (plan, consumed). Work and memory are O(units), whatever the world size or batch sizes.
+    Returns (unit ids, offsets) for :func:`make_plan`.
     """
     if not 0 <= consumed <= plan.num_steps:
         raise ValueError(f"consumed steps {consumed} not in [0, {plan.num_steps}]")
     taken = np.zeros(plan.num_steps, dtype=bool)
     taken[_step_ids(plan, 0, consumed)] = True
-    steps, sizes, step_offsets, counts = (
-        plan.steps,
-        plan.step_sizes,
-        plan.step_offsets,
-        plan.counts,
-    )
+    counts, sizes, slots = plan.counts, plan.step_sizes, plan.slots
     parts, new_counts = [], np.zeros(len(counts), dtype=np.int64)
     for b in np.flatnonzero(counts):
-        n, size, s = int(counts[b]), int(sizes[b]), int(steps[b])
-        taken_b = taken[step_offsets[b] : step_offsets[b + 1]]
+        n, size = int(counts[b]), int(sizes[b])
+        taken_b = taken[plan.step_offsets[b] : plan.step_offsets[b + 1]]
         seen = np.zeros(n, dtype=bool)
-        in_step = min(n, s * size)
-        seen[:in_step] = np.repeat(taken_b, size)[:in_step]
-        if s * size > n and taken_b[-1]:  # the padded last step wrapped onto early slots
-            seen[np.arange(n, s * size) % n] = True
-        slots = np.flatnonzero(~seen)
+        in_steps = min(n, int(slots[b]))
+        seen[:in_steps] = taken_b[np.arange(in_steps, dtype=np.int64) // size]
+        if slots[b] > n and taken_b[-1]:  # padding wrapped onto the first slots
+            seen[: min(n, int(slots[b]) - n)] = True
+        slot = np.flatnonzero(~seen)
         if plan.shuffle:
-            slots = permute(slots, n, plan.keys[b])
-        parts.append(plan.members[plan.offsets[b] + slots])
-        new_counts[b] = len(slots)
-    members = np.concatenate(parts) if parts else plan.members[:0]
-    return members.astype(plan.members.dtype, copy=False), np.concatenate(
-        [[0], np.cumsum(new_counts)]
-    )
+            slot = permute(slot, n, plan.keys[b])
+        parts.append(_unit_ids(plan, np.full(len(slot), b), slot))
+        new_counts[b] = len(slot)
+    dtype = _index_dtype(int(plan.layout.offsets[-1]))
+    units = np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+    return units, np.concatenate([[0], np.cumsum(new_counts)])
 
 
 def _step_ids(plan: Plan, t0: int, t1: int) -> np.ndarray:
@@ -230,16 +326,36 @@ def _step_ids(plan: Plan, t0: int, t1: int) -> np.ndarray:
     return permute(t, plan.num_steps, plan.step_key) if plan.shuffle and t.size else t
 
 
-def _members_at(
+def _unit_ids(plan: Plan, bucket: np.ndarray, slot: np.ndarray) -> np.ndarray:
+    """Layout unit ids at (already permuted) slots ``slot`` of buckets ``bucket``."""
+    position = plan.offsets[bucket] + slot
+    return position if plan.units is None else plan.units[position].astype(np.int64)
+
+
+def _units_at(
     plan: Plan, bucket: np.ndarray, first_slot: np.ndarray, sizes: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Members at slots ``first_slot[i] + range(sizes[i])`` of bucket ``bucket[i]``, wrapped."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows and occurrences at slots ``first_slot[i] + range(sizes[i])`` of bucket ``bucket[i]``
+    (slots past the bucket's units wrap around as new occurrences), and the batch bounds."""
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     owner = np.repeat(np.arange(len(sizes)), sizes)
     slot = np.arange(bounds[-1], dtype=np.int64) - bounds[owner] + first_slot[owner]
     member_bucket = bucket[owner]
     n = plan.counts[member_bucket]
-    slot %= n
+    wrap, slot = np.divmod(slot, n)
     if plan.shuffle:
         slot = permute(slot, n, plan.keys[member_bucket])
-    return plan.members[plan.offsets[member_bucket] + slot], bounds
+    rows, occurrence, count = plan.layout.lookup(_unit_ids(plan, member_bucket, slot))
+    return rows, occurrence + wrap * count, bounds
+
+
+def _key_state(seed: int, epoch: int, stream: int, count: int) -> np.ndarray:
+    """``count`` uint64 keys from (seed, epoch, stream), each split into fixed 32-bit words so
+    that no two different triples share an entropy pool (seed 2**32 is not epoch 1)."""
+    words = [PLAN_VERSION, seed & 0xFFFFFFFF, seed >> 32, epoch & 0xFFFFFFFF, epoch >> 32, stream]
+    return np.random.SeedSequence(words).generate_state(count, dtype=np.uint64)
+
+
+def _index_dtype(bound: int) -> type:
+    """int32 for ids below ``bound`` < 2**31, else int64."""
+    return np.int32 if bound < 2**31 else np.int64

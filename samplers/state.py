@@ -3,9 +3,11 @@
 A state names where an epoch stands: ``epoch``, the global steps ``consumed`` of the plan made
 for ``world_size``, and ``history``, the ``[world_size, consumed]`` segments of the same epoch
 that ran before an elastic resume re-planned the rest. It never holds index lists. The
-fingerprint (a hash of the bucket ids, a hash of the per-rank batch sizes, the seed, shuffle
-and drop_last) lets ``load_state_dict`` refuse, with a message naming what differs, a state
-saved for other data or settings instead of silently resuming the wrong plan.
+fingerprint (the planning algorithm's version, a hash of the bucket ids, of the per-rank batch
+sizes and of the repeats, the seed, shuffle and last_batch) lets ``load_state_dict`` refuse,
+with a message naming what differs, a state saved for other data, settings or planning
+algorithm instead of silently resuming the wrong plan. Every field of a loaded state is checked
+against fixed bounds before anything is allocated for it.
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ from typing import Any
 
 import numpy as np
 
+from samplers.plan import PLAN_VERSION
+
 STATE_VERSION = 1
+MAX_WORLD_SIZE = 2**20  # ranks: far above any cluster, far below what a plan could hold
+MAX_HISTORY = 256  # elastic re-plans within one epoch
+MAX_EPOCH = 2**63 - 1
 
 _FIELDS = {
     "data": "bucket ids (a different data set or assignment)",
     "num_indices": "number of indices",
-    "batch_sizes": "per-rank batch sizes (batch_size, max_pixels_per_batch, max_batch_size "
-    "or the bucket shapes)",
+    "batch_sizes": "per-rank batch sizes (the batching rule or the bucket shapes)",
+    "repeats": "repeats",
     "seed": "seed",
     "shuffle": "shuffle",
-    "drop_last": "drop_last",
+    "last_batch": "last_batch",
 }
 
 
@@ -53,18 +60,25 @@ def fingerprint(
     data: str,
     num_indices: int,
     batch_sizes: np.ndarray,
+    repeats: np.ndarray | None,
     seed: int,
     shuffle: bool,
-    drop_last: bool,
+    last_batch: str,
 ) -> dict[str, Any]:
-    """The configuration a state belongs to (everything except epoch, world size and rank)."""
+    """The configuration a state belongs to (everything except epoch, world size and rank).
+
+    ``batch_sizes`` should be 0 for buckets without members, so that only what the plan uses
+    counts.
+    """
     return {
+        "plan_version": PLAN_VERSION,
         "data": data,
         "num_indices": int(num_indices),
         "batch_sizes": digest(np.asarray(batch_sizes, dtype="<i8")),
+        "repeats": None if repeats is None else digest(np.asarray(repeats, dtype="<f8")),
         "seed": int(seed),
         "shuffle": bool(shuffle),
-        "drop_last": bool(drop_last),
+        "last_batch": last_batch,
     }
 
 
@@ -95,12 +109,21 @@ def from_state(state: dict[str, Any], fp: dict[str, Any]) -> Position:
         raise ValueError(f"not a BucketBatchSampler state: missing {', '.join(missing)}")
     if state["version"] != STATE_VERSION:
         raise ValueError(
-            f"sampler state version {state['version']!r} is not supported "
+            f"sampler state version {_short(state['version'])} is not supported "
             f"(expected {STATE_VERSION})"
         )
     saved = state["fingerprint"]
+    if not isinstance(saved, dict):
+        raise ValueError(f"sampler state fingerprint must be a dict, got {type(saved).__name__}")
+    if saved.get("plan_version", 1) != PLAN_VERSION:
+        raise ValueError(
+            f"sampler state was saved by planning algorithm version "
+            f"{saved.get('plan_version', 1)!r}; this sampler plans with version {PLAN_VERSION}, "
+            "whose batches differ, so resuming would not continue the same plan. Resume with "
+            "the library version that saved it, or start the epoch again without loading it."
+        )
     diffs = [
-        f"{label}: saved {saved.get(k)!r}, this sampler {fp[k]!r}"
+        f"{label}: saved {_short(saved.get(k))}, this sampler {fp[k]!r}"
         for k, label in _FIELDS.items()
         if saved.get(k) != fp[k]
     ]
@@ -111,19 +134,25 @@ def from_state(state: dict[str, Any], fp: dict[str, Any]) -> Position:
             + ". Build the sampler with the same data and settings to resume, or do not load it."
         )
     segments = state.get("history", [])
-    if not isinstance(segments, (list, tuple)) or any(
-        not isinstance(seg, (list, tuple)) or len(seg) != 2 for seg in segments
+    if (
+        not isinstance(segments, (list, tuple))
+        or len(segments) > MAX_HISTORY
+        or any(not isinstance(seg, (list, tuple)) or len(seg) != 2 for seg in segments)
     ):
         raise ValueError(
-            f"sampler state history must be [[world_size, consumed], ...], got {segments!r}"
+            "sampler state history must be [[world_size, consumed], ...] with at most "
+            f"{MAX_HISTORY} entries, got {_short(segments)}"
         )
     try:
         return Position(
-            epoch=check_int(state["epoch"], "epoch", 0),
-            world_size=check_int(state["world_size"], "world_size", 1),
+            epoch=check_int(state["epoch"], "epoch", 0, MAX_EPOCH),
+            world_size=check_int(state["world_size"], "world_size", 1, MAX_WORLD_SIZE),
             consumed=check_int(state["consumed"], "consumed", 0),
             history=tuple(
-                (check_int(w, "history world_size", 1), check_int(k, "history consumed", 0))
+                (
+                    check_int(w, "history world_size", 1, MAX_WORLD_SIZE),
+                    check_int(k, "history consumed", 0),
+                )
                 for w, k in segments
             ),
         )
@@ -131,11 +160,19 @@ def from_state(state: dict[str, Any], fp: dict[str, Any]) -> Position:
         raise ValueError(f"sampler state field {e}") from None
 
 
-def check_int(value: Any, name: str, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``: TypeError for a non-integer (bool included),
-    ValueError below ``minimum``; both name ``name``."""
+def check_int(value: Any, name: str, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int in [minimum, maximum]: TypeError for a non-integer (bool included),
+    ValueError out of range; both name ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to 80 characters (a corrupted field may be huge)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

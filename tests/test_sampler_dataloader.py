@@ -1,7 +1,10 @@
 """BucketBatchSampler inside real DataLoaders with worker processes, and StatefulDataLoader
-checkpoints: a restored stream equals the uninterrupted one, mid-epoch and across epochs."""
+checkpoints: a restored stream equals the uninterrupted one, mid-epoch and across epochs; the
+occurrence of each index reaches the workers."""
 
 from __future__ import annotations
+
+import pickle
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from samplers import BucketBatchSampler
+from samplers import BucketBatchSampler, SampleIndex
 
 IDS = np.random.default_rng(0).integers(-1, 5, 120)
 
@@ -138,3 +141,56 @@ def test_received_beyond_what_was_handed_out_is_an_error() -> None:
     next(it), next(it)
     with pytest.raises(ValueError, match="handed out 2 batches"):
         sampler.state_dict(received=3)
+
+
+class Occurrences(Dataset):
+    """Item i is (row, occurrence): what a worker process received from the sampler."""
+
+    def __len__(self) -> int:
+        return len(IDS)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        assert isinstance(i, SampleIndex), type(i)
+        return int(i), getattr(i, "occurrence", 0)
+
+
+def pairs(batches) -> list[list[tuple[int, int]]]:
+    return [[(int(i), i.occurrence) for i in b] for b in batches]
+
+
+@pytest.mark.parametrize("stateful", [False, True])
+def test_occurrences_reach_dataloader_workers(stateful) -> None:
+    kw = {"batch_size": 3, "seed": 2, "repeats": 3, "world_size": 2, "rank": 1,
+          "last_batch": "pad"}  # fmt: skip
+    expected = pairs(BucketBatchSampler(IDS, **kw))
+    assert {o for b in expected for _, o in b} >= {0, 1, 2}
+    loader_class = StatefulDataLoader if stateful else DataLoader
+    sampler = BucketBatchSampler(IDS, **kw)
+    loader = loader_class(Occurrences(), batch_sampler=sampler, num_workers=2, collate_fn=list)
+    assert [list(b) for b in loader] == expected
+    if stateful:  # and after a mid-epoch restore, in fresh workers
+        sampler = BucketBatchSampler(IDS, **kw)
+        loader = StatefulDataLoader(Occurrences(), batch_sampler=sampler, num_workers=2,
+                                    collate_fn=list)  # fmt: skip
+        it = iter(loader)
+        head = [list(next(it)) for _ in range(5)]
+        state = loader.state_dict()
+        del it
+        sampler = BucketBatchSampler(IDS, **kw)
+        loader = StatefulDataLoader(Occurrences(), batch_sampler=sampler, num_workers=2,
+                                    collate_fn=list)  # fmt: skip
+        loader.load_state_dict(state)
+        assert head + [list(b) for b in loader] == expected
+
+
+def test_sample_index_is_an_int_that_keeps_its_occurrence_through_pickle() -> None:
+    i = SampleIndex(7, 2)
+    j = pickle.loads(pickle.dumps(i))
+    assert (j, j.occurrence, type(j)) == (7, 2, SampleIndex)
+    assert (
+        SampleIndex(7) == 7
+        and hash(SampleIndex(7, 1)) == hash(7)
+        and SampleIndex(7).occurrence == 0
+    )
+    assert repr(SampleIndex(7)) == "7" and repr(i) == "SampleIndex(7, occurrence=2)"
+    assert list(range(10))[i] == 7 and torch.tensor([i, SampleIndex(3)]).tolist() == [7, 3]

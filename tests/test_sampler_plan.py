@@ -1,4 +1,5 @@
-"""The sampler's pure numpy core: keyed permutations, grouping, the epoch plan, re-planning."""
+"""The sampler's pure numpy core: keyed permutations, grouping, repeats, the epoch plan,
+re-planning."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from samplers.permutation import permute
+from samplers.permutation import permute, uniform
 from samplers.plan import (
+    _key_state,
     canonical_ids,
     group_by_bucket,
+    make_layout,
     make_plan,
     rank_batches,
-    remaining_members,
+    remaining_units,
     step_buckets,
-    step_indices,
 )
 
 KEYS = st.integers(0, 2**64 - 1)
@@ -73,13 +75,26 @@ def test_canonical_ids_depend_on_values_only() -> None:
     assert canonical_ids(np.array([300, -1])).dtype == np.uint16
 
 
-def _plan(counts, batch_sizes, world_size, *, drop_last=False, shuffle=True, seed=0):
-    offsets = np.concatenate([[0], np.cumsum(counts)])
+def _plan(counts, batch_sizes, world_size, *, last_batch="short", shuffle=True, seed=0,
+          repeats=None):  # fmt: skip
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     members = np.arange(offsets[-1], dtype=np.int32)
+    layout = make_layout(members, offsets, repeats, seed=seed, epoch=0)
     return make_plan(
-        members, offsets, np.asarray(batch_sizes), world_size, seed=seed, epoch=0,
-        shuffle=shuffle, drop_last=drop_last,
+        layout, np.asarray(batch_sizes), world_size, seed=seed, epoch=0, shuffle=shuffle,
+        last_batch=last_batch,
     )  # fmt: skip
+
+
+def _steps(plan, t0=0, t1=None):
+    """out[t][r]: rank r's (row, occurrence) pairs at global step t."""
+    t1 = plan.num_steps if t1 is None else t1
+    per_rank = []
+    for r in range(plan.world_size):
+        rows, occ, bounds = rank_batches(plan, r, t0, t1)
+        pairs = list(zip(rows.tolist(), occ.tolist(), strict=True))
+        per_rank.append([pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return [list(step) for step in zip(*per_rank, strict=True)]
 
 
 @settings(deadline=None, max_examples=40)
@@ -87,51 +102,108 @@ def _plan(counts, batch_sizes, world_size, *, drop_last=False, shuffle=True, see
     counts=st.lists(st.integers(0, 60), min_size=1, max_size=5),
     bs=st.integers(1, 4),
     world_size=st.integers(1, 6),
-    drop_last=st.booleans(),
+    last_batch=st.sampled_from(["short", "pad", "drop"]),
 )
-def test_plan_steps_cover_each_bucket_with_wrap_padding(counts, bs, world_size, drop_last):
-    plan = _plan(counts, [bs] * len(counts), world_size, drop_last=drop_last)
-    flat, bounds = step_indices(plan, 0, plan.num_steps)
-    seen = Counter(flat.tolist())
+def test_plan_steps_cover_each_bucket(counts, bs, world_size, last_batch):
+    plan = _plan(counts, [bs] * len(counts), world_size, last_batch=last_batch)
+    steps = _steps(plan)
+    assert len(steps) == plan.num_steps
+    seen = Counter(pair for step in steps for batch in step for pair in batch)
+    assert max(seen.values(), default=1) == 1  # (row, occurrence) pairs never repeat
     for b, n in enumerate(counts):
-        mine = {i: c for i, c in seen.items() if plan.offsets[b] <= i < plan.offsets[b + 1]}
-        taken = sum(mine.values())
-        assert taken == plan.steps[b] * world_size * bs
-        if drop_last:
-            assert max(mine.values(), default=1) == 1 and n - taken == plan.dropped[b]
-            assert plan.dropped[b] < world_size * bs
+        mine = [(row, o) for row, o in seen if plan.offsets[b] <= row < plan.offsets[b + 1]]
+        rows = {row for row, _ in mine}
+        assert len(mine) == plan.slots[b] and len(mine) - len(rows) == plan.padded[b]
+        assert n - len(rows) == plan.dropped[b]
+        if last_batch == "drop":
+            assert plan.dropped[b] < world_size * bs and plan.padded[b] == 0
         else:
-            assert len(mine) == n and taken - n == plan.padded[b] < world_size * bs
-    # rank slices of each step, concatenated in rank order, are the step
-    ranks = [rank_batches(plan, r, 0, plan.num_steps) for r in range(world_size)]
-    for t in range(plan.num_steps):
-        joined = np.concatenate([f[b[t] : b[t + 1]] for f, b in ranks])
-        assert np.array_equal(joined, flat[bounds[t] : bounds[t + 1]])
+            assert len(rows) == n and plan.padded[b] < world_size * bs
+        if last_batch == "short":
+            assert plan.padded[b] <= world_size - 1
+    for step in steps:
+        sizes = [len(batch) for batch in step]
+        assert min(sizes) >= 1
+        if last_batch == "short":  # split as evenly as possible
+            assert max(sizes) - min(sizes) <= 1
+        else:
+            assert sizes == [bs] * world_size
 
 
 def test_plan_without_shuffle_is_bucket_major_and_in_order() -> None:
-    plan = _plan([3, 2], [2, 2], 1, shuffle=False)
-    flat, bounds = step_indices(plan, 0, plan.num_steps)
-    assert [flat[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:], strict=True)] == [
-        [0, 1], [2, 0], [3, 4],
-    ]  # fmt: skip
+    plan = _plan([3, 2], [2, 2], 1, shuffle=False, last_batch="pad")
+    assert [[r for r, _ in step[0]] for step in _steps(plan)] == [[0, 1], [2, 0], [3, 4]]
     assert step_buckets(plan, 0, 3)[0].tolist() == [0, 0, 1]
+    short = _plan([3, 2], [2, 2], 1, shuffle=False)
+    assert [[r for r, _ in step[0]] for step in _steps(short)] == [[0, 1], [2], [3, 4]]
+
+
+def test_short_last_step_pads_only_ranks_without_an_image() -> None:
+    plan = _plan([9], [2], 4, shuffle=False)  # steps of 8: then 1 image for 4 ranks
+    last = _steps(plan)[-1]
+    assert last == [[(8, 0)], [(0, 1)], [(1, 1)], [(2, 1)]]
+    assert plan.padded.tolist() == [3] and plan.short.tolist() == [True]
+    even = _plan([14], [2], 4, shuffle=False)  # 6 left for 4 ranks: 2, 2, 1, 1
+    assert [len(b) for b in _steps(even)[-1]] == [2, 2, 1, 1] and even.padded.tolist() == [0]
 
 
 @settings(deadline=None, max_examples=40)
 @given(
     counts=st.lists(st.integers(0, 50), min_size=1, max_size=4),
     world_size=st.integers(1, 5),
-    drop_last=st.booleans(),
+    last_batch=st.sampled_from(["short", "pad", "drop"]),
+    repeats=st.sampled_from([None, 2.0, 1.5]),
     data=st.data(),
 )
-def test_remaining_members_are_exactly_the_unseen(counts, world_size, drop_last, data):
-    plan = _plan(counts, [2] * len(counts), world_size, drop_last=drop_last, seed=7)
+def test_remaining_units_are_exactly_the_unseen(counts, world_size, last_batch, repeats, data):
+    rep = None if repeats is None else np.asarray(repeats)
+    plan = _plan(counts, [2] * len(counts), world_size, last_batch=last_batch, seed=7,
+                 repeats=rep)  # fmt: skip
     k = data.draw(st.integers(0, plan.num_steps))
-    flat, _ = step_indices(plan, 0, k)
-    members, offsets = remaining_members(plan, k)
-    assert sorted(members.tolist()) == sorted(set(range(sum(counts))) - set(flat.tolist()))
-    # grouped by the same buckets
-    for b in range(len(counts)):
-        part = members[offsets[b] : offsets[b + 1]]
-        assert ((plan.offsets[b] <= part) & (part < plan.offsets[b + 1])).all()
+    seen = {pair for step in _steps(plan, 0, k) for batch in step for pair in batch}
+    units, offsets = remaining_units(plan, k)
+    rows, occ, _ = plan.layout.lookup(units)
+    left = set(zip(rows.tolist(), occ.tolist(), strict=True))
+    all_rows, all_occ, all_count = plan.layout.lookup(np.arange(plan.layout.offsets[-1]))
+    count = dict(zip(all_rows.tolist(), all_count.tolist(), strict=True))
+    everything = set(zip(all_rows.tolist(), all_occ.tolist(), strict=True))
+    # a padding duplicate (occurrence >= count) marks the unit it repeats as seen
+    seen_units = {(r, o % count[r]) for r, o in seen}
+    assert seen_units <= everything and left == everything - seen_units
+    row_offsets = np.concatenate([[0], np.cumsum(counts)])
+    for b in range(len(counts)):  # grouped by the same buckets
+        part = rows[offsets[b] : offsets[b + 1]]
+        assert ((row_offsets[b] <= part) & (part < row_offsets[b + 1])).all()
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    repeats=st.lists(st.floats(0, 4, allow_nan=False), min_size=1, max_size=40),
+    epoch=st.integers(0, 50),
+)
+def test_repeats_give_floor_plus_a_deterministic_fractional_draw(repeats, epoch):
+    rep = np.asarray(repeats)
+    members = np.arange(len(rep), dtype=np.int32)
+    offsets = np.array([0, len(rep)])
+    layout = make_layout(members, offsets, rep, seed=3, epoch=epoch)
+    rows, occ, count = layout.lookup(np.arange(layout.offsets[-1]))
+    per_row = np.bincount(rows, minlength=len(rep))
+    assert ((np.floor(rep) <= per_row) & (per_row <= np.ceil(rep))).all()
+    for row in range(len(rep)):  # occurrences of a row are 0 .. c - 1
+        assert sorted(occ[rows == row].tolist()) == list(range(per_row[row]))
+    again = make_layout(members, offsets, rep, seed=3, epoch=epoch)
+    assert np.array_equal(again.ends, layout.ends)
+
+
+def test_fractional_repeats_average_out_and_vary_by_epoch() -> None:
+    members, offsets = np.arange(2000, dtype=np.int32), np.array([0, 2000])
+    totals = [int(make_layout(members, offsets, np.asarray(1.25), seed=0, epoch=e).offsets[-1])
+              for e in range(20)]  # fmt: skip
+    assert len(set(totals)) > 5 and abs(np.mean(totals) - 2500) < 30
+    u = uniform(np.arange(20000), 12345)
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+
+
+def test_keys_do_not_collide_across_seed_and_epoch_words() -> None:
+    assert not np.array_equal(_key_state(2**32, 0, 0, 4), _key_state(0, 1, 0, 4))
+    assert not np.array_equal(_key_state(0, 2**32, 0, 4), _key_state(0, 0, 1, 4))

@@ -3,11 +3,13 @@
 ``epoch OUT``: every rank builds the sampler from torch.distributed, iterates epoch 1 through a
 DataLoader with 2 workers, saves the state after ``k`` batches (``state_dict(received=k)``, as
 a plain DataLoader's workers prefetch), all-gathers what it saw; rank 0 checks lock-step,
-equal lengths and exactly-once, and writes the batches of the first k steps to OUT.
+equal lengths and exactly-once (short last batches: duplicates only where a step has fewer
+images than ranks), and writes the batches of the first k steps to OUT.
 
 ``resume OUT``: at another world size, loads that state, iterates the rest of the epoch,
 all-gathers; rank 0 checks that the first k steps of the first run plus this run cover every
-accepted index, with duplicates only from padding. Exits non-zero on any failed check.
+accepted index, with duplicates only from padding and every (row, occurrence) pair unique.
+Exits non-zero on any failed check.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ BATCH_SIZE, SEED, EPOCH = 3, 7, 1
 
 
 class Indices(Dataset):
+    """Item i is (row, occurrence), as the worker received it."""
+
     def __len__(self) -> int:
         return len(IDS)
 
-    def __getitem__(self, i: int) -> int:
-        return i
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return int(i), i.occurrence
 
 
 def run_epoch(sampler: BucketBatchSampler, save_after: int | None) -> tuple[list, dict | None]:
@@ -52,7 +56,7 @@ def check_lock_step(per_rank: list[list[list[int]]]) -> None:
     lengths = {len(b) for b in per_rank}
     assert len(lengths) == 1, f"ranks yielded different numbers of batches: {lengths}"
     for step in zip(*per_rank, strict=True):
-        buckets = {int(IDS[i]) for batch in step for i in batch}
+        buckets = {int(IDS[i]) for batch in step for i, _ in batch}
         assert len(buckets) == 1, f"ranks in different buckets at one step: {buckets}"
 
 
@@ -71,10 +75,14 @@ def main(phase: str, out: Path) -> None:
             per_rank = [b for b, _ in gathered]
             assert all(s == gathered[0][1] for _, s in gathered), "states differ across ranks"
             check_lock_step(per_rank)
-            seen = Counter(i for batches in per_rank for b in batches for i in b)
+            pairs = Counter(p for batches in per_rank for b in batches for p in b)
+            assert max(pairs.values()) == 1, "a (row, occurrence) pair was yielded twice"
+            seen = Counter(i for i, _ in pairs)
             assert set(seen) == accepted, "missed or foreign indices"
-            assert seen.total() - len(accepted) == sampler.stats()["padded"]
-            head = [i for batches in per_rank for b in batches[:k] for i in b]
+            buckets = len(set(IDS[IDS >= 0].tolist()))
+            padded = sampler.stats()["padded"]
+            assert seen.total() - len(accepted) == padded <= buckets * (world - 1)
+            head = [p for batches in per_rank for b in batches[:k] for p in b]
             (out / "state.json").write_text(json.dumps(gathered[0][1]))
             (out / "head.json").write_text(json.dumps({"world": world, "indices": head}))
     else:
@@ -86,11 +94,13 @@ def main(phase: str, out: Path) -> None:
             check_lock_step(gathered)
             head = json.loads((out / "head.json").read_text())
             assert head["world"] != world, "the resume should change the world size"
-            seen = Counter(head["indices"])
-            seen.update(i for batches in gathered for b in batches for i in b)
+            pairs = Counter(map(tuple, head["indices"]))
+            pairs.update(p for batches in gathered for b in batches for p in b)
+            assert max(pairs.values()) == 1, "a (row, occurrence) pair was yielded twice"
+            seen = Counter(i for i, _ in pairs)
             assert set(seen) == accepted, "an accepted index was missed across the resume"
             buckets = len(set(IDS[IDS >= 0].tolist()))
-            bound = buckets * (BATCH_SIZE * (head["world"] + world) - 2)
+            bound = buckets * (head["world"] + world - 2)  # short: W - 1 per bucket and plan
             assert seen.total() - len(accepted) <= bound, "duplicates beyond padding"
             (out / f"resumed_{world}.ok").write_text("ok")
     dist.barrier()
