@@ -218,8 +218,9 @@ class BucketLadder:
         :func:`bucketing.assign`'s objective (crop loss + resolution loss). Starting from all
         of ``base``, the bucket whose removal adds the least total loss (its images moving to
         their next best bucket) goes, until the budget holds; buckets no image would take are
-        left out. An image left with no bucket costs 2, more than any bucket, so images keep
-        a bucket while the budget allows. Sizes are grouped by their floor to ``multiple``
+        left out. Losing an image costs more than all losses together, so every image ``base``
+        fits keeps a bucket while the budget allows (tight budgets favour small buckets, which
+        fit more images). Sizes are grouped by their floor to ``multiple``
         (which keeps the set of fitting buckets), and to coarser multiples beyond 8192
         distinct groups. Deterministic. The result keeps ``base``'s ``max_area``,
         ``multiple`` and ``model``."""
@@ -315,7 +316,6 @@ def fit_loss(
 
 
 _FIT_GROUPS = 8192  # distinct size groups from_data scores against every bucket
-_UNFIT = 2.0  # from_data's cost of an image without a bucket: above any bucket's loss
 
 
 def _budget(loss: np.ndarray, weight: np.ndarray, max_buckets: int) -> np.ndarray:
@@ -323,7 +323,8 @@ def _budget(loss: np.ndarray, weight: np.ndarray, max_buckets: int) -> np.ndarra
     least by moving to their next best, until ``max_buckets`` remain; then only buckets that
     are some group's best. ``loss``: (groups, K), inf where a bucket does not fit."""
     n, k = loss.shape
-    live = np.hstack([loss, np.full((n, 1), _UNFIT)])  # column k: no bucket, never removed
+    # Column k: no bucket (never removed), dearer than every loss together (each is < 2).
+    live = np.hstack([loss, np.full((n, 1), 2.0 * weight.sum() + 2.0)])
     rows = np.arange(n)
     best, second = _two_smallest(live)
     alive = np.ones(k, dtype=bool)

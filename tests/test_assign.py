@@ -3,6 +3,9 @@ brute-force reference), rejections, upscale mode, min_bucket_size merging, input
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,9 +13,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from bucketing.assign import Assignment, assign
-from bucketing.index import ImageIndex
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is scripts
+
+from bench.assign import padding, realistic_sizes  # noqa: E402
+from bucketing.assign import Assignment, assign  # noqa: E402
+from bucketing.index import ImageIndex  # noqa: E402
+from bucketing.ladder import MODEL_SPECS, BucketLadder  # noqa: E402
 
 PRESETS = {name: BucketLadder.for_model(name) for name in MODEL_SPECS}
 
@@ -268,3 +274,33 @@ def test_exact_tie_across_levels_goes_to_the_larger_bucket():
     ladder = BucketLadder.from_buckets([(32, 32), (32, 1248)])
     a = assign(np.array([[1248, 1248]]), ladder)
     assert tuple(a.bucket_wh[0]) == (32, 1248)
+
+
+@settings(deadline=None, max_examples=20)
+@given(sizes=hnp.arrays(np.int64, st.tuples(st.integers(1, 60), st.just(2)),
+                        elements=st.integers(256, 6000)),
+       budget=st.integers(1, 30))
+def test_from_data_ladders_optimal(sizes: np.ndarray, budget: int) -> None:
+    ladder = BucketLadder.from_data(sizes, max_buckets=budget)
+    a = assign(sizes, ladder)
+    check_basic(a, sizes, ladder)
+    check_optimal(a, sizes, ladder)
+    assert ladder.max_area == PRESETS["flux"].max_area
+
+
+def test_flux_preset_on_a_realistic_photo_mix() -> None:
+    """The preset's promise on camera ratios, 0.1-12 MP and panoramas (bench/assign.py):
+    at most 2% rejected, nothing upscaled, resolution loss <= 8%, crop loss below 1.6%."""
+    sizes = realistic_sizes(20_000, seed=7)
+    a = assign(sizes, PRESETS["flux"])
+    ok = a.accepted
+    assert (1 - ok.mean()) <= 0.02 and not a.upscaled.any()
+    assert a.resolution_loss[ok].mean() <= 0.08
+    assert a.crop_loss[ok].mean() < 0.016
+
+
+def test_bench_padding_rule() -> None:
+    counts = np.array([0, 1, 3, 32, 33, 40])  # batch 4 x world 8 = 32 per global step
+    assert padding(counts, 4, 1, "short") == 0
+    assert padding(counts, 4, 8, "short") == 7 + 5 + 0 + 7 + 0  # ranks left without an image
+    assert padding(counts, 4, 8, "pad") == 31 + 29 + 0 + 31 + 24
