@@ -6,8 +6,10 @@ bucket lists on both sides where memory allows. Quality, on a realistic photo mi
 (camera ratios 4:3, 3:2, 16:9, 1:1 and their portraits, 0.1-12 MP, a tail of panoramas):
 crop loss, resolution loss, upscaled and rejected shares for ours (flux ladder, default
 levels), bucketsampler's ``sdxl`` preset and the typical-trainer reference with and without
-its no-upscale mode. Also the two trade-offs docs/ladders.md quotes: level spacing (resolution
-loss vs bucket count) and ``min_bucket_size`` (padding vs losses).
+its no-upscale mode. Also what docs/ladders.md quotes: every preset and ``from_data`` on the
+same mix, level spacing (resolution loss vs bucket count), the padding per epoch for 30, 300
+and 100k images at world sizes 1 and 8, and ``min_bucket_size`` (padding vs losses). Padding
+is computed from the bucket counts with the sampler's rule for each ``last_batch`` mode.
 
     python bench/assign.py            # full: 1M and 10M sizes, 5 repetitions
     python bench/assign.py --quick    # 1M sizes, 3 repetitions
@@ -114,7 +116,7 @@ def bench_speed(sizes_n: list[int], reps: int) -> None:
             peer9 = timeit(lambda s=sizes: bs.assign_many_indices(s, sdxl), reps=reps)
             row.update({"ours (sdxl 9)": str(ours9), "bucketsampler (sdxl 9)": str(peer9),
                         "ratio 9": ratio(peer9.median, ours9.median)})
-            # Its dense N x K float64 matrix: 10M sizes x 199 buckets would need 16 GB.
+            # Its dense N x K float64 matrix: 10M sizes x 395 buckets would need 32 GB.
             if n * len(flux) * 8 <= 2**31:
                 peer = timeit(lambda s=sizes: bs.assign_many_indices(s, same), reps=reps)
                 row.update({f"bucketsampler (same {len(flux)})": str(peer),
@@ -151,14 +153,44 @@ def bench_quality(n: int) -> None:
     print_table(rows, f"quality on {n:,} realistic photo sizes (losses are fractions of pixels)")
 
 
+def _losses(a, sizes: np.ndarray) -> dict:
+    """Rejected / upscaled shares and mean losses over the accepted images of one assignment."""
+    ok = a.accepted
+    return {
+        "rejected %": 100 * (1 - ok.mean()),
+        "upscaled %": 100 * a.upscaled.mean(),
+        "res loss mean": a.resolution_loss[ok].mean(),
+        "crop mean": a.crop_loss[ok].mean(),
+    }
+
+
+def bench_presets(n: int) -> None:
+    sizes = realistic_sizes(n, seed=2)
+    old = BucketLadder(step=32, levels=[s * s for s in (512, 640, 768, 896, 1024)])
+    ladders = {name: BucketLadder.for_model(name) for name in ("flux", "sdxl", "sd15")}
+    ladders["flux, from_data(max_buckets=64)"] = BucketLadder.from_data(sizes, max_buckets=64)
+    ladders["flux, from_data(max_buckets=16)"] = BucketLadder.from_data(sizes, max_buckets=16)
+    ladders["previous flux (512²..1024², step 32)"] = old
+    rows = []
+    for name, ladder in ladders.items():
+        a = assign(sizes, ladder)
+        rows.append({"ladder": name, "levels": len(ladder.levels), "buckets": len(ladder),
+                     "buckets used": int((a.counts > 0).sum()), **_losses(a, sizes)})
+    print_table(rows, f"presets and from_data on {n:,} realistic photo sizes")
+
+
 LEVEL_CHOICES = {  # name: (width step, level sides)
-    "1024 only, step 64": (64, [1024]),
-    "512/768/1024, step 64": (64, [512, 768, 1024]),
-    "512..1024 every 128, step 64": (64, [512, 640, 768, 896, 1024]),
-    "512..1024 every 64, step 64": (64, list(range(512, 1025, 64))),
-    "512..1024 every 128, step 32 (flux)": (32, [512, 640, 768, 896, 1024]),
-    "512..1024 every 64, step 32": (32, list(range(512, 1025, 64))),
+    "512..1024 every 128, step 32 (previous flux)": (32, [512, 640, 768, 896, 1024]),
     "256..1024 every 128, step 32": (32, list(range(256, 1025, 128))),
+    "256..1024 every 64, step 32": (32, list(range(256, 1025, 64))),
+    "256..1024 every 128, step 16": (16, list(range(256, 1025, 128))),
+    "256..1024 every 96, step 16": (16, [*range(256, 1024, 96), 1024]),
+    "256..1024 every 64, step 16": (16, list(range(256, 1025, 64))),
+    "256..1024 x1.19 (9 levels), step 16": (16, [256, 304, 368, 432, 512, 608, 720, 864, 1024]),
+    "256..1024 x1.15 (11 levels), step 16 (flux)": (
+        16, [256, 288, 336, 384, 448, 512, 592, 672, 784, 896, 1024]),
+    "256..1024 x1.12 (13 levels), step 16": (
+        16, [256, 288, 320, 368, 400, 464, 512, 576, 640, 720, 816, 912, 1024]),
 }
 
 
@@ -168,35 +200,57 @@ def bench_levels(n: int) -> None:
     for name, (step, sides) in LEVEL_CHOICES.items():
         ladder = BucketLadder(step=step, levels=[s * s for s in sides])
         a = assign(sizes, ladder)
-        ok = a.accepted
-        rows.append({
-            "levels (sides), width step": name,
-            "buckets": len(ladder),
-            "non-empty": int((a.counts > 0).sum()),
-            "res loss mean": a.resolution_loss[ok].mean(),
-            "crop mean": a.crop_loss[ok].mean(),
-            "rejected %": 100 * (1 - ok.mean()),
-        })
+        rows.append({"levels (sides), width step": name, "buckets": len(ladder),
+                     "non-empty": int((a.counts > 0).sum()), **_losses(a, sizes)})
     print_table(rows, f"level spacing and width step, multiple 16, {n:,} realistic sizes")
+
+
+def padding(counts: np.ndarray, batch: int, world: int, last_batch: str) -> int:
+    """Duplicates per epoch from bucket counts, by the sampler's rule: each bucket is cut into
+    global steps of ``batch * world``; its last, partial step is filled up to a full step
+    ("pad"), or split across the ranks, one duplicate per rank left without an image
+    ("short")."""
+    counts = counts[counts > 0]
+    last = counts - (-(-counts // (batch * world)) - 1) * batch * world
+    if last_batch == "pad":
+        return int((batch * world - last).sum())
+    return int(np.maximum(world - last, 0).sum())
+
+
+def bench_padding(big: int, batch: int = 4) -> None:
+    rows = []
+    for n in (30, 300, big):
+        sizes = realistic_sizes(n, seed=4)
+        flux = BucketLadder.for_model("flux")
+        for label, ladder, kw in (
+            ("flux", flux, {}),
+            ("flux, min_bucket_size=8", flux, {"min_bucket_size": 8}),
+            ("from_data(max_buckets=8)", BucketLadder.from_data(sizes, max_buckets=8), {}),
+            ("from_data(max_buckets=32)", BucketLadder.from_data(sizes, max_buckets=32), {}),
+        ):
+            a = assign(sizes, ladder, **kw)
+            rows.append({
+                "images": f"{n:,}", "ladder": label,
+                "buckets used": int((a.counts > 0).sum()),
+                **{f"dup. world {w} ({mode})": padding(a.counts, batch, w, mode)
+                   for w in (1, 8) for mode in ("short", "pad")},
+                **_losses(a, sizes),
+            })
+    print_table(rows, f"duplicates per epoch, batch {batch} per rank, realistic sizes")
 
 
 def bench_min_bucket(n: int, batch: int = 4, world: int = 8) -> None:
     sizes = realistic_sizes(n, seed=3)
     flux = BucketLadder.for_model("flux")
-    step = batch * world
     rows = []
     for m in (None, 8, 16, 32, 64):
         a = assign(sizes, flux, min_bucket_size=m)
-        counts = a.counts[a.counts > 0]
-        padded = int((-counts % step).sum())  # the last global step of each bucket is padded
-        ok = a.accepted
         rows.append({
             "min_bucket_size": m or "-",
-            "non-empty buckets": len(counts),
-            "padded per epoch": padded,
-            "padding %": 100 * padded / max(1, int(counts.sum())),
-            "res loss mean": a.resolution_loss[ok].mean(),
-            "crop mean": a.crop_loss[ok].mean(),
+            "non-empty buckets": int((a.counts > 0).sum()),
+            "duplicates (short)": padding(a.counts, batch, world, "short"),
+            "duplicates (pad)": padding(a.counts, batch, world, "pad"),
+            **_losses(a, sizes),
         })
     print_table(rows, f"min_bucket_size on {n:,} realistic images, batch {batch} x world {world}")
 
@@ -218,7 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     sizes_n = args.sizes or sizes_n
     bench_speed(sizes_n, reps)
     bench_quality(quality_n)
+    bench_presets(quality_n)
     bench_levels(quality_n)
+    bench_padding(small_n if args.tiny else 100_000)
     bench_min_bucket(small_n)
 
 

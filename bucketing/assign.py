@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bucketing.ladder import BucketLadder
+from bucketing.ladder import MAX_SIDE, BucketLadder, fit_loss, image_sizes
 
 if TYPE_CHECKING:
     from bucketing.index import ImageIndex
@@ -39,9 +39,9 @@ class Assignment:
     """Per-image result of :func:`assign`; row i is row i of the index (or sizes).
 
     ``bucket_id`` is -1 and ``bucket_wh`` (0, 0) where rejected, with ``reasons[i]`` saying
-    why ("too_small", "extreme_aspect"); ``scale``, ``crop_loss`` and ``resolution_loss`` are
-    NaN there. ``upscaled`` marks images given a bucket larger than themselves (only with
-    ``allow_upscale=True``); their resolution loss is 0.
+    why ("too_small", "extreme_aspect", "too_large"); ``scale``, ``crop_loss`` and
+    ``resolution_loss`` are NaN there. ``upscaled`` marks images given a bucket larger than
+    themselves (only with ``allow_upscale=True``); their resolution loss is 0.
     """
 
     bucket_id: np.ndarray
@@ -88,6 +88,7 @@ def assign(
     allow_upscale: bool = False,
     on_extreme: str = "crop",
     min_bucket_size: int | None = None,
+    max_crop_loss: float = 0.2,
 ) -> Assignment:
     """Give each image the fitting bucket with the least crop + resolution loss.
 
@@ -96,30 +97,37 @@ def assign(
     ``allow_upscale=True`` take the log-aspect-nearest bucket of the smallest level and are
     flagged ``upscaled``. Images more elongated than ``ladder.max_aspect`` are cropped into
     the best (most elongated) fitting bucket, or rejected "extreme_aspect" with
-    ``on_extreme="reject"``. ``min_bucket_size``: buckets left with fewer images are emptied,
-    smallest first, each image moving to its best remaining non-empty bucket that still
-    fits it; a bucket whose images cannot all move stays as it is.
+    ``on_extreme="reject"``. A side above ``MAX_SIDE`` (2**31 - 1, more than any image
+    format declares) is rejected "too_large". ``min_bucket_size``: buckets left with fewer
+    images are emptied, smallest first, each image moving to its best remaining non-empty
+    bucket that still fits it and crops at most ``max_crop_loss`` of it; a bucket whose
+    images cannot all move so stays as it is.
     """
     if on_extreme not in _ON_EXTREME:
         raise ValueError(f"on_extreme must be one of {_ON_EXTREME}, got {on_extreme!r}")
     if min_bucket_size is not None and min_bucket_size < 1:
         raise ValueError(f"min_bucket_size must be >= 1, got {min_bucket_size}")
-    width, height = _sizes(index_or_sizes)
+    if not 0.0 <= max_crop_loss <= 1.0:
+        raise ValueError(f"max_crop_loss must be in [0, 1], got {max_crop_loss}")
+    width, height = image_sizes(index_or_sizes)
     n = len(width)
     tables = _Tables(ladder)
     best_id = np.full(n, -1, dtype=np.int64)
+    too_large = (width > MAX_SIDE) | (height > MAX_SIDE)
     extreme = np.zeros(n, dtype=bool)
     for lo in range(0, n, _CHUNK):
         sl = slice(lo, lo + _CHUNK)
-        w, h = width[sl], height[sl]
+        big = too_large[sl]  # searched as 1x1 (and skipped): w * h could overflow int64
+        w, h = np.where(big, 1, width[sl]), np.where(big, 1, height[sl])
         aspect = w / h
         if on_extreme == "reject":
             extreme[sl] = (aspect > ladder.max_aspect) | (aspect < 1.0 / ladder.max_aspect)
-        best_id[sl] = _search(tables, w, h, aspect, extreme[sl])
+        best_id[sl] = _search(tables, w, h, aspect, extreme[sl] | big)
 
     reasons = np.full(n, None, dtype=object)
     reasons[extreme] = "extreme_aspect"
-    unfit = ~extreme & (best_id < 0)
+    reasons[too_large] = "too_large"
+    unfit = ~extreme & ~too_large & (best_id < 0)
     upscaled = np.zeros(n, dtype=bool)
     if allow_upscale:
         best_id[unfit] = _nearest_in_level(ladder, 0, width[unfit] / height[unfit])
@@ -127,30 +135,8 @@ def assign(
     else:
         reasons[unfit] = "too_small"
     if min_bucket_size is not None:
-        _merge_small(ladder, width, height, best_id, upscaled, min_bucket_size)
+        _merge_small(ladder, width, height, best_id, upscaled, min_bucket_size, max_crop_loss)
     return _result(ladder, width, height, best_id, upscaled, reasons)
-
-
-# -- sizes ------------------------------------------------------------------------------
-
-
-def _sizes(index_or_sizes: object) -> tuple[np.ndarray, np.ndarray]:
-    width = getattr(index_or_sizes, "width", None)
-    height = getattr(index_or_sizes, "height", None)
-    if width is not None and height is not None:
-        width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
-    else:
-        arr = np.asarray(index_or_sizes, dtype=np.int64)
-        if arr.size == 0:
-            arr = arr.reshape(0, 2)
-        if arr.ndim != 2 or arr.shape[1] != 2:
-            raise ValueError(f"sizes must be an (N, 2) array of (width, height), got shape "
-                             f"{arr.shape}")
-        width, height = arr[:, 0], arr[:, 1]
-    if len(width) and (width.min() < 1 or height.min() < 1):
-        i = int(np.flatnonzero((width < 1) | (height < 1))[0])
-        raise ValueError(f"image {i} has size {width[i]}x{height[i]}; sizes must be positive")
-    return np.ascontiguousarray(width), np.ascontiguousarray(height)
 
 
 # -- the search -------------------------------------------------------------------------
@@ -164,16 +150,6 @@ _TIE = 1e-12
 def _better(f: np.ndarray, a: np.ndarray, best_f: np.ndarray, best_a: np.ndarray) -> np.ndarray:
     """Where loss ``f`` of area ``a`` beats the best so far: lower, or tied and larger."""
     return (f < best_f - _TIE) | ((f <= best_f + _TIE) & (a > best_a))
-
-
-def _objective(
-    bw: np.ndarray, bh: np.ndarray, w: np.ndarray, h: np.ndarray, cap: np.ndarray
-) -> np.ndarray:
-    """crop_loss + resolution_loss of buckets (bw, bh) that fit images (w, h)."""
-    x = bw * h  # proportional to the bucket's aspect over the image's
-    y = bh * w
-    kept = np.minimum(x, y) / np.maximum(x, y)
-    return 2.0 - kept - (bw * bh) / cap
 
 
 class _Tables:
@@ -272,7 +248,7 @@ def _score_level(
     row = lv * (tb.side + 1)
     hi = tb.hi[row + np.minimum(w, tb.side)]
     lo = tb.lo[row + np.minimum(h, tb.side)]
-    cell = lv * tb.bins + np.minimum((x * tb.inv_delta).astype(np.int64), tb.bins - 1)
+    cell = lv * tb.bins + np.minimum(x * tb.inv_delta, tb.bins - 1).astype(np.int64)
     p = tb.below[cell] + (x > tb.edge[cell])
     fits = (lo <= hi) & (level >= 0)
     # An image more elongated than every bucket of the level is cropped to the level's most
@@ -284,7 +260,7 @@ def _score_level(
     for t in range(-tb.window, tb.window):
         # Where nothing fits, hi < lo and the candidate is junk (a valid index): masked below.
         cand = np.clip(p + t, lo, hi)
-        f = _objective(tb.bw[cand], tb.bh[cand], wf, hf, cap)
+        f = fit_loss(tb.bw[cand], tb.bh[cand], wf, hf, cap)
         a = tb.area[cand]
         if best_f is None:
             best_f, best_id, best_a = f, cand, a
@@ -310,14 +286,19 @@ def _nearest_in_level(ladder: BucketLadder, level: int, aspect: np.ndarray) -> n
 
 
 def _best_among(
-    ladder: BucketLadder, width: np.ndarray, height: np.ndarray, allowed: np.ndarray
+    ladder: BucketLadder, width: np.ndarray, height: np.ndarray, allowed: np.ndarray,
+    max_crop_loss: float,
 ) -> np.ndarray:
-    """Dense search over the ``allowed`` bucket ids for a few images; -1 where none fits."""
+    """Dense search over the ``allowed`` bucket ids for a few images; -1 where none fits
+    and crops at most ``max_crop_loss``."""
     cap = np.minimum(width * height, ladder.max_area).astype(np.float64)
     bw = ladder.buckets[allowed, 0][None, :].astype(np.float64)
     bh = ladder.buckets[allowed, 1][None, :].astype(np.float64)
     w, h = width[:, None].astype(np.float64), height[:, None].astype(np.float64)
-    f = np.where((bw <= w) & (bh <= h), _objective(bw, bh, w, h, cap[:, None]), np.inf)
+    x, y = bw * h, bh * w
+    crop = 1.0 - np.minimum(x, y) / np.maximum(x, y)
+    ok = (bw <= w) & (bh <= h) & (crop <= max_crop_loss + _TIE)
+    f = np.where(ok, fit_loss(bw, bh, w, h, cap[:, None]), np.inf)
     # Ties to the larger area: order candidates by area descending before argmin.
     order = np.argsort(-(bw * bh)[0], kind="stable")
     pick = np.argmin(f[:, order], axis=1)
@@ -332,9 +313,11 @@ def _merge_small(
     best_id: np.ndarray,
     upscaled: np.ndarray,
     min_size: int,
+    max_crop_loss: float,
 ) -> None:
     """Empty buckets holding fewer than ``min_size`` images into their best fitting
-    remaining non-empty neighbour, smallest bucket first; in place on ``best_id``."""
+    remaining non-empty neighbour that crops at most ``max_crop_loss``, smallest bucket
+    first; in place on ``best_id``."""
     k = len(ladder.buckets)
     counts = np.bincount(best_id[best_id >= 0], minlength=k)
     closed = np.zeros(k, dtype=bool)  # emptied, or known impossible to empty
@@ -350,9 +333,9 @@ def _merge_small(
         allowed = np.flatnonzero((counts > 0) & (np.arange(k) != b))
         if not len(allowed):
             continue
-        target = _best_among(ladder, width[members], height[members], allowed)
+        target = _best_among(ladder, width[members], height[members], allowed, max_crop_loss)
         if (target < 0).any():
-            continue  # some member fits nowhere else: the bucket stays whole
+            continue  # some member fits nowhere else (within the crop limit): it stays whole
         best_id[members] = target
         counts[b] = 0
         np.add.at(counts, target, 1)

@@ -11,6 +11,8 @@ buckets that fit inside an image form one contiguous run in aspect order; that i
 lets :func:`bucketing.assign` search a few log-aspect neighbours per level with
 ``searchsorted`` instead of scoring every bucket. ``MODEL_SPECS`` is the single source of
 truth for each model's divisibility, default area, levels and T5 length.
+:meth:`BucketLadder.from_data` keeps, out of a preset, the buckets that serve one dataset best
+within a bucket budget.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from bucketing.index import ImageIndex
+
+# The largest side assign() accepts (PNG's limit; JPEG stops at 65535): beyond it an image is
+# rejected "too_large", and below it w * h and every loss stay exact in int64 / float64.
+MAX_SIDE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -37,39 +46,52 @@ class ModelSpec:
     t5_max_length: int | None = None
 
 
-def _sides(*sides: int) -> tuple[int, ...]:
-    return tuple(s * s for s in sides)
+_STEPS = 10  # level steps from the floor (a quarter of the top side) to the top side
 
 
-# Level sides 512..1024 every 128 px and a 32 px width step: see docs/ladders.md "Buckets and
-# assignment" for the measured trade-off (losses vs bucket count) that chose them.
-_FLUX_LEVELS = _sides(512, 640, 768, 896, 1024)
+def default_levels(max_area: int, multiple: int) -> list[int]:
+    """Default level areas: 11 sides growing geometrically (x1.15 each, area x1.32) from a
+    quarter of the top side up to the top side ``sqrt(max_area)``, rounded to ``multiple``
+    (at least one ``multiple``); duplicates after rounding merge. For 1024² and 16: 256, 288,
+    336, 384, 448, 512, 592, 672, 784, 896, 1024."""
+    side = math.isqrt(int(max_area))
+    sides = {max(multiple, int(side * 4 ** (k / _STEPS - 1) / multiple + 0.5) * multiple)
+             for k in range(_STEPS + 1)}
+    return sorted({min(s * s, int(max_area)) for s in sides})
+
+
+# Levels from 256² to 1024² (128² to 512² for SD1.5) so that small photos train at their
+# size instead of being rejected, and a 16 px width step where the model allows it: see
+# docs/ladders.md "Levels are a quality choice" for the measured trade-off that chose them.
+_FLUX_LEVELS = tuple(default_levels(1024 * 1024, 16))
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     # FLUX.1: 8x VAE then 2x2 patches -> sides multiple of 16; T5 512 (dev) / 256 (schnell).
-    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=512),
+    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=512),
     "flux-schnell": ModelSpec(
-        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=256
+        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=256
     ),
     # SD3: 8x VAE then 2x2 patches -> 16; diffusers' SD3 training scripts use T5 length 77.
-    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=77),
+    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=77),
     # SDXL: the UNet needs latent sides divisible by 4 (pixels by 32), but SDXL was trained
     # on 64-multiple buckets (1152x896, 1216x832, ...) and kohya uses 64: we use 64.
-    "sdxl": ModelSpec("sdxl", 64, 1024 * 1024, _sides(512, 640, 768, 896, 1024)),
+    "sdxl": ModelSpec("sdxl", 64, 1024 * 1024, tuple(default_levels(1024 * 1024, 64))),
     # SD1.5: 8x VAE and three 2x downsamplings in the UNet -> 64-multiples; 512x512 native.
-    "sd15": ModelSpec("sd15", 64, 512 * 512, _sides(256, 320, 384, 448, 512)),
+    "sd15": ModelSpec("sd15", 64, 512 * 512, tuple(default_levels(512 * 512, 64))),
 }
 
 
 class BucketLadder:
     """The (K, 2) int64 ``buckets`` array of (w, h), sorted by level (ascending area) then
     aspect; bucket id = row. ``levels`` holds each level's nominal area, ``bucket_level``
-    the level of each bucket.
+    the level of each bucket. ``model`` names the preset the ladder comes from (``for_model``,
+    or the base of ``from_data``), None for a ladder built from explicit parameters or buckets.
 
-    With ``levels=None`` the levels are the default spacing for ``max_area``: sides from
-    half the top side up to the top side every eighth of it (for 1024²: 512, 640, 768,
-    896, 1024), rounded down to ``multiple``.
+    With ``levels=None`` the levels are :func:`default_levels` for ``max_area``: 11 sides
+    growing geometrically from a quarter of the top side to the top side.
     """
+
+    model: str | None = None
 
     def __init__(
         self,
@@ -138,11 +160,20 @@ class BucketLadder:
         return ladder
 
     @classmethod
-    def from_buckets(cls, buckets: Iterable[Sequence[int]], multiple: int = 8) -> BucketLadder:
+    def from_buckets(
+        cls,
+        buckets: Iterable[Sequence[int]],
+        multiple: int = 8,
+        *,
+        max_area: int | None = None,
+        model: str | None = None,
+    ) -> BucketLadder:
         """A ladder from an explicit list of (w, h). Every side must be a positive multiple of
         ``multiple``; duplicates are an error. The list need not be symmetric. Levels are the
         layers of the "both sides larger" order (so that each level is an antichain); each
-        level's area is its largest bucket's area."""
+        level's area is its largest bucket's area. ``max_area`` (default: the largest bucket's
+        area, at least that) caps the pixels resolution loss is measured against; ``model``
+        is recorded as ``ladder.model``."""
         arr = np.asarray(list(buckets), dtype=np.int64)
         if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0:
             raise ValueError("from_buckets needs a non-empty list of (width, height) pairs")
@@ -159,14 +190,64 @@ class BucketLadder:
         levels = [int(areas[layer == j].max()) for j in range(n_levels)]
         # Order levels by area so that level 0 is the smallest, as for generated ladders.
         rank = np.argsort(np.argsort(levels, kind="stable"), kind="stable")
+        if max_area is not None and max_area < areas.max():
+            raise ValueError(f"max_area {max_area} is below the largest bucket's area "
+                             f"{int(areas.max())}")
         self = cls.__new__(cls)
-        self.max_area = int(areas.max())
+        self.model = model
+        self.max_area = int(areas.max() if max_area is None else max_area)
         self.multiple = int(multiple)
         self.step = int(multiple)
         aspects = arr[:, 0] / arr[:, 1]
         self.max_aspect = float(max(aspects.max(), 1 / aspects.min()))
         self._set(arr, rank[layer], sorted(levels))
         return self
+
+    @classmethod
+    def from_data(
+        cls,
+        sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]],
+        *,
+        max_buckets: int,
+        base: BucketLadder | str = "flux",
+    ) -> BucketLadder:
+        """At most ``max_buckets`` buckets of ``base`` (a preset name or a ladder), chosen for
+        these image sizes (an index, an (N, 2) array or (w, h) pairs).
+
+        Every image is scored against every bucket of ``base`` that fits inside it with
+        :func:`bucketing.assign`'s objective (crop loss + resolution loss). Starting from all
+        of ``base``, the bucket whose removal adds the least total loss (its images moving to
+        their next best bucket) goes, until the budget holds; buckets no image would take are
+        left out. Losing an image costs more than all losses together, so every image ``base``
+        fits keeps a bucket while the budget allows (tight budgets favour small buckets, which
+        fit more images). Sizes are grouped by their floor to ``multiple``
+        (which keeps the set of fitting buckets), and to coarser multiples beyond 8192
+        distinct groups. Deterministic. The result keeps ``base``'s ``max_area``,
+        ``multiple`` and ``model``."""
+        if max_buckets < 1:
+            raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
+        if isinstance(base, str):
+            base = cls.for_model(base)
+        width, height = image_sizes(sizes)
+        ok = (width <= MAX_SIDE) & (height <= MAX_SIDE)
+        width, height, q = width[ok], height[ok], base.multiple
+        while True:
+            groups, weight = np.unique(np.stack([width // q, height // q], axis=1) * q,
+                                       axis=0, return_counts=True)
+            if len(groups) <= _FIT_GROUPS:
+                break
+            q *= 2
+        w, h = groups[:, :1].astype(np.float64), groups[:, 1:].astype(np.float64)
+        bw, bh = (base.buckets[None, :, i].astype(np.float64) for i in (0, 1))
+        cap = np.minimum(w * h, base.max_area)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            loss = np.where((bw <= w) & (bh <= h), fit_loss(bw, bh, w, h, cap), np.inf)
+        chosen = _budget(loss, weight.astype(np.float64), max_buckets)
+        if not len(chosen):
+            raise ValueError("from_data needs at least one image that a bucket of the base "
+                             "ladder fits")
+        return cls.from_buckets(base.buckets[chosen], base.multiple, max_area=base.max_area,
+                                model=base.model)
 
     # -- views --------------------------------------------------------------------------
 
@@ -194,12 +275,78 @@ class BucketLadder:
         return slice(int(lo), int(hi))
 
 
-def default_levels(max_area: int, multiple: int) -> list[int]:
-    """Default level areas: sides side/2, 5side/8, 3side/4, 7side/8, side for side =
-    sqrt(max_area), rounded down to ``multiple`` (at least one ``multiple``)."""
-    side = math.isqrt(int(max_area))
-    sides = {max(multiple, (side * k // 8) // multiple * multiple) for k in (4, 5, 6, 7, 8)}
-    return sorted({min(s * s, int(max_area)) for s in sides})
+
+def image_sizes(
+    index_or_sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(width, height) int64 arrays from an :class:`~bucketing.index.ImageIndex`, an (N, 2)
+    array or a sequence of (w, h). A ValueError names the first size that is not positive or
+    not an integer below 2**63; sides above ``MAX_SIDE`` are left for the caller to reject."""
+    width = getattr(index_or_sizes, "width", None)
+    height = getattr(index_or_sizes, "height", None)
+    if width is not None and height is not None:
+        width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
+    else:
+        try:
+            arr = np.asarray(index_or_sizes, dtype=np.int64)
+        except (OverflowError, TypeError, ValueError) as e:
+            raise ValueError(f"sizes must be integer (width, height) pairs below 2**63: {e}")\
+                from None
+        if arr.size == 0:
+            arr = arr.reshape(0, 2)
+        if arr.ndim != 2 or arr.shape[1] != 2:
+            raise ValueError(f"sizes must be an (N, 2) array of (width, height), got shape "
+                             f"{arr.shape}")
+        width, height = arr[:, 0], arr[:, 1]
+    if len(width) and (width.min() < 1 or height.min() < 1):
+        i = int(np.flatnonzero((width < 1) | (height < 1))[0])
+        raise ValueError(f"image {i} has size {width[i]}x{height[i]}; sizes must be positive")
+    return np.ascontiguousarray(width), np.ascontiguousarray(height)
+
+
+def fit_loss(
+    bw: np.ndarray, bh: np.ndarray, w: np.ndarray, h: np.ndarray, cap: np.ndarray
+) -> np.ndarray:
+    """crop_loss + resolution_loss of buckets (bw, bh) that fit inside images (w, h), float64
+    and broadcasting; ``cap`` = min(w * h, max_area): the pixels an image could train at."""
+    x = bw * h  # proportional to the bucket's aspect over the image's
+    y = bh * w
+    kept = np.minimum(x, y) / np.maximum(x, y)
+    return 2.0 - kept - (bw * bh) / cap
+
+
+_FIT_GROUPS = 8192  # distinct size groups from_data scores against every bucket
+
+
+def _budget(loss: np.ndarray, weight: np.ndarray, max_buckets: int) -> np.ndarray:
+    """Ascending ids of the buckets kept: greedy removal of the bucket whose images lose the
+    least by moving to their next best, until ``max_buckets`` remain; then only buckets that
+    are some group's best. ``loss``: (groups, K), inf where a bucket does not fit."""
+    n, k = loss.shape
+    # Column k: no bucket (never removed), dearer than every loss together (each is < 2).
+    live = np.hstack([loss, np.full((n, 1), 2.0 * weight.sum() + 2.0)])
+    rows = np.arange(n)
+    best, second = _two_smallest(live)
+    alive = np.ones(k, dtype=bool)
+    for _ in range(k - max_buckets):
+        cost = np.bincount(best, weights=weight * (live[rows, second] - live[rows, best]),
+                           minlength=k + 1)[:k]
+        b = int(np.argmin(np.where(alive, cost, np.inf)))
+        alive[b] = False
+        live[:, b] = np.inf
+        hit = np.flatnonzero((best == b) | (second == b))
+        best[hit], second[hit] = _two_smallest(live[hit])
+    used = np.bincount(best, minlength=k + 1)[:k] > 0
+    return np.flatnonzero(used & alive)
+
+
+def _two_smallest(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column of the smallest and of the second smallest value of each row of ``m``."""
+    part = np.argpartition(m, 1, axis=1)[:, :2]
+    v = np.take_along_axis(m, part, axis=1)
+    swap = v[:, 1] < v[:, 0]
+    part[swap] = part[swap][:, ::-1]
+    return part[:, 0].copy(), part[:, 1].copy()
 
 
 def _level_buckets(area: int, multiple: int, step: int, max_aspect: float) -> np.ndarray:

@@ -1132,6 +1132,11 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "`TypeError` when the dataset is built, naming the argument and the "
         "`transform(sample) -> sample` signature; nothing fails later in a worker",
     ),
+    (
+        "an absurd size in an index or a sizes list (2**62 x 2**62, any side above 2**31 - 1)",
+        "`assign` rejects `too_large` (`bucketing.ladder.MAX_SIDE`), never an overflow into "
+        "a wrong bucket or `too_small`; a size beyond int64 is a `ValueError`",
+    ),
 ]
 HOSTILE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(
     f"| {what} | {result} |\n" for what, result in HOSTILE_CASES

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.ladder import MODEL_SPECS, BucketLadder, fit_loss
 
 
 def check_invariants(ladder: BucketLadder) -> None:
@@ -37,6 +37,9 @@ def test_presets(name: str) -> None:
     assert ladder.levels.tolist() == sorted(spec.levels)
     side = int(np.sqrt(spec.max_area))
     assert [side, side] in ladder.buckets.tolist()
+    # Small images keep a bucket: the floor is a quarter of the top side.
+    assert ladder.levels[0] == (side // 4) ** 2
+    assert ladder.model == name
 
 
 def test_flux_constraints_match_model() -> None:
@@ -64,7 +67,10 @@ def test_random_ladders(side: int, multiple: int, step_k: int, max_aspect: float
 
 
 def test_default_levels_and_errors() -> None:
-    assert BucketLadder().levels.tolist() == [s * s for s in (512, 640, 768, 896, 1024)]
+    sides = (256, 288, 336, 384, 448, 512, 592, 672, 784, 896, 1024)
+    assert BucketLadder().levels.tolist() == [s * s for s in sides]
+    assert BucketLadder().model is None
+    assert BucketLadder.for_model("sd15").levels.tolist() == [s * s for s in range(128, 513, 64)]
     with pytest.raises(ValueError, match="unknown model"):
         BucketLadder.for_model("dalle")
     with pytest.raises(ValueError, match="levels"):
@@ -78,10 +84,80 @@ def test_from_buckets() -> None:
     assert ladder.buckets.tolist() == [[512, 512], [896, 1152], [1024, 1024], [1152, 896]]
     assert ladder.levels.tolist() == [512 * 512, 1024 * 1024]
     assert ladder.bucket_level.tolist() == [0, 1, 1, 1]
-    assert ladder.max_area == 1024 * 1024
+    assert ladder.max_area == 1024 * 1024 and ladder.model is None
+    wider = BucketLadder.from_buckets([(512, 512)], max_area=1024 * 1024, model="flux")
+    assert wider.max_area == 1024 * 1024 and wider.model == "flux"
+    with pytest.raises(ValueError, match="max_area"):
+        BucketLadder.from_buckets([(512, 512)], max_area=256 * 256)
     with pytest.raises(ValueError, match="duplicate"):
         BucketLadder.from_buckets([(512, 512), (512, 512)])
     with pytest.raises(ValueError, match="multiple of 8"):
         BucketLadder.from_buckets([(510, 512)])
     with pytest.raises(ValueError, match="non-empty"):
         BucketLadder.from_buckets([])
+
+
+def total_loss(ladder: BucketLadder, sizes: np.ndarray) -> float:
+    """Sum over images of the best fitting bucket's loss (2 where none fits)."""
+    b = ladder.buckets.astype(float)
+    w, h = sizes[:, :1].astype(float), sizes[:, 1:].astype(float)
+    cap = np.minimum(w * h, ladder.max_area)
+    loss = np.where((b[:, 0] <= w) & (b[:, 1] <= h), fit_loss(b[:, 0], b[:, 1], w, h, cap), 2.0)
+    return float(np.minimum(loss.min(axis=1), 2.0).sum())
+
+
+sizes_strategy = st.lists(st.tuples(st.integers(256, 5000), st.integers(256, 5000)),
+                          min_size=1, max_size=80).map(lambda v: np.array(v, dtype=np.int64))
+
+
+@settings(deadline=None, max_examples=30)
+@given(sizes=sizes_strategy, budget=st.integers(1, 40), base=st.sampled_from(["flux", "sdxl"]))
+def test_from_data_budget_determinism_and_geometry(sizes: np.ndarray, budget: int,
+                                                   base: str) -> None:
+    preset = BucketLadder.for_model(base)
+    ladder = BucketLadder.from_data(sizes, max_buckets=budget, base=base)
+    assert 1 <= len(ladder) <= budget
+    assert ladder.model == base and ladder.max_area == preset.max_area
+    assert ladder.multiple == preset.multiple
+    assert {tuple(b) for b in ladder.buckets.tolist()} <= {tuple(b) for b in
+                                                           preset.buckets.tolist()}
+    again = BucketLadder.from_data(sizes[::-1].copy(), max_buckets=budget, base=preset)
+    assert again.buckets.tolist() == ladder.buckets.tolist(), "depends on the row order"
+    # Never more buckets than distinct sizes; with a budget that large, as good as the preset
+    # (up to the grouping of sizes by their floor to the multiple).
+    assert len(ladder) <= len(np.unique(sizes, axis=0))
+    if budget >= len(np.unique(sizes, axis=0)):
+        full = total_loss(preset, sizes)
+        assert total_loss(ladder, sizes) <= full + 0.02 * len(sizes) + 1e-9
+
+
+def test_from_data_beats_the_preset_cut_to_the_same_budget() -> None:
+    rng = np.random.default_rng(0)
+    aspect = rng.choice([4 / 3, 3 / 2, 3 / 4, 2 / 3, 1.0], size=300)
+    mp = rng.uniform(0.2, 6.0, size=300) * 1e6
+    w = np.sqrt(mp * aspect).astype(np.int64)
+    sizes = np.stack([w, (w / aspect).astype(np.int64)], axis=1)
+    preset = BucketLadder.for_model("flux")
+    small = BucketLadder.from_data(sizes, max_buckets=12)
+    assert len(small) <= 12 and not (np.isin(sizes, 0)).any()
+    # The 12 most used preset buckets, for contrast: from_data loses less.
+    from_counts = np.argsort(-np.bincount(
+        np.argmin(np.where((preset.buckets[:, 0] <= sizes[:, :1]) &
+                           (preset.buckets[:, 1] <= sizes[:, 1:]),
+                           fit_loss(preset.buckets[:, 0].astype(float),
+                                    preset.buckets[:, 1].astype(float),
+                                    sizes[:, :1].astype(float), sizes[:, 1:].astype(float),
+                                    np.minimum(sizes[:, :1] * sizes[:, 1:], preset.max_area)),
+                           np.inf), axis=1), minlength=len(preset)), kind="stable")[:12]
+    top12 = BucketLadder.from_buckets(preset.buckets[from_counts], 16, max_area=preset.max_area)
+    assert total_loss(small, sizes) < total_loss(top12, sizes)
+    assert total_loss(small, sizes) < 2.0 * len(sizes) * 0.15  # under 15% loss per image
+
+
+def test_from_data_errors() -> None:
+    with pytest.raises(ValueError, match="max_buckets"):
+        BucketLadder.from_data([(1000, 1000)], max_buckets=0)
+    with pytest.raises(ValueError, match="at least one image"):
+        BucketLadder.from_data([(10, 10)], max_buckets=4)
+    with pytest.raises(ValueError, match="unknown model"):
+        BucketLadder.from_data([(1000, 1000)], max_buckets=4, base="dalle")

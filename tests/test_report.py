@@ -112,7 +112,7 @@ def test_text_report_has_the_expected_figures(runs: dict[str, Any]) -> None:
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(reason))
         assert line.split()[-1] == "1"
         assert path in text
-    assert "levels 512² 640² 768² 896² 1024² · multiple 16 · aspect ≤ 4:1" in text
+    assert "levels 256² 288² 336² 384² 448² 512² 592² 672² 784² 896² 1024² · multiple 16" in text
     assert "world size 2 · batch size 2 per rank" in text
     rows = {}  # W x H -> aspect, images, share, bs/rank, steps, padded
     for ln in text.splitlines():
