@@ -1,0 +1,128 @@
+"""What every kind of source resolves to, and the checks they share.
+
+An :class:`Entry` is one image to scan; a :class:`ResolvedSource` holds the entries, the
+rejections and (for datasets holding image bytes) a byte reader. Caption text is read
+and normalised here, and every local path goes through one check
+(:func:`local_problem`: inside ``base_dir``, existing, a regular file).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from bucketing.index import Rejection
+
+if TYPE_CHECKING:
+    from bucketing.sources.hf_dataset import RowBytes
+
+_BASE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+CAPTION_SUFFIXES = (".txt", ".caption")
+
+
+class Entry(NamedTuple):
+    """One image to scan: an absolute local ``path``, its ``captions`` (possibly empty) and,
+    for ``datasets.Dataset`` sources, the dataset ``row`` it came from (else ``None``)."""
+
+    path: str
+    captions: list[str]
+    row: int | None = None
+
+
+@dataclass
+class ResolvedSource:
+    """The entries to scan, the entries already rejected, and a byte reader for blob rows.
+
+    ``blobs`` is set only for a ``datasets.Dataset`` with at least one row whose image
+    has no file on disk. Then every entry has a ``row`` and ``blobs(entry.row)`` returns
+    its encoded bytes (embedded bytes, or the file's bytes for path rows); a bytes-only
+    entry's ``path`` is a label such as ``"dataset[12]"`` (no file, nothing to stat or
+    cache by mtime). For the index: ``blobs.take([e.row for e in accepted_entries])``.
+    """
+
+    entries: list[Entry]
+    rejections: list[Rejection] = field(default_factory=list)
+    blobs: RowBytes | None = None
+
+
+def image_extensions() -> tuple[str, ...]:
+    """Lower-case extensions listed from folders; ``.avif`` only where Pillow can read it."""
+    from PIL import Image
+
+    Image.init()
+    avif = (".avif",) if ".avif" in Image.registered_extensions() else ()
+    return _BASE_EXTENSIONS + avif
+
+
+def read_text(path: str) -> str:
+    """Read a caption file as UTF-8 (a BOM is dropped), falling back to cp1252 and then
+    Latin-1 (which accepts every byte), so legacy Windows/Latin-1 captions read correctly.
+    Only regular files are read: a FIFO would block and a device may never end (OSError)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    with open(path, "rb") as f:
+        data = f.read()
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return data.decode("latin-1")
+
+
+def caption_lines(text: str) -> list[str]:
+    """One caption per non-empty line, stripped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def captions_of(value: Any) -> list[str]:
+    """Normalise a caption cell (string, list of strings, None/NaN) to a list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, float) and value != value:  # NaN from parquet/pandas
+        return []
+    if isinstance(value, str):
+        return [value.strip()] if value.strip() else []
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        items = value.tolist() if hasattr(value, "tolist") else value
+        return [c for item in items for c in captions_of(item)]
+    return [str(value)]
+
+
+def local_path(value: str, relative_to: str) -> str:
+    """Absolute, normalised path (symlinks kept) for a manifest or list value."""
+    return os.path.normpath(os.path.join(relative_to, os.path.expanduser(value)))
+
+
+def real_base(base_dir: str | None) -> str | None:
+    """The real path of ``base_dir`` (symlinks resolved), or None without one."""
+    return os.path.realpath(base_dir) if base_dir is not None else None
+
+
+def _is_within(path: str, base: str) -> bool:
+    try:
+        return os.path.commonpath([path, base]) == base
+    except ValueError:  # different drives on Windows
+        return False
+
+
+def local_problem(path: str, base: str | None) -> tuple[str, str] | None:
+    """(reason, detail) if ``path`` escapes ``base`` (a real path, see :func:`real_base`)
+    or is not an existing regular file; None when it can be scanned."""
+    if base is not None:
+        real = os.path.realpath(path)
+        if not _is_within(real, base):
+            return "outside_base_dir", f"resolves to {real}, outside {base}"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        broken = os.path.lexists(path)
+        return "missing_file", "broken symbolic link" if broken else "no such file"
+    except OSError as e:
+        return ("symlink_loop" if e.errno == errno.ELOOP else "unreadable"), str(e)
+    if not stat.S_ISREG(mode):
+        return "not_a_file", "not a regular file"
+    return None

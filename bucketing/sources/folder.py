@@ -1,0 +1,137 @@
+"""Folder sources: every image file below a folder, captions from sidecar files
+(``<stem>.txt`` / ``<stem>.caption``) or HF-imagefolder ``metadata.jsonl`` files."""
+
+from __future__ import annotations
+
+import os
+
+from bucketing.index import Rejection
+from bucketing.sources.entries import (
+    CAPTION_SUFFIXES,
+    Entry,
+    ResolvedSource,
+    caption_lines,
+    captions_of,
+    image_extensions,
+    local_problem,
+    read_text,
+    real_base,
+)
+from bucketing.sources.json_rows import read_jsonl
+
+
+def _walk_folder(
+    root: str, extensions: tuple[str, ...], base: str | None
+) -> tuple[list[str], list[str], list[Rejection]]:
+    """Recursively list image files and other files under ``root`` (sorted, deterministic).
+
+    Symlinked folders are followed once; a link back to a folder already being walked
+    is a ``symlink_loop`` rejection and a second link to the same folder a ``duplicate``.
+    A folder that cannot be listed is an ``unreadable`` rejection; an image file that
+    cannot be scanned is rejected by :func:`~bucketing.sources.entries.local_problem`.
+    """
+    images: list[str] = []
+    others: list[str] = []
+    rejections: list[Rejection] = []
+    seen: set[tuple[int, int]] = set()
+
+    def visit(folder: str, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            rejections.append(Rejection(folder, "unreadable", f"cannot stat folder: {e}"))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in ancestors:
+            rejections.append(
+                Rejection(folder, "symlink_loop", "links back to a folder above it; not followed")
+            )
+            return
+        if key in seen:
+            rejections.append(
+                Rejection(folder, "duplicate", "a second link to a folder already listed")
+            )
+            return
+        seen.add(key)
+        try:
+            with os.scandir(folder) as it:
+                children = sorted(it, key=lambda d: d.name)
+        except OSError as e:
+            rejections.append(Rejection(folder, "unreadable", f"cannot list folder: {e}"))
+            return
+        for child in children:
+            path = child.path
+            try:
+                is_dir = child.is_dir()  # follows symlinks
+            except OSError as e:  # e.g. ELOOP on a self-referencing link
+                rejections.append(Rejection(path, "symlink_loop", str(e)))
+                continue
+            if is_dir:
+                visit(path, ancestors | {key})
+            elif not child.name.lower().endswith(extensions):
+                others.append(path)
+            elif (problem := local_problem(path, base)) is None:
+                images.append(path)
+            else:
+                rejections.append(Rejection(path, *problem))
+
+    visit(root, frozenset())
+    return images, others, rejections
+
+
+def resolve_folder(folder: str, base_dir: str | None) -> ResolvedSource:
+    """Entries for every image below ``folder`` (see :func:`_walk_folder`), with captions."""
+    root = os.path.abspath(folder)
+    images, others, rejections = _walk_folder(root, image_extensions(), real_base(base_dir))
+    sidecars = {p for p in others if p.lower().endswith(CAPTION_SUFFIXES)}
+    metadata = _folder_metadata(others, rejections)
+    entries = []
+    for path in images:
+        captions = _sidecar_captions(path, sidecars, rejections)
+        if captions is None:
+            captions = metadata.get(os.path.normpath(path), [])
+        entries.append(Entry(path, captions))
+    if not entries and not rejections:
+        raise ValueError(
+            f"no images found in {folder!r} (looked recursively for "
+            f"{', '.join(image_extensions())}); point scan at the folder holding the images "
+            "or pass a manifest file"
+        )
+    return ResolvedSource(entries, rejections)
+
+
+def _sidecar_captions(
+    image: str, sidecars: set[str], rejections: list[Rejection]
+) -> list[str] | None:
+    """Captions from ``<stem>.txt`` (first choice) or ``<stem>.caption``; None if neither."""
+    stem = os.path.splitext(image)[0]
+    for suffix in CAPTION_SUFFIXES:
+        for candidate in (stem + suffix, stem + suffix.upper()):
+            if candidate in sidecars:
+                try:
+                    return caption_lines(read_text(candidate))
+                except OSError as e:
+                    rejections.append(Rejection(candidate, "unreadable_caption", str(e)))
+                    return []
+    return None
+
+
+def _folder_metadata(others: list[str], rejections: list[Rejection]) -> dict[str, list[str]]:
+    """Captions from HF-imagefolder ``metadata.jsonl`` files, keyed by normalised image path
+    (``file_name`` is relative to the metadata file's folder)."""
+    out: dict[str, list[str]] = {}
+    for path in others:
+        if os.path.basename(path) != "metadata.jsonl":
+            continue
+        folder = os.path.dirname(path)
+        try:
+            rows = read_jsonl(path, rejections)
+        except OSError as e:
+            rejections.append(Rejection(path, "unreadable", str(e)))
+            continue
+        for _, row in rows:
+            name = row.get("file_name")
+            if isinstance(name, str) and name:
+                key = os.path.normpath(os.path.join(folder, name))
+                out[key] = captions_of(row.get("text", row.get("caption")))
+    return out

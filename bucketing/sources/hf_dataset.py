@@ -1,0 +1,145 @@
+"""``datasets.Dataset`` sources: an ``Image`` column (files or embedded bytes) or a string
+column of paths/URLs. ``datasets`` is imported only when such a source is resolved."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from bucketing.download import Downloader
+from bucketing.index import Rejection
+from bucketing.sources.entries import (
+    Entry,
+    ResolvedSource,
+    captions_of,
+    local_path,
+    local_problem,
+    real_base,
+)
+from bucketing.sources.rows import collect, manifest_rows, pick_columns, source_folder
+
+
+class RowBytes:
+    """Picklable ``row -> bytes`` reader over a ``datasets.Dataset`` image column.
+
+    ``rows[i]`` is the dataset row behind row ``i``; a row's embedded bytes are
+    returned when present, else its file is read. ``take(rows)`` re-numbers rows
+    (e.g. to the accepted subset of a scan) without copying the dataset.
+    """
+
+    def __init__(
+        self, dataset: Any, column: str, rows: Sequence[int] | None = None, root: str = ""
+    ) -> None:
+        self.dataset = dataset
+        self.column = column
+        self.rows = np.arange(len(dataset)) if rows is None else np.asarray(rows, np.int64)
+        self.root = root  # folder that relative stored paths are relative to
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __call__(self, row: int) -> bytes:
+        """The encoded image bytes of row ``row`` (embedded bytes, else its file's)."""
+        value = self.dataset[int(self.rows[row])][self.column]
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        if value.get("path"):
+            with open(os.path.join(self.root, value["path"]), "rb") as f:
+                return f.read()
+        raise ValueError(f"dataset row {self.rows[row]} has neither image bytes nor a path")
+
+    def take(self, rows: Iterable[int]) -> RowBytes:
+        """A reader whose row ``i`` is this reader's row ``rows[i]``."""
+        return RowBytes(
+            self.dataset, self.column, self.rows[np.asarray(list(rows), np.int64)], self.root
+        )
+
+
+def resolve_dataset(
+    dataset: Any,
+    column_map: dict[str, str],
+    base_dir: str | None,
+    downloader: Downloader | None,
+    download_dir: str | None,
+) -> ResolvedSource:
+    """Entries for a ``datasets.Dataset``: one per row, ``Entry.row`` = the dataset row.
+
+    An ``Image`` column is read with ``decode=False``: a row whose stored path exists
+    on disk is scanned from that file, a row with only bytes through ``blobs``. A
+    string column holds paths or URLs and is treated like a manifest column
+    (relative paths against ``base_dir`` or the current folder; no ``blobs``).
+    """
+    import datasets
+
+    columns = list(dataset.column_names)
+    image_columns = [c for c in columns if isinstance(dataset.features[c], datasets.Image)]
+    if "image" not in column_map and image_columns:
+        column_map = {**column_map, "image": image_columns[0]}
+    image, caption = pick_columns(columns, column_map, "the dataset")
+    relative_to = source_folder(base_dir)
+    if not isinstance(dataset.features[image], datasets.Image):
+        rejections: list[Rejection] = []
+        records = (
+            (f"row {i}", row)
+            for i, row in enumerate(
+                dataset.select_columns([image] + ([caption] if caption else []))
+            )
+        )
+        rows = manifest_rows(records, image, caption, "dataset", rejections)
+        entries, more = collect(rows, relative_to, base_dir, downloader, download_dir)
+        return ResolvedSource(entries, rejections + more)
+    images = dataset.cast_column(image, datasets.Image(decode=False)).select_columns([image])
+    return _resolve_image_column(images, image, dataset, caption, relative_to, base_dir)
+
+
+def _resolve_image_column(
+    images: Any,
+    image: str,
+    dataset: Any,
+    caption: str | None,
+    relative_to: str,
+    base_dir: str | None,
+) -> ResolvedSource:
+    """Entries for an undecoded ``Image`` column: files on disk, else embedded bytes."""
+    import pyarrow.compute as pc
+
+    table = images.with_format("arrow")
+    base = real_base(base_dir)
+    entries: list[Entry] = []
+    rejections: list[Rejection] = []
+    any_blob = False
+    caption_rows = dataset.select_columns([caption]) if caption else None
+    step = 4096
+    for start in range(0, len(images), step):
+        cells = table[start : start + step][image].combine_chunks()
+        paths = cells.field("path").to_pylist()
+        has_bytes = pc.fill_null(pc.greater(pc.binary_length(cells.field("bytes")), 0), False)
+        caps = caption_rows[start : start + step][caption] if caption else [None] * len(paths)
+        for offset, (stored, blob) in enumerate(zip(paths, has_bytes.to_pylist(), strict=True)):
+            row = start + offset
+            captions = captions_of(caps[offset])
+            local = local_path(stored, relative_to) if stored else None
+            # with bytes at hand, a relative stored path is only a name (HF embeds the
+            # basename): trust a path over the bytes only when it is absolute
+            trusted = local is not None and (not blob or os.path.isabs(stored))
+            if trusted and os.path.isfile(local):
+                problem = local_problem(local, base)
+                if problem is None:
+                    entries.append(Entry(local, captions, row))
+                else:
+                    rejections.append(Rejection(local, problem[0], f"row {row}: {problem[1]}"))
+            elif blob:
+                any_blob = True
+                label = f"dataset[{row}]" + (f":{stored}" if stored else "")
+                entries.append(Entry(label, captions, row))
+            elif local is not None:
+                rejections.append(Rejection(local, "missing_file", f"row {row}: no such file"))
+            else:
+                rejections.append(
+                    Rejection(f"dataset[{row}]", "no_image", "neither bytes nor path")
+                )
+    blobs = RowBytes(images, image, root=relative_to) if any_blob else None
+    return ResolvedSource(entries, rejections, blobs)
