@@ -117,7 +117,9 @@ def _scan_manifest(
     limit = default_max_pixels() if max_pixels is None else int(max_pixels)
     base = os.fspath(base_dir) if base_dir is not None else None
     got = read_manifest_columns(source, dict(column_map or {}), base)
-    rejections, listed = got.rejections, len(got.width) + len(got.rejections)
+    rejections = got.rejections
+    # as for a header scan: the entries listed, counting those whose size is unusable
+    listed = len(got.width) + sum(r.reason == "bad_row" for r in rejections)
     big = got.width * got.height > limit if limit is not None else np.zeros(len(got.width), bool)
     for i in np.flatnonzero(big):
         detail = f"{got.width[i]}x{got.height[i]} is more than max_pixels={limit}"

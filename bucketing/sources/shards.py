@@ -182,8 +182,6 @@ def _normalise(
     values = _text(image)
     captions = _captions(caption, len(image))
     blank = pc.and_(pc.is_null(values), pc.equal(pc.list_value_length(captions), 0))
-    if width is not None:
-        blank = pc.and_(blank, pa.array((width < 0) & (height < 0)))
     keep = pc.invert(blank)
     values, captions = pc.filter(values, keep), pc.filter(captions, keep)
     rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
