@@ -5,7 +5,7 @@ Work is spread over worker processes in chunks; results keep the source's order,
 the index is the same for any number of workers. With ``cache=PATH`` a rescan reads
 headers only for new or changed files (see ``bucketing.scan_cache``). Under
 ``torch.distributed`` each rank reads a contiguous shard and the shards are gathered,
-so every rank ends with the same index.
+so every rank ends with the same index; the local rank 0 of every node writes the cache.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def _scan(
     index = ImageIndex(paths, widths, heights, captions, rejections, blob=blob)
 
     reused = sum(shard[3] for shard in shards)
-    if cache is not None and rank == 0:
+    if cache is not None and _local_rank(rank) == 0:  # one writer per node
         _update_cache(cache, prior, entries, headers, keys, reused)
     index.scan_stats = ScanStats(
         files=len(entries),
@@ -382,6 +382,11 @@ def _dist() -> Any:
 def _rank_and_world() -> tuple[int, int]:
     dist = _dist()
     return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+
+
+def _local_rank(rank: int) -> int:
+    """This process's rank on its node (torchrun's ``LOCAL_RANK``), else its global rank."""
+    return int(os.environ.get("LOCAL_RANK", rank)) if rank else 0
 
 
 def _all_gather(obj: Any) -> list[Any]:
