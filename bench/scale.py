@@ -12,7 +12,7 @@ For each size N, in fresh processes (peak RSS is per process):
 - ``lists``: the same rows as the Python lists the index used to hold (``list[str]``,
   ``list[list[str]]``): bytes per row and the forked reader's private growth (the before).
 
-    python bench/scale.py                      # 1M, 3M, 10M rows (~10 GB of memory at 10M)
+    python bench/scale.py                      # 1M, 3M, 10M rows (scan: median of 3)
     python bench/scale.py --rows 1000000       # one size
     python bench/scale.py --tiny               # smoke test: 20k rows
 """
@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,13 +122,17 @@ def forked_growth(paths, captions) -> tuple[tuple[float, float], float]:
 # -- the measured steps, one process each ---------------------------------------------------
 
 
-def step_index(folder: Path) -> dict:
+def step_index(folder: Path, reps: int) -> dict:
     from bucketing import BucketLadder, ImageIndex, assign, scan
 
     base_rss = rss_mb()
-    t0 = time.perf_counter()
-    index = scan(folder, sizes="manifest", column_map=CMAP)
-    scan_s = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        index = None
+        t0 = time.perf_counter()
+        index = scan(folder, sizes="manifest", column_map=CMAP)
+        times.append(time.perf_counter() - t0)
+    scan_s = statistics.median(times)
     scan_peak = peak_rss_mb()
     n = len(index)
     text = int(index.paths.offsets[-1] - index.paths.offsets[0])
@@ -148,7 +153,8 @@ def step_index(folder: Path) -> dict:
     mapped = ImageIndex.load(saved)
     mapped_grown, _ = forked_growth(mapped.paths, mapped.captions)
     return {
-        "rows": n, "scan_s": scan_s, "scan_peak_mb": scan_peak, "base_rss_mb": base_rss,
+        "rows": n, "scan_s": scan_s, "scan_range": [min(times), max(times)],
+        "scan_peak_mb": scan_peak, "base_rss_mb": base_rss,
         "bytes_per_row": mapped.nbytes / n,
         "beyond_text": (mapped.nbytes - text) / n, "assign_s": assign_s, "plan_s": plan_s,
         "steps": steps, "fork_mb": grown, "fork_read_s": read_s, "mapped_fork_mb": mapped_grown,
@@ -169,9 +175,9 @@ def step_lists(folder: Path) -> dict:
             "list_fork_read_s": read_s}  # fmt: skip
 
 
-def run_step(step: str, folder: Path) -> dict:
+def run_step(step: str, folder: Path, reps: int = 1) -> dict:
     """Run ``step`` in a fresh interpreter; its JSON result."""
-    cmd = [sys.executable, __file__, "--step", step, str(folder)]
+    cmd = [sys.executable, __file__, "--step", step, str(folder), "--reps", str(reps)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -181,6 +187,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 3_000_000, 10_000_000])
     p.add_argument("--tiny", action="store_true", help="20k rows (smoke test)")
     p.add_argument("--no-lists", action="store_true", help="skip the list-based 'before'")
+    p.add_argument("--reps", type=int, default=3, help="timed scans per size (median)")
     p.add_argument("--step", nargs=2, metavar=("STEP", "FOLDER"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.step:
@@ -188,8 +195,10 @@ def main() -> None:
         if step == "make":
             make_manifest(int(Path(folder).name.split("-")[-1]), Path(folder))
             print(json.dumps({}))
+        elif step == "index":
+            print(json.dumps(step_index(Path(folder), args.reps)))
         else:
-            print(json.dumps({"index": step_index, "lists": step_lists}[step](Path(folder))))
+            print(json.dumps(step_lists(Path(folder))))
         return
     sizes = [20_000] if args.tiny else args.rows
     print(machine_line())
@@ -198,7 +207,7 @@ def main() -> None:
         for n in sizes:
             folder = Path(tmp) / f"rows-{n}" / f"manifest-{n}"
             run_step("make", folder)
-            got = run_step("index", folder)
+            got = run_step("index", folder, 1 if args.tiny else args.reps)
             if not args.no_lists:
                 got.update(run_step("lists", folder))
             results.append(got)
@@ -213,7 +222,7 @@ def main() -> None:
 def _row(r: dict) -> dict:
     return {
         "rows": f"{r['rows']:,}",
-        "scan": fmt_seconds(r["scan_s"]),
+        "scan": f"{fmt_seconds(r['scan_s'])} [{'-'.join(map(fmt_seconds, r['scan_range']))}]",
         "rows/s": f"{r['rows'] / r['scan_s']:,.0f}",
         "peak RSS": f"{r['scan_peak_mb']:,.0f} MB",
         "RSS before": f"{r['base_rss_mb']:,.0f} MB",

@@ -124,12 +124,21 @@ def _scan_manifest(
     for i in np.flatnonzero(big):
         detail = f"{got.width[i]}x{got.height[i]} is more than max_pixels={limit}"
         rejections.append(Rejection(got.paths[int(i)].as_py(), "too_many_pixels", detail))
-    ok = pa.array(~big)
+    paths, captions, width, height = got.paths, got.captions, got.width, got.height
+    if big.any():
+        ok = pa.array(~big)
+        paths, captions, width, height = (
+            pc.filter(paths, ok),
+            pc.filter(captions, ok),
+            width[~big],
+            height[~big],
+        )
+    del got
     index = ImageIndex(
-        TextColumn.from_arrow(pc.filter(got.paths, ok)),
-        got.width[~big],
-        got.height[~big],
-        CaptionColumn.from_arrow(pc.filter(got.captions, ok)),
+        TextColumn.from_arrow(paths),
+        width,
+        height,
+        CaptionColumn.from_arrow(captions),
         rejections,
     )
     index.scan_stats = ScanStats(

@@ -207,10 +207,6 @@ def _absolute(values: pa.Array, folder: str) -> pa.Array:
     return pc.replace_with_mask(joined, odd, pa.array(fixed, pa.large_string()))
 
 
-def _where(shard: _Shard, row: int, several: bool) -> str:
-    return f"{shard.path}:row {row}" if several else f"row {row}"
-
-
 @dataclass
 class ManifestColumns:
     """What a parquet manifest says, as columns: accepted ``paths`` (absolute, normalised),
@@ -266,12 +262,13 @@ def read_manifest_columns(
     captions = pa.concat_arrays([pc.take(s.captions, k) for s, k in parts])
     width = np.concatenate([s.width[k] for s, k in parts])
     height = np.concatenate([s.height[k] for s, k in parts])
-    wheres = [(s, s.rows[k]) for s, k in parts]
+    wheres = [(s.path, s.rows[k]) for s, k in parts]
+    del shards, parts  # the shards' own columns: freed before the next copies
 
     def where(i: int) -> str:
         for shard, rows in wheres:
             if i < len(rows):
-                return _where(shard, int(rows[i]), several)
+                return f"{shard}:row {rows[i]}" if several else f"row {rows[i]}"
             i -= len(rows)
         raise IndexError(i)
 
@@ -297,6 +294,8 @@ def read_manifest_columns(
                 rejections.append(Rejection(path, "outside_base_dir",
                                             f"{where(int(i))}: resolves to {real}, outside "
                                             f"{base}"))  # fmt: skip
+    if keep.all():
+        return ManifestColumns(paths, captions, width, height, rejections)
     mask = pa.array(keep)
     return ManifestColumns(
         pc.filter(paths, mask), pc.filter(captions, mask), width[keep], height[keep], rejections
@@ -357,7 +356,7 @@ def resolve_shards(
                 rejections.append(Rejection(f"{shard.path}:row {row}", "no_image",
                                             f"no path or URL in column {image!r}"))  # fmt: skip
             else:
-                rows.append((value, caps, _where(shard, row, several)))
+                rows.append((value, caps, f"{shard.path}:row {row}" if several else f"row {row}"))
     entries, more = collect(rows, "/", base_dir, downloader, download_dir)
     if not entries and not rejections and not more:
         raise ValueError(f"{files[0]} lists no images; it needs one row per image")
