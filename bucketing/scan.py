@@ -5,7 +5,7 @@ Work is spread over worker processes in chunks; results keep the source's order,
 the index is the same for any number of workers. With ``cache=PATH`` a rescan reads
 headers only for new or changed files (see ``bucketing.scan_cache``). Under
 ``torch.distributed`` each rank reads a contiguous shard and the shards are gathered,
-so every rank ends with the same index.
+so every rank ends with the same index; the local rank 0 of every node writes the cache.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from bucketing.headers import (
     Header,
     default_max_pixels,
@@ -31,9 +35,10 @@ from bucketing.headers import (
     worker_init,
     worker_read,
 )
-from bucketing.index import ImageIndex, Rejection
+from bucketing.index import CaptionColumn, ImageIndex, Rejection, TextColumn
 from bucketing.scan_cache import CacheRow, ScanCache, check_cache_path
 from bucketing.sources import Entry, resolve_source
+from bucketing.sources.shards import read_manifest_columns
 
 __all__ = ["ScanStats", "scan"]
 
@@ -72,6 +77,7 @@ def scan(
     column_map: dict[str, str] | None = None,
     base_dir: str | os.PathLike | None = None,
     download_dir: str | os.PathLike | None = None,
+    sizes: str = "headers",
 ) -> ImageIndex:
     """Scan ``source`` (folder, manifest, list of paths, ``datasets.Dataset``) into an index.
 
@@ -81,13 +87,70 @@ def scan(
     ``max_pixels``: larger images are rejected ``too_many_pixels`` from the header
     (default: Pillow's decompression-bomb error limit, ``2 * Image.MAX_IMAGE_PIXELS``).
     ``column_map``/``base_dir``/``download_dir`` are passed to ``resolve_source``.
+    ``sizes="headers"`` (default) reads each image's oriented size from its header.
+    ``sizes="manifest"`` takes them from a parquet manifest's ``width``/``height`` columns
+    (``column_map={"width": ..., "height": ...}``), one file or many shards, and touches no
+    image file at all (no header, no stat; ``workers`` and ``cache`` are not used): the sizes
+    must be the oriented ones, and a missing or changed file is found when the dataset
+    loads it (substituted). Every rank reads the manifest itself.
     Bad files never raise; they become rejections. The returned index carries
     :class:`ScanStats` as ``index.scan_stats``.
     """
+    if sizes not in ("headers", "manifest"):
+        raise ValueError(f"sizes must be 'headers' or 'manifest', got {sizes!r}")
     with _gc_paused():
+        if sizes == "manifest":
+            return _scan_manifest(source, max_pixels, column_map, base_dir)
         return _scan(
             source, workers, cache, progress, max_pixels, column_map, base_dir, download_dir
         )
+
+
+def _scan_manifest(
+    source: Any,
+    max_pixels: int | None,
+    column_map: dict[str, str] | None,
+    base_dir: str | os.PathLike | None,
+) -> ImageIndex:
+    """The index of a parquet manifest with sizes, built column-wise (no row objects)."""
+    t0 = time.perf_counter()
+    limit = default_max_pixels() if max_pixels is None else int(max_pixels)
+    base = os.fspath(base_dir) if base_dir is not None else None
+    got = read_manifest_columns(source, dict(column_map or {}), base)
+    rejections = got.rejections
+    # as for a header scan: the entries listed, counting those whose size is unusable
+    listed = len(got.width) + sum(r.reason == "bad_row" for r in rejections)
+    big = got.width * got.height > limit if limit is not None else np.zeros(len(got.width), bool)
+    for i in np.flatnonzero(big):
+        detail = f"{got.width[i]}x{got.height[i]} is more than max_pixels={limit}"
+        rejections.append(Rejection(got.paths[int(i)].as_py(), "too_many_pixels", detail))
+    paths, captions, width, height = got.paths, got.captions, got.width, got.height
+    if big.any():
+        ok = pa.array(~big)
+        paths, captions, width, height = (
+            pc.filter(paths, ok),
+            pc.filter(captions, ok),
+            width[~big],
+            height[~big],
+        )
+    del got
+    index = ImageIndex(
+        TextColumn.from_arrow(paths),
+        width,
+        height,
+        CaptionColumn.from_arrow(captions),
+        rejections,
+    )
+    index.scan_stats = ScanStats(
+        files=listed,
+        read=0,
+        reused=0,
+        read_local=0,
+        rejected=len(rejections),
+        cache="none",
+        seconds=time.perf_counter() - t0,
+    )
+    return index
 
 
 @contextlib.contextmanager
@@ -151,7 +214,7 @@ def _scan(
     index = ImageIndex(paths, widths, heights, captions, rejections, blob=blob)
 
     reused = sum(shard[3] for shard in shards)
-    if cache is not None and rank == 0:
+    if cache is not None and _local_rank(rank) == 0:  # one writer per node
         _update_cache(cache, prior, entries, headers, keys, reused)
     index.scan_stats = ScanStats(
         files=len(entries),
@@ -225,9 +288,7 @@ def _update_cache(
         for e, h, k in zip(entries, headers, keys, strict=True)
         if k is not None and not h.io_error
     ]
-    unchanged = (
-        prior is not None and prior.status == "loaded" and reused == len(rows) == len(prior)
-    )
+    unchanged = prior is not None and prior.status == "loaded" and reused == len(rows) == len(prior)
     if not unchanged:
         ScanCache.save(cache, rows)
 
@@ -331,6 +392,11 @@ def _dist() -> Any:
 def _rank_and_world() -> tuple[int, int]:
     dist = _dist()
     return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
+
+
+def _local_rank(rank: int) -> int:
+    """This process's rank on its node (torchrun's ``LOCAL_RANK``), else its global rank."""
+    return int(os.environ.get("LOCAL_RANK", rank)) if rank else 0
 
 
 def _all_gather(obj: Any) -> list[Any]:

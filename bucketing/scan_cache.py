@@ -20,9 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bucketing.atomic import atomic_path, check_replaceable
+from bucketing.atomic import check_replaceable
 from bucketing.headers import READER_VERSION, Header
 from bucketing.index import utf8_text
+from bucketing.table_file import load_table, save_table
 
 __all__ = ["CACHE_FORMAT", "CACHE_VERSION", "CacheRow", "ScanCache", "check_cache_path"]
 
@@ -72,17 +73,13 @@ class ScanCache:
         if not os.path.exists(path):
             return cls()
         try:
-            table = pq.read_table(path)
-            meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-            found = (meta.get("format"), meta.get("version"), meta.get("reader"))
-            wanted = (CACHE_FORMAT, str(CACHE_VERSION), str(READER_VERSION))
-            if found != wanted:
-                raise ValueError(
-                    f"written as format={found[0]!r} version={found[1]!r} reader={found[2]!r}, "
-                    f"this is format={wanted[0]!r} version={wanted[1]!r} reader={wanted[2]!r}"
-                )
-            if tuple(table.column_names) != _COLUMNS:
-                raise ValueError(f"unexpected columns {table.column_names}")
+            table = load_table(
+                path,
+                {"format": CACHE_FORMAT, "version": str(CACHE_VERSION),
+                 "reader": str(READER_VERSION)},
+                _COLUMNS,
+                "a scan cache of this version",
+            )  # fmt: skip
             cols = {name: table.column(name) for name in _COLUMNS}
             paths = [os.fsdecode(p) for p in cols["path"].to_pylist()]
             size, mtime, width, height = (
@@ -90,7 +87,7 @@ class ScanCache:
             )
             reasons = cols["reason"].to_pylist()
             details = cols["detail"].to_pylist()
-        except Exception as e:  # not parquet, truncated, foreign: start over
+        except Exception as e:  # not parquet, truncated, foreign, odd columns: start over
             warnings.warn(
                 f"ignoring scan cache {path}: {e}; every file will be read again and the "
                 "cache rewritten",
@@ -121,11 +118,12 @@ class ScanCache:
                 "detail": pa.array([utf8_text(r.header.detail) for r in rows], pa.string()),
             }
         )
-        table = table.replace_schema_metadata(
-            {"format": CACHE_FORMAT, "version": str(CACHE_VERSION), "reader": str(READER_VERSION)}
-        )
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
+        meta = {
+            "format": CACHE_FORMAT,
+            "version": str(CACHE_VERSION),
+            "reader": str(READER_VERSION),
+        }
+        save_table(path, table, meta)
 
 
 def is_scan_cache(path: str) -> bool:

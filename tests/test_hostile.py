@@ -473,7 +473,7 @@ def test_caption_sidecars_that_never_end_are_refused(tmp_path):
 
     def scan_it() -> dict:
         index = scan(tmp_path, workers=0)
-        return {"captions": index.captions, "rejections": [list(r) for r in index.rejections]}
+        return {"captions": list(index.captions), "rejections": [list(r) for r in index.rejections]}
 
     out = _in_child(scan_it, timeout=30)
     assert "error" not in out, out

@@ -244,7 +244,7 @@ rank, tmp, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
 index = scan(folder, workers=0, cache=f"{tmp}/cache.parquet")
 out = {
-    "paths": index.paths,
+    "paths": list(index.paths),
     "sizes": index.sizes.tolist(),
     "rejections": [list(r) for r in index.rejections],
     "read_local": index.scan_stats.read_local,

@@ -32,6 +32,7 @@ from bucketing.sources.hf_dataset import RowBytes, resolve_dataset
 from bucketing.sources.lists import resolve_list
 from bucketing.sources.manifest import ManifestReader, resolve_manifest
 from bucketing.sources.rows import CAPTION_COLUMNS, IMAGE_COLUMNS
+from bucketing.sources.shards import parquet_shards, resolve_shards
 
 __all__ = [
     "CAPTION_COLUMNS",
@@ -70,7 +71,9 @@ def resolve_source(
     """List the images (and captions) of ``source`` without opening any image.
 
     ``source`` is a folder, a manifest (``.jsonl .json .csv .tsv .parquet``), a list or
-    tuple of paths/URLs, or a ``datasets.Dataset``. ``column_map={"image": ...,
+    tuple of paths/URLs, or a ``datasets.Dataset``; parquet shards (a folder of
+    ``.parquet`` files without images, a glob, a list of ``.parquet`` paths) are one
+    manifest (see :mod:`bucketing.sources.shards`). ``column_map={"image": ...,
     "caption": ...}`` names manifest/dataset columns (defaults: the first of
     ``IMAGE_COLUMNS`` / ``CAPTION_COLUMNS`` present). Relative paths resolve against
     the manifest's folder (lists and datasets: ``base_dir``, else the current folder).
@@ -87,6 +90,9 @@ def resolve_source(
     base = os.fspath(base_dir) if base_dir is not None else None
     ddir = os.fspath(download_dir) if download_dir is not None else None
     columns = dict(column_map or {})
+    shards = parquet_shards(source)
+    if shards is not None:
+        return resolve_shards(shards, columns, base, downloader, ddir)
     if isinstance(source, (list, tuple)):
         return resolve_list(source, base, downloader, ddir)
     if isinstance(source, (str, os.PathLike)):

@@ -31,9 +31,12 @@ def pick_columns(
     columns: Sequence[str], column_map: dict[str, str], what: str
 ) -> tuple[str, str | None]:
     """(image column, caption column or None) from ``column_map`` or the defaults."""
-    unknown = set(column_map) - {"image", "caption"}
+    unknown = set(column_map) - {"image", "caption", "width", "height"}
     if unknown:
-        raise ValueError(f"column_map keys are 'image' and 'caption'; got {sorted(unknown)}")
+        raise ValueError(
+            f"column_map keys are 'image', 'caption' (and 'width', 'height' for sizes from "
+            f"the manifest); got {sorted(unknown)}"
+        )
     hint = (
         f"{what} has columns {list(columns)}; say which to use with "
         "column_map={'image': '<column with paths or URLs>', 'caption': '<column>'}"

@@ -1,0 +1,363 @@
+"""Parquet manifests as columns: one file or many shards read as one source.
+
+A source of shards is a folder holding ``.parquet`` files and no images or subfolders, a
+glob such as ``"laion/**/*.parquet"``, or a list of ``.parquet`` paths. Shards are read
+in parallel (pyarrow threads), in sorted path order, and normalised with pyarrow compute
+(trimmed paths made absolute against their shard's folder, captions trimmed and blanks
+dropped): no Python object per row.
+
+:func:`read_manifest_columns` is what ``scan(..., sizes="manifest")`` indexes: image paths,
+captions and the manifest's ``width``/``height``, never touching an image file;
+repeated paths are merged (captions of the repeats added to the first row) and recorded
+as ``duplicate``. :func:`resolve_shards` lists shards as entries for a header scan.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from bucketing.download import Downloader
+from bucketing.index import Rejection
+from bucketing.sources.entries import ResolvedSource, image_extensions, local_path, real_base
+from bucketing.sources.rows import Row, collect, pick_columns
+
+SIZE_COLUMNS = {"width": ("width", "WIDTH"), "height": ("height", "HEIGHT")}
+_GLOB_CHARS = ("*", "?", "[")
+_URL = r"^(?i:https?://)"
+_NOT_NORMAL = r"//|/\.\.?(/|$)|/$"  # what os.path.normpath would change in an absolute path
+
+
+def parquet_shards(source: Any) -> list[str] | None:
+    """The sorted ``.parquet`` files of ``source`` when it is a set of shards (a folder
+    holding ``.parquet`` files and no images or subfolders, a glob, a list of ``.parquet``
+    paths), else None. A glob that matches no ``.parquet`` file raises."""
+    if isinstance(source, (list, tuple)):
+        names = [os.fspath(s) for s in source if isinstance(s, (str, os.PathLike))]
+        if source and len(names) == len(source) and all(_is_parquet(n) for n in names):
+            return [os.path.abspath(n) for n in names]
+        return None
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        return _folder_shards(path)
+    if os.path.exists(path) or not any(c in path for c in _GLOB_CHARS):
+        return None
+    shards = sorted(os.path.abspath(f) for f in glob.glob(path, recursive=True) if _is_parquet(f))
+    if not shards:
+        raise FileNotFoundError(f"no .parquet file matches {path!r}")
+    return shards
+
+
+def _folder_shards(folder: str) -> list[str] | None:
+    """The ``.parquet`` files of ``folder`` if it holds nothing else that a folder scan
+    would list (no image, no subfolder, nothing unreadable); else None."""
+    shards = []
+    try:
+        with os.scandir(folder) as it:
+            for child in it:
+                if child.is_dir() or child.name.lower().endswith(image_extensions()):
+                    return None
+                if _is_parquet(child.name) and child.is_file():
+                    shards.append(os.path.abspath(child.path))
+    except OSError:  # a link loop, an unreadable folder: the folder scan reports it
+        return None
+    return sorted(shards) or None
+
+
+def _is_parquet(name: str) -> bool:
+    return name.lower().endswith(".parquet")
+
+
+@dataclass
+class _Shard:
+    """One shard, normalised: ``values`` (trimmed image values, absolute for local paths,
+    null where blank), ``captions`` (``large_list<large_string>``), optional sizes, and
+    ``rows`` (the shard's row number of each kept row; blank rows dropped)."""
+
+    path: str
+    values: pa.Array
+    captions: pa.Array
+    width: np.ndarray | None
+    height: np.ndarray | None
+    rows: np.ndarray
+
+
+def _read_shards(
+    files: Sequence[str], column_map: dict[str, str], sizes: bool
+) -> tuple[str, list[_Shard]]:
+    """(image column, every shard normalised), read in parallel in the order of ``files``."""
+    schema = pq.read_schema(files[0])
+    image, caption = pick_columns(schema.names, column_map, files[0])
+    size_columns = [_size_column(schema.names, column_map, k, files[0]) for k in SIZE_COLUMNS]
+    wanted = [image] + ([caption] if caption else []) + (size_columns if sizes else [])
+
+    def read(path: str) -> _Shard:
+        names = pq.read_schema(path).names
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise ValueError(f"shard {path} has no column {missing[0]!r} (columns {names})")
+        table = pq.read_table(path, columns=wanted)
+        widths = heights = None
+        if sizes:
+            widths, heights = (_sizes(table[c], path) for c in size_columns)
+        return _normalise(path, table[image], table[caption] if caption else None,
+                          widths, heights)  # fmt: skip
+
+    workers = min(len(files), os.cpu_count() or 1, 16)
+    with ThreadPoolExecutor(workers) as pool:
+        return image, list(pool.map(read, files))
+
+
+def _size_column(names: Sequence[str], column_map: dict[str, str], key: str, what: str) -> str:
+    name = column_map.get(key) or next((c for c in SIZE_COLUMNS[key] if c in names), None)
+    if name is None or name not in names:
+        wanted = repr(name) if name else f"any of {list(SIZE_COLUMNS[key])}"
+        raise ValueError(
+            f"sizes='manifest' needs a {key} column, {what} has no {wanted} (columns "
+            f"{list(names)}); name it with column_map={{'{key}': '<column>'}}"
+        )
+    return name
+
+
+def _sizes(column: pa.ChunkedArray, path: str) -> np.ndarray:
+    """int64 sizes with -1 for nulls; non-integral values raise."""
+    try:
+        values = pc.cast(column, pa.int64())
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"{path}: column {column.type} is not whole pixel counts ({e})") from None
+    return pc.fill_null(values, -1).to_numpy()
+
+
+def _text(column: pa.ChunkedArray) -> pa.Array:
+    """A string-like column as trimmed ``large_string``; blanks become null."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_struct(column.type):  # an HF Image column: {"bytes", "path"}
+        column = column.field("path")
+    trimmed = pc.utf8_trim_whitespace(column.cast(pa.large_string()))
+    return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.large_string()), trimmed)
+
+
+def _captions(column: pa.ChunkedArray | None, n: int) -> pa.Array:
+    """Captions per row as ``large_list<large_string>``: trimmed, blanks and nulls dropped;
+    a string column gives one caption per row, a list column its items."""
+    if column is None:
+        return pa.array([[]] * n, pa.large_list(pa.large_string()))
+    column = column.combine_chunks()
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        texts, parents = _text(pc.list_flatten(column)), pc.list_parent_indices(column)
+    else:
+        texts, parents = _text(column), pa.array(np.arange(n))
+    keep = pc.is_valid(texts)
+    counts = np.bincount(pc.filter(parents, keep).to_numpy(), minlength=n)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pc.filter(texts, keep))
+
+
+def _normalise(
+    path: str,
+    image: pa.ChunkedArray,
+    caption: pa.ChunkedArray | None,
+    width: np.ndarray | None,
+    height: np.ndarray | None,
+) -> _Shard:
+    image = image.combine_chunks()
+    if pa.types.is_struct(image.type) and "bytes" in image.type.names:
+        embedded = pc.and_(pc.is_null(image.field("path")), pc.is_valid(image.field("bytes")))
+        if pc.any(embedded).as_py():
+            raise ValueError(
+                f"{path} embeds image bytes without paths; load it with "
+                "datasets.Dataset.from_parquet(...) and pass the Dataset to scan"
+            )
+    values = _text(image)
+    captions = _captions(caption, len(image))
+    blank = pc.and_(pc.is_null(values), pc.equal(pc.list_value_length(captions), 0))
+    keep = pc.invert(blank)
+    values, captions = pc.filter(values, keep), pc.filter(captions, keep)
+    rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+    if width is not None:
+        width, height = width[rows], height[rows]
+    return _Shard(path, _absolute(values, os.path.dirname(path)), captions, width, height, rows)
+
+
+def _absolute(values: pa.Array, folder: str) -> pa.Array:
+    """Local values as absolute normalised paths (``entries.local_path``) against
+    ``folder``; URLs and nulls unchanged. Vectorised; only rows that ``os.path.normpath``
+    would change (``..``, ``//``, ``~``) go through Python."""
+    url = pc.fill_null(pc.match_substring_regex(values, _URL), True)
+    relative = pc.and_(pc.invert(url), pc.invert(pc.starts_with(values, "/")))
+    prefix, slash = pa.scalar(folder, pa.large_string()), pa.scalar("/", pa.large_string())
+    joined = pc.if_else(relative, pc.binary_join_element_wise(prefix, values, slash), values)
+    odd = pc.and_(pc.invert(url), pc.or_(pc.match_substring_regex(joined, _NOT_NORMAL),
+                                         pc.starts_with(values, "~")))  # fmt: skip
+    odd = pc.fill_null(odd, False)
+    if not pc.any(odd).as_py():
+        return joined
+    fixed = [local_path(v, folder) for v in pc.filter(values, odd).to_pylist()]
+    return pc.replace_with_mask(joined, odd, pa.array(fixed, pa.large_string()))
+
+
+@dataclass
+class ManifestColumns:
+    """What a parquet manifest says, as columns: accepted ``paths`` (absolute, normalised),
+    ``captions`` (``large_list<large_string>``), ``width``/``height`` (int64, from the
+    manifest) and the ``rejections`` of listing (``no_image``, ``duplicate``, ``bad_row``,
+    ``outside_base_dir``)."""
+
+    paths: pa.Array
+    captions: pa.Array
+    width: np.ndarray
+    height: np.ndarray
+    rejections: list[Rejection]
+
+
+def read_manifest_columns(
+    source: Any, column_map: dict[str, str], base_dir: str | None
+) -> ManifestColumns:
+    """Paths, captions and sizes of a parquet manifest (one file, or shards: see
+    :func:`parquet_shards`) without touching any image file: no stat, no header. Rows
+    without a usable width and height are ``bad_row``; URLs are refused (sizes from a
+    manifest are for local files: download first or scan with ``sizes="headers"``)."""
+    files = parquet_shards(source)
+    if files is None and isinstance(source, (str, os.PathLike)) and _is_parquet(os.fspath(source)):
+        files = [os.path.abspath(os.fspath(source))] if os.path.isfile(source) else None
+    if files is None:
+        raise ValueError(
+            f"sizes='manifest' reads parquet manifests (a .parquet file, a folder or glob of "
+            f".parquet shards, a list of .parquet paths); got {source!r:.80}. Use "
+            "sizes='headers' for other sources"
+        )
+    image, shards = _read_shards(files, column_map, sizes=True)
+    several = len(files) > 1
+    rejections: list[Rejection] = []
+    parts = []
+    for shard in shards:
+        for k in np.flatnonzero(pc.is_null(shard.values).to_numpy(zero_copy_only=False)):
+            row = int(shard.rows[k])
+            rejections.append(
+                Rejection(
+                    f"{shard.path}:row {row}", "no_image", f"no path or URL in column {image!r}"
+                )
+            )
+        urls = pc.fill_null(pc.match_substring_regex(shard.values, _URL), False)
+        if pc.any(urls).as_py():
+            first = pc.filter(shard.values, urls)[0].as_py()
+            raise ValueError(
+                f"{shard.path} lists URLs ({first}); sizes='manifest' reads local files only: "
+                "download them first, or scan with sizes='headers' (which fetches URLs)"
+            )
+        ok = pc.is_valid(shard.values).to_numpy(zero_copy_only=False)
+        parts.append((shard, np.flatnonzero(ok)))
+    paths = pa.concat_arrays([pc.take(s.values, k) for s, k in parts])
+    captions = pa.concat_arrays([pc.take(s.captions, k) for s, k in parts])
+    width = np.concatenate([s.width[k] for s, k in parts])
+    height = np.concatenate([s.height[k] for s, k in parts])
+    wheres = [(s.path, s.rows[k]) for s, k in parts]
+    del shards, parts  # the shards' own columns: freed before the next copies
+
+    def where(i: int) -> str:
+        for shard, rows in wheres:
+            if i < len(rows):
+                return f"{shard}:row {rows[i]}" if several else f"row {rows[i]}"
+            i -= len(rows)
+        raise IndexError(i)
+
+    first_of = _first_rows(paths)
+    keep, captions, dup = _merge_duplicates(first_of, captions)
+    for i in dup:
+        rejections.append(Rejection(paths[int(i)].as_py(), "duplicate",
+                                    f"{where(int(i))} repeats {where(int(first_of[i]))}; "
+                                    "captions merged"))  # fmt: skip
+    bad = (width <= 0) | (height <= 0)
+    for i in np.flatnonzero(bad & keep):
+        rejections.append(Rejection(paths[int(i)].as_py(), "bad_row",
+                                    f"{where(int(i))}: width/height {width[i]}x{height[i]} "
+                                    "missing or not positive"))  # fmt: skip
+    keep &= ~bad
+    if base_dir is not None:
+        base = real_base(base_dir)
+        for i in np.flatnonzero(keep):
+            path = paths[int(i)].as_py()
+            real = os.path.realpath(path)
+            if os.path.commonpath([real, base]) != base:
+                keep[i] = False
+                rejections.append(Rejection(path, "outside_base_dir",
+                                            f"{where(int(i))}: resolves to {real}, outside "
+                                            f"{base}"))  # fmt: skip
+    if keep.all():
+        return ManifestColumns(paths, captions, width, height, rejections)
+    mask = pa.array(keep)
+    return ManifestColumns(
+        pc.filter(paths, mask), pc.filter(captions, mask), width[keep], height[keep], rejections
+    )
+
+
+def _first_rows(paths: pa.Array) -> np.ndarray:
+    """For each row, the first row holding the same path."""
+    codes = pc.dictionary_encode(paths).indices.to_numpy()
+    _, first = np.unique(codes, return_index=True)
+    return first[codes]
+
+
+def _merge_duplicates(
+    first: np.ndarray, captions: pa.Array
+) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """(rows to keep, captions with each repeat's new captions appended to its first row,
+    the repeated rows), given each row's ``first`` row of the same path. A repeat's
+    caption already on the first row is not added again."""
+    rows = np.arange(len(first))
+    dup = np.flatnonzero(first != rows)
+    keep = first == rows
+    if not len(dup):
+        return keep, captions, dup
+    texts, parents = pc.list_flatten(captions), pc.list_parent_indices(captions).to_numpy()
+    target = first[parents]
+    from_repeat = target != parents
+    code = pc.dictionary_encode(texts).indices.to_numpy().astype(np.int64)
+    pair = target * (int(code.max(initial=0)) + 1) + code
+    _, first_pair = np.unique(pair, return_index=True)
+    seen_before = np.ones(len(pair), dtype=bool)
+    seen_before[first_pair] = False
+    kept = np.flatnonzero(~(from_repeat & seen_before))
+    order = kept[np.argsort(target[kept], kind="stable")]
+    counts = np.bincount(target[order], minlength=len(first))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    merged = pa.LargeListArray.from_arrays(pa.array(offsets), pc.take(texts, pa.array(order)))
+    return keep, merged, dup
+
+
+def resolve_shards(
+    files: Sequence[str],
+    column_map: dict[str, str],
+    base_dir: str | None,
+    downloader: Downloader | None,
+    download_dir: str | None,
+) -> ResolvedSource:
+    """Entries for parquet shards (read in parallel), for a scan that reads headers: local
+    paths are checked and URLs fetched like any manifest's."""
+    image, shards = _read_shards(files, column_map, sizes=False)
+    several = len(files) > 1
+    rejections: list[Rejection] = []
+    rows: list[Row] = []
+    for shard in shards:
+        values, captions = shard.values.to_pylist(), shard.captions.to_pylist()
+        for value, caps, row in zip(values, captions, shard.rows.tolist(), strict=True):
+            if value is None:
+                rejections.append(Rejection(f"{shard.path}:row {row}", "no_image",
+                                            f"no path or URL in column {image!r}"))  # fmt: skip
+            else:
+                rows.append((value, caps, f"{shard.path}:row {row}" if several else f"row {row}"))
+    entries, more = collect(rows, "/", base_dir, downloader, download_dir)
+    if not entries and not rejections and not more:
+        raise ValueError(f"{files[0]} lists no images; it needs one row per image")
+    return ResolvedSource(entries, rejections + more)
