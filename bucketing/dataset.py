@@ -85,7 +85,8 @@ class TextToImageDataset(Dataset):
     decode at a reduced DCT scale when the bucket is at most half their size (only right
     for transforms that scale the image to cover the bucket). ``max_pixels`` refuses
     decompression bombs at decode time, ``max_decode_bytes`` images whose decoding would
-    hold more memory than that (both from the header, before decoding); ``background`` is the colour behind transparency.
+    hold more memory than that (both from the header, before decoding); ``background`` is
+    the colour behind transparency.
     An assignment with upscaled rows (``assign(..., allow_upscale=True)``) needs an image
     transform that upscales: one with ``allow_upscale=False`` is refused here.
     """
@@ -131,8 +132,9 @@ class TextToImageDataset(Dataset):
                 "image_transform=BucketResizeCrop(allow_upscale=True, ...)"
             )
         self.index = index
-        self.bucket_id = np.asarray(assignment.bucket_id, dtype=np.int64)
-        self.bucket_wh = np.asarray(assignment.bucket_wh, dtype=np.int64).reshape(-1, 2)
+        # views of the assignment's arrays (no per-row copy in the dataset or its workers)
+        self.bucket_id = np.asarray(assignment.bucket_id)
+        self.bucket_wh = np.asarray(assignment.bucket_wh).reshape(-1, 2)
         self.reasons = getattr(assignment, "reasons", None)
         self.image_transform = image_transform
         self.caption_transform = caption_transform
