@@ -222,16 +222,17 @@ class TextToImageDataset(Dataset):
                 f"the file is {w}x{h} but was {scanned[0]}x{scanned[1]} when scanned: it "
                 "changed after the scan (rescan to train on it)"
             )
-        sample = {
+        identity = {
             "index": row,
             "original_index": requested,
             "substituted": row != requested,
             "occurrence": occurrence,
         }
         rng = sample_rng(self.seed, self.epoch, requested, "image", occurrence)
-        sample = self._apply(
-            "image_transform", self.image_transform, sample, image=img, bucket=wh, rng=rng
+        fitted = self._apply(
+            "image_transform", self.image_transform, identity, image=img, bucket=wh, rng=rng
         )
+        sample = {**fitted, **identity}  # which row this is stays the dataset's to say
         shape = tuple(getattr(sample.get("pixel_values"), "shape", ()))
         if shape[-2:] != (wh[1], wh[0]):
             raise ValueError(
