@@ -222,11 +222,11 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         while t < total:
             stop = min(total, t + chunk)
             rows, occurrences, bounds = rank_batches(plan, rank, t, stop)
-            # Lists are cut one at a time as they are asked for: building thousands at once
-            # (e.g. a 2-D tolist) wakes the cyclic garbage collector over and over.
             values, cuts = rows.tolist(), bounds.tolist()
             repeated = occurrences.tolist() if occurrences.any() else None
             for i in range(stop - t):
+                # SampleIndex objects are made per batch as it is asked for: making thousands at
+                # once wakes the cyclic garbage collector over and over (it tracks them).
                 a, b = cuts[i], cuts[i + 1]
                 if repeated is None:
                     batch = list(map(_FIRST, values[a:b]))
