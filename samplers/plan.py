@@ -283,7 +283,6 @@ def rank_batches(
             q, rem = np.divmod(r, plan.world_size)
             start = rank * q + np.minimum(rank, rem) + np.maximum(0, rank - r)
             first[last] = local[last] * plan.step_sizes[bucket[last]] + start
-            sizes = sizes.copy()
             sizes[last] = np.maximum(1, q + (rank < rem))
     return _units_at(plan, bucket, first, sizes)
 
