@@ -560,7 +560,7 @@ def _repeats(repeats: Any, accepted: np.ndarray) -> np.ndarray | None:
         shown = value.reshape(-1)[at]
         where = "" if value.ndim == 0 else f" at row {at}"
         raise ValueError(f"repeats must be in [0, {MAX_REPEATS}], got {shown}{where}")
-    if not np.any(np.broadcast_to(value, accepted.shape)[accepted] > 0):
+    if not np.any((value > 0) & accepted):
         raise ValueError("repeats are 0 for every accepted row: there is nothing to sample")
     return None if np.all(value == 1) else value
 
