@@ -418,6 +418,7 @@ def bucket_batch_sampler(
     *,
     max_pixels_per_batch: int | None = None,
     max_batch_size: int | None = None,
+    batching: BatchingRule | None = None,
     seed: int = 0,
     shuffle: bool = True,
     last_batch: str = "short",
@@ -427,7 +428,8 @@ def bucket_batch_sampler(
 ) -> BucketBatchSampler:
     """Builder (torchtune style: a plain function, instantiable from a YAML ``_component_``):
     the sampler for ``dataset``, read from its ``assignment`` attribute when it has one, else
-    from its ``bucket_id`` and per-row ``bucket_wh`` (a ``TextToImageDataset`` has both).
+    from its ``bucket_id`` and per-row ``bucket_wh`` (a ``TextToImageDataset`` has both). The
+    other arguments are :class:`BucketBatchSampler`'s.
 
     Example: ``DataLoader(ds, batch_sampler=bucket_batch_sampler(ds, 4), collate_fn=collate)``.
     """
@@ -444,6 +446,7 @@ def bucket_batch_sampler(
         batch_size,
         max_pixels_per_batch=max_pixels_per_batch,
         max_batch_size=max_batch_size,
+        batching=batching,
         world_size=world_size,
         rank=rank,
         seed=seed,

@@ -697,6 +697,8 @@ def test_builder_takes_a_text_to_image_dataset(examples_dir) -> None:
     used = np.unique(assignment.bucket_id[assignment.bucket_id >= 0])
     expected = BatchingRule(max_pixels_per_batch=3 * 256 * 256).batch_sizes(ladder_wh(assignment))
     assert by_pixels.batch_sizes[used].tolist() == expected[used].tolist()
+    quadratic = BatchingRule(max_pixels_per_batch=3 * 256 * 256, quadratic_pixels=256 * 256)
+    assert bucket_batch_sampler(dataset, batching=quadratic).batching == quadratic
     state = by_pixels.state_dict()
     BucketBatchSampler(assignment, max_pixels_per_batch=3 * 256 * 256,
                        last_batch="pad").load_state_dict(state)  # fmt: skip
