@@ -95,8 +95,9 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
             probability f, drawn per (seed, epoch, row), so ``len(sampler)`` may change from
             epoch to epoch (:meth:`total_steps` sums a run).
 
-    Batches are lists of :class:`SampleIndex`: ints whose ``occurrence`` is 0 for a row's first
-    occurrence in the epoch and 1, 2, ... for its repeats and padding duplicates.
+    Batches are lists of :class:`SampleIndex`: ints whose ``occurrence`` tells a row's
+    occurrences in the epoch apart (0 for a row that appears once; its repeats and padding
+    duplicates numbered 1, 2, ...); each (row, occurrence) pair appears at most once per epoch.
     ``len(sampler)`` is the number of batches the next (or running) pass yields on this rank:
     a whole epoch, or what is left of it after :meth:`load_state_dict`. Call :meth:`set_epoch`
     before each epoch. The state from :meth:`state_dict` is the same on every rank.
