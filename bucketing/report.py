@@ -487,9 +487,7 @@ def plan_figures(
         }
         for b in stats["buckets"]
     }
-    samples = sum(
-        b["steps"] * b["batch_size"] * stats["world_size"] for b in stats["buckets"]
-    )
+    samples = stats["samples"] + stats["padded"] - stats["dropped"]  # yielded, all ranks
     plan = {
         "world_size": stats["world_size"],
         "batch_size": size.get("batch_size"),

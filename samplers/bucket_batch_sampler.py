@@ -95,8 +95,9 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
             probability f, drawn per (seed, epoch, row), so ``len(sampler)`` may change from
             epoch to epoch (:meth:`total_steps` sums a run).
 
-    Batches are lists of :class:`SampleIndex`: ints whose ``occurrence`` is 0 for a row's first
-    occurrence in the epoch and 1, 2, ... for its repeats and padding duplicates.
+    Batches are lists of :class:`SampleIndex`: ints whose ``occurrence`` tells a row's
+    occurrences in the epoch apart (0 for a row that appears once; its repeats and padding
+    duplicates numbered 1, 2, ...); each (row, occurrence) pair appears at most once per epoch.
     ``len(sampler)`` is the number of batches the next (or running) pass yields on this rank:
     a whole epoch, or what is left of it after :meth:`load_state_dict`. Call :meth:`set_epoch`
     before each epoch. The state from :meth:`state_dict` is the same on every rank.
@@ -222,11 +223,11 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         while t < total:
             stop = min(total, t + chunk)
             rows, occurrences, bounds = rank_batches(plan, rank, t, stop)
-            # Lists are cut one at a time as they are asked for: building thousands at once
-            # (e.g. a 2-D tolist) wakes the cyclic garbage collector over and over.
             values, cuts = rows.tolist(), bounds.tolist()
             repeated = occurrences.tolist() if occurrences.any() else None
             for i in range(stop - t):
+                # SampleIndex objects are made per batch as it is asked for: making thousands at
+                # once wakes the cyclic garbage collector over and over (it tracks them).
                 a, b = cuts[i], cuts[i + 1]
                 if repeated is None:
                     batch = list(map(_FIRST, values[a:b]))
@@ -418,6 +419,7 @@ def bucket_batch_sampler(
     *,
     max_pixels_per_batch: int | None = None,
     max_batch_size: int | None = None,
+    batching: BatchingRule | None = None,
     seed: int = 0,
     shuffle: bool = True,
     last_batch: str = "short",
@@ -427,7 +429,8 @@ def bucket_batch_sampler(
 ) -> BucketBatchSampler:
     """Builder (torchtune style: a plain function, instantiable from a YAML ``_component_``):
     the sampler for ``dataset``, read from its ``assignment`` attribute when it has one, else
-    from its ``bucket_id`` and per-row ``bucket_wh`` (a ``TextToImageDataset`` has both).
+    from its ``bucket_id`` and per-row ``bucket_wh`` (a ``TextToImageDataset`` has both). The
+    other arguments are :class:`BucketBatchSampler`'s.
 
     Example: ``DataLoader(ds, batch_sampler=bucket_batch_sampler(ds, 4), collate_fn=collate)``.
     """
@@ -444,6 +447,7 @@ def bucket_batch_sampler(
         batch_size,
         max_pixels_per_batch=max_pixels_per_batch,
         max_batch_size=max_batch_size,
+        batching=batching,
         world_size=world_size,
         rank=rank,
         seed=seed,
@@ -560,7 +564,7 @@ def _repeats(repeats: Any, accepted: np.ndarray) -> np.ndarray | None:
         shown = value.reshape(-1)[at]
         where = "" if value.ndim == 0 else f" at row {at}"
         raise ValueError(f"repeats must be in [0, {MAX_REPEATS}], got {shown}{where}")
-    if not np.any(np.broadcast_to(value, accepted.shape)[accepted] > 0):
+    if not np.any((value > 0) & accepted):
         raise ValueError("repeats are 0 for every accepted row: there is nothing to sample")
     return None if np.all(value == 1) else value
 

@@ -207,18 +207,23 @@ def make_layout(
     each), a 0-d array (every row) or one value per dataset row."""
     if repeats is None:
         return Layout(members, None, np.asarray(offsets, dtype=np.int64))
-    per_member = repeats if repeats.ndim == 0 else repeats[members]
-    whole = np.floor(per_member)
-    counts = np.broadcast_to(whole, members.shape).astype(np.int64)
-    frac = np.broadcast_to(per_member - whole, members.shape)
-    drawn = np.flatnonzero(frac > 0)
-    if drawn.size:
-        key = int(_key_state(seed, epoch, _STREAM_REPEATS, 1)[0])
+    if repeats.ndim == 0:
+        frac = np.broadcast_to(repeats - np.floor(repeats), members.shape)
+        counts = np.full(len(members), int(repeats), dtype=np.int32)
+    else:  # temporaries: one float64 and one int32 per member
+        frac = repeats[members]
+        counts = frac.astype(np.int32)  # floor: repeats are >= 0
+        frac -= counts
+    key = int(_key_state(seed, epoch, _STREAM_REPEATS, 1)[0])
+    for i in range(0, len(members), _GROUP_CHUNK):  # in chunks: bounded temporaries
+        drawn = np.flatnonzero(frac[i : i + _GROUP_CHUNK] > 0) + i
         counts[drawn] += uniform(members[drawn], key) < frac[drawn]
-    ends = np.cumsum(counts)
-    ends = ends.astype(_index_dtype(int(ends[-1]) if len(ends) else 0), copy=False)
-    starts = np.concatenate([[0], ends.astype(np.int64)])
-    return Layout(members, ends, starts[np.asarray(offsets, dtype=np.int64)])
+    del frac
+    ends = np.cumsum(counts, dtype=_index_dtype(int(counts.sum(dtype=np.int64))))
+    del counts
+    offsets = np.asarray(offsets, dtype=np.int64)
+    starts = np.where(offsets > 0, ends[np.maximum(offsets - 1, 0)] if len(ends) else 0, 0)
+    return Layout(members, ends, starts.astype(np.int64))
 
 
 def make_plan(
@@ -283,7 +288,6 @@ def rank_batches(
             q, rem = np.divmod(r, plan.world_size)
             start = rank * q + np.minimum(rank, rem) + np.maximum(0, rank - r)
             first[last] = local[last] * plan.step_sizes[bucket[last]] + start
-            sizes = sizes.copy()
             sizes[last] = np.maximum(1, q + (rank < rem))
     return _units_at(plan, bucket, first, sizes)
 

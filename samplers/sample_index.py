@@ -8,10 +8,12 @@ from typing import Any
 class SampleIndex(int):
     """An ``int`` (a valid row number for any map-style dataset) with an ``occurrence``.
 
-    ``occurrence`` is 0 for a row's first occurrence in the epoch and 1, 2, ... for its
-    repeats and padding duplicates, so a dataset can key each occurrence's random draws (crop,
-    flip, caption) by it: ``getattr(i, "occurrence", 0)`` also accepts plain ints. Equality,
-    hashing and arithmetic are the int's; the occurrence survives pickling (DataLoader workers).
+    ``occurrence`` numbers the occurrences of a row within an epoch: 0 for a row that appears
+    once, 0 .. c - 1 for its c repeats, and on from c for padding duplicates (the numbers tell
+    occurrences apart; they need not follow the order of the steps). A dataset keys each
+    occurrence's random draws (crop, flip, caption) by it; ``getattr(i, "occurrence", 0)``
+    also accepts plain ints. Equality, hashing and arithmetic are the int's; the occurrence
+    survives pickling (DataLoader workers).
     """
 
     occurrence: int = 0  # the class default: most indices are first occurrences
