@@ -41,7 +41,9 @@ class Assignment:
     ``bucket_id`` is -1 and ``bucket_wh`` (0, 0) where rejected, with ``reasons[i]`` saying
     why ("too_small", "extreme_aspect", "too_large"); ``scale``, ``crop_loss`` and
     ``resolution_loss`` are NaN there. ``upscaled`` marks images given a bucket larger than
-    themselves (only with ``allow_upscale=True``); their resolution loss is 0.
+    themselves (only with ``allow_upscale=True``); their resolution loss is 0. ``extreme``
+    marks images more elongated than ``ladder.max_aspect``: cropped into the most elongated
+    fitting bucket, or rejected "extreme_aspect" with ``on_extreme="reject"``.
     """
 
     bucket_id: np.ndarray
@@ -52,6 +54,7 @@ class Assignment:
     upscaled: np.ndarray
     ladder: BucketLadder
     reasons: np.ndarray
+    extreme: np.ndarray
 
     def __len__(self) -> int:
         return len(self.bucket_id)
@@ -120,14 +123,15 @@ def assign(
         big = too_large[sl]  # searched as 1x1 (and skipped): w * h could overflow int64
         w, h = np.where(big, 1, width[sl]), np.where(big, 1, height[sl])
         aspect = w / h
-        if on_extreme == "reject":
-            extreme[sl] = (aspect > ladder.max_aspect) | (aspect < 1.0 / ladder.max_aspect)
-        best_id[sl] = _search(tables, w, h, aspect, extreme[sl] | big)
+        extreme[sl] = (aspect > ladder.max_aspect) | (aspect < 1.0 / ladder.max_aspect)
+        skip = big | extreme[sl] if on_extreme == "reject" else big
+        best_id[sl] = _search(tables, w, h, aspect, skip)
 
     reasons = np.full(n, None, dtype=object)
-    reasons[extreme] = "extreme_aspect"
+    refused = too_large | (extreme if on_extreme == "reject" else False)
+    reasons[extreme & refused] = "extreme_aspect"
     reasons[too_large] = "too_large"
-    unfit = ~extreme & ~too_large & (best_id < 0)
+    unfit = ~refused & (best_id < 0)
     upscaled = np.zeros(n, dtype=bool)
     if allow_upscale:
         best_id[unfit] = _nearest_in_level(ladder, 0, width[unfit] / height[unfit])
@@ -136,7 +140,7 @@ def assign(
         reasons[unfit] = "too_small"
     if min_bucket_size is not None:
         _merge_small(ladder, width, height, best_id, upscaled, min_bucket_size, max_crop_loss)
-    return _result(ladder, width, height, best_id, upscaled, reasons)
+    return _result(ladder, width, height, best_id, upscaled, reasons, extreme)
 
 
 # -- the search -------------------------------------------------------------------------
@@ -343,7 +347,7 @@ def _merge_small(
 
 def _result(
     ladder: BucketLadder, width: np.ndarray, height: np.ndarray, best_id: np.ndarray,
-    upscaled: np.ndarray, reasons: np.ndarray,
+    upscaled: np.ndarray, reasons: np.ndarray, extreme: np.ndarray,
 ) -> Assignment:
     n = len(best_id)
     # Row -1 of the padded table is (0, 0): rejected images need no mask.
@@ -364,4 +368,4 @@ def _result(
         for out in (scale, crop, res):
             out[sl][rejected] = np.nan
     res[upscaled] = 0.0
-    return Assignment(best_id, wh, scale, crop, res, upscaled.copy(), ladder, reasons)
+    return Assignment(best_id, wh, scale, crop, res, upscaled.copy(), ladder, reasons, extreme)

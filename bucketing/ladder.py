@@ -220,9 +220,9 @@ class BucketLadder:
         their next best bucket) goes, until the budget holds; buckets no image would take are
         left out. Losing an image costs more than all losses together, so every image ``base``
         fits keeps a bucket while the budget allows (tight budgets favour small buckets, which
-        fit more images). Sizes are grouped by their floor to ``multiple``
-        (which keeps the set of fitting buckets), and to coarser multiples beyond 8192
-        distinct groups. Deterministic. The result keeps ``base``'s ``max_area``,
+        fit more images). Beyond 8192 distinct sizes, sizes are grouped by their floor
+        to ``multiple`` (which keeps the set of fitting buckets), then to coarser multiples.
+        Deterministic. The result keeps ``base``'s ``max_area``,
         ``multiple`` and ``model``."""
         if max_buckets < 1:
             raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
@@ -230,13 +230,13 @@ class BucketLadder:
             base = cls.for_model(base)
         width, height = image_sizes(sizes)
         ok = (width <= MAX_SIDE) & (height <= MAX_SIDE)
-        width, height, q = width[ok], height[ok], base.multiple
+        width, height, q = width[ok], height[ok], 1
         while True:
             groups, weight = np.unique(np.stack([width // q, height // q], axis=1) * q,
                                        axis=0, return_counts=True)
             if len(groups) <= _FIT_GROUPS:
                 break
-            q *= 2
+            q = base.multiple if q == 1 else 2 * q
         w, h = groups[:, :1].astype(np.float64), groups[:, 1:].astype(np.float64)
         bw, bh = (base.buckets[None, :, i].astype(np.float64) for i in (0, 1))
         cap = np.minimum(w * h, base.max_area)

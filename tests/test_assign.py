@@ -176,6 +176,7 @@ def test_upscale_and_extreme() -> None:
     assert crop.crop_loss[0] == pytest.approx(0.5)
     rej = assign(sizes, flux, on_extreme="reject")
     assert rej.reasons.tolist() == ["extreme_aspect", "extreme_aspect", None]
+    assert crop.extreme.tolist() == rej.extreme.tolist() == [True, True, False]
 
 
 @pytest.mark.parametrize("on_extreme", ["crop", "reject"])
