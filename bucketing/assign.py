@@ -11,7 +11,7 @@ of a level are one contiguous run in aspect order around the image's aspect: loo
 (the vectorised form of three ``searchsorted`` calls) find the run and the image's place in
 it, and only ``ladder.search_window`` neighbours on each side are scored (the ladder proves
 that is enough). An image more elongated than every bucket of a level takes that level's
-most elongated fitting bucket. Levels are visited from the largest that could fit down, and
+most elongated fitting bucket. Levels are visited from the largest where a bucket fits down, and
 an image stops as soon as a lower level cannot beat its best (its resolution loss alone
 would be worse). Work is done in cache-sized chunks; no N x K matrix is ever built.
 """
@@ -121,7 +121,9 @@ def assign(
     for lo in range(0, n, _CHUNK):
         sl = slice(lo, lo + _CHUNK)
         big = too_large[sl]  # searched as 1x1 (and skipped): w * h could overflow int64
-        w, h = np.where(big, 1, width[sl]), np.where(big, 1, height[sl])
+        w, h = width[sl], height[sl]
+        if big.any():
+            w, h = np.where(big, 1, w), np.where(big, 1, h)
         aspect = w / h
         extreme[sl] = (aspect > ladder.max_aspect) | (aspect < 1.0 / ladder.max_aspect)
         skip = big | extreme[sl] if on_extreme == "reject" else big
@@ -220,6 +222,14 @@ def _search(
     # suffix minimum makes the level minima non-decreasing, so one searchsorted finds it).
     level = np.searchsorted(tb.min_area_from, area, side="right") - 1
     level[skip] = -1
+    # Then down past the levels where no bucket fits (two table lookups instead of a score).
+    rows = np.flatnonzero(level >= 0)
+    while len(rows):
+        at = level[rows] * (tb.side + 1)
+        rows = rows[tb.lo[at + np.minimum(height[rows], tb.side)]
+                    > tb.hi[at + np.minimum(width[rows], tb.side)]]
+        level[rows] -= 1
+        rows = rows[level[rows] >= 0]
     best_f, best_id, best_a = _score_level(tb, width, height, aspect, cap, level)
     rows = np.flatnonzero(level >= 0)
     while len(rows):
