@@ -280,18 +280,25 @@ def image_sizes(
     index_or_sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]],
 ) -> tuple[np.ndarray, np.ndarray]:
     """(width, height) int64 arrays from an :class:`~bucketing.index.ImageIndex`, an (N, 2)
-    array or a sequence of (w, h). A ValueError names the first size that is not positive or
-    not an integer below 2**63; sides above ``MAX_SIDE`` are left for the caller to reject."""
+    array or a sequence of (w, h). Sizes that are not whole numbers (1.5, NaN, text) are a
+    ValueError, and so is the first size that is not positive; sides above ``MAX_SIDE``
+    (whatever their magnitude, clipped to 2**62) are left for the caller to reject."""
     width = getattr(index_or_sizes, "width", None)
     height = getattr(index_or_sizes, "height", None)
     if width is not None and height is not None:
         width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
     else:
         try:
-            arr = np.asarray(index_or_sizes, dtype=np.int64)
+            arr = np.asarray(index_or_sizes)
+            if arr.dtype == object:  # Python ints beyond int64 (exact below 2**53)
+                arr = arr.astype(np.float64)
+            if arr.dtype.kind == "f":  # whole numbers only; a huge one stays too large
+                if not (np.isfinite(arr) & (arr == np.trunc(arr))).all():
+                    raise ValueError("a size is not a whole number of pixels")
+                arr = np.minimum(arr, 2.0**62)
+            arr = arr.astype(np.int64)
         except (OverflowError, TypeError, ValueError) as e:
-            raise ValueError(f"sizes must be integer (width, height) pairs below 2**63: {e}")\
-                from None
+            raise ValueError(f"sizes must be whole numbers of pixels: {e}") from None
         if arr.size == 0:
             arr = arr.reshape(0, 2)
         if arr.ndim != 2 or arr.shape[1] != 2:
