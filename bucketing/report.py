@@ -683,7 +683,7 @@ def preview_tiles(
                 original=np.asarray(original),
                 box=(x * kx, y * ky, (x + bw) * kx, (y + bh) * ky),
                 model_input=sample["pixel_values"].permute(1, 2, 0).numpy(),
-                title=f"{_fit(os.path.basename(index.paths[used]) or f'row {used}', 30)}\n"
+                title=f"{_fit(escape(os.path.basename(index.paths[used])) or f'row {used}', 30)}\n"
                 f"{width}x{height}",
                 caption=sample["caption"],
                 flipped=bool(sample["flipped"]),
