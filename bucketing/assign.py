@@ -11,7 +11,7 @@ of a level are one contiguous run in aspect order around the image's aspect: loo
 (the vectorised form of three ``searchsorted`` calls) find the run and the image's place in
 it, and only ``ladder.search_window`` neighbours on each side are scored (the ladder proves
 that is enough). An image more elongated than every bucket of a level takes that level's
-most elongated fitting bucket. Levels are visited from the largest that could fit down, and
+most elongated fitting bucket. Levels are visited from the largest where a bucket fits down, and
 an image stops as soon as a lower level cannot beat its best (its resolution loss alone
 would be worse). Work is done in cache-sized chunks; no N x K matrix is ever built.
 """
@@ -41,7 +41,9 @@ class Assignment:
     ``bucket_id`` is -1 and ``bucket_wh`` (0, 0) where rejected, with ``reasons[i]`` saying
     why ("too_small", "extreme_aspect", "too_large"); ``scale``, ``crop_loss`` and
     ``resolution_loss`` are NaN there. ``upscaled`` marks images given a bucket larger than
-    themselves (only with ``allow_upscale=True``); their resolution loss is 0.
+    themselves (only with ``allow_upscale=True``); their resolution loss is 0. ``extreme``
+    marks images more elongated than ``ladder.max_aspect``: cropped into the most elongated
+    fitting bucket, or rejected "extreme_aspect" with ``on_extreme="reject"``.
     """
 
     bucket_id: np.ndarray
@@ -52,6 +54,7 @@ class Assignment:
     upscaled: np.ndarray
     ladder: BucketLadder
     reasons: np.ndarray
+    extreme: np.ndarray
 
     def __len__(self) -> int:
         return len(self.bucket_id)
@@ -118,16 +121,19 @@ def assign(
     for lo in range(0, n, _CHUNK):
         sl = slice(lo, lo + _CHUNK)
         big = too_large[sl]  # searched as 1x1 (and skipped): w * h could overflow int64
-        w, h = np.where(big, 1, width[sl]), np.where(big, 1, height[sl])
+        w, h = width[sl], height[sl]
+        if big.any():
+            w, h = np.where(big, 1, w), np.where(big, 1, h)
         aspect = w / h
-        if on_extreme == "reject":
-            extreme[sl] = (aspect > ladder.max_aspect) | (aspect < 1.0 / ladder.max_aspect)
-        best_id[sl] = _search(tables, w, h, aspect, extreme[sl] | big)
+        extreme[sl] = (aspect > ladder.max_aspect) | (aspect < 1.0 / ladder.max_aspect)
+        skip = big | extreme[sl] if on_extreme == "reject" else big
+        best_id[sl] = _search(tables, w, h, aspect, skip)
 
     reasons = np.full(n, None, dtype=object)
-    reasons[extreme] = "extreme_aspect"
+    refused = too_large | (extreme if on_extreme == "reject" else False)
+    reasons[extreme & refused] = "extreme_aspect"
     reasons[too_large] = "too_large"
-    unfit = ~extreme & ~too_large & (best_id < 0)
+    unfit = ~refused & (best_id < 0)
     upscaled = np.zeros(n, dtype=bool)
     if allow_upscale:
         best_id[unfit] = _nearest_in_level(ladder, 0, width[unfit] / height[unfit])
@@ -136,7 +142,7 @@ def assign(
         reasons[unfit] = "too_small"
     if min_bucket_size is not None:
         _merge_small(ladder, width, height, best_id, upscaled, min_bucket_size, max_crop_loss)
-    return _result(ladder, width, height, best_id, upscaled, reasons)
+    return _result(ladder, width, height, best_id, upscaled, reasons, extreme)
 
 
 # -- the search -------------------------------------------------------------------------
@@ -216,6 +222,14 @@ def _search(
     # suffix minimum makes the level minima non-decreasing, so one searchsorted finds it).
     level = np.searchsorted(tb.min_area_from, area, side="right") - 1
     level[skip] = -1
+    # Then down past the levels where no bucket fits (two table lookups instead of a score).
+    rows = np.flatnonzero(level >= 0)
+    while len(rows):
+        at = level[rows] * (tb.side + 1)
+        rows = rows[tb.lo[at + np.minimum(height[rows], tb.side)]
+                    > tb.hi[at + np.minimum(width[rows], tb.side)]]
+        level[rows] -= 1
+        rows = rows[level[rows] >= 0]
     best_f, best_id, best_a = _score_level(tb, width, height, aspect, cap, level)
     rows = np.flatnonzero(level >= 0)
     while len(rows):
@@ -343,7 +357,7 @@ def _merge_small(
 
 def _result(
     ladder: BucketLadder, width: np.ndarray, height: np.ndarray, best_id: np.ndarray,
-    upscaled: np.ndarray, reasons: np.ndarray,
+    upscaled: np.ndarray, reasons: np.ndarray, extreme: np.ndarray,
 ) -> Assignment:
     n = len(best_id)
     # Row -1 of the padded table is (0, 0): rejected images need no mask.
@@ -364,4 +378,4 @@ def _result(
         for out in (scale, crop, res):
             out[sl][rejected] = np.nan
     res[upscaled] = 0.0
-    return Assignment(best_id, wh, scale, crop, res, upscaled.copy(), ladder, reasons)
+    return Assignment(best_id, wh, scale, crop, res, upscaled.copy(), ladder, reasons, extreme)

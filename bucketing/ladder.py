@@ -215,28 +215,28 @@ class BucketLadder:
         these image sizes (an index, an (N, 2) array or (w, h) pairs).
 
         Every image is scored against every bucket of ``base`` that fits inside it with
-        :func:`bucketing.assign`'s objective (crop loss + resolution loss). Starting from all
-        of ``base``, the bucket whose removal adds the least total loss (its images moving to
-        their next best bucket) goes, until the budget holds; buckets no image would take are
-        left out. Losing an image costs more than all losses together, so every image ``base``
-        fits keeps a bucket while the budget allows (tight budgets favour small buckets, which
-        fit more images). Sizes are grouped by their floor to ``multiple``
-        (which keeps the set of fitting buckets), and to coarser multiples beyond 8192
-        distinct groups. Deterministic. The result keeps ``base``'s ``max_area``,
-        ``multiple`` and ``model``."""
+        :func:`bucketing.assign`'s objective (crop loss + resolution loss). When the images'
+        own best buckets fit the budget, those are the ladder; otherwise buckets are added one
+        at a time, each the one that lowers the total loss most (greedy facility location),
+        and those no image would take are left out. Losing an image costs more than all
+        losses together, so every image ``base`` fits keeps a bucket while the budget allows
+        (the first buckets are small ones that fit many images). Beyond 8192 distinct sizes,
+        sizes are grouped by their floor to ``multiple`` (which keeps the set of fitting
+        buckets), then to coarser multiples. Deterministic. The result keeps ``base``'s
+        ``max_area``, ``multiple`` and ``model``."""
         if max_buckets < 1:
             raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
         if isinstance(base, str):
             base = cls.for_model(base)
         width, height = image_sizes(sizes)
         ok = (width <= MAX_SIDE) & (height <= MAX_SIDE)
-        width, height, q = width[ok], height[ok], base.multiple
+        width, height, q = width[ok], height[ok], 1
         while True:
             groups, weight = np.unique(np.stack([width // q, height // q], axis=1) * q,
                                        axis=0, return_counts=True)
             if len(groups) <= _FIT_GROUPS:
                 break
-            q *= 2
+            q = base.multiple if q == 1 else 2 * q
         w, h = groups[:, :1].astype(np.float64), groups[:, 1:].astype(np.float64)
         bw, bh = (base.buckets[None, :, i].astype(np.float64) for i in (0, 1))
         cap = np.minimum(w * h, base.max_area)
@@ -280,18 +280,25 @@ def image_sizes(
     index_or_sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]],
 ) -> tuple[np.ndarray, np.ndarray]:
     """(width, height) int64 arrays from an :class:`~bucketing.index.ImageIndex`, an (N, 2)
-    array or a sequence of (w, h). A ValueError names the first size that is not positive or
-    not an integer below 2**63; sides above ``MAX_SIDE`` are left for the caller to reject."""
+    array or a sequence of (w, h). Sizes that are not whole numbers (1.5, NaN, text) are a
+    ValueError, and so is the first size that is not positive; sides above ``MAX_SIDE``
+    (whatever their magnitude, clipped to 2**62) are left for the caller to reject."""
     width = getattr(index_or_sizes, "width", None)
     height = getattr(index_or_sizes, "height", None)
     if width is not None and height is not None:
         width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
     else:
         try:
-            arr = np.asarray(index_or_sizes, dtype=np.int64)
+            arr = np.asarray(index_or_sizes)
+            if arr.dtype == object:  # Python ints beyond int64 (exact below 2**53)
+                arr = arr.astype(np.float64)
+            if arr.dtype.kind == "f":  # whole numbers only; a huge one stays too large
+                if not (np.isfinite(arr) & (arr == np.trunc(arr))).all():
+                    raise ValueError("a size is not a whole number of pixels")
+                arr = np.minimum(arr, 2.0**62)
+            arr = arr.astype(np.int64)
         except (OverflowError, TypeError, ValueError) as e:
-            raise ValueError(f"sizes must be integer (width, height) pairs below 2**63: {e}")\
-                from None
+            raise ValueError(f"sizes must be whole numbers of pixels: {e}") from None
         if arr.size == 0:
             arr = arr.reshape(0, 2)
         if arr.ndim != 2 or arr.shape[1] != 2:
@@ -319,34 +326,27 @@ _FIT_GROUPS = 8192  # distinct size groups from_data scores against every bucket
 
 
 def _budget(loss: np.ndarray, weight: np.ndarray, max_buckets: int) -> np.ndarray:
-    """Ascending ids of the buckets kept: greedy removal of the bucket whose images lose the
-    least by moving to their next best, until ``max_buckets`` remain; then only buckets that
-    are some group's best. ``loss``: (groups, K), inf where a bucket does not fit."""
-    n, k = loss.shape
-    # Column k: no bucket (never removed), dearer than every loss together (each is < 2).
-    live = np.hstack([loss, np.full((n, 1), 2.0 * weight.sum() + 2.0)])
-    rows = np.arange(n)
-    best, second = _two_smallest(live)
-    alive = np.ones(k, dtype=bool)
-    for _ in range(k - max_buckets):
-        cost = np.bincount(best, weights=weight * (live[rows, second] - live[rows, best]),
-                           minlength=k + 1)[:k]
-        b = int(np.argmin(np.where(alive, cost, np.inf)))
-        alive[b] = False
-        live[:, b] = np.inf
-        hit = np.flatnonzero((best == b) | (second == b))
-        best[hit], second[hit] = _two_smallest(live[hit])
-    used = np.bincount(best, minlength=k + 1)[:k] > 0
-    return np.flatnonzero(used & alive)
-
-
-def _two_smallest(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column of the smallest and of the second smallest value of each row of ``m``."""
-    part = np.argpartition(m, 1, axis=1)[:, :2]
-    v = np.take_along_axis(m, part, axis=1)
-    swap = v[:, 1] < v[:, 0]
-    part[swap] = part[swap][:, ::-1]
-    return part[:, 0].copy(), part[:, 1].copy()
+    """Ascending ids of the buckets kept for groups of images with ``loss`` (groups, K; inf
+    where a bucket does not fit) and ``weight`` (images per group). Within the budget, every
+    group's best bucket; beyond, greedy facility location: starting from no bucket (every
+    image lost, dearer than all losses together), add the bucket that lowers the total loss
+    most, ``max_buckets`` times; keep those that are some group's best."""
+    fits = np.isfinite(loss).any(axis=1)
+    own = np.unique(np.argmin(loss, axis=1)[fits])
+    if len(own) <= max_buckets:
+        return own
+    cur = np.full(len(loss), 2.0 * weight.sum() + 2.0)
+    chosen: list[int] = []
+    for _ in range(max_buckets):
+        gain = weight @ np.maximum(cur[:, None] - loss, 0.0)
+        b = int(np.argmax(gain))
+        if gain[b] <= 0.0:
+            break
+        chosen.append(b)
+        cur = np.minimum(cur, loss[:, b])
+    keep = np.asarray(chosen, dtype=np.int64)
+    sub = loss[:, keep]
+    return np.unique(keep[np.argmin(sub, axis=1)[np.isfinite(sub).any(axis=1)]])
 
 
 def _level_buckets(area: int, multiple: int, step: int, max_aspect: float) -> np.ndarray:

@@ -2,9 +2,16 @@
 
 Runs the real pipeline front half — scan, assign, plan one sampler epoch — and reports
 files accepted and rejected (by reason), the ladder, per-bucket occupancy and padding,
-crop / resolution loss, the sampler's plan for a world size, and caption statistics.
-Readable by people (a terminal-width text report) and by scripts (``--json``, a
-versioned schema, see :data:`SCHEMA_VERSION`); ``--plot`` and ``--preview`` draw PNGs.
+crop / resolution loss, the sampler's plan for a world size, caption statistics, and
+advice (with the setting that fixes it) when most of an epoch would be padding or many
+buckets hold one image. Readable by people (a terminal-width text report, file names with
+control characters escaped) and by scripts (``--json``, exact, a versioned schema, see
+:data:`SCHEMA_VERSION`); ``--plot`` and ``--preview`` draw PNGs. Every output path is
+checked before the scan: its folder must exist and be writable, and only a regular file
+that is not the source is ever replaced.
+
+The report reads what the other layers know: bucket counts from ``Assignment.counts``,
+extreme aspects from ``Assignment.extreme``, the sampler's ``stats()`` keys as they are.
 
 The work is split into small pure steps: :func:`gather` turns the pipeline's results
 into one plain dict (exactly the JSON object), :func:`render_text` formats that dict,
@@ -19,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import sys
 import textwrap
 import time
@@ -27,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 import numpy as np
+from PIL import Image
 
 from bucketing import report_plots
 from bucketing.assign import assign
@@ -41,7 +50,7 @@ from transforms.image import load_image
 from transforms.resize_crop import BucketResizeCrop, resized_size
 from transforms.tokenize import CLIP_MAX_LENGTH, FluxTokenizer, load_clip_tokenizer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EXAMPLES_PER_REASON = 3
 NOTICE_REASONS = frozenset({"duplicate", "unreadable_caption"})
 """Scan rejections that drop no image: a repeated manifest row or folder link (its captions
@@ -142,10 +151,11 @@ def file_figures(rows: list[dict[str, Any]], details: list[str]) -> dict[str, An
     }
 
 
-def ladder_figures(ladder: Any, model: str | None) -> dict[str, Any]:
-    """The ladder's configuration and its full bucket list (w, h)."""
+def ladder_figures(ladder: Any) -> dict[str, Any]:
+    """The ladder's configuration (``model``: its preset, None for a custom ladder) and its
+    full bucket list (w, h)."""
     return {
-        "model": model,
+        "model": ladder.model,
         "levels": [int(v) for v in ladder.levels],
         "max_area": int(ladder.max_area),
         "multiple": int(ladder.multiple),
@@ -154,18 +164,14 @@ def ladder_figures(ladder: Any, model: str | None) -> dict[str, Any]:
     }
 
 
-def quality_figures(index: Any, assignment: Any, max_aspect: float) -> dict[str, Any]:
+def quality_figures(assignment: Any) -> dict[str, Any]:
     """Crop and resolution loss over accepted images; upscaled and extreme-aspect counts."""
-    ok = np.asarray(assignment.bucket_id) >= 0
-    w = np.asarray(index.width, dtype=np.float64)
-    h = np.asarray(index.height, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        aspect = np.maximum(w / h, h / w)
+    ok = assignment.accepted
     return {
-        "crop_loss": summarize(np.asarray(assignment.crop_loss)[ok]),
-        "resolution_loss": summarize(np.asarray(assignment.resolution_loss)[ok]),
-        "upscaled": int(np.count_nonzero(np.asarray(assignment.upscaled)[ok])),
-        "extreme_aspect": int(np.count_nonzero(aspect > max_aspect)),
+        "crop_loss": summarize(assignment.crop_loss[ok]),
+        "resolution_loss": summarize(assignment.resolution_loss[ok]),
+        "upscaled": int(np.count_nonzero(assignment.upscaled[ok])),
+        "extreme_aspect": int(np.count_nonzero(assignment.extreme)),
     }
 
 
@@ -206,16 +212,34 @@ def _fit(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1) :]
 
 
+# Characters that would act on a terminal instead of being shown: C0 and C1 controls (ESC
+# starts ANSI/OSC sequences, a newline could forge a report line), DEL, line and paragraph
+# separators and the bidirectional overrides that reorder what follows them.
+_UNSAFE = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, 0x200E, 0x200F,
+           *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_ESCAPES = str.maketrans({
+    c: {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(c, f"\\x{c:02x}" if c < 0x100 else
+                                                    f"\\u{c:04x}")
+    for c in _UNSAFE
+})
+
+
+def escape(text: str) -> str:
+    """``text`` safe to print: control, line-separator and bidi characters as ``\\n``,
+    ``\\x1b``, ``\\u202e``...; undecodable bytes of non-UTF-8 names as U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").translate(_ESCAPES)
+
+
 def _shown(path: str) -> str:
-    """A path for people: relative to the working folder when inside it; undecodable bytes
-    of non-UTF-8 names shown as U+FFFD (the JSON keeps them exactly)."""
+    """A path for people: relative to the working folder when inside it, escaped (the JSON
+    keeps it exactly)."""
     if os.path.isabs(path):
         try:
             rel = os.path.relpath(path)
             path = rel if not rel.startswith(os.pardir) else path
         except ValueError:  # another drive on Windows
             pass
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return escape(path)
 
 
 def _plural(n: int, word: str) -> str:
@@ -228,9 +252,9 @@ def _files_lines(files: dict[str, Any], width: int) -> list[str]:
         f"{files['rejected']} rejected"
     ]
     for reason, entry in files["rejections"].items():
-        lines.append(f"  {reason:<18} {entry['count']:>6}")
+        lines.append(f"  {escape(reason):<18} {entry['count']:>6}")
         for ex in entry["examples"]:
-            detail = f"  ({ex['detail']})" if ex["detail"] else ""
+            detail = f"  ({escape(ex['detail'])})" if ex["detail"] else ""
             lines.append("      " + _fit(_shown(ex["path"]) + detail, width - 6))
     return lines
 
@@ -277,7 +301,7 @@ def _bucket_lines(figures: dict[str, Any], width: int) -> list[str]:
         flag = " !" if b["underfilled"] else "  "
         lines.append(
             f"{flag}{b['width']:>5}x{b['height']:<5} {b['aspect']:>6.2f} {b['images']:>7} "
-            f"{_pct(b['share']):>6} {b['batch_size']:>7} {b['global_steps']:>6} "
+            f"{_pct(b['share']):>6} {b['batch_size']:>7} {b['steps']:>6} "
             f"{b['padded']:>6} {bar}"
         )
     thin = [b for b in buckets if b["underfilled"]]
@@ -311,11 +335,18 @@ def _quality_lines(q: dict[str, Any], max_aspect: float) -> list[str]:
 
 
 def _plan_lines(plan: dict[str, Any]) -> list[str]:
+    images = plan["accepted"] - plan["dropped"]
     return [
-        f"Plan       {plan['steps_per_rank']} steps per rank per epoch · "
-        f"{plan['samples_per_epoch']} samples per epoch · "
-        f"{_plural(plan['padded'], 'padded duplicate')} · {plan['dropped']} dropped"
+        f"Plan       {plan['steps']} steps per rank per epoch · "
+        f"{images + plan['padded']} samples per epoch ({_plural(images, 'image')} + "
+        f"{_plural(plan['padded'], 'padded duplicate')}) · {plan['dropped']} dropped"
     ]
+
+
+def _advice_lines(advice: dict[str, Any]) -> list[str]:
+    lines = [f"Advice   ! {p}" if not i else f"         ! {p}"
+             for i, p in enumerate(advice["problems"])]
+    return [*lines, f"           fix: {advice['fix']}"]
 
 
 def _caption_lines(c: dict[str, Any]) -> list[str]:
@@ -351,6 +382,8 @@ def render_text(figures: dict[str, Any], width: int = 100) -> str:
     ]
     if figures["plan"] is not None and figures["buckets"]:
         parts.append(_plan_lines(figures["plan"]))
+    if figures["advice"]:
+        parts.append(_advice_lines(figures["advice"]))
     parts.append(_caption_lines(figures["captions"]))
     text = "\n\n".join("\n".join(p) for p in parts)
     return "\n".join(_wrap(line, width) for line in text.split("\n")) + "\n"
@@ -432,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
     p.add_argument("--levels", type=_positive_int, nargs="+", metavar="SIDE",
                    help="level sides, e.g. --levels 512 768 1024 (areas 512², 768², 1024²)")
+    p.add_argument("--max-buckets", type=_positive_int, metavar="K",
+                   help="keep the K buckets of the preset that suit this data best "
+                   "(BucketLadder.from_data)")
+    p.add_argument("--min-bucket-size", type=_positive_int, metavar="N",
+                   help="merge buckets of fewer than N images into their neighbours")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--batch-size", type=_positive_int, metavar="B",
                       help="per-rank batch size (default: 1)")
@@ -460,13 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_figures(
     assignment: Any, args: argparse.Namespace
-) -> tuple[dict[str, Any] | None, dict[int, dict[str, int]]]:
-    """Build the real sampler (``samplers.BucketBatchSampler``, rank 0); read its epoch plan.
-
-    Returns the epoch figures and, per bucket id, ``batch_size`` (per rank),
-    ``global_steps``, ``padded`` and ``dropped``; ``(None, {})`` when nothing was accepted.
-    """
-    if not np.any(np.asarray(assignment.bucket_id) >= 0):
+) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
+    """Build the real sampler (``samplers.BucketBatchSampler``, rank 0) and read its
+    ``stats()``: the epoch figures (its keys as they are, with the report's batch settings
+    and seed) and, per bucket id, its per-bucket figures (``batch_size``, ``steps``,
+    ``padded``, ``dropped``, ...); ``(None, {})`` when nothing was accepted."""
+    if not assignment.accepted.any():
         return None, {}
     size = (
         {"batch_size": args.batch_size or 1}
@@ -478,28 +515,44 @@ def plan_figures(
         seed=args.seed, drop_last=args.drop_last,
     )
     stats = sampler.stats()
+    # "bucket", "wh" and "count" repeat the report's id, width x height and images.
     per_bucket = {
-        b["bucket"]: {
-            "batch_size": b["batch_size"],
-            "global_steps": b["steps"],
-            "padded": b["padded"],
-            "dropped": b["dropped"],
-        }
+        b["bucket"]: {k: v for k, v in b.items() if k not in ("bucket", "wh", "count")}
         for b in stats["buckets"]
     }
-    samples = stats["samples"] + stats["padded"] - stats["dropped"]  # yielded, all ranks
     plan = {
-        "world_size": stats["world_size"],
         "batch_size": size.get("batch_size"),
         "max_pixels_per_batch": size.get("max_pixels_per_batch"),
         "seed": args.seed,
         "drop_last": args.drop_last,
-        "steps_per_rank": len(sampler),
-        "samples_per_epoch": samples,
-        "padded": stats["padded"],
-        "dropped": stats["dropped"],
+        **{k: v for k, v in stats.items() if k != "buckets"},
     }
     return plan, per_bucket
+
+
+def advice(plan: dict[str, Any] | None, buckets: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """``{"problems": [...], "fix": ...}`` when padding duplicates outnumber the images of an
+    epoch, or when many buckets (at least 3, a quarter of those used) hold one image; None
+    otherwise. The fix is a ladder of the data's own buckets, about one global step of images
+    per bucket (``--max-buckets K``, i.e. ``BucketLadder.from_data(index, max_buckets=K)``)."""
+    if plan is None or not buckets:
+        return None
+    images = plan["accepted"] - plan["dropped"]
+    step = int(np.median([b["global_step"] for b in buckets]))
+    k = max(1, plan["accepted"] // step)
+    problems = []
+    if plan["padded"] > images:
+        problems.append(f"most of the epoch is padding: {plan['padded']} of "
+                        f"{images + plan['padded']} samples are duplicates "
+                        f"({_plural(len(buckets), 'bucket')} for {plan['accepted']} images)")
+    ones = sum(b["images"] == 1 for b in buckets)
+    if ones >= 3 and 4 * ones >= len(buckets) and len(buckets) > k:
+        problems.append(f"{ones} of {len(buckets)} buckets hold a single image (each trains "
+                        "in a batch of its own)")
+    if not problems:
+        return None
+    return {"problems": problems,
+            "fix": f"--max-buckets {k}  (in code: BucketLadder.from_data(index, max_buckets={k}))"}
 
 
 def measure_tokens(folder: str, model: str, captions: list[str]) -> dict[str, Any]:
@@ -528,22 +581,20 @@ def gather(
     index: Any,
     assignment: Any,
     plan: dict[str, Any] | None,
-    per_bucket: dict[int, dict[str, int]],
+    per_bucket: dict[int, dict[str, Any]],
     timings: dict[str, float],
     tokens: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Everything the report says, as one plain JSON-ready dict (schema :data:`SCHEMA_VERSION`).
 
     ``plan`` holds the sampler's epoch-level figures (None when no image was accepted) and
-    ``per_bucket`` its figures per bucket id: ``batch_size``, ``global_steps``, ``padded``,
-    ``dropped``.
+    ``per_bucket`` its figures per bucket id, both as :func:`plan_figures` returns them.
     """
     ladder = assignment.ladder
     rows = image_rows(index, assignment)
     details = [f"{w}x{h}" for w, h in zip(index.width, index.height, strict=True)]
     details += [r.detail for r in file_rejections(index)]
-    ids = np.asarray(assignment.bucket_id)
-    counts = np.bincount(ids[ids >= 0], minlength=len(ladder.buckets))
+    counts = assignment.counts
     n_ok = int(counts.sum())
     world = plan["world_size"] if plan else 1
     buckets = []
@@ -559,12 +610,9 @@ def gather(
                 "aspect": w / h,
                 "images": int(counts[b]),
                 "share": int(counts[b]) / n_ok,
-                "batch_size": fig["batch_size"],
                 "global_step": step,
-                "global_steps": fig["global_steps"],
-                "padded": fig["padded"],
-                "dropped": fig["dropped"],
                 "underfilled": bool(counts[b] < step),
+                **fig,
             }
         )
     buckets.sort(key=lambda r: (r["aspect"], r["width"] * r["height"]))
@@ -573,11 +621,12 @@ def gather(
         "source": source,
         "files": file_figures(rows, details),
         "notices": notice_counts(index),
-        "ladder": ladder_figures(ladder, getattr(ladder, "model", None)),
+        "ladder": ladder_figures(ladder),
         "timings": timings,
         "plan": plan,
         "buckets": buckets,
-        "quality": quality_figures(index, assignment, ladder.max_aspect),
+        "advice": advice(plan, buckets),
+        "quality": quality_figures(assignment),
         "captions": caption_figures(index, assignment, tokens),
         "images": rows,
     }
@@ -599,9 +648,6 @@ def preview_tiles(
 ) -> list[Any]:
     """Preview tiles for up to ``count`` buckets spread over the aspect range (one image each):
     the sample exactly as ``TextToImageDataset`` makes it with a random crop and a 50% flip."""
-    from PIL import Image
-
-
     if not buckets:
         return []
     picks = np.unique(np.linspace(0, len(buckets) - 1, min(count, len(buckets))).round())
@@ -637,7 +683,7 @@ def preview_tiles(
                 original=np.asarray(original),
                 box=(x * kx, y * ky, (x + bw) * kx, (y + bh) * ky),
                 model_input=sample["pixel_values"].permute(1, 2, 0).numpy(),
-                title=f"{_fit(os.path.basename(index.paths[used]) or f'row {used}', 30)}\n"
+                title=f"{_fit(escape(os.path.basename(index.paths[used])) or f'row {used}', 30)}\n"
                 f"{width}x{height}",
                 caption=sample["caption"],
                 flipped=bool(sample["flipped"]),
@@ -652,6 +698,49 @@ def _config(call: Any, *args: Any, **kwargs: Any) -> Any:
         return call(*args, **kwargs)
     except (ValueError, OSError) as error:
         raise ConfigError(str(error) or type(error).__name__) from error
+
+
+_OUTPUTS = ("json", "plot", "preview")
+
+
+def check_outputs(args: argparse.Namespace, listed: Sequence[str] = ()) -> None:
+    """Refuse (:class:`ConfigError`) an output path that could not be written or must not be:
+    its folder missing (never created) or not writable, two outputs on one path, or a path
+    that exists and is not a regular file (a device, FIFO, folder, or a link to one), is the
+    source, or is one of the ``listed`` (scanned) files."""
+    seen: dict[str, str] = {}
+    for opt in _OUTPUTS:
+        path = getattr(args, opt)
+        if not path or (opt == "json" and path == "-"):
+            continue
+        flag = f"--{opt} {escape(path)}"
+        real = os.path.realpath(path)
+        folder = os.path.dirname(real)
+        if real in seen:
+            raise ConfigError(f"{flag}: the same file as {seen[real]}")
+        seen[real] = flag
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{flag}: folder {escape(folder)} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag}: folder {escape(folder)} is not writable")
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError:
+            continue  # a new file
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{flag}: exists and is not a regular file; refusing to "
+                              "write over it")
+        name = os.path.basename(real)
+        inputs = [args.source, *(p for p in listed if os.path.basename(p) == name)]
+        if any(_same_file(real, p) for p in inputs):
+            raise ConfigError(f"{flag}: is an input of this report; refusing to write over it")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):  # b is not a local file (a URL, a missing path)
+        return False
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
@@ -672,8 +761,12 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
 
     t0 = time.perf_counter()
     index = _config(scan, args.source, workers=args.workers, cache=args.cache)
+    check_outputs(args, index.paths)
     t1 = time.perf_counter()
-    assignment = assign(index, ladder, allow_upscale=args.allow_upscale)
+    if args.max_buckets:
+        ladder = _config(BucketLadder.from_data, index, max_buckets=args.max_buckets, base=ladder)
+    assignment = assign(index, ladder, allow_upscale=args.allow_upscale,
+                        min_bucket_size=args.min_bucket_size)
     t2 = time.perf_counter()
     plan, per_bucket = plan_figures(assignment, args)
     t3 = time.perf_counter()
@@ -717,13 +810,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     text_out = sys.stderr if args.json == "-" else sys.stdout
     try:
+        check_outputs(args)
         figures, index, assignment = run(args)
         width = shutil.get_terminal_size((100, 24)).columns
         text_out.write(render_text(figures, width))
         text_out.flush()
         _write_outputs(args, figures, index, assignment)
     except ConfigError as error:
-        print(f"bucket-report: error: {error}", file=sys.stderr)
+        print(f"bucket-report: error: {escape(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bucket-report: interrupted", file=sys.stderr)

@@ -176,6 +176,7 @@ def test_upscale_and_extreme() -> None:
     assert crop.crop_loss[0] == pytest.approx(0.5)
     rej = assign(sizes, flux, on_extreme="reject")
     assert rej.reasons.tolist() == ["extreme_aspect", "extreme_aspect", None]
+    assert crop.extreme.tolist() == rej.extreme.tolist() == [True, True, False]
 
 
 @pytest.mark.parametrize("on_extreme", ["crop", "reject"])
@@ -189,8 +190,28 @@ def test_absurd_sizes_are_rejected_too_large(on_extreme: str) -> None:
     assert a.bucket_wh[4].tolist() == [1024, 1024]
     assert a.bucket_wh[5].tolist() == [1024, 1024] and a.reasons[5] is None  # the bound holds
     assert a.reason_counts() == {"too_large": 4}
-    with pytest.raises(ValueError, match="below 2\\*\\*63"):
-        assign([(2**63, 1)], PRESETS["flux"])
+    huge = assign([(2**63, 1), (2**80, 3**60)], PRESETS["flux"])
+    assert huge.reasons.tolist() == ["too_large", "too_large"]
+    with pytest.raises(ValueError, match="whole number"):
+        assign([("wide", 1)], PRESETS["flux"])
+    with pytest.raises(ValueError, match="whole number"):
+        assign(np.array([[1000.5, 800.0]]), PRESETS["flux"])
+    with pytest.raises(ValueError, match="whole number"):
+        assign(np.array([[np.nan, 800.0]]), PRESETS["flux"])
+    floats = assign(np.array([[1024.0, 1024.0], [1e30, 5.0]]), PRESETS["flux"])
+    assert floats.bucket_wh[0].tolist() == [1024, 1024] and floats.reasons[1] == "too_large"
+
+
+@settings(deadline=None, max_examples=30)
+@given(sizes=hnp.arrays(np.int64, st.tuples(st.integers(1, 40), st.just(2)),
+                        elements=st.one_of(st.integers(1, 5000), st.integers(2**31 - 2, 2**62))))
+def test_too_large_rows_leave_the_others_alone(sizes: np.ndarray) -> None:
+    a = assign(sizes, PRESETS["flux"])
+    big = (sizes > 2**31 - 1).any(axis=1)
+    assert all(r == "too_large" for r in a.reasons[big]) and (a.bucket_id[big] == -1).all()
+    rest = assign(sizes[~big], PRESETS["flux"])
+    assert a.bucket_id[~big].tolist() == rest.bucket_id.tolist()
+    assert a.reasons[~big].tolist() == rest.reasons.tolist()
 
 
 def test_min_bucket_size_never_crops_more_than_max_crop_loss() -> None:

@@ -1135,7 +1135,7 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
     (
         "an absurd size in an index or a sizes list (2**62 x 2**62, any side above 2**31 - 1)",
         "`assign` rejects `too_large` (`bucketing.ladder.MAX_SIDE`), never an overflow into "
-        "a wrong bucket or `too_small`; a size beyond int64 is a `ValueError`",
+        "a wrong bucket or `too_small`; a size that is not a whole number is a `ValueError`",
     ),
 ]
 HOSTILE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,20 @@ def _write_manifest(folder: Path) -> Path:
     return path
 
 
+def _write_one_image_buckets(root: Path) -> Path:
+    """Six photos of six different shapes (one bucket each) and a tiny one whose name tries
+    to reach the terminal: an OSC title sequence, a colour, and a newline forging a line."""
+    root.mkdir()
+    for i, (w, h) in enumerate([(1024, 1024), (1200, 800), (800, 1200), (1500, 600),
+                                (600, 1500), (700, 700)]):
+        Image.new("RGB", (w, h), (30 * i, 90, 160)).save(root / f"shape_{i}.jpg")
+    Image.new("RGB", (8, 8)).save(root / EVIL_NAME)
+    return root
+
+
+EVIL_NAME = "evil\x1b]0;owned\x07\x1b[31mred\nFiles      99 seen · 99 accepted\u202e.png"
+
+
 def _command() -> list[str]:
     script = REPO / ".venv" / "bin" / "bucket-report"
     return [str(script)] if script.exists() else [sys.executable, "-m", "bucketing.report"]
@@ -84,6 +99,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, flux_tokenizer_dir: Path) -> 
                         "--workers", "1", "--json", "-"],
         "missing": [str(tmp / "no_such_folder")],
         "empty": [str(tmp / "empty")],
+        "advice": [str(_write_one_image_buckets(tmp / "shapes")), "--batch-size", "4",
+                   "--workers", "1", "--json", str(tmp / "advice.json")],
+        "advice_fixed": [str(tmp / "shapes"), "--batch-size", "4", "--workers", "1",
+                         "--max-buckets", "1", "--json", "-"],
     }
     env = {**os.environ, "COLUMNS": "100"}
     procs = {
@@ -123,8 +142,10 @@ def test_text_report_has_the_expected_figures(runs: dict[str, Any]) -> None:
     assert rows["512x512"] == ["1.00", "2", "33.3%", "2", "1", "0"]
     assert len(rows) == 3
     assert "3 buckets hold fewer images than one global step" in text
-    assert "3 steps per rank per epoch · 7 samples per epoch · 1 padded duplicate · 0 dropped" \
-        in text
+    plan = " ".join(text.split("Plan", 1)[1].split("\n\n", 1)[0].split())
+    assert plan == ("3 steps per rank per epoch · 12 samples per epoch (6 images + 6 padded "
+                    "duplicates) · 0 dropped")
+    assert "Advice" not in text  # as many images as duplicates: not "most of the epoch"
     assert "extreme aspect (beyond 4:1) 1" in text and "upscaled 0" in text
     assert "4 images without a caption · 1 with several" in text
     clip = next(ln for ln in text.splitlines() if "CLIP (77)" in ln)
@@ -150,9 +171,9 @@ def test_json_to_stdout_keeps_text_on_stderr(runs: dict[str, Any]) -> None:
     for b in figures["buckets"]:  # each bucket's batch size follows the pixel budget
         assert b["batch_size"] == max(1, 1024 * 1024 // (b["width"] * b["height"]))
     small = next(b for b in figures["buckets"] if b["width"] == b["height"] == 512)
-    assert small["batch_size"] == 4 and small["global_steps"] == 0 and small["dropped"] == 2
-    assert plan["dropped"] == 2 and plan["padded"] == 0
-    assert plan["steps_per_rank"] == sum(b["global_steps"] for b in figures["buckets"]) == 4
+    assert small["batch_size"] == 4 and small["steps"] == 0 and small["dropped"] == 2
+    assert plan["dropped"] == 2 and plan["padded"] == 0 and plan["drop_last"] is True
+    assert plan["steps"] == sum(b["steps"] for b in figures["buckets"]) == 4
 
 
 @pytest.mark.parametrize("name", ["missing", "empty"])
@@ -193,12 +214,15 @@ SCHEMA: dict[str, Any] = {
     "ladder": {"model": (str, None), "levels": [int], "max_area": int, "multiple": int,
                "max_aspect": float, "buckets": [[int]]},
     "timings": ("map", float),
-    "plan": ({"world_size": int, "batch_size": (int, None), "max_pixels_per_batch": (int, None),
-              "seed": int, "drop_last": bool, "steps_per_rank": int, "samples_per_epoch": int,
-              "padded": int, "dropped": int}, None),
+    # The report's batch settings, then the sampler's stats() keys as they are.
+    "plan": ({"batch_size": (int, None), "max_pixels_per_batch": (int, None), "seed": int,
+              "drop_last": bool, "epoch": int, "world_size": int, "num_indices": int,
+              "accepted": int, "excluded": int, "steps": int, "padded": int, "dropped": int},
+             None),
     "buckets": [{"id": int, "width": int, "height": int, "aspect": float, "images": int,
-                 "share": float, "batch_size": int, "global_step": int, "global_steps": int,
-                 "padded": int, "dropped": int, "underfilled": bool}],
+                 "share": float, "global_step": int, "underfilled": bool,
+                 "batch_size": int, "steps": int, "padded": int, "dropped": int}],
+    "advice": ({"problems": [str], "fix": str}, None),
     "quality": {"crop_loss": _STATS, "resolution_loss": _STATS, "upscaled": int,
                 "extreme_aspect": int},
     "captions": {"missing": int, "several": int,
@@ -239,7 +263,7 @@ def _check(value: Any, spec: Any, where: str) -> None:
 
 def _validate(figures: dict[str, Any]) -> None:
     _check(figures, SCHEMA, "$")
-    assert figures["schema"] == SCHEMA_VERSION == 1
+    assert figures["schema"] == SCHEMA_VERSION == 2
 
 
 def test_json_matches_schema_and_assign_row_by_row(runs: dict[str, Any]) -> None:
@@ -274,8 +298,10 @@ def test_json_matches_schema_and_assign_row_by_row(runs: dict[str, Any]) -> None
     assert by_name["tiny.png"]["reason"] == "too_small"
 
     counts = {(b["width"], b["height"]): b["images"] for b in figures["buckets"]}
-    ids, n = a.bucket_id[a.bucket_id >= 0], np.bincount(a.bucket_id[a.bucket_id >= 0])
-    assert counts == {tuple(a.ladder.buckets[b].tolist()): int(n[b]) for b in np.unique(ids)}
+    assert counts == {tuple(a.ladder.buckets[b].tolist()): int(a.counts[b])
+                      for b in np.flatnonzero(a.counts)}
+    assert figures["quality"]["extreme_aspect"] == int(a.extreme.sum()) == 1
+    assert figures["ladder"]["model"] == "flux"
     aspects = [b["aspect"] for b in figures["buckets"]]
     assert aspects == sorted(aspects)
     assert figures["quality"]["crop_loss"]["max"] == pytest.approx(np.nanmax(a.crop_loss))
@@ -322,3 +348,90 @@ def test_text_fits_the_terminal_width(runs: dict[str, Any], width: int) -> None:
     figures["source"] = "/a/very/long/path/" * 20
     for line in render_text(figures, width).splitlines():
         assert len(line) <= width, line
+
+
+# --------------------------------------------------------------------------- advice
+
+
+def test_advice_when_most_of_the_epoch_is_padding(runs: dict[str, Any]) -> None:
+    r = runs["advice"]
+    assert r.returncode == 0, r.stderr
+    figures = json.loads((runs["folder"].parent / "advice.json").read_text())
+    _validate(figures)
+    plan = figures["plan"]
+    assert (plan["accepted"], plan["padded"]) == (6, 18)  # six buckets of one, batch 4
+    problems = figures["advice"]["problems"]
+    assert problems[0].startswith("most of the epoch is padding: 18 of 24 samples")
+    assert problems[1].startswith("6 of 6 buckets hold a single image")
+    fix = figures["advice"]["fix"]
+    assert fix.startswith("--max-buckets 1 ") and "BucketLadder.from_data(index, max_buckets=1)" \
+        in fix
+    lines = r.stdout.splitlines()
+    at = next(i for i, ln in enumerate(lines) if ln.startswith("Advice   ! most of the epoch"))
+    assert lines[at + 1].startswith("         ! 6 of 6 buckets")
+    assert lines[at + 2] == "           fix: " + fix
+    # The printed setting fixes it: one bucket, a full batch, 2 duplicates instead of 18.
+    fixed = runs["advice_fixed"]
+    assert fixed.returncode == 0, fixed.stderr
+    after = json.loads(fixed.stdout)
+    _validate(after)
+    assert after["advice"] is None and "Advice" not in fixed.stderr
+    assert len(after["buckets"]) == 1 and after["plan"]["padded"] == 2
+    assert after["ladder"]["model"] == "flux" and len(after["ladder"]["buckets"]) == 1
+
+
+# --------------------------------------------------------------------------- hygiene
+
+
+def test_file_names_cannot_reach_the_terminal(runs: dict[str, Any]) -> None:
+    r = runs["advice"]
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\u202e" not in r.stdout
+    assert not any(ln.startswith("Files      99") for ln in r.stdout.splitlines())
+    shown = next(ln for ln in r.stdout.splitlines() if "evil" in ln)
+    assert "evil\\x1b]0;owned\\x07\\x1b[31mred\\nFiles      99 seen" in shown
+    assert "\\u202e.png" in shown
+    # The JSON keeps the name exactly.
+    figures = json.loads((runs["folder"].parent / "advice.json").read_text())
+    assert any(Path(row["path"]).name == EVIL_NAME for row in figures["images"])
+
+
+def _refused(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1, (out, err)
+    assert lines[0].startswith("bucket-report: error: ") and message in lines[0], lines[0]
+
+
+def test_outputs_are_checked_before_the_report_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (512, 512)).save(folder / "a.png")
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("image,caption\nphotos/a.png,a black square\n")
+    src = str(folder)
+    _refused(capsys, [src, "--json", str(tmp_path / "no" / "r.json")], "does not exist")
+    assert not (tmp_path / "no").exists()  # never created
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    _refused(capsys, [src, "--plot", str(fifo)], "not a regular file")
+    _refused(capsys, [src, "--json", os.devnull], "not a regular file")
+    _refused(capsys, [src, "--preview", str(tmp_path)], "not a regular file")
+    link = tmp_path / "link.png"
+    link.symlink_to(os.devnull)
+    _refused(capsys, [src, "--plot", str(link)], "not a regular file")
+    _refused(capsys, [str(manifest), "--json", str(manifest)], "an input of this report")
+    before = (folder / "a.png").read_bytes()
+    _refused(capsys, [src, "--workers", "1", "--json", str(folder / "a.png")],
+             "an input of this report")
+    assert (folder / "a.png").read_bytes() == before
+    out = str(tmp_path / "same.png")
+    _refused(capsys, [src, "--plot", out, "--preview", out], "the same file as --plot")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.path.exists(os.devnull)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        _refused(capsys, [src, "--json", str(locked / "r.json")], "not writable")
