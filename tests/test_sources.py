@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import pickle
@@ -659,3 +660,111 @@ def test_utf16_manifest_from_a_spreadsheet(tmp_path: Path, images: list[Path]) -
     text = f"image\tcaption\nimg/{images[0].name}\tcafé\n"
     (tmp_path / "m.tsv").write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
     assert resolve_source(tmp_path / "m.tsv").entries == [Entry(str(images[0]), ["café"])]
+
+
+# --------------------------------------------------------------------------- the sweep
+
+# captions with everything a hand-written or exported manifest may hold
+_NASTY_TEXT = st.text(
+    st.one_of(
+        st.sampled_from(list(',\t;"\'\\\r\n\x00\x0b\x1c\u2028\ufeff[]{} ')),
+        st.characters(codec="utf-8", exclude_categories=("Cs",)),
+    ),
+    max_size=20,
+)
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 3), _NASTY_TEXT), min_size=1, max_size=5),
+    encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]),
+)
+def test_sweep_written_manifests_read_back_exactly(rows, encoding, tmp_path_factory) -> None:
+    """Any caption a csv/json writer can write reads back as that caption (stripped), in
+    every format and encoding: separators, quotes, newlines, NULs and BOMs included."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    imgs = [write_image(tmp / f"{i}.png") for i in range(4)]
+    expected: dict[str, list[str]] = {}
+    for i, cap in rows:
+        caps = expected.setdefault(str(imgs[i]), [])
+        if cap.strip() and cap.strip() not in caps:
+            caps.append(cap.strip())
+    recs = [{"image": imgs[i].name, "caption": cap} for i, cap in rows]
+    for suffix in [".jsonl", ".json", ".csv", ".tsv"]:
+        if suffix in (".jsonl", ".json"):
+            lines = [json.dumps(r) for r in recs]
+            text = "\n".join(lines) if suffix == ".jsonl" else "[" + ",\n".join(lines) + "]"
+        else:
+            buf = io.StringIO(newline="")
+            writer = csv.writer(buf, delimiter="," if suffix == ".csv" else "\t")
+            writer.writerow(["image", "caption"])
+            writer.writerows([r["image"], r["caption"]] for r in recs)
+            text = buf.getvalue()
+        (tmp / f"m{suffix}").write_bytes(text.encode(encoding))
+        resolved = resolve_source(tmp / f"m{suffix}")
+        got = {e.path: e.captions for e in resolved.entries}
+        assert got == expected, (suffix, encoding)
+
+
+_TOKENS = st.sampled_from(
+    ["[", "]", "{", "}", '"', ",", "\t", "\n", "\r", ":", "\\", "\x00", "\ud800", "\udcff",
+     "image", "caption", "0.png", "img/1.png", " ", "null", "1e999", "[" * 3000, "\\u0000"]
+)
+
+
+@settings(deadline=None, max_examples=60)
+@given(parts=st.lists(_TOKENS, max_size=30), suffix=st.sampled_from(FORMATS[:4]))
+def test_sweep_hostile_manifest_text_is_rows_or_a_clear_error(parts, suffix, tmp_path_factory):
+    """Random manifest text: a ResolvedSource, or a ValueError saying what is wrong; never
+    another exception; every rejection names something an index can save."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    for i in range(2):
+        write_image(tmp / "img" / f"{i}.png")
+    write_image(tmp / "0.png")
+    path = tmp / f"m{suffix}"
+    path.write_bytes("".join(parts).encode("utf-8", "surrogatepass"))
+    try:
+        resolved = resolve_source(path)
+    except ValueError as e:
+        assert str(e)
+        return
+    for r in resolved.rejections:
+        os.fsencode(r.path)
+    for e in resolved.entries:
+        assert os.path.isfile(e.path) and all(isinstance(c, str) for c in e.captions)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    names=st.lists(
+        st.one_of(
+            st.text(max_size=12),
+            st.sampled_from(["a\x00b.png", "\ud800.png", "x\ny.png", "é.png", "a" * 300,
+                             "../" * 40 + "etc/passwd", "0.png", "./0.png", "sub/../0.png"]),
+        ),
+        max_size=6,
+    )
+)
+def test_sweep_any_list_of_paths_is_entries_or_rejections(names, tmp_path_factory) -> None:
+    """Every non-blank item is one entry or one rejection, whatever characters it holds."""
+    tmp = tmp_path_factory.mktemp("paths")
+    write_image(tmp / "0.png")
+    resolved = resolve_source(names, base_dir=tmp)
+    blank = sum(not n.strip() for n in names)
+    assert len(resolved.entries) + len(resolved.rejections) == len(names)
+    assert sum(r.reason == "no_image" for r in resolved.rejections) == blank
+    for r in resolved.rejections:
+        os.fsencode(r.path)
+
+
+def test_a_caption_with_a_lone_surrogate_becomes_text_a_tokenizer_takes(
+    tmp_path: Path, images: list[Path], flux_tokenizer_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    row = f'{{"image": "img/{images[0].name}", "caption": "a \\ud800 car"}}\n'
+    (tmp_path / "m.jsonl").write_text(row)
+    (entry,) = resolve_source(tmp_path / "m.jsonl").entries
+    assert entry.captions == ["a \ufffd car"]
+    for sub in ("tokenizer", "tokenizer_2"):
+        assert AutoTokenizer.from_pretrained(flux_tokenizer_dir / sub)(entry.captions)["input_ids"]

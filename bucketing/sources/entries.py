@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 _BASE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
     (codecs.BOM_UTF32_LE, "utf-32-le"),
     (codecs.BOM_UTF32_BE, "utf-32-be"),
@@ -101,7 +103,8 @@ def caption_lines(text: str) -> list[str]:
 
 def captions_of(value: Any) -> list[str]:
     """Normalise a caption cell (string, list of strings, None/NaN) to a list of strings.
-    Nested lists are flattened in order, however deep (no recursion)."""
+    Nested lists are flattened in order, however deep (no recursion). A lone surrogate (an
+    invalid JSON escape such as ``\\ud800``, which tokenizers refuse) becomes U+FFFD."""
     out: list[str] = []
     stack = [value]
     while stack:
@@ -112,7 +115,7 @@ def captions_of(value: Any) -> list[str]:
             continue
         if isinstance(item, str):
             if item.strip():
-                out.append(item.strip())
+                out.append(_LONE_SURROGATE.sub("\ufffd", item.strip()))
         elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
         else:
