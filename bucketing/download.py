@@ -227,12 +227,17 @@ class _Decoder:
                 f"unsupported Content-Encoding {encoding!r} (gzip and deflate are decoded)"
             )
         self.inflate: Any = None
+        self.head = b""
 
     def decode(self, data: bytes, room: int) -> bytes:
         """The decoded bytes of ``data``; more than ``room`` of them means too large."""
         if self.encoding == "identity":
             return data
         if self.inflate is None:
+            self.head += data  # deflate's two header bytes may arrive one at a time
+            if len(self.head) < 2:
+                return b""
+            data, self.head = self.head, b""
             self.inflate = zlib.decompressobj(_wbits(self.encoding, data))
         if self.inflate.eof:
             raise DownloadError(f"data after the end of the {self.encoding} stream")
@@ -253,11 +258,11 @@ class _Decoder:
 
 
 def _wbits(encoding: str, head: bytes) -> int:
-    """zlib's window bits for a body: gzip; deflate as it should be (zlib-wrapped) or as
-    some servers send it (raw)."""
+    """zlib's window bits for a body starting with ``head`` (2 bytes at least): gzip;
+    deflate as it should be (zlib-wrapped) or as some servers send it (raw)."""
     if encoding != "deflate":
         return 31
-    zlib_header = len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
+    zlib_header = head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
     return 15 if zlib_header else -15
 
 

@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from bucketing.download import Downloader, DownloadError, default_cache_dir
@@ -38,6 +40,7 @@ class Server:
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
+        self.scripts: list[dict] = []
         self.release = threading.Event()  # stalled handlers wait for this (or 10 s)
         state = self
 
@@ -60,6 +63,18 @@ class Server:
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()
+
+            def scripted(self, script: dict) -> None:
+                self.send_response(script["status"])
+                for name, value in script["headers"]:
+                    self.send_header(name, value)
+                self.end_headers()
+                for piece in script["pieces"]:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    if state.release.wait(script["pause"]):
+                        return
+                self.close_connection = True
 
             def respond(self, path: str, hit: int) -> None:
                 kind = path.split("/")[1]
@@ -137,6 +152,8 @@ class Server:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
+                elif kind == "script":  # /script/<n>: the n-th scripted response
+                    self.scripted(state.scripts[int(path.split("/")[2])])
                 elif kind == "notimage":
                     self.send(b"<html>not an image</html>")
                 else:
@@ -400,3 +417,76 @@ def test_a_download_that_is_no_image_is_rejected_under_its_url(server, tmp_path)
     index = scan([url, f"{server.url}/ok/a.png"], workers=0, download_dir=tmp_path / "dl")
     assert [(r.path, r.reason) for r in index.rejections] == [(url, "not_an_image")]
     assert len(index) == 1 and index.paths[0].startswith(str(tmp_path / "dl"))
+
+
+@st.composite
+def _responses(draw) -> tuple[dict, bytes | None]:
+    """A server response, and the bytes a correct client stores (None: it must fail)."""
+    body = draw(st.sampled_from([PNG, b"", b"\0" * 3000, png_bytes(40, 30)]))
+    encoding = draw(st.sampled_from([None, "gzip", "deflate", "br", "gzip-corrupt"]))
+    wire = {
+        None: body,
+        "gzip": gzip.compress(body),
+        "deflate": zlib.compress(body),
+        "br": body,
+        "gzip-corrupt": gzip.compress(body)[:-6] + b"xxxxxx",
+    }[encoding]
+    length = draw(st.sampled_from(["exact", "none", "short", "long"]))
+    status = draw(st.sampled_from([200, 200, 200, 404, 500, 204]))
+    headers = [("Content-Type", draw(st.sampled_from(["image/png", "text/html", "", "x/y;;"])))]
+    if encoding:
+        headers.append(("Content-Encoding", encoding.split("-")[0]))
+    declared = {"exact": len(wire), "short": max(len(wire) - 5, 0), "long": len(wire) + 5}
+    if length != "none":
+        headers.append(("Content-Length", str(declared[length])))
+    cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=4)))
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    script = {"status": status, "headers": headers, "pieces": pieces,
+              "pause": draw(st.sampled_from([0.0, 0.01]))}
+    if length == "short" and encoding is None:  # Content-Length is authoritative (as curl)
+        body = body[: declared["short"]]
+    good = (
+        status == 200
+        and body
+        and encoding in (None, "gzip", "deflate")
+        and (length in ("exact", "none") or (length == "short" and encoding is None))
+    )
+    return script, body if good else None
+
+
+@settings(
+    deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)  # the server and tmp_path are shared across examples on purpose: each gets its own script
+@given(response=_responses())
+def test_sweep_any_server_response_is_the_body_or_a_download_error(server, tmp_path, response):
+    """Whatever a server sends within the deadline: the exact (decoded) body is stored, or
+    a DownloadError says why; nothing else is raised, and the deadline holds."""
+    script, expected = response
+    server.scripts.append(script)
+    url = f"{server.url}/script/{len(server.scripts) - 1}"
+    downloader = fast(tmp_path / str(len(server.scripts)), retries=0, timeout=0.3, deadline=1.0)
+    start = time.monotonic()
+    try:
+        got = Path(downloader.fetch(url)).read_bytes()
+    except DownloadError as e:
+        got = e
+    assert time.monotonic() - start < 1.5
+    if expected is None:
+        assert isinstance(got, DownloadError), script
+    else:
+        assert got == expected, (script, got)
+
+
+def test_a_deflate_body_arriving_a_byte_at_a_time(server, tmp_path):
+    """The sweep's find: zlib's two header bytes split across reads."""
+    wire = zlib.compress(PNG)
+    server.scripts.append(
+        {
+            "status": 200,
+            "headers": [("Content-Encoding", "deflate"), ("Content-Length", str(len(wire)))],
+            "pieces": [wire[:1], wire[1:2], wire[2:]],
+            "pause": 0.01,
+        }
+    )
+    path = fast(tmp_path).fetch(f"{server.url}/script/0")
+    assert Path(path).read_bytes() == PNG
