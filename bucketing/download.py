@@ -18,7 +18,9 @@ import contextlib
 import hashlib
 import http.client
 import os
+import re
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -44,6 +46,7 @@ _CONTENT_TYPES = {
     "image/avif": ".avif",
 }
 _CHUNK = 1 << 16
+_OBJECT_NAME = re.compile(r"[0-9a-f]{2}/[0-9a-f]{64}(\.[a-z]{3,4})?")  # see the layout above
 
 
 class DownloadError(Exception):
@@ -97,14 +100,21 @@ class Downloader:
         return os.path.join(self.cache_dir, "urls", key)
 
     def cached(self, url: str) -> str | None:
-        """The local copy of ``url`` if it was fetched before, without network access."""
+        """The local copy of ``url`` if it was fetched before, without network access. A
+        record that is not a small regular file naming an object of this cache (a FIFO, a
+        path elsewhere) is a miss: nothing blocks, nothing outside the cache is served."""
+        record = self._url_file(url)
         try:
-            with open(self._url_file(url), encoding="utf-8") as f:
-                name = f.read().strip()
+            if not stat.S_ISREG(os.stat(record).st_mode):
+                return None
+            with open(record, encoding="utf-8") as f:
+                name = f.read(200).strip()
         except (OSError, UnicodeDecodeError):
             return None
+        if not _OBJECT_NAME.fullmatch(name):
+            return None
         path = os.path.join(self.cache_dir, "objects", name)
-        return path if name and os.path.isfile(path) else None
+        return path if os.path.isfile(path) else None
 
     def fetch(self, url: str) -> str:
         """Local path of ``url``'s bytes, downloading them if needed; raises DownloadError."""
@@ -170,7 +180,7 @@ class Downloader:
         for chunk in chunks:
             digest.update(chunk)
         name = digest.hexdigest()
-        name = os.path.join(name[:2], name + ext)
+        name = f"{name[:2]}/{name}{ext}"
         target = os.path.join(self.cache_dir, "objects", name)
         try:
             if not os.path.isfile(target):

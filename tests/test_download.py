@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import io
 import os
+import stat
 import threading
 import time
 import zlib
@@ -490,3 +491,21 @@ def test_a_deflate_body_arriving_a_byte_at_a_time(server, tmp_path):
     )
     path = fast(tmp_path).fetch(f"{server.url}/script/0")
     assert Path(path).read_bytes() == PNG
+
+
+def test_a_tampered_cache_record_is_a_miss_never_a_hang_or_an_escape(server, tmp_path):
+    url = f"{server.url}/ok/a.png"
+    d = fast(tmp_path)
+    good = d.fetch(url)
+    record = Path(d._url_file(url))
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(OTHER)
+    for name in [str(outside), "../../secret.png", "ab/../../../secret.png"]:
+        record.write_text(name)
+        assert d.cached(url) is None, name
+    record.unlink()
+    os.mkfifo(record)  # reading it would block forever
+    assert d.cached(url) is None
+    with pytest.raises(DownloadError, match="cannot store .* it is a FIFO"):
+        d.fetch(url)  # fetched again, but the FIFO is never replaced
+    assert stat.S_ISFIFO(os.stat(record).st_mode) and Path(good).read_bytes() == PNG

@@ -1023,7 +1023,7 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "scanned, loaded, caption decoded; the saved index keeps the exact bytes",
     ),
     (
-        "caption sidecar that is a FIFO, or a symlink to `/dev/zero`",
+        "caption sidecar that is a FIFO, a symlink to `/dev/zero`, or over 1 MiB",
         "image kept without a caption; the sidecar rejected `unreadable_caption` (only "
         "regular files are read: nothing blocks, nothing reads forever)",
     ),
@@ -1073,6 +1073,11 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "`Content-Encoding: br`",
         "redirect refused (`download_failed`, only http(s) at every hop); decoded; "
         "`too large` after decoding past `max_bytes`; refused by name",
+    ),
+    (
+        "a download-cache record that is a FIFO or names a file outside the cache",
+        "a miss: fetched again; nothing blocks, nothing outside the cache is served, the "
+        "FIFO is never replaced (`download_failed`: \"cannot store\")",
     ),
     (
         "a downloaded body that is no image",

@@ -768,3 +768,14 @@ def test_a_caption_with_a_lone_surrogate_becomes_text_a_tokenizer_takes(
     assert entry.captions == ["a \ufffd car"]
     for sub in ("tokenizer", "tokenizer_2"):
         assert AutoTokenizer.from_pretrained(flux_tokenizer_dir / sub)(entry.captions)["input_ids"]
+
+
+def test_a_huge_caption_sidecar_is_refused_not_read(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png")
+    with open(tmp_path / "a.txt", "wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse: a caption file of a megabyte and a byte
+    resolved = resolve_source(tmp_path)
+    assert resolved.entries == [Entry(str(tmp_path / "a.png"), [])]
+    assert [(r.reason, "larger than" in r.detail) for r in resolved.rejections] == [
+        ("unreadable_caption", True)
+    ]

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 _BASE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")
+MAX_CAPTION_FILE_BYTES = 1 << 20  # a sidecar caption file larger than this is no caption
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
     (codecs.BOM_UTF32_LE, "utf-32-le"),
@@ -73,15 +74,21 @@ def image_extensions() -> tuple[str, ...]:
     return _BASE_EXTENSIONS + avif
 
 
-def read_text(path: str) -> str:
+def read_text(path: str, max_bytes: int | None = None) -> str:
     """Read a caption file or manifest as UTF-8 (a BOM is dropped; a UTF-16/32 BOM, as
     spreadsheets write, is honoured), falling back to cp1252 and then Latin-1 (which accepts
     every byte), so legacy Windows/Latin-1 captions read correctly.
-    Only regular files are read: a FIFO would block and a device may never end (OSError)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    Only regular files are read: a FIFO would block and a device may never end (OSError);
+    so is a file over ``max_bytes``."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, "not a regular file", path)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
     with open(path, "rb") as f:
-        data = f.read()
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew since the stat
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:
