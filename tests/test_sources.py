@@ -563,6 +563,11 @@ def test_a_repeated_column_name_is_an_error_not_a_dropped_file(
     (tmp_path / "m.csv").write_text(f"image,image,caption\nimg/{images[0].name},img/x.png,c\n")
     with pytest.raises(ValueError, match=r"column 'image' is named 2 times .*\[1, 2\]"):
         resolve_source(tmp_path / "m.csv")
+    names = ["image", "caption", "caption"]
+    cells = [pa.array([f"img/{images[0].name}"]), pa.array(["short"]), pa.array(["long"])]
+    pq.write_table(pa.Table.from_arrays(cells, names=names), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"column 'caption' is named 2 times .*\[2, 3\]"):
+        resolve_source(tmp_path / "m.parquet")
     (tmp_path / "m.csv").write_text(f"image,caption,note,note\nimg/{images[0].name},c,1,2\n")
     assert resolve_source(tmp_path / "m.csv").entries == [Entry(str(images[0]), ["c"])]
     # in JSON a repeated key is one bad row

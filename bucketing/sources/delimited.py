@@ -90,13 +90,6 @@ def _read_delimited(
         return image, caption, header_less()
     columns = [c.strip() for c in first[1]]
     image, caption = pick_columns(columns, column_map, path)
-    for used in {image, caption} - {None}:
-        if columns.count(used) > 1:
-            where = [i + 1 for i, c in enumerate(columns) if c == used]
-            raise ValueError(
-                f"{path}: column {used!r} is named {len(where)} times in the header (columns "
-                f"{where}); rename them so that each is one column, and pick with column_map"
-            )
 
     def with_header() -> Iterator[Record]:
         for line, cells in rows:
