@@ -784,3 +784,21 @@ def test_a_huge_caption_sidecar_is_refused_not_read(tmp_path: Path) -> None:
     assert [(r.reason, "larger than" in r.detail) for r in resolved.rejections] == [
         ("unreadable_caption", True)
     ]
+
+
+def test_a_dataset_file_swapped_for_a_fifo_never_blocks(tmp_path: Path, images: list[Path]) -> None:
+    datasets = pytest.importorskip("datasets")
+    blob = images[0].read_bytes()
+    target = tmp_path / "later-a-fifo.png"
+    shutil.copy(images[1], target)
+    features = datasets.Features({"image": datasets.Image()})
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": blob, "path": None}, {"bytes": None, "path": str(target)}]},
+        features=features,
+    )
+    resolved = resolve_source(ds)
+    assert resolved.blobs is not None and resolved.blobs(1) == images[1].read_bytes()
+    target.unlink()
+    os.mkfifo(target)  # no writer: an open() for reading would wait forever
+    with pytest.raises(OSError, match="not a regular file"):
+        resolved.blobs(1)

@@ -74,21 +74,30 @@ def image_extensions() -> tuple[str, ...]:
     return _BASE_EXTENSIONS + avif
 
 
+def read_regular_file(path: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``; OSError unless it is a regular file (a FIFO would block, a
+    device may never end) of at most ``max_bytes``."""
+    # opened without blocking (a FIFO would wait for a writer), then checked: no race
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew since the stat
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
+    return data
+
+
 def read_text(path: str, max_bytes: int | None = None) -> str:
     """Read a caption file or manifest as UTF-8 (a BOM is dropped; a UTF-16/32 BOM, as
     spreadsheets write, is honoured), falling back to cp1252 and then Latin-1 (which accepts
     every byte), so legacy Windows/Latin-1 captions read correctly.
     Only regular files are read: a FIFO would block and a device may never end (OSError);
     so is a file over ``max_bytes``."""
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise OSError(errno.EINVAL, "not a regular file", path)
-    if max_bytes is not None and st.st_size > max_bytes:
-        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
-    with open(path, "rb") as f:
-        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-    if max_bytes is not None and len(data) > max_bytes:  # it grew since the stat
-        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
+    data = read_regular_file(path, max_bytes)
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:
