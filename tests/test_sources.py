@@ -802,3 +802,35 @@ def test_a_dataset_file_swapped_for_a_fifo_never_blocks(tmp_path: Path, images: 
     os.mkfifo(target)  # no writer: an open() for reading would wait forever
     with pytest.raises(OSError, match="not a regular file"):
         resolved.blobs(1)
+
+
+_NAME_BYTES = st.one_of(
+    st.binary(min_size=1, max_size=20),
+    st.sampled_from([b"\xff\xfe", b"a\nb", b"\x1b[31m", b"x" * 240, b"..", b" ", b"-", b"\\"]),
+).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    files=st.lists(
+        st.tuples(_NAME_BYTES, st.sampled_from([b".png", b".JPG", b".txt", b"", b".caption"])),
+        max_size=6,
+        unique_by=lambda t: t[0] + t[1],
+    )
+)
+def test_sweep_any_file_names_in_a_folder(files, tmp_path_factory) -> None:
+    """Whatever bytes name the files: every image is listed once, captions are read, and
+    nothing raises; every path is the exact name on disk."""
+    tmp = tmp_path_factory.mktemp("names")
+    root = os.fsencode(tmp)
+    write_image(tmp / "anchor.png")
+    expected = {os.path.join(root, b"anchor.png")}
+    for stem, ext in files:
+        name = os.path.join(root, stem + ext)
+        with open(name, "wb") as f:
+            f.write(b"a caption" if ext in (b".txt", b".caption") else b"not really an image")
+        if ext.lower() in (b".png", b".jpg"):
+            expected.add(name)
+    resolved = resolve_source(tmp)
+    assert {os.fsencode(e.path) for e in resolved.entries} == expected
+    assert resolved.rejections == []
