@@ -54,6 +54,8 @@ def _fit(
     cells: list[str], columns: list[str], caption: str | None, delimiter: str
 ) -> dict[str, str] | str:
     """The row as column -> cell, or why it does not fit the header."""
+    if len(cells) <= len(columns):
+        return dict(zip(columns, cells, strict=False))
     extra = cells[len(columns) :]
     while extra and not extra[-1].strip():
         extra.pop()  # trailing empty cells hold nothing
