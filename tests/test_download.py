@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import io
 import os
+import socket
 import stat
 import threading
 import time
@@ -347,8 +348,6 @@ class socket_closed_port:
     """A loopback port with nothing listening (bound, then closed)."""
 
     def __enter__(self) -> int:
-        import socket
-
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -509,3 +508,24 @@ def test_a_tampered_cache_record_is_a_miss_never_a_hang_or_an_escape(server, tmp
     with pytest.raises(DownloadError, match="cannot store .* it is a FIFO"):
         d.fetch(url)  # fetched again, but the FIFO is never replaced
     assert stat.S_ISFIFO(os.stat(record).st_mode) and Path(good).read_bytes() == PNG
+
+
+def test_the_deadline_bounds_a_tls_handshake_that_never_answers(tmp_path):
+    """A peer that accepts the connection and then says nothing: the TLS handshake waits
+    on the raw socket, which the watchdog cuts at the deadline (timeout alone: 5 s)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/x.png"
+    start = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match="too slow"):
+            fast(tmp_path, timeout=5, deadline=0.5).fetch(url)
+        assert time.monotonic() - start < 2
+    finally:
+        thread.join(2)
+        for s in [*accepted, listener]:
+            s.close()
