@@ -1064,7 +1064,7 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
     ),
     (
         "a server dripping one byte per 50 ms, sending headers that slowly, or chunks "
-        "forever; a stall on every retry",
+        "forever; a TLS handshake never answered; a stall on every retry",
         "the download ends at `deadline` (a watchdog cuts the connection; retries included): "
         "`download_failed` (\"too slow\")",
     ),
