@@ -1042,6 +1042,10 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "extra cell or broken quoting: `bad_row` naming the line, the rows after it read",
     ),
     (
+        "a `.csv` separated by `;` or `|` (spreadsheet exports), a `.tsv` with commas",
+        "`ValueError` naming the separator the first row looks split by",
+    ),
+    (
         "a CSV/TSV header or parquet schema naming the image or caption column twice "
         "(`image,image,caption`); a JSON row naming a key twice",
         "`ValueError` naming the column and its positions; the JSON row: `bad_row`",

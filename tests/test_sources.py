@@ -834,3 +834,13 @@ def test_sweep_any_file_names_in_a_folder(files, tmp_path_factory) -> None:
     resolved = resolve_source(tmp)
     assert {os.fsencode(e.path) for e in resolved.entries} == expected
     assert resolved.rejections == []
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_a_manifest_with_another_separator_is_a_clear_error(
+    tmp_path: Path, images: list[Path], suffix: str
+) -> None:
+    for sep in ";|":
+        (tmp_path / f"m{suffix}").write_text(f"image{sep}caption\nimg/{images[0].name}{sep}c\n")
+        with pytest.raises(ValueError, match=f"looks separated by '\\{sep}'"):
+            resolve_source(tmp_path / f"m{suffix}")

@@ -91,6 +91,13 @@ def _read_delimited(
 
         return image, caption, header_less()
     columns = [c.strip() for c in first[1]]
+    other = next((sep for sep in ";|\t," if sep != delimiter and sep in first[1][0]), None)
+    if len(columns) == 1 and other is not None:
+        raise ValueError(
+            f"{path}: the first row {first[1][0]!r} is one cell split on {delimiter!r}, but it "
+            f"looks separated by {other!r}; save it with {delimiter!r} between cells (a .csv "
+            "uses commas, a .tsv tabs)"
+        )
     image, caption = pick_columns(columns, column_map, path)
 
     def with_header() -> Iterator[Record]:
