@@ -844,3 +844,27 @@ def test_a_manifest_with_another_separator_is_a_clear_error(
         (tmp_path / f"m{suffix}").write_text(f"image{sep}caption\nimg/{images[0].name}{sep}c\n")
         with pytest.raises(ValueError, match=f"looks separated by '\\{sep}'"):
             resolve_source(tmp_path / f"m{suffix}")
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    captions=st.lists(
+        st.text(st.sampled_from(list("ab ,;.-'é")), max_size=15).filter(
+            lambda c: c.strip() and not c.rstrip().endswith(",")
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    header=st.booleans(),
+)
+def test_sweep_hand_written_csv_captions_keep_their_commas(captions, header, tmp_path_factory):
+    """A CSV typed by hand (no quoting at all): each caption comes back whole."""
+    tmp = tmp_path_factory.mktemp("naive")
+    imgs = [write_image(tmp / f"{i}.png") for i in range(len(captions))]
+    lines = (["image,caption"] if header else []) + [
+        f"{p.name},{c}" for p, c in zip(imgs, captions, strict=True)
+    ]
+    (tmp / "m.csv").write_text("\n".join(lines) + "\n")
+    resolved = resolve_source(tmp / "m.csv")
+    assert [e.captions for e in resolved.entries] == [[c.strip()] for c in captions]
+    assert resolved.rejections == []
