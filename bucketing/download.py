@@ -167,7 +167,7 @@ class Downloader:
         except DownloadError:
             raise
         except Exception as e:
-            if watchdog.expired:  # the watchdog cut the connection: whatever broke, too slow
+            if watchdog.expired or time.monotonic() >= watchdog.end:  # whatever broke: too slow
                 raise self._too_slow() from None
             raise _as_download_error(e, self.timeout) from None
         finally:
@@ -307,6 +307,7 @@ class _Watchdog:
     the wait for each byte)."""
 
     def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
         self.expired = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -343,14 +344,53 @@ class _WatchedHTTP(http.client.HTTPConnection):
 
     def __init__(self, *args: Any, watchdog: _Watchdog, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        connect = self._create_connection
-        self._create_connection = lambda *a, **k: watchdog.watch(connect(*a, **k))
+        self._create_connection = self._open_socket
         self._watchdog = watchdog
+
+    def _open_socket(
+        self, address: tuple[str, int], timeout: Any, source_address: Any = None
+    ) -> socket.socket:
+        """``socket.create_connection`` with the name lookup bounded by the deadline (a
+        resolver that hangs would otherwise hold the download) and each socket watched."""
+        error: OSError | None = None
+        for family, kind, proto, _, peer in _resolve(*address, self._watchdog.end):
+            sock = self._watchdog.watch(socket.socket(family, kind, proto))
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(peer)
+                return sock
+            except OSError as e:
+                error = e
+                sock.close()
+        raise error or OSError(f"no address for {address[0]!r}")
 
     def connect(self) -> None:
         """Connect (TCP, then TLS for https) under the watchdog."""
         super().connect()
         self._watchdog.watch(self.sock)
+
+
+def _resolve(host: str, port: int, end: float) -> list[tuple]:
+    """``socket.getaddrinfo`` given up at ``end`` (``time.monotonic()``): it has no timeout
+    of its own, so it runs in a thread that is left behind if the resolver hangs."""
+    found: dict[str, Any] = {}
+
+    def lookup() -> None:
+        try:
+            found["infos"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except OSError as e:
+            found["error"] = e
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(max(end - time.monotonic(), 0.0))
+    if thread.is_alive():
+        raise TimeoutError(f"looking up {host!r} did not finish within the deadline")
+    if "error" in found:
+        raise found["error"]
+    return found["infos"]
 
 
 class _WatchedHTTPS(_WatchedHTTP, http.client.HTTPSConnection):

@@ -529,3 +529,25 @@ def test_the_deadline_bounds_a_tls_handshake_that_never_answers(tmp_path):
         thread.join(2)
         for s in [*accepted, listener]:
             s.close()
+
+
+def test_the_deadline_bounds_a_name_lookup_that_hangs(server, tmp_path, monkeypatch):
+    """getaddrinfo has no timeout: a resolver that hangs must not hold the download."""
+    lookup = socket.getaddrinfo
+    release = threading.Event()
+
+    def hanging(host, *args, **kwargs):
+        if host == "stuck.invalid":
+            release.wait(5)
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    start = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match="too slow"):
+            fast(tmp_path, timeout=5, deadline=0.5).fetch("http://stuck.invalid/x.png")
+        assert time.monotonic() - start < 1.5
+    finally:
+        release.set()
+    path = fast(tmp_path, deadline=2).fetch(f"{server.url}/ok/a.png")  # names still resolve
+    assert Path(path).read_bytes() == PNG

@@ -1068,7 +1068,8 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
     ),
     (
         "a server dripping one byte per 50 ms, sending headers that slowly, or chunks "
-        "forever; a TLS handshake never answered; a stall on every retry",
+        "forever; a TLS handshake never answered; a name lookup that hangs; a stall on every "
+        "retry",
         "the download ends at `deadline` (a watchdog cuts the connection; retries included): "
         "`download_failed` (\"too slow\")",
     ),
