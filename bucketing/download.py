@@ -206,7 +206,7 @@ class Downloader:
             raise DownloadError(
                 f"too large: Content-Length {expected} > max_bytes {self.max_bytes}"
             )
-        decoder = _Decoder(response.headers.get("Content-Encoding"), self.max_bytes)
+        decoder = _Decoder(response.headers.get("Content-Encoding"))
         chunks: list[bytes] = []
         received = total = 0
         while not watchdog.expired and (chunk := response.read1(_CHUNK)):
@@ -222,15 +222,15 @@ class Downloader:
             raise DownloadError(
                 f"truncated body: got {received} of {expected} bytes", retryable=True
             )
-        chunks.append(decoder.finish())
-        return chunks, total + len(chunks[-1])
+        decoder.finish()
+        return chunks, total
 
 
 class _Decoder:
     """Undo a ``Content-Encoding`` (gzip, deflate, none) chunk by chunk, never producing
     more than the room left, so a compression bomb stops at ``max_bytes``."""
 
-    def __init__(self, encoding: str | None, max_bytes: int) -> None:
+    def __init__(self, encoding: str | None) -> None:
         self.encoding = (encoding or "identity").strip().lower()
         if self.encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             raise DownloadError(
@@ -256,15 +256,14 @@ class _Decoder:
         except zlib.error as e:
             raise DownloadError(f"corrupt {self.encoding} body: {e}") from None
 
-    def finish(self) -> bytes:
-        """What is left at the end of the body; a stream cut short is an error."""
+    def finish(self) -> None:
+        """At the end of the body: a compressed stream cut short is an error."""
         if self.encoding == "identity":
-            return b""
+            return
         if self.inflate is None or not self.inflate.eof:
             raise DownloadError(f"truncated {self.encoding} body", retryable=True)
         if self.inflate.unused_data:
             raise DownloadError(f"data after the end of the {self.encoding} stream")
-        return b""
 
 
 def _wbits(encoding: str, head: bytes) -> int:
@@ -282,8 +281,6 @@ def _as_download_error(e: Exception, timeout: float) -> DownloadError:
         retry = e.code >= 500 or e.code in (408, 429)
         return DownloadError(f"HTTP {e.code} {e.reason}", retryable=retry)
     if isinstance(e, urllib.error.URLError):
-        if isinstance(e.reason, DownloadError):
-            return e.reason
         return DownloadError(
             f"connection failed: {e.reason}", retryable=isinstance(e.reason, OSError)
         )
@@ -419,7 +416,10 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 class _Redirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects only to ``http(s)://`` URLs (urllib alone would follow ``ftp://``)."""
 
-    def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001, ANN201
+    def http_error_302(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any
+    ) -> Any:
+        """Refuse a redirect to anything but http(s), then let urllib follow it."""
         location = headers.get("location") or headers.get("uri")
         if location is not None:
             target = urllib.parse.urljoin(req.full_url, location)
