@@ -868,3 +868,43 @@ def test_sweep_hand_written_csv_captions_keep_their_commas(captions, header, tmp
     resolved = resolve_source(tmp / "m.csv")
     assert [e.captions for e in resolved.entries] == [[c.strip()] for c in captions]
     assert resolved.rejections == []
+
+
+_CELLS = st.recursive(
+    st.one_of(st.none(), st.text(max_size=8), st.integers(-5, 5), st.floats(allow_nan=True)),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    images=st.lists(st.one_of(st.none(), st.sampled_from(["0.png", "", " ", "nope.png"])),
+                    min_size=1, max_size=4),
+    captions=st.lists(_CELLS, min_size=4, max_size=4),
+    suffix=st.sampled_from([".parquet", ".jsonl", ".json"]),
+)
+def test_sweep_typed_cells_are_captions_or_rejections(images, captions, suffix, tmp_path_factory):
+    """Nulls, numbers, NaN and nested lists in typed formats: strings out, never a crash."""
+    tmp = tmp_path_factory.mktemp("typed")
+    write_image(tmp / "0.png")
+    rows = [{"image": i, "caption": c} for i, c in zip(images, captions, strict=False)]
+    path = tmp / f"m{suffix}"
+    if suffix == ".parquet":
+        try:
+            table = pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return  # mixed types parquet cannot hold
+        pq.write_table(table, path)
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    try:
+        resolved = resolve_source(path)
+    except ValueError as e:
+        assert "lists no images" in str(e) or "no image column" in str(e)
+        return
+    for e in resolved.entries:
+        assert all(isinstance(c, str) and c == c.strip() and c for c in e.captions)
+    assert len(resolved.entries) <= 1
