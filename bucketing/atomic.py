@@ -29,7 +29,8 @@ _KINDS = (
 
 
 def _refuse(target: str, why: str) -> FileExistsError:
-    return FileExistsError(errno.EEXIST, f"refusing to write over {target}: {why}", target)
+    """``[Errno 17] refusing to write over it: <why>: '<target>'``."""
+    return FileExistsError(errno.EEXIST, f"refusing to write over it: {why}", target)
 
 
 def check_replaceable(
@@ -54,7 +55,7 @@ def check_replaceable(
             raise _refuse(real, f"it is {kind}, not a regular file")
     for path in keep:
         if _same_file(real, path):
-            raise _refuse(real, f"it is {os.fspath(path)}, the input; put {what} elsewhere")
+            raise _refuse(real, f"it is the input {os.fspath(path)}; put {what} elsewhere")
     if ours is not None and not ours(real):
         raise _refuse(
             real,

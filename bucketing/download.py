@@ -18,7 +18,9 @@ import contextlib
 import hashlib
 import http.client
 import os
+import re
 import socket
+import stat
 import threading
 import time
 import urllib.error
@@ -44,6 +46,7 @@ _CONTENT_TYPES = {
     "image/avif": ".avif",
 }
 _CHUNK = 1 << 16
+_OBJECT_NAME = re.compile(r"[0-9a-f]{2}/[0-9a-f]{64}(\.[a-z]{3,4})?")  # see the layout above
 
 
 class DownloadError(Exception):
@@ -97,14 +100,21 @@ class Downloader:
         return os.path.join(self.cache_dir, "urls", key)
 
     def cached(self, url: str) -> str | None:
-        """The local copy of ``url`` if it was fetched before, without network access."""
+        """The local copy of ``url`` if it was fetched before, without network access. A
+        record that is not a small regular file naming an object of this cache (a FIFO, a
+        path elsewhere) is a miss: nothing blocks, nothing outside the cache is served."""
+        record = self._url_file(url)
         try:
-            with open(self._url_file(url), encoding="utf-8") as f:
-                name = f.read().strip()
+            if not stat.S_ISREG(os.stat(record).st_mode):
+                return None
+            with open(record, encoding="utf-8") as f:
+                name = f.read(200).strip()
         except (OSError, UnicodeDecodeError):
             return None
+        if not _OBJECT_NAME.fullmatch(name):
+            return None
         path = os.path.join(self.cache_dir, "objects", name)
-        return path if name and os.path.isfile(path) else None
+        return path if os.path.isfile(path) else None
 
     def fetch(self, url: str) -> str:
         """Local path of ``url``'s bytes, downloading them if needed; raises DownloadError."""
@@ -157,7 +167,7 @@ class Downloader:
         except DownloadError:
             raise
         except Exception as e:
-            if watchdog.expired:  # the watchdog cut the connection: whatever broke, too slow
+            if watchdog.expired or time.monotonic() >= watchdog.end:  # whatever broke: too slow
                 raise self._too_slow() from None
             raise _as_download_error(e, self.timeout) from None
         finally:
@@ -170,7 +180,7 @@ class Downloader:
         for chunk in chunks:
             digest.update(chunk)
         name = digest.hexdigest()
-        name = os.path.join(name[:2], name + ext)
+        name = f"{name[:2]}/{name}{ext}"
         target = os.path.join(self.cache_dir, "objects", name)
         try:
             if not os.path.isfile(target):
@@ -196,7 +206,7 @@ class Downloader:
             raise DownloadError(
                 f"too large: Content-Length {expected} > max_bytes {self.max_bytes}"
             )
-        decoder = _Decoder(response.headers.get("Content-Encoding"), self.max_bytes)
+        decoder = _Decoder(response.headers.get("Content-Encoding"))
         chunks: list[bytes] = []
         received = total = 0
         while not watchdog.expired and (chunk := response.read1(_CHUNK)):
@@ -212,27 +222,32 @@ class Downloader:
             raise DownloadError(
                 f"truncated body: got {received} of {expected} bytes", retryable=True
             )
-        chunks.append(decoder.finish())
-        return chunks, total + len(chunks[-1])
+        decoder.finish()
+        return chunks, total
 
 
 class _Decoder:
     """Undo a ``Content-Encoding`` (gzip, deflate, none) chunk by chunk, never producing
     more than the room left, so a compression bomb stops at ``max_bytes``."""
 
-    def __init__(self, encoding: str | None, max_bytes: int) -> None:
+    def __init__(self, encoding: str | None) -> None:
         self.encoding = (encoding or "identity").strip().lower()
         if self.encoding not in ("identity", "gzip", "x-gzip", "deflate"):
             raise DownloadError(
                 f"unsupported Content-Encoding {encoding!r} (gzip and deflate are decoded)"
             )
         self.inflate: Any = None
+        self.head = b""
 
     def decode(self, data: bytes, room: int) -> bytes:
         """The decoded bytes of ``data``; more than ``room`` of them means too large."""
         if self.encoding == "identity":
             return data
         if self.inflate is None:
+            self.head += data  # deflate's two header bytes may arrive one at a time
+            if len(self.head) < 2:
+                return b""
+            data, self.head = self.head, b""
             self.inflate = zlib.decompressobj(_wbits(self.encoding, data))
         if self.inflate.eof:
             raise DownloadError(f"data after the end of the {self.encoding} stream")
@@ -241,23 +256,22 @@ class _Decoder:
         except zlib.error as e:
             raise DownloadError(f"corrupt {self.encoding} body: {e}") from None
 
-    def finish(self) -> bytes:
-        """What is left at the end of the body; a stream cut short is an error."""
+    def finish(self) -> None:
+        """At the end of the body: a compressed stream cut short is an error."""
         if self.encoding == "identity":
-            return b""
+            return
         if self.inflate is None or not self.inflate.eof:
             raise DownloadError(f"truncated {self.encoding} body", retryable=True)
         if self.inflate.unused_data:
             raise DownloadError(f"data after the end of the {self.encoding} stream")
-        return b""
 
 
 def _wbits(encoding: str, head: bytes) -> int:
-    """zlib's window bits for a body: gzip; deflate as it should be (zlib-wrapped) or as
-    some servers send it (raw)."""
+    """zlib's window bits for a body starting with ``head`` (2 bytes at least): gzip;
+    deflate as it should be (zlib-wrapped) or as some servers send it (raw)."""
     if encoding != "deflate":
         return 31
-    zlib_header = len(head) >= 2 and head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
+    zlib_header = head[0] & 0x0F == 8 and (head[0] << 8 | head[1]) % 31 == 0
     return 15 if zlib_header else -15
 
 
@@ -267,8 +281,6 @@ def _as_download_error(e: Exception, timeout: float) -> DownloadError:
         retry = e.code >= 500 or e.code in (408, 429)
         return DownloadError(f"HTTP {e.code} {e.reason}", retryable=retry)
     if isinstance(e, urllib.error.URLError):
-        if isinstance(e.reason, DownloadError):
-            return e.reason
         return DownloadError(
             f"connection failed: {e.reason}", retryable=isinstance(e.reason, OSError)
         )
@@ -292,6 +304,7 @@ class _Watchdog:
     the wait for each byte)."""
 
     def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
         self.expired = False
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -328,14 +341,53 @@ class _WatchedHTTP(http.client.HTTPConnection):
 
     def __init__(self, *args: Any, watchdog: _Watchdog, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        connect = self._create_connection
-        self._create_connection = lambda *a, **k: watchdog.watch(connect(*a, **k))
+        self._create_connection = self._open_socket
         self._watchdog = watchdog
+
+    def _open_socket(
+        self, address: tuple[str, int], timeout: Any, source_address: Any = None
+    ) -> socket.socket:
+        """``socket.create_connection`` with the name lookup bounded by the deadline (a
+        resolver that hangs would otherwise hold the download) and each socket watched."""
+        error: OSError | None = None
+        for family, kind, proto, _, peer in _resolve(*address, self._watchdog.end):
+            sock = self._watchdog.watch(socket.socket(family, kind, proto))
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(peer)
+                return sock
+            except OSError as e:
+                error = e
+                sock.close()
+        raise error or OSError(f"no address for {address[0]!r}")
 
     def connect(self) -> None:
         """Connect (TCP, then TLS for https) under the watchdog."""
         super().connect()
         self._watchdog.watch(self.sock)
+
+
+def _resolve(host: str, port: int, end: float) -> list[tuple]:
+    """``socket.getaddrinfo`` given up at ``end`` (``time.monotonic()``): it has no timeout
+    of its own, so it runs in a thread that is left behind if the resolver hangs."""
+    found: dict[str, Any] = {}
+
+    def lookup() -> None:
+        try:
+            found["infos"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except OSError as e:
+            found["error"] = e
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(max(end - time.monotonic(), 0.0))
+    if thread.is_alive():
+        raise TimeoutError(f"looking up {host!r} did not finish within the deadline")
+    if "error" in found:
+        raise found["error"]
+    return found["infos"]
 
 
 class _WatchedHTTPS(_WatchedHTTP, http.client.HTTPSConnection):
@@ -364,7 +416,10 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 class _Redirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects only to ``http(s)://`` URLs (urllib alone would follow ``ftp://``)."""
 
-    def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001, ANN201
+    def http_error_302(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any
+    ) -> Any:
+        """Refuse a redirect to anything but http(s), then let urllib follow it."""
         location = headers.get("location") or headers.get("uri")
         if location is not None:
             target = urllib.parse.urljoin(req.full_url, location)

@@ -8,6 +8,8 @@ import contextlib
 import gzip
 import io
 import os
+import socket
+import stat
 import threading
 import time
 import zlib
@@ -16,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from bucketing.download import Downloader, DownloadError, default_cache_dir
@@ -38,6 +42,7 @@ class Server:
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
+        self.scripts: list[dict] = []
         self.release = threading.Event()  # stalled handlers wait for this (or 10 s)
         state = self
 
@@ -60,6 +65,18 @@ class Server:
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()
+
+            def scripted(self, script: dict) -> None:
+                self.send_response(script["status"])
+                for name, value in script["headers"]:
+                    self.send_header(name, value)
+                self.end_headers()
+                for piece in script["pieces"]:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    if state.release.wait(script["pause"]):
+                        return
+                self.close_connection = True
 
             def respond(self, path: str, hit: int) -> None:
                 kind = path.split("/")[1]
@@ -137,6 +154,8 @@ class Server:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
+                elif kind == "script":  # /script/<n>: the n-th scripted response
+                    self.scripted(state.scripts[int(path.split("/")[2])])
                 elif kind == "notimage":
                     self.send(b"<html>not an image</html>")
                 else:
@@ -329,8 +348,6 @@ class socket_closed_port:
     """A loopback port with nothing listening (bound, then closed)."""
 
     def __enter__(self) -> int:
-        import socket
-
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -400,3 +417,137 @@ def test_a_download_that_is_no_image_is_rejected_under_its_url(server, tmp_path)
     index = scan([url, f"{server.url}/ok/a.png"], workers=0, download_dir=tmp_path / "dl")
     assert [(r.path, r.reason) for r in index.rejections] == [(url, "not_an_image")]
     assert len(index) == 1 and index.paths[0].startswith(str(tmp_path / "dl"))
+
+
+@st.composite
+def _responses(draw) -> tuple[dict, bytes | None]:
+    """A server response, and the bytes a correct client stores (None: it must fail)."""
+    body = draw(st.sampled_from([PNG, b"", b"\0" * 3000, png_bytes(40, 30)]))
+    encoding = draw(st.sampled_from([None, "gzip", "deflate", "br", "gzip-corrupt"]))
+    wire = {
+        None: body,
+        "gzip": gzip.compress(body),
+        "deflate": zlib.compress(body),
+        "br": body,
+        "gzip-corrupt": gzip.compress(body)[:-6] + b"xxxxxx",
+    }[encoding]
+    length = draw(st.sampled_from(["exact", "none", "short", "long"]))
+    status = draw(st.sampled_from([200, 200, 200, 404, 500, 204]))
+    headers = [("Content-Type", draw(st.sampled_from(["image/png", "text/html", "", "x/y;;"])))]
+    if encoding:
+        headers.append(("Content-Encoding", encoding.split("-")[0]))
+    declared = {"exact": len(wire), "short": max(len(wire) - 5, 0), "long": len(wire) + 5}
+    if length != "none":
+        headers.append(("Content-Length", str(declared[length])))
+    cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=4)))
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    script = {"status": status, "headers": headers, "pieces": pieces,
+              "pause": draw(st.sampled_from([0.0, 0.01]))}
+    if length == "short" and encoding is None:  # Content-Length is authoritative (as curl)
+        body = body[: declared["short"]]
+    good = (
+        status == 200
+        and body
+        and encoding in (None, "gzip", "deflate")
+        and (length in ("exact", "none") or (length == "short" and encoding is None))
+    )
+    return script, body if good else None
+
+
+@settings(
+    deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)  # the server and tmp_path are shared across examples on purpose: each gets its own script
+@given(response=_responses())
+def test_sweep_any_server_response_is_the_body_or_a_download_error(server, tmp_path, response):
+    """Whatever a server sends within the deadline: the exact (decoded) body is stored, or
+    a DownloadError says why; nothing else is raised, and the deadline holds."""
+    script, expected = response
+    server.scripts.append(script)
+    url = f"{server.url}/script/{len(server.scripts) - 1}"
+    downloader = fast(tmp_path / str(len(server.scripts)), retries=0, timeout=0.3, deadline=1.0)
+    start = time.monotonic()
+    try:
+        got = Path(downloader.fetch(url)).read_bytes()
+    except DownloadError as e:
+        got = e
+    assert time.monotonic() - start < 1.5
+    if expected is None:
+        assert isinstance(got, DownloadError), script
+    else:
+        assert got == expected, (script, got)
+
+
+def test_a_deflate_body_arriving_a_byte_at_a_time(server, tmp_path):
+    """The sweep's find: zlib's two header bytes split across reads."""
+    wire = zlib.compress(PNG)
+    server.scripts.append(
+        {
+            "status": 200,
+            "headers": [("Content-Encoding", "deflate"), ("Content-Length", str(len(wire)))],
+            "pieces": [wire[:1], wire[1:2], wire[2:]],
+            "pause": 0.01,
+        }
+    )
+    path = fast(tmp_path).fetch(f"{server.url}/script/0")
+    assert Path(path).read_bytes() == PNG
+
+
+def test_a_tampered_cache_record_is_a_miss_never_a_hang_or_an_escape(server, tmp_path):
+    url = f"{server.url}/ok/a.png"
+    d = fast(tmp_path)
+    good = d.fetch(url)
+    record = Path(d._url_file(url))
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(OTHER)
+    for name in [str(outside), "../../secret.png", "ab/../../../secret.png"]:
+        record.write_text(name)
+        assert d.cached(url) is None, name
+    record.unlink()
+    os.mkfifo(record)  # reading it would block forever
+    assert d.cached(url) is None
+    with pytest.raises(DownloadError, match="cannot store .* it is a FIFO"):
+        d.fetch(url)  # fetched again, but the FIFO is never replaced
+    assert stat.S_ISFIFO(os.stat(record).st_mode) and Path(good).read_bytes() == PNG
+
+
+def test_the_deadline_bounds_a_tls_handshake_that_never_answers(tmp_path):
+    """A peer that accepts the connection and then says nothing: the TLS handshake waits
+    on the raw socket, which the watchdog cuts at the deadline (timeout alone: 5 s)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted: list[socket.socket] = []
+    thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/x.png"
+    start = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match="too slow"):
+            fast(tmp_path, timeout=5, deadline=0.5).fetch(url)
+        assert time.monotonic() - start < 2
+    finally:
+        thread.join(2)
+        for s in [*accepted, listener]:
+            s.close()
+
+
+def test_the_deadline_bounds_a_name_lookup_that_hangs(server, tmp_path, monkeypatch):
+    """getaddrinfo has no timeout: a resolver that hangs must not hold the download."""
+    lookup = socket.getaddrinfo
+    release = threading.Event()
+
+    def hanging(host, *args, **kwargs):
+        if host == "stuck.invalid":
+            release.wait(5)
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    start = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match="too slow"):
+            fast(tmp_path, timeout=5, deadline=0.5).fetch("http://stuck.invalid/x.png")
+        assert time.monotonic() - start < 1.5
+    finally:
+        release.set()
+    path = fast(tmp_path, deadline=2).fetch(f"{server.url}/ok/a.png")  # names still resolve
+    assert Path(path).read_bytes() == PNG

@@ -1023,7 +1023,7 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "scanned, loaded, caption decoded; the saved index keeps the exact bytes",
     ),
     (
-        "caption sidecar that is a FIFO, or a symlink to `/dev/zero`",
+        "caption sidecar that is a FIFO, a symlink to `/dev/zero`, or over 1 MiB",
         "image kept without a caption; the sidecar rejected `unreadable_caption` (only "
         "regular files are read: nothing blocks, nothing reads forever)",
     ),
@@ -1042,8 +1042,12 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "extra cell or broken quoting: `bad_row` naming the line, the rows after it read",
     ),
     (
-        "a header naming the image or caption column twice (`image,image,caption`); a JSON "
-        "row naming a key twice",
+        "a `.csv` separated by `;` or `|` (spreadsheet exports), a `.tsv` with commas",
+        "`ValueError` naming the separator the first row looks split by",
+    ),
+    (
+        "a CSV/TSV header or parquet schema naming the image or caption column twice "
+        "(`image,image,caption`); a JSON row naming a key twice",
         "`ValueError` naming the column and its positions; the JSON row: `bad_row`",
     ),
     (
@@ -1064,7 +1068,8 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
     ),
     (
         "a server dripping one byte per 50 ms, sending headers that slowly, or chunks "
-        "forever; a stall on every retry",
+        "forever; a TLS handshake never answered; a name lookup that hangs; a stall on every "
+        "retry",
         "the download ends at `deadline` (a watchdog cuts the connection; retries included): "
         "`download_failed` (\"too slow\")",
     ),
@@ -1073,6 +1078,11 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "`Content-Encoding: br`",
         "redirect refused (`download_failed`, only http(s) at every hop); decoded; "
         "`too large` after decoding past `max_bytes`; refused by name",
+    ),
+    (
+        "a download-cache record that is a FIFO or names a file outside the cache",
+        "a miss: fetched again; nothing blocks, nothing outside the cache is served, the "
+        "FIFO is never replaced (`download_failed`: \"cannot store\")",
     ),
     (
         "a downloaded body that is no image",

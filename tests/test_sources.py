@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import pickle
@@ -562,6 +563,11 @@ def test_a_repeated_column_name_is_an_error_not_a_dropped_file(
     (tmp_path / "m.csv").write_text(f"image,image,caption\nimg/{images[0].name},img/x.png,c\n")
     with pytest.raises(ValueError, match=r"column 'image' is named 2 times .*\[1, 2\]"):
         resolve_source(tmp_path / "m.csv")
+    names = ["image", "caption", "caption"]
+    cells = [pa.array([f"img/{images[0].name}"]), pa.array(["short"]), pa.array(["long"])]
+    pq.write_table(pa.Table.from_arrays(cells, names=names), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"column 'caption' is named 2 times .*\[2, 3\]"):
+        resolve_source(tmp_path / "m.parquet")
     (tmp_path / "m.csv").write_text(f"image,caption,note,note\nimg/{images[0].name},c,1,2\n")
     assert resolve_source(tmp_path / "m.csv").entries == [Entry(str(images[0]), ["c"])]
     # in JSON a repeated key is one bad row
@@ -659,3 +665,246 @@ def test_utf16_manifest_from_a_spreadsheet(tmp_path: Path, images: list[Path]) -
     text = f"image\tcaption\nimg/{images[0].name}\tcafé\n"
     (tmp_path / "m.tsv").write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
     assert resolve_source(tmp_path / "m.tsv").entries == [Entry(str(images[0]), ["café"])]
+
+
+# --------------------------------------------------------------------------- the sweep
+
+# captions with everything a hand-written or exported manifest may hold
+_NASTY_TEXT = st.text(
+    st.one_of(
+        st.sampled_from(list(',\t;"\'\\\r\n\x00\x0b\x1c\u2028\ufeff[]{} ')),
+        st.characters(codec="utf-8", exclude_categories=("Cs",)),
+    ),
+    max_size=20,
+)
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 3), _NASTY_TEXT), min_size=1, max_size=5),
+    encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]),
+)
+def test_sweep_written_manifests_read_back_exactly(rows, encoding, tmp_path_factory) -> None:
+    """Any caption a csv/json writer can write reads back as that caption (stripped), in
+    every format and encoding: separators, quotes, newlines, NULs and BOMs included."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    imgs = [write_image(tmp / f"{i}.png") for i in range(4)]
+    expected: dict[str, list[str]] = {}
+    for i, cap in rows:
+        caps = expected.setdefault(str(imgs[i]), [])
+        if cap.strip() and cap.strip() not in caps:
+            caps.append(cap.strip())
+    recs = [{"image": imgs[i].name, "caption": cap} for i, cap in rows]
+    for suffix in [".jsonl", ".json", ".csv", ".tsv"]:
+        if suffix in (".jsonl", ".json"):
+            lines = [json.dumps(r) for r in recs]
+            text = "\n".join(lines) if suffix == ".jsonl" else "[" + ",\n".join(lines) + "]"
+        else:
+            buf = io.StringIO(newline="")
+            writer = csv.writer(buf, delimiter="," if suffix == ".csv" else "\t")
+            writer.writerow(["image", "caption"])
+            writer.writerows([r["image"], r["caption"]] for r in recs)
+            text = buf.getvalue()
+        (tmp / f"m{suffix}").write_bytes(text.encode(encoding))
+        resolved = resolve_source(tmp / f"m{suffix}")
+        got = {e.path: e.captions for e in resolved.entries}
+        assert got == expected, (suffix, encoding)
+
+
+_TOKENS = st.sampled_from(
+    ["[", "]", "{", "}", '"', ",", "\t", "\n", "\r", ":", "\\", "\x00", "\ud800", "\udcff",
+     "image", "caption", "0.png", "img/1.png", " ", "null", "1e999", "[" * 3000, "\\u0000"]
+)
+
+
+@settings(deadline=None, max_examples=60)
+@given(parts=st.lists(_TOKENS, max_size=30), suffix=st.sampled_from(FORMATS[:4]))
+def test_sweep_hostile_manifest_text_is_rows_or_a_clear_error(parts, suffix, tmp_path_factory):
+    """Random manifest text: a ResolvedSource, or a ValueError saying what is wrong; never
+    another exception; every rejection names something an index can save."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    for i in range(2):
+        write_image(tmp / "img" / f"{i}.png")
+    write_image(tmp / "0.png")
+    path = tmp / f"m{suffix}"
+    path.write_bytes("".join(parts).encode("utf-8", "surrogatepass"))
+    try:
+        resolved = resolve_source(path)
+    except ValueError as e:
+        assert str(e)
+        return
+    for r in resolved.rejections:
+        os.fsencode(r.path)
+    for e in resolved.entries:
+        assert os.path.isfile(e.path) and all(isinstance(c, str) for c in e.captions)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    names=st.lists(
+        st.one_of(
+            st.text(max_size=12),
+            st.sampled_from(["a\x00b.png", "\ud800.png", "x\ny.png", "é.png", "a" * 300,
+                             "../" * 40 + "etc/passwd", "0.png", "./0.png", "sub/../0.png"]),
+        ),
+        max_size=6,
+    )
+)
+def test_sweep_any_list_of_paths_is_entries_or_rejections(names, tmp_path_factory) -> None:
+    """Every non-blank item is one entry or one rejection, whatever characters it holds."""
+    tmp = tmp_path_factory.mktemp("paths")
+    write_image(tmp / "0.png")
+    resolved = resolve_source(names, base_dir=tmp)
+    blank = sum(not n.strip() for n in names)
+    assert len(resolved.entries) + len(resolved.rejections) == len(names)
+    assert sum(r.reason == "no_image" for r in resolved.rejections) == blank
+    for r in resolved.rejections:
+        os.fsencode(r.path)
+
+
+def test_a_caption_with_a_lone_surrogate_becomes_text_a_tokenizer_takes(
+    tmp_path: Path, images: list[Path], flux_tokenizer_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    row = f'{{"image": "img/{images[0].name}", "caption": "a \\ud800 car"}}\n'
+    (tmp_path / "m.jsonl").write_text(row)
+    (entry,) = resolve_source(tmp_path / "m.jsonl").entries
+    assert entry.captions == ["a \ufffd car"]
+    for sub in ("tokenizer", "tokenizer_2"):
+        assert AutoTokenizer.from_pretrained(flux_tokenizer_dir / sub)(entry.captions)["input_ids"]
+
+
+def test_a_huge_caption_sidecar_is_refused_not_read(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png")
+    with open(tmp_path / "a.txt", "wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse: a caption file of a megabyte and a byte
+    resolved = resolve_source(tmp_path)
+    assert resolved.entries == [Entry(str(tmp_path / "a.png"), [])]
+    assert [(r.reason, "larger than" in r.detail) for r in resolved.rejections] == [
+        ("unreadable_caption", True)
+    ]
+
+
+def test_a_dataset_file_swapped_for_a_fifo_never_blocks(tmp_path: Path, images: list[Path]) -> None:
+    datasets = pytest.importorskip("datasets")
+    blob = images[0].read_bytes()
+    target = tmp_path / "later-a-fifo.png"
+    shutil.copy(images[1], target)
+    features = datasets.Features({"image": datasets.Image()})
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": blob, "path": None}, {"bytes": None, "path": str(target)}]},
+        features=features,
+    )
+    resolved = resolve_source(ds)
+    assert resolved.blobs is not None and resolved.blobs(1) == images[1].read_bytes()
+    target.unlink()
+    os.mkfifo(target)  # no writer: an open() for reading would wait forever
+    with pytest.raises(OSError, match="not a regular file"):
+        resolved.blobs(1)
+
+
+_NAME_BYTES = st.one_of(
+    st.binary(min_size=1, max_size=20),
+    st.sampled_from([b"\xff\xfe", b"a\nb", b"\x1b[31m", b"x" * 240, b"..", b" ", b"-", b"\\"]),
+).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    files=st.lists(
+        st.tuples(_NAME_BYTES, st.sampled_from([b".png", b".JPG", b".txt", b"", b".caption"])),
+        max_size=6,
+        unique_by=lambda t: t[0] + t[1],
+    )
+)
+def test_sweep_any_file_names_in_a_folder(files, tmp_path_factory) -> None:
+    """Whatever bytes name the files: every image is listed once, captions are read, and
+    nothing raises; every path is the exact name on disk."""
+    tmp = tmp_path_factory.mktemp("names")
+    root = os.fsencode(tmp)
+    write_image(tmp / "anchor.png")
+    expected = {os.path.join(root, b"anchor.png")}
+    for stem, ext in files:
+        name = os.path.join(root, stem + ext)
+        with open(name, "wb") as f:
+            f.write(b"a caption" if ext in (b".txt", b".caption") else b"not really an image")
+        if ext.lower() in (b".png", b".jpg"):
+            expected.add(name)
+    resolved = resolve_source(tmp)
+    assert {os.fsencode(e.path) for e in resolved.entries} == expected
+    assert resolved.rejections == []
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_a_manifest_with_another_separator_is_a_clear_error(
+    tmp_path: Path, images: list[Path], suffix: str
+) -> None:
+    for sep in ";|":
+        (tmp_path / f"m{suffix}").write_text(f"image{sep}caption\nimg/{images[0].name}{sep}c\n")
+        with pytest.raises(ValueError, match=f"looks separated by '\\{sep}'"):
+            resolve_source(tmp_path / f"m{suffix}")
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    captions=st.lists(
+        st.text(st.sampled_from(list("ab ,;.-'é")), max_size=15).filter(
+            lambda c: c.strip() and not c.rstrip().endswith(",")
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    header=st.booleans(),
+)
+def test_sweep_hand_written_csv_captions_keep_their_commas(captions, header, tmp_path_factory):
+    """A CSV typed by hand (no quoting at all): each caption comes back whole."""
+    tmp = tmp_path_factory.mktemp("naive")
+    imgs = [write_image(tmp / f"{i}.png") for i in range(len(captions))]
+    lines = (["image,caption"] if header else []) + [
+        f"{p.name},{c}" for p, c in zip(imgs, captions, strict=True)
+    ]
+    (tmp / "m.csv").write_text("\n".join(lines) + "\n")
+    resolved = resolve_source(tmp / "m.csv")
+    assert [e.captions for e in resolved.entries] == [[c.strip()] for c in captions]
+    assert resolved.rejections == []
+
+
+_CELLS = st.recursive(
+    st.one_of(st.none(), st.text(max_size=8), st.integers(-5, 5), st.floats(allow_nan=True)),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    images=st.lists(st.one_of(st.none(), st.sampled_from(["0.png", "", " ", "nope.png"])),
+                    min_size=1, max_size=4),
+    captions=st.lists(_CELLS, min_size=4, max_size=4),
+    suffix=st.sampled_from([".parquet", ".jsonl", ".json"]),
+)
+def test_sweep_typed_cells_are_captions_or_rejections(images, captions, suffix, tmp_path_factory):
+    """Nulls, numbers, NaN and nested lists in typed formats: strings out, never a crash."""
+    tmp = tmp_path_factory.mktemp("typed")
+    write_image(tmp / "0.png")
+    rows = [{"image": i, "caption": c} for i, c in zip(images, captions, strict=False)]
+    path = tmp / f"m{suffix}"
+    if suffix == ".parquet":
+        try:
+            table = pa.Table.from_pylist(rows)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return  # mixed types parquet cannot hold
+        pq.write_table(table, path)
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    try:
+        resolved = resolve_source(path)
+    except ValueError as e:
+        assert "lists no images" in str(e) or "no image column" in str(e)
+        return
+    for e in resolved.entries:
+        assert all(isinstance(c, str) and c == c.strip() and c for c in e.captions)
+    assert len(resolved.entries) <= 1

@@ -54,6 +54,8 @@ def _fit(
     cells: list[str], columns: list[str], caption: str | None, delimiter: str
 ) -> dict[str, str] | str:
     """The row as column -> cell, or why it does not fit the header."""
+    if len(cells) <= len(columns):
+        return dict(zip(columns, cells, strict=False))
     extra = cells[len(columns) :]
     while extra and not extra[-1].strip():
         extra.pop()  # trailing empty cells hold nothing
@@ -89,14 +91,14 @@ def _read_delimited(
 
         return image, caption, header_less()
     columns = [c.strip() for c in first[1]]
+    other = next((sep for sep in ";|\t," if sep != delimiter and sep in first[1][0]), None)
+    if len(columns) == 1 and other is not None:
+        raise ValueError(
+            f"{path}: the first row {first[1][0]!r} is one cell split on {delimiter!r}, but it "
+            f"looks separated by {other!r}; save it with {delimiter!r} between cells (a .csv "
+            "uses commas, a .tsv tabs)"
+        )
     image, caption = pick_columns(columns, column_map, path)
-    for used in {image, caption} - {None}:
-        if columns.count(used) > 1:
-            where = [i + 1 for i, c in enumerate(columns) if c == used]
-            raise ValueError(
-                f"{path}: column {used!r} is named {len(where)} times in the header (columns "
-                f"{where}); rename them so that each is one column, and pick with column_map"
-            )
 
     def with_header() -> Iterator[Record]:
         for line, cells in rows:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 _BASE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")
+MAX_CAPTION_FILE_BYTES = 1 << 20  # a sidecar caption file larger than this is no caption
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
     (codecs.BOM_UTF32_LE, "utf-32-le"),
     (codecs.BOM_UTF32_BE, "utf-32-be"),
@@ -71,15 +74,30 @@ def image_extensions() -> tuple[str, ...]:
     return _BASE_EXTENSIONS + avif
 
 
-def read_text(path: str) -> str:
+def read_regular_file(path: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of ``path``; OSError unless it is a regular file (a FIFO would block, a
+    device may never end) of at most ``max_bytes``."""
+    # opened without blocking (a FIFO would wait for a writer), then checked: no race
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew since the stat
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
+    return data
+
+
+def read_text(path: str, max_bytes: int | None = None) -> str:
     """Read a caption file or manifest as UTF-8 (a BOM is dropped; a UTF-16/32 BOM, as
     spreadsheets write, is honoured), falling back to cp1252 and then Latin-1 (which accepts
     every byte), so legacy Windows/Latin-1 captions read correctly.
-    Only regular files are read: a FIFO would block and a device may never end (OSError)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise OSError(errno.EINVAL, "not a regular file", path)
-    with open(path, "rb") as f:
-        data = f.read()
+    Only regular files are read: a FIFO would block and a device may never end (OSError);
+    so is a file over ``max_bytes``."""
+    data = read_regular_file(path, max_bytes)
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:
@@ -101,7 +119,8 @@ def caption_lines(text: str) -> list[str]:
 
 def captions_of(value: Any) -> list[str]:
     """Normalise a caption cell (string, list of strings, None/NaN) to a list of strings.
-    Nested lists are flattened in order, however deep (no recursion)."""
+    Nested lists are flattened in order, however deep (no recursion). A lone surrogate (an
+    invalid JSON escape such as ``\\ud800``, which tokenizers refuse) becomes U+FFFD."""
     out: list[str] = []
     stack = [value]
     while stack:
@@ -112,7 +131,7 @@ def captions_of(value: Any) -> list[str]:
             continue
         if isinstance(item, str):
             if item.strip():
-                out.append(item.strip())
+                out.append(_LONE_SURROGATE.sub("\ufffd", item.strip()))
         elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
         else:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from bucketing.index import Rejection
 from bucketing.sources.entries import (
     CAPTION_SUFFIXES,
+    MAX_CAPTION_FILE_BYTES,
     Entry,
     ResolvedSource,
     caption_lines,
@@ -119,7 +120,7 @@ def _sidecar_captions(
         for candidate in (stem + suffix, stem + suffix.upper()):
             if candidate in sidecars:
                 try:
-                    return caption_lines(read_text(candidate))
+                    return caption_lines(read_text(candidate, MAX_CAPTION_FILE_BYTES))
                 except OSError as e:
                     rejections.append(Rejection(candidate, "unreadable_caption", str(e)))
                     return []

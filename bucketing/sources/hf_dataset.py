@@ -18,6 +18,7 @@ from bucketing.sources.entries import (
     local_path,
     local_problem,
     path_problem,
+    read_regular_file,
     real_base,
 )
 from bucketing.sources.rows import collect, manifest_rows, pick_columns, source_folder
@@ -43,13 +44,13 @@ class RowBytes:
         return len(self.rows)
 
     def __call__(self, row: int) -> bytes:
-        """The encoded image bytes of row ``row`` (embedded bytes, else its file's)."""
+        """The encoded image bytes of row ``row`` (embedded bytes, else its file's: only a
+        regular file is read, so a file swapped for a FIFO cannot block a worker)."""
         value = self.dataset[int(self.rows[row])][self.column]
         if value.get("bytes"):
             return bytes(value["bytes"])
         if value.get("path"):
-            with open(os.path.join(self.root, value["path"]), "rb") as f:
-                return f.read()
+            return read_regular_file(local_path(value["path"], self.root))
         raise ValueError(f"dataset row {self.rows[row]} has neither image bytes nor a path")
 
     def take(self, rows: Iterable[int]) -> RowBytes:

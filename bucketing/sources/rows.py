@@ -49,23 +49,35 @@ def pick_columns(
     if caption is not None and caption not in columns:
         raise ValueError(f"no caption column {caption!r}: {hint}")
     if caption is None:
-        candidates = [c for c in CAPTION_COLUMNS if c in columns]
-        caption = candidates[0] if candidates else None
-        others = [c for c in dict.fromkeys(columns) if c != image]
-        if caption is None and others:
-            warnings.warn(
-                f"{what}: no caption column (looked for {list(CAPTION_COLUMNS)}) among the "
-                f"columns {list(columns)}; using {image!r} for images and no captions. To use "
-                "one, pass column_map={'caption': '<column>'}",
-                stacklevel=4,
-            )
-        elif len(candidates) > 1:
-            warnings.warn(
-                f"{what}: captions are read from {caption!r}, not from {candidates[1:]}; "
-                "pass column_map={'caption': '<column>'} to choose",
-                stacklevel=4,
+        caption = _default_caption(columns, image, what)
+    for used in (image, caption):
+        if used is not None and columns.count(used) > 1:
+            where = [i + 1 for i, c in enumerate(columns) if c == used]
+            raise ValueError(
+                f"{what}: column {used!r} is named {len(where)} times (columns {where}); "
+                "rename them so that each is one column, and pick with column_map"
             )
     return image, caption
+
+
+def _default_caption(columns: Sequence[str], image: str, what: str) -> str | None:
+    """The first of ``CAPTION_COLUMNS`` present; a warning says which columns were found and
+    which was used when none or several look like captions."""
+    candidates = [c for c in CAPTION_COLUMNS if c in columns]
+    if not candidates and any(c != image for c in columns):
+        warnings.warn(
+            f"{what}: no caption column (looked for {list(CAPTION_COLUMNS)}) among the "
+            f"columns {list(columns)}; using {image!r} for images and no captions. To use "
+            "one, pass column_map={'caption': '<column>'}",
+            stacklevel=5,
+        )
+    elif len(candidates) > 1:
+        warnings.warn(
+            f"{what}: captions are read from {candidates[0]!r}, not from {candidates[1:]}; "
+            "pass column_map={'caption': '<column>'} to choose",
+            stacklevel=5,
+        )
+    return candidates[0] if candidates else None
 
 
 def _is_blank(value: Any) -> bool:
