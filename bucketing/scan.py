@@ -36,7 +36,7 @@ from bucketing.headers import (
     worker_read,
 )
 from bucketing.index import CaptionColumn, ImageIndex, Rejection, TextColumn
-from bucketing.scan_cache import CacheRow, ScanCache
+from bucketing.scan_cache import CacheRow, ScanCache, check_cache_path
 from bucketing.sources import Entry, resolve_source
 from bucketing.sources.shards import read_manifest_columns
 
@@ -178,6 +178,7 @@ def _scan(
     download_dir: str | os.PathLike | None,
 ) -> ImageIndex:
     t0 = time.perf_counter()
+    check_cache_path(cache, source)
     limit = default_max_pixels() if max_pixels is None else int(max_pixels)
     resolved = resolve_source(
         source, column_map=column_map, base_dir=base_dir, download_dir=download_dir
@@ -200,7 +201,7 @@ def _scan(
     for entry, h in zip(entries, headers, strict=True):
         if h.ok and limit is not None and h.width * h.height > limit:
             detail = f"{h.width}x{h.height} is more than max_pixels={limit}"
-            rejections.append(Rejection(entry.path, "too_many_pixels", detail))
+            rejections.append(Rejection(entry.label, "too_many_pixels", detail))
         elif h.ok:
             paths.append(entry.path)
             widths.append(h.width)
@@ -208,7 +209,7 @@ def _scan(
             captions.append(list(entry.captions))
             rows.append(entry.row)
         else:
-            rejections.append(Rejection(entry.path, h.reason, h.detail))
+            rejections.append(Rejection(entry.label, h.reason, h.detail))
     blob = resolved.blobs.take(rows) if resolved.blobs is not None else None
     index = ImageIndex(paths, widths, heights, captions, rejections, blob=blob)
 

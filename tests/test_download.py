@@ -5,18 +5,24 @@ size limits, atomic cache files, and download_failed rejections from resolve_sou
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import os
+import stat
 import threading
 import time
+import zlib
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from bucketing.download import Downloader, DownloadError, default_cache_dir
+from bucketing.scan import scan
 from bucketing.sources import resolve_source
 
 
@@ -35,6 +41,7 @@ class Server:
 
     def __init__(self) -> None:
         self.hits: Counter[str] = Counter()
+        self.scripts: list[dict] = []
         self.release = threading.Event()  # stalled handlers wait for this (or 10 s)
         state = self
 
@@ -57,6 +64,18 @@ class Server:
                 self.end_headers()
                 self.wfile.write(body)
                 self.wfile.flush()
+
+            def scripted(self, script: dict) -> None:
+                self.send_response(script["status"])
+                for name, value in script["headers"]:
+                    self.send_header(name, value)
+                self.end_headers()
+                for piece in script["pieces"]:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    if state.release.wait(script["pause"]):
+                        return
+                self.close_connection = True
 
             def respond(self, path: str, hit: int) -> None:
                 kind = path.split("/")[1]
@@ -85,6 +104,59 @@ class Server:
                         self.wfile.write(b"\0" * 4096)
                 elif kind == "empty":
                     self.send(b"")
+                elif kind == "drip":  # a byte every 50 ms, each well within the timeout
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(PNG)))
+                    self.end_headers()
+                    for byte in PNG:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        if state.release.wait(0.05):
+                            return
+                elif kind == "slowheaders":  # the status line, then a header byte every 50 ms
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    for byte in b"X-Padding: " + b"a" * 400:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        if state.release.wait(0.05):
+                            return
+                elif kind == "chunks":  # chunked encoding that never ends
+                    self.send_response(200)
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    while not state.release.wait(0.02):
+                        self.wfile.write(b"1\r\n\0\r\n")
+                        self.wfile.flush()
+                elif kind == "redirect":  # /redirect/<status>/<scheme>
+                    _, _, status, scheme = path.split("/")[:4]
+                    target = {
+                        "ftp": "ftp://127.0.0.1/x.png",
+                        "file": "file:///etc/passwd",
+                        "http": "/ok/a.png",
+                    }[scheme]
+                    self.send_response(int(status))
+                    self.send_header("Location", target)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif kind in ("gzip", "deflate", "rawdeflate", "bomb", "br"):
+                    body = {
+                        "gzip": lambda: gzip.compress(PNG),
+                        "deflate": lambda: zlib.compress(PNG),
+                        "rawdeflate": lambda: zlib.compress(PNG, wbits=-15),
+                        "bomb": lambda: gzip.compress(b"\0" * 10_000_000),
+                        "br": lambda: PNG,
+                    }[kind]()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    encoding = {"rawdeflate": "deflate", "bomb": "gzip"}.get(kind, kind)
+                    self.send_header("Content-Encoding", encoding)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                elif kind == "script":  # /script/<n>: the n-th scripted response
+                    self.scripted(state.scripts[int(path.split("/")[2])])
+                elif kind == "notimage":
+                    self.send(b"<html>not an image</html>")
                 else:
                     self.send(b"?", status=400)
 
@@ -295,3 +367,145 @@ def test_cache_survives_a_corrupt_url_record(server, tmp_path):
     os.unlink(path)
     assert d.cached(url) is None
     assert d.fetch(url) == path and server.hits["/ok/c.png"] == 2
+
+
+@pytest.mark.parametrize("kind", ["drip", "slowheaders", "chunks"])
+def test_the_deadline_bounds_every_download(server, tmp_path, kind):
+    """Each byte arrives well within ``timeout``; only the deadline can end these."""
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="too slow: not finished within the deadline of 0.6s"):
+        fast(tmp_path, timeout=0.5, deadline=0.6).fetch(f"{server.url}/{kind}/x.png")
+    assert time.monotonic() - start < 1.2
+    assert server.hits[f"/{kind}/x.png"] == 1  # no retry past the deadline
+    assert no_temp_files(tmp_path)
+
+
+def test_the_deadline_covers_retries(server, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(DownloadError):
+        fast(tmp_path, timeout=0.2, retries=50, backoff=0.05, deadline=0.8).fetch(
+            f"{server.url}/stall/x.png"
+        )
+    assert time.monotonic() - start < 1.5
+    assert 1 <= server.hits["/stall/x.png"] <= 4
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "file"])
+@pytest.mark.parametrize("status", [301, 302, 307])
+def test_redirects_only_to_http(server, tmp_path, status, scheme):
+    with pytest.raises(DownloadError, match=f"redirected to '{scheme}:.*only http"):
+        fast(tmp_path).fetch(f"{server.url}/redirect/{status}/{scheme}")
+    path = fast(tmp_path).fetch(f"{server.url}/redirect/{status}/http")  # http hops are fine
+    assert Path(path).read_bytes() == PNG
+
+
+@pytest.mark.parametrize("kind", ["gzip", "deflate", "rawdeflate"])
+def test_compressed_bodies_are_decoded(server, tmp_path, kind):
+    path = fast(tmp_path).fetch(f"{server.url}/{kind}/x.png")
+    assert Path(path).read_bytes() == PNG and path.endswith(".png")
+
+
+def test_compressed_bodies_are_bounded_after_decoding_or_refused(server, tmp_path):
+    with pytest.raises(DownloadError, match="too large: more than max_bytes 100000"):
+        fast(tmp_path).fetch(f"{server.url}/bomb/x.png")  # 10 KB on the wire, 10 MB decoded
+    with pytest.raises(DownloadError, match="unsupported Content-Encoding 'br'"):
+        fast(tmp_path).fetch(f"{server.url}/br/x.png")
+    assert server.hits["/bomb/x.png"] == server.hits["/br/x.png"] == 1  # not retried
+
+
+def test_a_download_that_is_no_image_is_rejected_under_its_url(server, tmp_path):
+    url = f"{server.url}/notimage/x.png"
+    index = scan([url, f"{server.url}/ok/a.png"], workers=0, download_dir=tmp_path / "dl")
+    assert [(r.path, r.reason) for r in index.rejections] == [(url, "not_an_image")]
+    assert len(index) == 1 and index.paths[0].startswith(str(tmp_path / "dl"))
+
+
+@st.composite
+def _responses(draw) -> tuple[dict, bytes | None]:
+    """A server response, and the bytes a correct client stores (None: it must fail)."""
+    body = draw(st.sampled_from([PNG, b"", b"\0" * 3000, png_bytes(40, 30)]))
+    encoding = draw(st.sampled_from([None, "gzip", "deflate", "br", "gzip-corrupt"]))
+    wire = {
+        None: body,
+        "gzip": gzip.compress(body),
+        "deflate": zlib.compress(body),
+        "br": body,
+        "gzip-corrupt": gzip.compress(body)[:-6] + b"xxxxxx",
+    }[encoding]
+    length = draw(st.sampled_from(["exact", "none", "short", "long"]))
+    status = draw(st.sampled_from([200, 200, 200, 404, 500, 204]))
+    headers = [("Content-Type", draw(st.sampled_from(["image/png", "text/html", "", "x/y;;"])))]
+    if encoding:
+        headers.append(("Content-Encoding", encoding.split("-")[0]))
+    declared = {"exact": len(wire), "short": max(len(wire) - 5, 0), "long": len(wire) + 5}
+    if length != "none":
+        headers.append(("Content-Length", str(declared[length])))
+    cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=4)))
+    pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+    script = {"status": status, "headers": headers, "pieces": pieces,
+              "pause": draw(st.sampled_from([0.0, 0.01]))}
+    if length == "short" and encoding is None:  # Content-Length is authoritative (as curl)
+        body = body[: declared["short"]]
+    good = (
+        status == 200
+        and body
+        and encoding in (None, "gzip", "deflate")
+        and (length in ("exact", "none") or (length == "short" and encoding is None))
+    )
+    return script, body if good else None
+
+
+@settings(
+    deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)  # the server and tmp_path are shared across examples on purpose: each gets its own script
+@given(response=_responses())
+def test_sweep_any_server_response_is_the_body_or_a_download_error(server, tmp_path, response):
+    """Whatever a server sends within the deadline: the exact (decoded) body is stored, or
+    a DownloadError says why; nothing else is raised, and the deadline holds."""
+    script, expected = response
+    server.scripts.append(script)
+    url = f"{server.url}/script/{len(server.scripts) - 1}"
+    downloader = fast(tmp_path / str(len(server.scripts)), retries=0, timeout=0.3, deadline=1.0)
+    start = time.monotonic()
+    try:
+        got = Path(downloader.fetch(url)).read_bytes()
+    except DownloadError as e:
+        got = e
+    assert time.monotonic() - start < 1.5
+    if expected is None:
+        assert isinstance(got, DownloadError), script
+    else:
+        assert got == expected, (script, got)
+
+
+def test_a_deflate_body_arriving_a_byte_at_a_time(server, tmp_path):
+    """The sweep's find: zlib's two header bytes split across reads."""
+    wire = zlib.compress(PNG)
+    server.scripts.append(
+        {
+            "status": 200,
+            "headers": [("Content-Encoding", "deflate"), ("Content-Length", str(len(wire)))],
+            "pieces": [wire[:1], wire[1:2], wire[2:]],
+            "pause": 0.01,
+        }
+    )
+    path = fast(tmp_path).fetch(f"{server.url}/script/0")
+    assert Path(path).read_bytes() == PNG
+
+
+def test_a_tampered_cache_record_is_a_miss_never_a_hang_or_an_escape(server, tmp_path):
+    url = f"{server.url}/ok/a.png"
+    d = fast(tmp_path)
+    good = d.fetch(url)
+    record = Path(d._url_file(url))
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(OTHER)
+    for name in [str(outside), "../../secret.png", "ab/../../../secret.png"]:
+        record.write_text(name)
+        assert d.cached(url) is None, name
+    record.unlink()
+    os.mkfifo(record)  # reading it would block forever
+    assert d.cached(url) is None
+    with pytest.raises(DownloadError, match="cannot store .* it is a FIFO"):
+        d.fetch(url)  # fetched again, but the FIFO is never replaced
+    assert stat.S_ISFIFO(os.stat(record).st_mode) and Path(good).read_bytes() == PNG

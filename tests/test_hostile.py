@@ -24,6 +24,7 @@ import resource
 import select
 import shutil
 import signal
+import stat
 import struct
 import tempfile
 import warnings
@@ -47,6 +48,7 @@ from bucketing.headers import default_max_pixels, read_header
 from bucketing.index import ImageIndex
 from bucketing.ladder import BucketLadder
 from bucketing.scan import scan
+from bucketing.scan_cache import CACHE_FORMAT
 from transforms.collate import collate
 from transforms.image import ImageDecodeError, load_image
 from transforms.resize_crop import BucketResizeCrop
@@ -839,6 +841,13 @@ def test_a_parquet_file_carrying_a_pickle_payload_is_never_executed(tmp_path, od
     shutil.copy(odd_dir / "hopper.jpg", folder / "a.jpg")
     cache = tmp_path / "cache.parquet"
     shutil.copy(hostile, cache)
+    with pytest.raises(FileExistsError, match="not the scan cache"):
+        scan(folder, workers=0, cache=cache)  # not our format: never read, never replaced
+    assert cache.read_bytes() == hostile.read_bytes()
+    forged = pq.read_table(hostile).replace_schema_metadata(
+        {"format": CACHE_FORMAT, "version": "1"}  # carries our mark: read, then ignored
+    )
+    pq.write_table(forged, cache)
     with pytest.warns(RuntimeWarning, match="ignoring scan cache"):
         index = scan(folder, workers=0, cache=cache)
     assert len(index) == 1 and index.scan_stats.cache == "rebuilt"
@@ -846,6 +855,76 @@ def test_a_parquet_file_carrying_a_pickle_payload_is_never_executed(tmp_path, od
     with pytest.raises(ValueError, match="not an aspect-bucketing index"):
         ImageIndex.load(hostile)
     assert not marker.exists()
+
+
+def test_one_bad_manifest_row_costs_one_rejection_through_scan(tmp_path, odd_dir):
+    """Rows no file can name, nested beyond the JSON reader, or not fitting the header are
+    rejections naming their row; the scan goes on and its index saves and loads."""
+    shutil.copy(odd_dir / "hopper.jpg", tmp_path / "a.jpg")
+    deep = "[" * 50_000 + '"x"' + "]" * 50_000
+    (tmp_path / "m.jsonl").write_text(
+        '{"image": "a\\u0000b.jpg"}\n{"image": "\\ud800.jpg"}\n'
+        f'{{"image": "a.jpg", "caption": {deep}}}\n{{"image": "a.jpg", "caption": "ok"}}\n'
+    )
+    (tmp_path / "m.csv").write_text(
+        'image,caption,score\na.jpg,a red car, parked,1\na.jpg,"x"y,2\n'
+    )
+    for name, bad in [("m.jsonl", ["line 1", "line 2", "line 3"]), ("m.csv", ["line 2", "line 3"])]:
+        index = scan(tmp_path / name, workers=0)
+        got = sorted((r.path, r.reason) for r in index.rejections)
+        assert got == [(f"{tmp_path / name}:{w}", "bad_row") for w in bad], name
+        index.save(tmp_path / "index.parquet")
+        assert ImageIndex.load(tmp_path / "index.parquet").rejections == index.rejections
+    assert index.captions == [] and len(scan(tmp_path / "m.jsonl", workers=0)) == 1
+
+
+def _state(path: Path) -> tuple:
+    """What a path is and holds (kind, bytes or listing), to prove nothing changed."""
+    st = os.lstat(path)
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    if path.is_dir():
+        return ("dir", sorted(p.name for p in path.iterdir()))
+    return (stat.S_IFMT(st.st_mode), path.read_bytes() if path.is_file() else None)
+
+
+def test_a_scan_cache_path_never_clobbers_user_files(tmp_path, odd_dir):
+    """The cache path is checked before any work: the source itself, a file the scan
+    lists, a saved index, any file not in the scan-cache format, a FIFO, a folder, a
+    device or a symlink to one are refused, and left exactly as they were."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(odd_dir / "hopper.jpg", folder / "a.jpg")
+    (folder / "a.txt").write_text("a red car")
+    (folder / "empty.png").write_bytes(b"")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"image,caption\n{folder / 'a.jpg'},a red car\n")
+    saved = tmp_path / "index.parquet"
+    scan(folder, workers=0).save(saved)
+    data = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"image": ["imgs/a.jpg"]}), data)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "to-fifo").symlink_to(tmp_path / "fifo")
+    (tmp_path / "to-manifest").symlink_to(manifest)
+    cases = [
+        (manifest, manifest), (manifest, tmp_path / "to-manifest"), (folder, folder),
+        (folder, folder / "a.jpg"), (folder, folder / "a.txt"), (folder, folder / "empty.png"),
+        (manifest, folder / "a.jpg"), (data, data), (folder, saved), (folder, data),
+        (folder, tmp_path / "fifo"), (folder, tmp_path / "to-fifo"),
+        (tmp_path / "missing-source", tmp_path / "fifo"),  # refused before listing anything
+    ]
+    if os.geteuid() == 0:  # a private copy of /dev/null, never the real one
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        cases.append((folder, tmp_path / "null"))
+    for source, cache in cases:
+        before = _state(cache)
+        with pytest.raises(FileExistsError, match="refusing to write over"):
+            scan(source, workers=0, cache=cache)
+        assert _state(cache) == before, (source, cache)
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    cache = tmp_path / "scan.parquet"  # our own cache file is replaced as before
+    assert scan(folder, workers=0, cache=cache).scan_stats.cache == "absent"
+    assert scan(manifest, workers=0, cache=cache).scan_stats.cache == "loaded"
 
 
 # -- the docs table ------------------------------------------------------------------------
@@ -944,7 +1023,7 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "scanned, loaded, caption decoded; the saved index keeps the exact bytes",
     ),
     (
-        "caption sidecar that is a FIFO, or a symlink to `/dev/zero`",
+        "caption sidecar that is a FIFO, a symlink to `/dev/zero`, or over 1 MiB",
         "image kept without a caption; the sidecar rejected `unreadable_caption` (only "
         "regular files are read: nothing blocks, nothing reads forever)",
     ),
@@ -953,6 +1032,56 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "a missing file, a path out of `base_dir`",
         "blank rows skipped; short row: no caption; `no_image`; `duplicate` (captions "
         "merged, image kept once); `missing_file`; `outside_base_dir`; the rest train",
+    ),
+    (
+        "CSV/TSV row with more cells than the header (`a.jpg,a red car, parked` under "
+        "`image,caption`), header-less rows with separators in the caption, a quote never "
+        "closed",
+        "the caption is read whole when it is the last column (trailing empty cells "
+        "dropped); header-less: all after the first separator is one caption; any other "
+        "extra cell or broken quoting: `bad_row` naming the line, the rows after it read",
+    ),
+    (
+        "a header naming the image or caption column twice (`image,image,caption`); a JSON "
+        "row naming a key twice",
+        "`ValueError` naming the column and its positions; the JSON row: `bad_row`",
+    ),
+    (
+        "a caption nested 50,000 lists deep (`.jsonl` line or `.json` item), a folder "
+        "nested 1,000 levels deep",
+        "that row: `bad_row` (\"nested deeper than the JSON reader allows\"), the others "
+        "read; shallower nesting flattened; the deep folder walked without recursion",
+    ),
+    (
+        "a NUL or a lone surrogate in a manifest, list or dataset path",
+        "`bad_row` named by the row (`m.jsonl:line 2`, `list:item 0`), never a "
+        "`ValueError`/`UnicodeEncodeError` ending the scan; the index still saves",
+    ),
+    (
+        "a dataset or manifest whose caption column has an unrecognised name (`prompt_en`), "
+        "or two caption columns",
+        "a `UserWarning` naming the columns found and the ones used (pass `column_map`)",
+    ),
+    (
+        "a server dripping one byte per 50 ms, sending headers that slowly, or chunks "
+        "forever; a stall on every retry",
+        "the download ends at `deadline` (a watchdog cuts the connection; retries included): "
+        "`download_failed` (\"too slow\")",
+    ),
+    (
+        "a redirect to `ftp://` or `file://`; a `gzip`/`deflate` body, a gzip bomb, "
+        "`Content-Encoding: br`",
+        "redirect refused (`download_failed`, only http(s) at every hop); decoded; "
+        "`too large` after decoding past `max_bytes`; refused by name",
+    ),
+    (
+        "a download-cache record that is a FIFO or names a file outside the cache",
+        "a miss: fetched again; nothing blocks, nothing outside the cache is served, the "
+        "FIFO is never replaced (`download_failed`: \"cannot store\")",
+    ),
+    (
+        "a downloaded body that is no image",
+        "rejected `not_an_image` under its URL, not the cache file's path",
     ),
     (
         "random bytes, truncations and byte flips of JPEG/PNG/WebP/GIF/BMP/TIFF/AVIF (hypothesis)",
@@ -967,8 +1096,21 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
     (
         "a scan cache or saved index carrying a pickled pyarrow extension-type payload "
         "(CVE-2023-47248)",
-        "cache: ignored with a `RuntimeWarning` and rebuilt; index: `ValueError` (not our "
-        "format); the payload never runs",
+        "cache: refused as not ours (below), or, forging our format mark, ignored with a "
+        "`RuntimeWarning` and rebuilt; index: `ValueError` (not our format); the payload "
+        "never runs",
+    ),
+    (
+        "`scan(..., cache=P)` where P is the source, a file the scan lists (image, caption, "
+        "manifest), a saved index or any file not in the scan-cache format",
+        "`FileExistsError` naming P before any work; P left as it was (a scan cache of "
+        "another version is rebuilt)",
+    ),
+    (
+        "an output path (scan cache, saved index, download cache, report files) that is a "
+        "folder, FIFO, socket, character device (`/dev/null`) or a symlink to one",
+        "`FileExistsError` before anything is written; a symlink to a regular file: that "
+        "file is replaced, the link kept",
     ),
     (
         "anything the library writes (scan cache, saved index)",

@@ -3,7 +3,9 @@ captions from each source kind, hostile names and layouts, base_dir containment.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import pickle
@@ -271,7 +273,8 @@ def test_list_captions_and_column_map(tmp_path: Path, images: list[Path], suffix
     resolved = resolve_source(tmp_path / f"m{suffix}", column_map=cmap)
     assert resolved.entries == [Entry(str(images[1]), ["short", "a longer caption"])]
     # without a caption column the images still resolve, caption-less
-    only_image = resolve_source(tmp_path / f"m{suffix}", column_map={"image": "file"})
+    with pytest.warns(UserWarning, match=r"no caption column .* columns \['file', 'prompts'\]"):
+        only_image = resolve_source(tmp_path / f"m{suffix}", column_map={"image": "file"})
     assert only_image.entries == [Entry(str(images[1]), [])]
 
 
@@ -283,9 +286,9 @@ def test_header_less_two_column_file(tmp_path: Path, images: list[Path], suffix:
         f"img/{images[2].name}\n"
     )
     resolved = resolve_source(tmp_path / f"m{suffix}")
-    assert resolved.entries == [
+    assert resolved.entries == [  # everything after the first separator is one caption
         Entry(str(images[0]), ["first"]),
-        Entry(str(images[1]), ["second", "third"]),
+        Entry(str(images[1]), [f"second{sep}third"]),
         Entry(str(images[2]), []),
     ]
 
@@ -514,3 +517,265 @@ def test_dataset_with_string_paths_and_errors(tmp_path: Path, images: list[Path]
         resolve_source(ds, column_map={"image": "img"})
     with pytest.raises(TypeError, match="pick a split"):
         resolve_source(datasets.DatasetDict({"train": ds}))
+
+
+# --------------------------------------------------------------------------- rows that do not fit
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_rows_that_do_not_fit_the_header_are_never_cut(
+    tmp_path: Path, images: list[Path], suffix: str
+) -> None:
+    sep = "," if suffix == ".csv" else "\t"
+    a, b, c, d = (f"img/{p.name}" for p in images)
+    (tmp_path / f"m{suffix}").write_text(
+        f"image{sep}caption\n{a}{sep}a red car{sep} parked\n{b}{sep}trailing{sep}{sep}\n"
+        f'{c}{sep}"a quote never closed\n{d}{sep}after it\n'
+    )
+    resolved = resolve_source(tmp_path / f"m{suffix}")
+    assert resolved.entries == [
+        Entry(str(images[0]), [f"a red car{sep} parked"]),  # the caption read whole
+        Entry(str(images[1]), ["trailing"]),  # empty trailing cells hold nothing
+        Entry(str(images[3]), ["after it"]),  # the stray quote swallowed nothing
+    ]
+    assert [(r.path.rsplit(":", 1)[1], r.reason) for r in resolved.rejections] == [
+        ("line 4", "bad_row")
+    ]
+    # header-less: everything after the first separator is the one caption
+    (tmp_path / f"n{suffix}").write_text(f"{a}{sep}a red car{sep} parked\n")
+    assert resolve_source(tmp_path / f"n{suffix}").entries == [
+        Entry(str(images[0]), [f"a red car{sep} parked"])
+    ]
+    # extra cells that cannot belong to the caption: the row is rejected by line
+    (tmp_path / f"s{suffix}").write_text(
+        f"image{sep}caption{sep}score\n{a}{sep}a red car{sep} parked{sep}5\n{b}{sep}x{sep}1\n"
+    )
+    resolved = resolve_source(tmp_path / f"s{suffix}")
+    assert resolved.entries == [Entry(str(images[1]), ["x"])]
+    (bad,) = resolved.rejections
+    assert bad.path.endswith(f"s{suffix}:line 2") and bad.reason == "bad_row"
+    assert "4 cells under the 3 columns" in bad.detail
+
+
+def test_a_repeated_column_name_is_an_error_not_a_dropped_file(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    (tmp_path / "m.csv").write_text(f"image,image,caption\nimg/{images[0].name},img/x.png,c\n")
+    with pytest.raises(ValueError, match=r"column 'image' is named 2 times .*\[1, 2\]"):
+        resolve_source(tmp_path / "m.csv")
+    (tmp_path / "m.csv").write_text(f"image,caption,note,note\nimg/{images[0].name},c,1,2\n")
+    assert resolve_source(tmp_path / "m.csv").entries == [Entry(str(images[0]), ["c"])]
+    # in JSON a repeated key is one bad row
+    (tmp_path / "m.jsonl").write_text(
+        f'{{"image": "img/{images[0].name}", "image": "img/{images[1].name}"}}\n'
+        f'{{"image": "img/{images[2].name}"}}\n'
+    )
+    resolved = resolve_source(tmp_path / "m.jsonl")
+    assert resolved.entries == [Entry(str(images[2]), [])]
+    assert [(r.reason, r.detail) for r in resolved.rejections] == [
+        ("bad_row", "key 'image' appears more than once")
+    ]
+
+
+def test_one_deeply_nested_row_costs_one_rejection(tmp_path: Path, images: list[Path]) -> None:
+    deep = "[" * 50_000 + '"deep"' + "]" * 50_000
+    ok = [f'{{"image": "img/{p.name}", "caption": "fine"}}' for p in images[:2]]
+    nested = f'{{"image": "img/{images[2].name}", "caption": {deep}}}'
+    (tmp_path / "m.jsonl").write_text("\n".join([ok[0], nested, ok[1]]) + "\n")
+    (tmp_path / "m.json").write_text("[" + ",\n".join([ok[0], nested, ok[1], '"a string"']) + "]")
+    for name, where in [("m.jsonl", "line 2"), ("m.json", "item 1")]:
+        resolved = resolve_source(tmp_path / name)
+        assert resolved.entries == [Entry(str(p), ["fine"]) for p in images[:2]], name
+        assert resolved.rejections[0].path.endswith(f"{name}:{where}")
+        assert resolved.rejections[0].reason == "bad_row"
+        assert "nested deeper" in resolved.rejections[0].detail
+    assert resolved.rejections[1].detail.startswith("expected an object")
+    # nesting the reader can parse is flattened, in order, without recursion
+    moderate = "[" * 300 + '"b"' + "]" * 300
+    (tmp_path / "n.jsonl").write_text(
+        f'{{"image": "img/{images[0].name}", "caption": ["a", {moderate}, ["c"]]}}\n'
+    )
+    assert resolve_source(tmp_path / "n.jsonl").entries == [Entry(str(images[0]), ["a", "b", "c"])]
+
+
+def test_a_folder_nested_a_thousand_levels_deep(tmp_path: Path) -> None:
+    top = tmp_path / "deep"
+    levels = [str(top)] + [os.path.join(str(top), *["d"] * i) for i in range(1, 1001)]
+    try:
+        for level in levels:  # os.makedirs would recurse once per level
+            os.mkdir(level)
+        write_image(Path(levels[-1]) / "bottom.png")
+        write_image(top / "top.png")
+        resolved = resolve_source(top)
+        assert [e.path for e in resolved.entries] == [
+            os.path.join(levels[-1], "bottom.png"),
+            str(top / "top.png"),
+        ]
+    finally:  # pytest's own clean-up (shutil.rmtree) recurses once per level: undo it here
+        for level in reversed(levels):
+            for name in ("bottom.png", "top.png"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(level, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(level)
+
+
+def test_paths_no_file_can_have_are_rejections_naming_the_row(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    good = f"img/{images[0].name}"
+    (tmp_path / "m.jsonl").write_text(
+        f'{{"image": "img/a\\u0000b.png"}}\n{{"image": "img/\\ud800.png"}}\n{{"image": "{good}"}}\n'
+    )
+    (tmp_path / "m.csv").write_text(f"image,caption\nimg/a\0b.png,x\n{good},y\n")
+    for name, rows in [("m.jsonl", ["line 1", "line 2"]), ("m.csv", ["line 2"])]:
+        resolved = resolve_source(tmp_path / name)
+        assert [e.path for e in resolved.entries] == [str(images[0])]
+        assert [r.path for r in resolved.rejections] == [f"{tmp_path / name}:{w}" for w in rows]
+        assert {r.reason for r in resolved.rejections} == {"bad_row"}
+        assert all("NUL" in r.detail or "\\ud800" in r.detail for r in resolved.rejections)
+        assert all(os.fsencode(r.path) for r in resolved.rejections)  # an index can save them
+    listed = resolve_source(["a\0b.png", "\udc80\ud800.png", str(images[0])])
+    assert [r.path for r in listed.rejections] == ["list:item 0", "list:item 1"]
+
+
+def test_dataset_with_an_unrecognised_caption_column_says_so(
+    tmp_path: Path, images: list[Path]
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"image": [str(images[0])], "prompt_en": ["a red car"]})
+    with pytest.warns(UserWarning, match=r"columns \['image', 'prompt_en'\]; using 'image'"):
+        resolved = resolve_source(ds)
+    assert resolved.entries == [Entry(str(images[0]), [])]
+    picked = resolve_source(ds, column_map={"caption": "prompt_en"})
+    assert picked.entries == [Entry(str(images[0]), ["a red car"])]
+    both = datasets.Dataset.from_dict(
+        {"image": [str(images[0])], "caption": ["short"], "text": ["long"]}
+    )
+    with pytest.warns(UserWarning, match=r"read from 'caption', not from \['text'\]"):
+        resolve_source(both)
+
+
+def test_utf16_manifest_from_a_spreadsheet(tmp_path: Path, images: list[Path]) -> None:
+    text = f"image\tcaption\nimg/{images[0].name}\tcafé\n"
+    (tmp_path / "m.tsv").write_bytes(b"\xff\xfe" + text.encode("utf-16-le"))
+    assert resolve_source(tmp_path / "m.tsv").entries == [Entry(str(images[0]), ["café"])]
+
+
+# --------------------------------------------------------------------------- the sweep
+
+# captions with everything a hand-written or exported manifest may hold
+_NASTY_TEXT = st.text(
+    st.one_of(
+        st.sampled_from(list(',\t;"\'\\\r\n\x00\x0b\x1c\u2028\ufeff[]{} ')),
+        st.characters(codec="utf-8", exclude_categories=("Cs",)),
+    ),
+    max_size=20,
+)
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    rows=st.lists(st.tuples(st.integers(0, 3), _NASTY_TEXT), min_size=1, max_size=5),
+    encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16"]),
+)
+def test_sweep_written_manifests_read_back_exactly(rows, encoding, tmp_path_factory) -> None:
+    """Any caption a csv/json writer can write reads back as that caption (stripped), in
+    every format and encoding: separators, quotes, newlines, NULs and BOMs included."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    imgs = [write_image(tmp / f"{i}.png") for i in range(4)]
+    expected: dict[str, list[str]] = {}
+    for i, cap in rows:
+        caps = expected.setdefault(str(imgs[i]), [])
+        if cap.strip() and cap.strip() not in caps:
+            caps.append(cap.strip())
+    recs = [{"image": imgs[i].name, "caption": cap} for i, cap in rows]
+    for suffix in [".jsonl", ".json", ".csv", ".tsv"]:
+        if suffix in (".jsonl", ".json"):
+            lines = [json.dumps(r) for r in recs]
+            text = "\n".join(lines) if suffix == ".jsonl" else "[" + ",\n".join(lines) + "]"
+        else:
+            buf = io.StringIO(newline="")
+            writer = csv.writer(buf, delimiter="," if suffix == ".csv" else "\t")
+            writer.writerow(["image", "caption"])
+            writer.writerows([r["image"], r["caption"]] for r in recs)
+            text = buf.getvalue()
+        (tmp / f"m{suffix}").write_bytes(text.encode(encoding))
+        resolved = resolve_source(tmp / f"m{suffix}")
+        got = {e.path: e.captions for e in resolved.entries}
+        assert got == expected, (suffix, encoding)
+
+
+_TOKENS = st.sampled_from(
+    ["[", "]", "{", "}", '"', ",", "\t", "\n", "\r", ":", "\\", "\x00", "\ud800", "\udcff",
+     "image", "caption", "0.png", "img/1.png", " ", "null", "1e999", "[" * 3000, "\\u0000"]
+)
+
+
+@settings(deadline=None, max_examples=60)
+@given(parts=st.lists(_TOKENS, max_size=30), suffix=st.sampled_from(FORMATS[:4]))
+def test_sweep_hostile_manifest_text_is_rows_or_a_clear_error(parts, suffix, tmp_path_factory):
+    """Random manifest text: a ResolvedSource, or a ValueError saying what is wrong; never
+    another exception; every rejection names something an index can save."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    for i in range(2):
+        write_image(tmp / "img" / f"{i}.png")
+    write_image(tmp / "0.png")
+    path = tmp / f"m{suffix}"
+    path.write_bytes("".join(parts).encode("utf-8", "surrogatepass"))
+    try:
+        resolved = resolve_source(path)
+    except ValueError as e:
+        assert str(e)
+        return
+    for r in resolved.rejections:
+        os.fsencode(r.path)
+    for e in resolved.entries:
+        assert os.path.isfile(e.path) and all(isinstance(c, str) for c in e.captions)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    names=st.lists(
+        st.one_of(
+            st.text(max_size=12),
+            st.sampled_from(["a\x00b.png", "\ud800.png", "x\ny.png", "é.png", "a" * 300,
+                             "../" * 40 + "etc/passwd", "0.png", "./0.png", "sub/../0.png"]),
+        ),
+        max_size=6,
+    )
+)
+def test_sweep_any_list_of_paths_is_entries_or_rejections(names, tmp_path_factory) -> None:
+    """Every non-blank item is one entry or one rejection, whatever characters it holds."""
+    tmp = tmp_path_factory.mktemp("paths")
+    write_image(tmp / "0.png")
+    resolved = resolve_source(names, base_dir=tmp)
+    blank = sum(not n.strip() for n in names)
+    assert len(resolved.entries) + len(resolved.rejections) == len(names)
+    assert sum(r.reason == "no_image" for r in resolved.rejections) == blank
+    for r in resolved.rejections:
+        os.fsencode(r.path)
+
+
+def test_a_caption_with_a_lone_surrogate_becomes_text_a_tokenizer_takes(
+    tmp_path: Path, images: list[Path], flux_tokenizer_dir: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    row = f'{{"image": "img/{images[0].name}", "caption": "a \\ud800 car"}}\n'
+    (tmp_path / "m.jsonl").write_text(row)
+    (entry,) = resolve_source(tmp_path / "m.jsonl").entries
+    assert entry.captions == ["a \ufffd car"]
+    for sub in ("tokenizer", "tokenizer_2"):
+        assert AutoTokenizer.from_pretrained(flux_tokenizer_dir / sub)(entry.captions)["input_ids"]
+
+
+def test_a_huge_caption_sidecar_is_refused_not_read(tmp_path: Path) -> None:
+    write_image(tmp_path / "a.png")
+    with open(tmp_path / "a.txt", "wb") as f:
+        f.truncate((1 << 20) + 1)  # sparse: a caption file of a megabyte and a byte
+    resolved = resolve_source(tmp_path)
+    assert resolved.entries == [Entry(str(tmp_path / "a.png"), [])]
+    assert [(r.reason, "larger than" in r.detail) for r in resolved.rejections] == [
+        ("unreadable_caption", True)
+    ]

@@ -8,8 +8,10 @@ and normalised here, and every local path goes through one check
 
 from __future__ import annotations
 
+import codecs
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -21,15 +23,30 @@ if TYPE_CHECKING:
 
 _BASE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 CAPTION_SUFFIXES = (".txt", ".caption")
+MAX_CAPTION_FILE_BYTES = 1 << 20  # a sidecar caption file larger than this is no caption
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
 
 
 class Entry(NamedTuple):
-    """One image to scan: an absolute local ``path``, its ``captions`` (possibly empty) and,
-    for ``datasets.Dataset`` sources, the dataset ``row`` it came from (else ``None``)."""
+    """One image to scan: an absolute local ``path``, its ``captions`` (possibly empty),
+    for ``datasets.Dataset`` sources the dataset ``row`` it came from (else ``None``) and,
+    for a download, the ``url`` it came from (``path`` is then the local copy)."""
 
     path: str
     captions: list[str]
     row: int | None = None
+    url: str | None = None
+
+    @property
+    def label(self) -> str:
+        """What a rejection of this entry names: the URL of a download, else the path."""
+        return self.url or self.path
 
 
 @dataclass
@@ -57,14 +74,27 @@ def image_extensions() -> tuple[str, ...]:
     return _BASE_EXTENSIONS + avif
 
 
-def read_text(path: str) -> str:
-    """Read a caption file as UTF-8 (a BOM is dropped), falling back to cp1252 and then
-    Latin-1 (which accepts every byte), so legacy Windows/Latin-1 captions read correctly.
-    Only regular files are read: a FIFO would block and a device may never end (OSError)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
+def read_text(path: str, max_bytes: int | None = None) -> str:
+    """Read a caption file or manifest as UTF-8 (a BOM is dropped; a UTF-16/32 BOM, as
+    spreadsheets write, is honoured), falling back to cp1252 and then Latin-1 (which accepts
+    every byte), so legacy Windows/Latin-1 captions read correctly.
+    Only regular files are read: a FIFO would block and a device may never end (OSError);
+    so is a file over ``max_bytes``."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, "not a regular file", path)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
     with open(path, "rb") as f:
-        data = f.read()
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:  # it grew since the stat
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes", path)
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data[len(bom) :].decode(encoding)
+            except UnicodeDecodeError:
+                break
     for encoding in ("utf-8-sig", "cp1252"):
         try:
             return data.decode(encoding)
@@ -79,17 +109,36 @@ def caption_lines(text: str) -> list[str]:
 
 
 def captions_of(value: Any) -> list[str]:
-    """Normalise a caption cell (string, list of strings, None/NaN) to a list of strings."""
-    if value is None:
-        return []
-    if isinstance(value, float) and value != value:  # NaN from parquet/pandas
-        return []
-    if isinstance(value, str):
-        return [value.strip()] if value.strip() else []
-    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
-        items = value.tolist() if hasattr(value, "tolist") else value
-        return [c for item in items for c in captions_of(item)]
-    return [str(value)]
+    """Normalise a caption cell (string, list of strings, None/NaN) to a list of strings.
+    Nested lists are flattened in order, however deep (no recursion). A lone surrogate (an
+    invalid JSON escape such as ``\\ud800``, which tokenizers refuse) becomes U+FFFD."""
+    out: list[str] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if hasattr(item, "tolist"):  # numpy / pyarrow values
+            item = item.tolist()
+        if item is None or (isinstance(item, float) and item != item):  # NaN: pandas' None
+            continue
+        if isinstance(item, str):
+            if item.strip():
+                out.append(_LONE_SURROGATE.sub("\ufffd", item.strip()))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        else:
+            out.append(str(item))
+    return out
+
+
+def path_problem(value: str) -> str | None:
+    """Why ``value`` can be no file name (a NUL, a lone surrogate), or None."""
+    if "\0" in value:
+        return "the path holds a NUL character"
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError as e:
+        return f"the path holds {value[e.start : e.end]!a}, which no file name can hold"
+    return None
 
 
 def local_path(value: str, relative_to: str) -> str:

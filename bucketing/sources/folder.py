@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from bucketing.index import Rejection
 from bucketing.sources.entries import (
     CAPTION_SUFFIXES,
+    MAX_CAPTION_FILE_BYTES,
     Entry,
     ResolvedSource,
     caption_lines,
@@ -34,8 +36,11 @@ def _walk_folder(
     others: list[str] = []
     rejections: list[Rejection] = []
     seen: set[tuple[int, int]] = set()
+    # depth-first with an explicit stack (no recursion, however deep the folders nest):
+    # each level holds the children still to visit and the folders above them
+    stack: list[tuple[Iterator[os.DirEntry], frozenset[tuple[int, int]]]] = []
 
-    def visit(folder: str, ancestors: frozenset[tuple[int, int]]) -> None:
+    def enter(folder: str, ancestors: frozenset[tuple[int, int]]) -> None:
         try:
             st = os.stat(folder)
         except OSError as e:
@@ -59,23 +64,29 @@ def _walk_folder(
         except OSError as e:
             rejections.append(Rejection(folder, "unreadable", f"cannot list folder: {e}"))
             return
-        for child in children:
-            path = child.path
-            try:
-                is_dir = child.is_dir()  # follows symlinks
-            except OSError as e:  # e.g. ELOOP on a self-referencing link
-                rejections.append(Rejection(path, "symlink_loop", str(e)))
-                continue
-            if is_dir:
-                visit(path, ancestors | {key})
-            elif not child.name.lower().endswith(extensions):
-                others.append(path)
-            elif (problem := local_problem(path, base)) is None:
-                images.append(path)
-            else:
-                rejections.append(Rejection(path, *problem))
+        stack.append((iter(children), ancestors | {key}))
 
-    visit(root, frozenset())
+    enter(root, frozenset())
+    while stack:
+        children, ancestors = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            continue
+        path = child.path
+        try:
+            is_dir = child.is_dir()  # follows symlinks
+        except OSError as e:  # e.g. ELOOP on a self-referencing link
+            rejections.append(Rejection(path, "symlink_loop", str(e)))
+            continue
+        if is_dir:
+            enter(path, ancestors)
+        elif not child.name.lower().endswith(extensions):
+            others.append(path)
+        elif (problem := local_problem(path, base)) is None:
+            images.append(path)
+        else:
+            rejections.append(Rejection(path, *problem))
     return images, others, rejections
 
 
@@ -109,7 +120,7 @@ def _sidecar_captions(
         for candidate in (stem + suffix, stem + suffix.upper()):
             if candidate in sidecars:
                 try:
-                    return caption_lines(read_text(candidate))
+                    return caption_lines(read_text(candidate, MAX_CAPTION_FILE_BYTES))
                 except OSError as e:
                     rejections.append(Rejection(candidate, "unreadable_caption", str(e)))
                     return []

@@ -17,6 +17,7 @@ from bucketing.sources.entries import (
     captions_of,
     local_path,
     local_problem,
+    path_problem,
     real_base,
 )
 from bucketing.sources.rows import collect, manifest_rows, pick_columns, source_folder
@@ -89,7 +90,7 @@ def resolve_dataset(
             )
         )
         rows = manifest_rows(records, image, caption, "dataset", rejections)
-        entries, more = collect(rows, relative_to, base_dir, downloader, download_dir)
+        entries, more = collect(rows, "dataset", relative_to, base_dir, downloader, download_dir)
         return ResolvedSource(entries, rejections + more)
     images = dataset.cast_column(image, datasets.Image(decode=False)).select_columns([image])
     return _resolve_image_column(images, image, dataset, caption, relative_to, base_dir)
@@ -121,6 +122,11 @@ def _resolve_image_column(
         for offset, (stored, blob) in enumerate(zip(paths, has_bytes.to_pylist(), strict=True)):
             row = start + offset
             captions = captions_of(caps[offset])
+            if stored and (problem := path_problem(stored)) is not None:
+                if not blob:  # no file name can be that: no file, no bytes
+                    rejections.append(Rejection(f"dataset[{row}]", "bad_row", problem))
+                    continue
+                stored = None  # only a label: the bytes are the image
             local = local_path(stored, relative_to) if stored else None
             # with bytes at hand, a relative stored path is only a name (HF embeds the
             # basename): trust a path over the bytes only when it is absolute

@@ -34,5 +34,7 @@ def resolve_list(
             rejections.append(Rejection(f"<list item {i}>", "no_image", "empty path"))
             continue
         rows.append((value, [], f"item {i}"))
-    entries, more = collect(rows, source_folder(base_dir), base_dir, downloader, download_dir)
+    entries, more = collect(
+        rows, "list", source_folder(base_dir), base_dir, downloader, download_dir
+    )
     return ResolvedSource(entries, rejections + more)

@@ -30,7 +30,7 @@ def resolve_manifest(
     rejections: list[Rejection] = []
     image, caption, records = reader(path, column_map, rejections)
     rows = manifest_rows(records, image, caption, path, rejections)
-    entries, more = collect(rows, os.path.dirname(path), base_dir, downloader, download_dir)
+    entries, more = collect(rows, path, os.path.dirname(path), base_dir, downloader, download_dir)
     if not entries and not rejections and not more:
         raise ValueError(f"{path} lists no images; it needs one row per image")
     return ResolvedSource(entries, rejections + more)

@@ -5,12 +5,20 @@ repeated images merged."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from bucketing.download import Downloader, DownloadError, is_url
 from bucketing.index import Rejection
-from bucketing.sources.entries import Entry, captions_of, local_path, local_problem, real_base
+from bucketing.sources.entries import (
+    Entry,
+    captions_of,
+    local_path,
+    local_problem,
+    path_problem,
+    real_base,
+)
 
 IMAGE_COLUMNS = ("image", "file_name", "path", "url", "image_path", "image_url", "filename")
 CAPTION_COLUMNS = ("caption", "captions", "text", "prompt")
@@ -41,18 +49,40 @@ def pick_columns(
     if caption is not None and caption not in columns:
         raise ValueError(f"no caption column {caption!r}: {hint}")
     if caption is None:
-        caption = next((c for c in CAPTION_COLUMNS if c in columns), None)
+        candidates = [c for c in CAPTION_COLUMNS if c in columns]
+        caption = candidates[0] if candidates else None
+        others = [c for c in dict.fromkeys(columns) if c != image]
+        if caption is None and others:
+            warnings.warn(
+                f"{what}: no caption column (looked for {list(CAPTION_COLUMNS)}) among the "
+                f"columns {list(columns)}; using {image!r} for images and no captions. To use "
+                "one, pass column_map={'caption': '<column>'}",
+                stacklevel=4,
+            )
+        elif len(candidates) > 1:
+            warnings.warn(
+                f"{what}: captions are read from {caption!r}, not from {candidates[1:]}; "
+                "pass column_map={'caption': '<column>'} to choose",
+                stacklevel=4,
+            )
     return image, caption
 
 
 def _is_blank(value: Any) -> bool:
-    if value is None or (isinstance(value, float) and value != value):
-        return True
-    if isinstance(value, str):
-        return not value.strip()
-    if isinstance(value, (list, tuple, dict)):
-        return all(_is_blank(v) for v in (value.values() if isinstance(value, dict) else value))
-    return False
+    """True if ``value`` holds no text at all (None, NaN, blank strings, in any nesting)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if item.strip():
+                return False
+        elif not (item is None or (isinstance(item, float) and item != item)):
+            return False
+    return True
 
 
 def _image_value(value: Any, what: str) -> str | None:
@@ -93,7 +123,8 @@ def manifest_rows(
 
 
 def collect(
-    rows: Iterable[Row],
+    rows_in: Iterable[Row],
+    origin: str,
     relative_to: str,
     base_dir: str | None,
     downloader: Downloader | None,
@@ -106,16 +137,24 @@ def collect(
     stay inside it (``outside_base_dir``). A path or URL seen before is a
     ``duplicate``: its captions are merged into the first entry and the row is
     recorded as a rejection, so nothing disappears silently. ``where`` (e.g.
-    ``"line 7"``) goes into rejection details.
+    ``"line 7"``) goes into rejection details; a value that can be no path (a NUL, a lone
+    surrogate) is a ``bad_row`` named ``origin:where``.
     """
-    rows = list(rows)
+    rows: list[Row] = []
+    bad: list[Rejection] = []
+    for value, captions, where in rows_in:
+        problem = path_problem(value)
+        if problem is None:
+            rows.append((value, captions, where))
+        else:
+            bad.append(Rejection(f"{origin}:{where}", "bad_row", f"{problem}: {value!a:.200}"))
     urls = [value for value, _, _ in rows if is_url(value)]
     fetched: dict[str, str | DownloadError] = {}
     if urls:
         fetched = (downloader or Downloader(download_dir)).fetch_all(urls)
     base = real_base(base_dir)
     entries: list[Entry] = []
-    rejections: list[Rejection] = []
+    rejections: list[Rejection] = bad
     first: dict[str, tuple[int, str]] = {}
     for value, captions, where in rows:
         keys = [value] if is_url(value) else [local_path(value, relative_to)]
@@ -144,7 +183,7 @@ def collect(
                 continue
         for k in keys:
             first[k] = (len(entries), where)
-        entries.append(Entry(path, list(captions)))
+        entries.append(Entry(path, list(captions), url=value if is_url(value) else None))
     return entries, rejections
 
 
