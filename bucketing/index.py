@@ -146,9 +146,11 @@ class TextColumn(_Rows):
         )
 
     def __iter__(self) -> Iterator[str]:
-        data, offsets = self.data, self.offsets.tolist()
-        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
-            yield data[a:b].tobytes().decode("utf-8", "surrogateescape")
+        data, n, block = self.data, len(self), 1 << 16  # offsets as ints a block at a time
+        for lo in range(0, n, block):
+            offsets = self.offsets[lo : min(n, lo + block) + 1].tolist()
+            for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+                yield data[a:b].tobytes().decode("utf-8", "surrogateescape")
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TextColumn):
