@@ -1,7 +1,7 @@
 """Benchmark: scale — a parquet manifest with sizes, from 1M to 10M rows.
 
-For each size N, in fresh processes (peak RSS is per process):
-- ``make``: write an N-row manifest as 16 parquet shards (``file``, ``text``, ``WIDTH``,
+For each size N (each measured step in a fresh process: peak RSS is per process):
+- write an N-row manifest as 16 parquet shards (``file``, ``text``, ``WIDTH``,
   ``HEIGHT``; paths ~40 bytes, captions ~60 bytes, realistic photo sizes), untimed;
 - ``index``: ``scan(folder, sizes="manifest")`` (rows/s, peak RSS), the index's bytes per row
   (all, and beyond the text itself), ``assign`` to the flux ladder, and one epoch plan of
@@ -56,7 +56,7 @@ def make_manifest(n: int, folder: Path) -> None:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from bench.assign import realistic_sizes  # imports torch: only in this step's process
+    from bench.assign import realistic_sizes  # imports torch: kept out of the measured steps
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -192,10 +192,7 @@ def main() -> None:
     args = p.parse_args()
     if args.step:
         step, folder = args.step
-        if step == "make":
-            make_manifest(int(Path(folder).name.split("-")[-1]), Path(folder))
-            print(json.dumps({}))
-        elif step == "index":
+        if step == "index":
             print(json.dumps(step_index(Path(folder), args.reps)))
         else:
             print(json.dumps(step_lists(Path(folder))))
@@ -206,7 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for n in sizes:
             folder = Path(tmp) / f"rows-{n}" / f"manifest-{n}"
-            run_step("make", folder)
+            make_manifest(n, folder)
             got = run_step("index", folder, 1 if args.tiny else args.reps)
             if not args.no_lists:
                 got.update(run_step("lists", folder))

@@ -14,6 +14,7 @@ machine that loads it shares one copy in the page cache.
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -49,7 +50,33 @@ def _encode(text: str) -> bytes:
         return utf8_text(text).encode("utf-8")
 
 
-class TextColumn(Sequence[str]):
+class _Rows(Sequence):
+    """A read-only column: a subclass gives ``__len__`` and ``_row(i)`` for ``0 <= i < n``;
+    negative indices, slices (a list), iteration and equality with any sequence follow."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def _row(self, i: int) -> Any:
+        """Row ``i``, ``0 <= i < len(self)``."""
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._row(k) for k in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"row {i} out of range for {n} rows")
+        return self._row(int(i) % n)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # compared by value, like a list
+
+
+class TextColumn(_Rows):
     """Strings in one UTF-8 byte buffer: string ``i`` is ``data[offsets[i]:offsets[i + 1]]``,
     decoded on access (undecodable bytes come back as ``surrogateescape`` surrogates, as
     ``os.fsdecode`` gives them). Reading a row creates only the returned ``str``."""
@@ -111,13 +138,7 @@ class TextColumn(Sequence[str]):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"row {i} out of range for {n} rows")
-        i = int(i) % n
+    def _row(self, i: int) -> str:
         return (
             self.data[self.offsets[i] : self.offsets[i + 1]]
             .tobytes()
@@ -125,9 +146,11 @@ class TextColumn(Sequence[str]):
         )
 
     def __iter__(self) -> Iterator[str]:
-        data, offsets = self.data, self.offsets.tolist()
-        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
-            yield data[a:b].tobytes().decode("utf-8", "surrogateescape")
+        data, n, block = self.data, len(self), 1 << 16  # offsets as ints a block at a time
+        for lo in range(0, n, block):
+            offsets = self.offsets[lo : min(n, lo + block) + 1].tolist()
+            for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+                yield data[a:b].tobytes().decode("utf-8", "surrogateescape")
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, TextColumn):
@@ -136,11 +159,9 @@ class TextColumn(Sequence[str]):
                 for x, y in ((self.offsets - self.offsets[0], other.offsets - other.offsets[0]),
                              (self._text(), other._text()))
             )  # fmt: skip
-        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
+        return super().__eq__(other)
 
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking, compared by value
+    __hash__ = None  # type: ignore[assignment]
 
     def _text(self) -> np.ndarray:
         return self.data[self.offsets[0] : self.offsets[-1]]
@@ -149,7 +170,7 @@ class TextColumn(Sequence[str]):
         return f"TextColumn({len(self)} rows, {self.nbytes} bytes)"
 
 
-class CaptionColumn(Sequence[list[str]]):
+class CaptionColumn(_Rows):
     """Per-row caption lists: row ``i`` is ``texts[rows[i]:rows[i + 1]]``, read as a new list
     of ``str`` on access (changing it changes nothing stored)."""
 
@@ -202,21 +223,8 @@ class CaptionColumn(Sequence[list[str]]):
     def __len__(self) -> int:
         return len(self.rows) - 1
 
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self[k] for k in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"row {i} out of range for {n} rows")
-        i = int(i) % n
-        return [self.texts[k] for k in range(self.rows[i], self.rows[i + 1])]
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
-            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
+    def _row(self, i: int) -> list[str]:
+        return [self.texts._row(k) for k in range(self.rows[i], self.rows[i + 1])]
 
     def __repr__(self) -> str:
         return f"CaptionColumn({len(self)} rows, {len(self.texts)} captions, {self.nbytes} bytes)"

@@ -165,3 +165,22 @@ def test_base_dir_confines_manifest_paths(tmp_path):
     assert list(index.paths) == [str(tmp_path / "in" / "a.jpg")]
     assert [r.reason for r in index.rejections] == ["outside_base_dir"]
     assert np.array_equal(index.width, [8])
+
+
+def test_sizes_from_a_dataset_and_impossible_paths(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.chdir(tmp_path)
+    ds = datasets.Dataset.from_dict({
+        "file": ["a.png", "/x/b.png", "c\0.png", "a.png"],
+        "text": ["x", None, "z", "x2"],
+        "WIDTH": [4, 5, 6, 7],
+        "HEIGHT": [7, 8, 9, 10],
+    })  # fmt: skip
+    index = scan(ds, sizes="manifest", column_map=CMAP)
+    assert list(index.paths) == [str(tmp_path / "a.png"), "/x/b.png"]
+    assert list(index.captions) == [["x", "x2"], []] and index.sizes.tolist() == [[4, 7], [5, 8]]
+    assert [(r.path, r.reason) for r in index.rejections] == [
+        (str(tmp_path / "a.png"), "duplicate"),
+        ("dataset:row 2", "bad_row"),
+    ]
+    assert "NUL" in index.rejections[1].detail

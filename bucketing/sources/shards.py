@@ -28,8 +28,14 @@ import pyarrow.parquet as pq
 
 from bucketing.download import Downloader
 from bucketing.index import Rejection
-from bucketing.sources.entries import ResolvedSource, image_extensions, local_path, real_base
-from bucketing.sources.rows import Row, collect, pick_columns
+from bucketing.sources.entries import (
+    ResolvedSource,
+    image_extensions,
+    local_path,
+    path_problem,
+    real_base,
+)
+from bucketing.sources.rows import Row, collect, pick_columns, source_folder
 
 SIZE_COLUMNS = {"width": ("width", "WIDTH"), "height": ("height", "HEIGHT")}
 _GLOB_CHARS = ("*", "?", "[")
@@ -108,15 +114,27 @@ def _read_shards(
         if missing:
             raise ValueError(f"shard {path} has no column {missing[0]!r} (columns {names})")
         table = pq.read_table(path, columns=wanted)
-        widths = heights = None
-        if sizes:
-            widths, heights = (_sizes(table[c], path) for c in size_columns)
-        return _normalise(path, table[image], table[caption] if caption else None,
-                          widths, heights)  # fmt: skip
+        return _normalise(path, os.path.dirname(path), table, image, caption,
+                          size_columns if sizes else None)  # fmt: skip
 
     workers = min(len(files), os.cpu_count() or 1, 16)
     with ThreadPoolExecutor(workers) as pool:
         return image, list(pool.map(read, files))
+
+
+def _read_dataset(
+    dataset: Any, column_map: dict[str, str], base_dir: str | None
+) -> tuple[str, list[_Shard]]:
+    """A ``datasets.Dataset`` with a column of paths and size columns, as one shard (its
+    Arrow table, memory-mapped by ``datasets``); relative paths against ``base_dir`` or the
+    current folder."""
+    names = list(dataset.column_names)
+    image, caption = pick_columns(names, column_map, "the dataset")
+    size_columns = [_size_column(names, column_map, k, "the dataset") for k in SIZE_COLUMNS]
+    wanted = [image] + ([caption] if caption else []) + size_columns
+    table = dataset.select_columns(wanted).with_format("arrow")[:]
+    return image, [_normalise("dataset", source_folder(base_dir), table, image, caption,
+                              size_columns)]  # fmt: skip
 
 
 def _size_column(names: Sequence[str], column_map: dict[str, str], key: str, what: str) -> str:
@@ -166,18 +184,24 @@ def _captions(column: pa.ChunkedArray | None, n: int) -> pa.Array:
 
 def _normalise(
     path: str,
-    image: pa.ChunkedArray,
-    caption: pa.ChunkedArray | None,
-    width: np.ndarray | None,
-    height: np.ndarray | None,
+    folder: str,
+    table: pa.Table,
+    image_column: str,
+    caption_column: str | None,
+    size_columns: list[str] | None,
 ) -> _Shard:
-    image = image.combine_chunks()
+    """``table``'s rows as a shard labelled ``path``; relative paths against ``folder``."""
+    width = height = None
+    if size_columns is not None:
+        width, height = (_sizes(table[c], path) for c in size_columns)
+    caption = table[caption_column] if caption_column else None
+    image = table[image_column].combine_chunks()
     if pa.types.is_struct(image.type) and "bytes" in image.type.names:
         embedded = pc.and_(pc.is_null(image.field("path")), pc.is_valid(image.field("bytes")))
         if pc.any(embedded).as_py():
             raise ValueError(
-                f"{path} embeds image bytes without paths; load it with "
-                "datasets.Dataset.from_parquet(...) and pass the Dataset to scan"
+                f"{path} embeds image bytes without paths; scan it with sizes='headers' "
+                "(a parquet file: load it with datasets.Dataset.from_parquet(...) first)"
             )
     values = _text(image)
     captions = _captions(caption, len(image))
@@ -187,7 +211,7 @@ def _normalise(
     rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
     if width is not None:
         width, height = width[rows], height[rows]
-    return _Shard(path, _absolute(values, os.path.dirname(path)), captions, width, height, rows)
+    return _Shard(path, _absolute(values, folder), captions, width, height, rows)
 
 
 def _absolute(values: pa.Array, folder: str) -> pa.Array:
@@ -231,14 +255,17 @@ def read_manifest_columns(
     files = parquet_shards(source)
     if files is None and isinstance(source, (str, os.PathLike)) and _is_parquet(os.fspath(source)):
         files = [os.path.abspath(os.fspath(source))] if os.path.isfile(source) else None
-    if files is None:
+    if files is not None:
+        image, shards = _read_shards(files, column_map, sizes=True)
+    elif type(source).__module__.startswith("datasets") and type(source).__name__ == "Dataset":
+        image, shards = _read_dataset(source, column_map, base_dir)
+    else:
         raise ValueError(
             f"sizes='manifest' reads parquet manifests (a .parquet file, a folder or glob of "
-            f".parquet shards, a list of .parquet paths); got {source!r:.80}. Use "
-            "sizes='headers' for other sources"
+            f".parquet shards, a list of .parquet paths) and datasets.Dataset; got "
+            f"{source!r:.80}. Use sizes='headers' for other sources"
         )
-    image, shards = _read_shards(files, column_map, sizes=True)
-    several = len(files) > 1
+    several = len(shards) > 1
     rejections: list[Rejection] = []
     parts = []
     for shard in shards:
@@ -265,12 +292,15 @@ def read_manifest_columns(
     wheres = [(s.path, s.rows[k]) for s, k in parts]
     del shards, parts  # the shards' own columns: freed before the next copies
 
-    def where(i: int) -> str:
+    def label(i: int) -> str:  # "shard:row N", naming a row
         for shard, rows in wheres:
             if i < len(rows):
-                return f"{shard}:row {rows[i]}" if several else f"row {rows[i]}"
+                return f"{shard}:row {rows[i]}"
             i -= len(rows)
         raise IndexError(i)
+
+    def where(i: int) -> str:  # in details: the shard is said only when there are several
+        return label(i) if several else label(i).rsplit(":", 1)[1]
 
     first_of = _first_rows(paths)
     keep, captions, dup = _merge_duplicates(first_of, captions)
@@ -284,6 +314,12 @@ def read_manifest_columns(
                                     f"{where(int(i))}: width/height {width[i]}x{height[i]} "
                                     "missing or not positive"))  # fmt: skip
     keep &= ~bad
+    nul = pc.fill_null(pc.match_substring(paths, "\0"), False).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(nul & keep):
+        value = paths[int(i)].as_py()
+        rejections.append(Rejection(label(int(i)), "bad_row",
+                                    f"{path_problem(value)}: {value!a:.200}"))  # fmt: skip
+    keep &= ~nul
     if base_dir is not None:
         base = real_base(base_dir)
         for i in np.flatnonzero(keep):
@@ -357,7 +393,8 @@ def resolve_shards(
                                             f"no path or URL in column {image!r}"))  # fmt: skip
             else:
                 rows.append((value, caps, f"{shard.path}:row {row}" if several else f"row {row}"))
-    entries, more = collect(rows, "/", base_dir, downloader, download_dir)
+    origin = files[0] if len(files) == 1 else "parquet shards"
+    entries, more = collect(rows, origin, "/", base_dir, downloader, download_dir)
     if not entries and not rejections and not more:
         raise ValueError(f"{files[0]} lists no images; it needs one row per image")
     return ResolvedSource(entries, rejections + more)
