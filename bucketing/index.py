@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bucketing.table_file import load_table, save_table
+from bucketing.table_file import ARROW_SUFFIX, load_table, save_table
 
 __all__ = ["CaptionColumn", "ImageIndex", "Rejection", "TextColumn", "utf8_text"]
 
@@ -331,7 +331,8 @@ class ImageIndex:
                 "detail": pa.array([None] * n + [utf8_text(r.detail) for r in rej], pa.string()),
             }
         )  # fmt: skip
-        save_table(path, table, {"format": INDEX_FORMAT, "version": str(INDEX_VERSION)})
+        meta = {"format": INDEX_FORMAT, "version": str(INDEX_VERSION)}
+        save_table(path, table, meta, arrow=os.fspath(path).endswith(ARROW_SUFFIX))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ImageIndex:

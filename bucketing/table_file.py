@@ -9,8 +9,8 @@ format, another version, another program, or no table at all is never misread. W
 atomic (``bucketing.atomic``). Two containers, told apart by their magic bytes:
 
 - parquet (``PAR1``): compact; read into memory;
-- Arrow IPC (``ARROW1``, chosen by a ``.arrow`` suffix): uncompressed and memory-mapped on
-  load, so every process on a machine that opens the same file shares its pages.
+- Arrow IPC (``ARROW1``; an index saved to a ``.arrow`` path): uncompressed and memory-mapped
+  on load, so every process on a machine that opens the same file shares its pages.
 
 Only strings, integers and lists of them are stored; nothing in a file can execute code
 (no pickle, and pyarrow's extension types are never registered here).
@@ -37,12 +37,14 @@ class TableFileError(ValueError):
     parquet/Arrow file at all)."""
 
 
-def save_table(path: str | os.PathLike, table: pa.Table, meta: Mapping[str, str]) -> None:
-    """Write ``table`` with ``meta`` as its schema metadata, atomically: Arrow IPC when
-    ``path`` ends in ``.arrow`` (memory-mappable), parquet otherwise."""
+def save_table(
+    path: str | os.PathLike, table: pa.Table, meta: Mapping[str, str], arrow: bool = False
+) -> None:
+    """Write ``table`` with ``meta`` as its schema metadata, atomically: parquet, or with
+    ``arrow`` an Arrow IPC file (uncompressed, memory-mappable)."""
     table = table.replace_schema_metadata(dict(meta))
     with atomic_path(path) as tmp:
-        if os.fspath(path).endswith(ARROW_SUFFIX):
+        if arrow:
             with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
         else:

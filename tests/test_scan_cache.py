@@ -222,3 +222,11 @@ def test_two_processes_scanning_into_one_cache(folder, tmp_path):
         index = scan(folder, cache=cache, workers=0)
     assert index.scan_stats.read <= 1  # at most the file touched after the last write
     assert signature(index) == signature(scan(folder, workers=0))
+
+
+def test_a_cache_named_arrow_is_still_a_parquet_scan_cache(folder, tmp_path):
+    cache = tmp_path / "scan.arrow"  # only a saved index becomes an Arrow file by its name
+    cold = scan(folder, cache=cache, workers=0)
+    assert cache.read_bytes()[:4] == b"PAR1"
+    warm = scan(folder, cache=cache, workers=0)
+    assert warm.scan_stats.read == 0 and signature(warm) == signature(cold)

@@ -139,7 +139,7 @@ def test_shards_are_one_source_in_a_stable_order(tmp_path):
 
 
 def test_manifest_sizes_configuration_errors(tmp_path, pictures):
-    manifest = write(tmp_path / "m.parquet", [{"file": "x.png", "WIDTH": 1}])
+    manifest = write(tmp_path / "m.parquet", [{"file": "x.png", "text": "", "WIDTH": 1}])
     with pytest.raises(ValueError, match="sizes must be 'headers' or 'manifest'"):
         scan(manifest, sizes="exif")
     with pytest.raises(ValueError, match=r"needs a height column.*column_map"):
