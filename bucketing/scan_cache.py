@@ -18,12 +18,11 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from bucketing.atomic import check_replaceable
 from bucketing.headers import READER_VERSION, Header
 from bucketing.index import utf8_text
-from bucketing.table_file import load_table, save_table
+from bucketing.table_file import has_format, load_table, save_table
 
 __all__ = ["CACHE_FORMAT", "CACHE_VERSION", "CacheRow", "ScanCache", "check_cache_path"]
 
@@ -126,24 +125,11 @@ class ScanCache:
         save_table(path, table, meta)
 
 
-def is_scan_cache(path: str) -> bool:
-    """True if ``path`` is parquet (magic at both ends) carrying this library's scan-cache
-    format mark, of any version: a file the scan may replace. Reads only the footer."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-            f.seek(-4, os.SEEK_END)
-            tail = f.read(4)
-        meta = pq.read_schema(path).metadata or {}
-    except (OSError, ValueError, pa.ArrowException):
-        return False
-    return head == tail == b"PAR1" and meta.get(b"format") == CACHE_FORMAT.encode()
-
-
 def check_cache_path(cache: str | os.PathLike | None, source: object) -> None:
     """Before a scan does any work: refuse (``FileExistsError``) a ``cache`` path that is the
     source itself, is not a regular file, or exists and is not a scan cache (an image, a
     manifest, a saved index or any other file the scan would otherwise overwrite)."""
     if cache is not None:
         keep = [source] if isinstance(source, (str, os.PathLike)) else []
-        check_replaceable(cache, keep=keep, ours=is_scan_cache, what="the scan cache")
+        check_replaceable(cache, keep=keep, ours=lambda real: has_format(real, CACHE_FORMAT),
+                          what="the scan cache")

@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bucketing.atomic import atomic_path
+from bucketing.atomic import atomic_path, check_replaceable
 
-__all__ = ["ARROW_SUFFIX", "TableFileError", "load_table", "save_table"]
+__all__ = ["ARROW_SUFFIX", "TableFileError", "has_format", "load_table", "save_table"]
 
 ARROW_SUFFIX = ".arrow"
 _MAGIC = {b"PAR1": "parquet", b"ARROW1": "arrow"}
@@ -41,7 +41,11 @@ def save_table(
     path: str | os.PathLike, table: pa.Table, meta: Mapping[str, str], arrow: bool = False
 ) -> None:
     """Write ``table`` with ``meta`` as its schema metadata, atomically: parquet, or with
-    ``arrow`` an Arrow IPC file (uncompressed, memory-mappable)."""
+    ``arrow`` an Arrow IPC file (uncompressed, memory-mappable). An existing file at ``path``
+    is replaced only if it is a table of the same ``meta["format"]`` (any version): anything
+    else (an image, a manifest, another program's parquet) raises ``FileExistsError``."""
+    check_replaceable(path, ours=lambda real: has_format(real, meta["format"]),
+                      what=f"a {meta['format']} file")
     table = table.replace_schema_metadata(dict(meta))
     with atomic_path(path) as tmp:
         if arrow:
@@ -87,6 +91,23 @@ def load_table(
         return pq.read_table(path) if kind == "parquet" else reader.read_all()
     except (pa.ArrowException, OSError) as e:
         raise TableFileError(f"{path} is not {what}: unreadable {kind} file ({e})") from None
+
+
+def has_format(path: str | os.PathLike, fmt: str) -> bool:
+    """True if ``path`` is a parquet or Arrow file whose metadata says ``format=fmt`` (any
+    version): a file this library wrote and may replace. Reads only the footer/schema."""
+    path = os.fspath(path)
+    try:
+        kind = _container(path)
+        if kind == "parquet":
+            schema = pq.read_schema(path)
+        elif kind == "arrow":
+            schema = pa.ipc.open_file(pa.memory_map(path, "r")).schema
+        else:
+            return False
+    except (pa.ArrowException, OSError, ValueError):
+        return False
+    return (schema.metadata or {}).get(b"format") == fmt.encode()
 
 
 def _container(path: str) -> str | None:

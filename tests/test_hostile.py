@@ -1147,6 +1147,11 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "`assign` rejects `too_large` (`bucketing.ladder.MAX_SIDE`), never an overflow into "
         "a wrong bucket or `too_small`; a size that is not a whole number is a `ValueError`",
     ),
+    (
+        "`index.save(P)` where P is an image, a manifest, a scan cache or another program's "
+        "parquet/Arrow file",
+        "`FileExistsError` naming P; P left as it was (an index saved there before is replaced)",
+    ),
 ]
 HOSTILE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(
     f"| {what} | {result} |\n" for what, result in HOSTILE_CASES

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -193,3 +194,26 @@ def test_a_forked_worker_reading_every_row_copies_no_pages():
     columns_kb = _fork_growth_kb((index.paths, index.captions))
     assert lists_kb > 10_000, lists_kb  # ~45 MB: every str and list written to
     assert columns_kb < 2_000, columns_kb
+
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+def test_save_never_overwrites_a_file_it_did_not_write(tmp_path, examples_dir, suffix):
+    """An image, another program's parquet or a scan cache at the target is left as it was
+    (FileExistsError); an index saved earlier is replaced."""
+    index = scan(examples_dir, workers=0)
+    image = tmp_path / f"photo{suffix}"
+    image.write_bytes((examples_dir / "china.jpg").read_bytes())
+    foreign = tmp_path / f"other{suffix}"
+    pq.write_table(pa.table({"a": [1]}), foreign)
+    cache = tmp_path / "scan.parquet"
+    scan(examples_dir, workers=0, cache=cache)
+    for target in (image, foreign, cache):
+        before = target.read_bytes()
+        with pytest.raises(FileExistsError, match="not .* written by this library"):
+            index.save(target)
+        assert target.read_bytes() == before
+    saved = tmp_path / f"index{suffix}"
+    index.save(saved)
+    index.save(saved)  # an index written here before: replaced
+    assert list(ImageIndex.load(saved).paths) == list(index.paths)

@@ -143,8 +143,8 @@ def test_text_report_has_the_expected_figures(runs: dict[str, Any]) -> None:
     assert len(rows) == 3
     assert "3 buckets hold fewer images than one global step" in text
     plan = " ".join(text.split("Plan", 1)[1].split("\n\n", 1)[0].split())
-    assert plan == ("3 steps per rank per epoch · 12 samples per epoch (6 images + 6 padded "
-                    "duplicates) · 0 dropped")
+    assert plan == ("3 steps per rank per epoch · 7 samples per epoch (6 images + 1 padded "
+                    "duplicate) · 0 dropped")  # short last batches: a duplicate only at world 2
     assert "Advice" not in text  # as many images as duplicates: not "most of the epoch"
     assert "extreme aspect (beyond 4:1) 1" in text and "upscaled 0" in text
     assert "4 images without a caption · 1 with several" in text
