@@ -146,7 +146,8 @@ def aliasing_energy(out: np.ndarray, size: int, k: float, resized: int, box: Box
 
 
 def photo_rows(count: int, meth: dict[str, Method]) -> list[dict]:
-    """PSNR (pooled, and of the worst photo) of each method over the bundled photos at their flux buckets."""
+    """PSNR of each method over the bundled photos at their flux buckets: all pixels pooled,
+    and the worst photo."""
     folder = REPO / "examples" / "data"
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".png"))[:count]
     images = [load_image(p) for p in paths]
