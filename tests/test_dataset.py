@@ -22,7 +22,7 @@ from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
 from transforms.collate import collate
 from transforms.image import ImageDecodeError
-from transforms.resize_crop import BucketResizeCrop
+from transforms.resize_crop import BucketResizeCrop, resized_size
 from transforms.tokenize import FluxTokenizer
 
 SMALL = BucketLadder.for_model("flux", max_area=128 * 128)
@@ -139,7 +139,7 @@ def test_upscaled_rows_need_a_transform_that_upscales(tmp_path):
     s = ds[1]
     assert s["pixel_values"].shape == (3, 128, 192) and not s["substituted"]
     # a transform without the attribute is trusted; one that upscales needs nothing more
-    _dataset(index, assignment, image_transform=lambda img, wh, rng: {})
+    _dataset(index, assignment, image_transform=lambda sample: sample)
 
 
 def _jpeg_folder(tmp_path: Path, n: int) -> list[Path]:
@@ -252,3 +252,55 @@ def test_end_to_end_with_scan_sampler_collate_and_tokenizer(examples_dir, flux_t
             assert cap in index.captions[r]
         seen.update(rows)
     assert seen == set(range(len(index)))
+
+
+def test_samples_record_the_fit_params_behind_their_sizes(photos):
+    index, assignment = photos
+    ds = _dataset(index, assignment, seed=2)
+    for i in range(len(ds)):
+        s = ds[i]
+        params = s["fit"]
+        assert params.bucket == tuple(assignment.bucket_wh[i])
+        assert s["crop_top_left"] == params.crop_top_left and s["flipped"] is params.flip
+        assert s["target_size"] == params.crop[2:]
+        # made from the full oriented size, whatever size the JPEG draft decoded
+        assert params.resized == resized_size(index.width[i], index.height[i], params.bucket)
+        assert not {"image", "rng", "captions"} & set(s)  # transform inputs do not leak
+
+
+def test_transforms_take_and_return_the_sample(photos):
+    index, assignment = photos
+    seen = {}
+
+    def image(sample):
+        seen["image"] = sorted(sample)
+        return BucketResizeCrop()(sample)
+
+    def caption(sample):
+        seen["caption"] = sorted(sample)
+        return {**sample, "caption": " | ".join(sample["captions"]).upper()}
+
+    ds = _dataset(index, assignment, image_transform=image, caption_transform=caption)
+    s = ds[0]
+    assert s["caption"] == " | ".join(index.captions[0]).upper()
+    assert {"image", "bucket", "rng", "index", "occurrence"} <= set(seen["image"])
+    assert {"captions", "rng", "pixel_values", "fit", "index"} <= set(seen["caption"])
+    bad = _dataset(index, assignment, caption_transform=lambda sample: sample)
+    with pytest.raises(TypeError, match=r"caption_transform must set sample\['caption'\]"):
+        bad[0]
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"caption_transform": ...}, "caption_transform must be a callable"),
+        ({"image_transform": None}, "image_transform must be a callable"),
+        ({"model_transform": "flux"}, "model_transform must be a callable"),
+        ({"image_transform": lambda img, wh, rng: {}}, "image_transform must take one argument"),
+        ({"caption_transform": lambda caps, rng: ""}, "caption_transform must take one argument"),
+    ],
+)
+def test_a_transform_that_cannot_take_the_sample_is_refused_at_construction(photos, kw, match):
+    index, assignment = photos
+    with pytest.raises(TypeError, match=match):
+        _dataset(index, assignment, **kw)
