@@ -193,9 +193,11 @@ def images_per_second(
     workers: int,
     reps: int,
     consume: Callable[[Any], Any] | None = None,
+    pin: bool = False,
 ) -> tuple[float, Any]:
     """Median images/s of whole epochs (``consume`` runs on each batch in the main process,
-    e.g. the GPU path's decode; the device is synchronised at the end of each epoch)."""
+    e.g. the GPU path's decode; the device is synchronised at the end of each epoch;
+    ``pin``: pinned batches, where CUDA is available)."""
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
@@ -203,7 +205,7 @@ def images_per_second(
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        pin_memory=consume is not None and torch.cuda.is_available(),
+        pin_memory=pin and torch.cuda.is_available(),
     )
     n = sum(len(b) for b in batches)
 
