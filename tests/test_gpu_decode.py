@@ -1,7 +1,8 @@
 """The GPU decode path, run on the CPU (``device="cpu"``: torchvision decodes JPEG batches
 there too): the same geometry as the CPU path for every sample, pixels within resampling
 differences, the worker fallbacks (PNG, CMYK, progressive, truncated), main-process failures
-substituted, through a real 2-worker DataLoader. The CUDA comparison skips without a GPU."""
+substituted, through a real 2-worker DataLoader; two torchrun ranks with a resume. The CUDA
+comparison skips without a GPU."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_sampler_distributed import torchrun  # the sampler tests' torchrun runner
 from torch.utils.data import DataLoader
 
 from bucketing import BucketLadder, TextToImageDataset, assign, scan
@@ -176,3 +178,9 @@ def test_cuda_batches_equal_the_cpu_run_of_the_same_code(datasets) -> None:
         assert on_cuda["pixel_values"].device.type == "cuda"
         for a, b in zip(on_cuda["pixel_values"].cpu(), on_cpu["pixel_values"], strict=True):
             assert _psnr(a, b) > 40
+
+
+def test_two_ddp_ranks_decode_their_own_share_and_resume(corpus: Path, tmp_path: Path) -> None:
+    script = Path(__file__).parent / "distributed" / "gpu_decode_ddp.py"
+    torchrun(2, str(corpus), str(tmp_path), script=script)
+    assert sorted(p.name for p in tmp_path.glob("ok_*")) == ["ok_0", "ok_1"]
