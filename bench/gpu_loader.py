@@ -46,22 +46,16 @@ from transforms.gpu_decode import EncodedFit, collate_encoded, decode_batch  # n
 from transforms.resize_crop import BucketResizeCrop  # noqa: E402
 
 
-class BytesSide(Dataset):
+class BytesSide(DecodeOnlySide):
     """The file's bytes as a uint8 tensor: the device decode-only side's worker step."""
-
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         # not torchvision.io.read_file: its tensors cannot cross to the main process
         return torch.frombuffer(bytearray(Path(self.paths[i]).read_bytes()), dtype=torch.uint8)
 
 
-def sides(paths: list[Path], device: str) -> tuple[list[tuple[str, Dataset, Any, Any]], list]:
-    """(label, dataset, collate, main-process step) of each side, and the batches."""
+def sides(paths: list[Path], device: str) -> tuple[list[tuple[str, Dataset, Any, Any]], Any]:
+    """(label, dataset, collate, main-process step) of each side, and the assignment."""
     index = build_index(paths)
     assignment = assign(index, BucketLadder.for_model("flux"))
     str_paths = [str(p) for p in paths]
