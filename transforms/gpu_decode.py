@@ -177,8 +177,8 @@ class EncodedFit:
     plus the params' sample fields (``fit``, ``original_size``, ``crop_top_left``,
     ``target_size``, ``flipped``). ``TextToImageDataset`` calls :meth:`read` instead of
     decoding; a file it could not hand over as a JPEG arrives decoded and is fitted here on
-    the CPU (``encoded.pixels``). On the device, ``resample="bilinear"`` stays bilinear and
-    every other filter is bicubic (both antialiased).
+    the CPU (``encoded.pixels``) with ``fit``'s filter; on the device the filter is
+    :func:`decode_batch`'s ``resample`` (antialiased bicubic by default).
     """
 
     def __init__(self, fit: BucketResizeCrop | None = None) -> None:
