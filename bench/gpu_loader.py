@@ -30,12 +30,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, print_table, ratio  # noqa: E402
-from loader import DecodeOnlySide, as_list, build_index, generated_jpegs, images_per_second  # noqa: E402
+from loader import (  # noqa: E402
+    DecodeOnlySide,
+    Side,
+    as_list,
+    build_index,
+    generated_jpegs,
+    interleaved_rates,  # noqa: E402
+)
 
 from bucketing.assign import assign  # noqa: E402
 from bucketing.dataset import TextToImageDataset  # noqa: E402
@@ -54,7 +60,7 @@ class BytesSide(DecodeOnlySide):
         return torch.frombuffer(bytearray(Path(self.paths[i]).read_bytes()), dtype=torch.uint8)
 
 
-def sides(paths: list[Path], device: str) -> tuple[list[tuple[str, Dataset, Any, Any]], Any]:
+def sides(paths: list[Path], device: str) -> tuple[list[Side], Any]:
     """(label, dataset, collate, main-process step) of each side, and the assignment."""
     index = build_index(paths)
     assignment = assign(index, BucketLadder.for_model("flux"))
@@ -104,10 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(paths)} files, {len(batches)} batches, batch size {args.batch_size}")
     rows = []
     for workers in args.workers:
-        for label, dataset, collate_fn, step in all_sides:
-            ips, timing = images_per_second(
-                dataset, batches, collate_fn, workers, args.reps, step, pin=True
-            )
+        rates = interleaved_rates(all_sides, batches, workers, args.reps, pin=True)
+        for (label, *_), (ips, timing) in zip(all_sides, rates, strict=True):
             rows.append({"workers": workers, "side": label, "images/s": ips, "epoch": str(timing)})
     print_table(rows, f"images/s to the model input on {args.device} (median epoch [min-max])")
     top = max(args.workers)

@@ -2,7 +2,9 @@
 
 Every side reads the same files, gets the same bucket per image (our assignment on the
 flux ladder), is batched by the same BucketBatchSampler plan and runs in the same
-DataLoader configuration (``num_workers`` = cores, persistent workers, one warm-up epoch):
+DataLoader configuration (``num_workers`` = cores, persistent workers, one warm-up epoch),
+and the sides take turns: each repetition runs one epoch of every side, so a change of load
+on a shared machine falls on all of them alike:
 
 - ours: ``TextToImageDataset`` + ``BucketResizeCrop`` (EXIF orientation, JPEG draft,
   mode conversion) + ``collate`` -> uint8 [B, 3, H, W]; with the default filter
@@ -28,9 +30,12 @@ A second table gives decode + fit + collate per core (``num_workers=0``, one tor
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, print_table, ratio, timeit  # noqa: E402
+from common import Timing, machine_line, print_table, ratio  # noqa: E402
 
 from bucketing.assign import assign  # noqa: E402
 from bucketing.atomic import atomic_write_bytes  # noqa: E402
@@ -186,18 +191,34 @@ def typical_trainer_loader() -> Callable | None:
 # -- measuring ------------------------------------------------------------------------------
 
 
-def images_per_second(
-    dataset: Dataset,
-    batches: list[list[int]],
-    collate_fn: Callable,
-    workers: int,
-    reps: int,
-    consume: Callable[[Any], Any] | None = None,
-    pin: bool = False,
-) -> tuple[float, Any]:
-    """Median images/s of whole epochs (``consume`` runs on each batch in the main process,
-    e.g. the GPU path's decode; the device is synchronised at the end of each epoch;
-    ``pin``: pinned batches, where CUDA is available)."""
+Side = tuple[str, Dataset, Callable, Any]  # label, dataset, collate, main-process step
+
+
+def interleaved_rates(
+    sides: list[Side], batches: list[list[int]], workers: int, reps: int, pin: bool = False
+) -> list[tuple[float, Timing]]:
+    """Images/s (median epoch) of each side, measured round-robin: one warm-up epoch each,
+    then ``reps`` rounds in which every side runs one epoch, so that a change of load on a
+    shared machine falls on every side alike. A side's step runs on each batch in the main
+    process (the GPU path's decode); the device is synchronised at the end of each epoch.
+    ``pin``: pinned batches, where CUDA is available."""
+    epochs = [_epoch(side, batches, workers, pin) for side in sides]
+    for epoch in epochs:
+        epoch()
+    values: list[list[float]] = [[] for _ in sides]
+    for _ in range(reps):
+        for epoch, times in zip(epochs, values, strict=True):
+            gc.collect()
+            t0 = time.perf_counter()
+            epoch()
+            times.append(time.perf_counter() - t0)
+    n = sum(len(b) for b in batches)
+    timings = [Timing(statistics.median(v), min(v), max(v), tuple(v)) for v in values]
+    return [(n / t.median, t) for t in timings]
+
+
+def _epoch(side: Side, batches: list[list[int]], workers: int, pin: bool) -> Callable[[], None]:
+    _, dataset, collate_fn, step = side
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
@@ -207,22 +228,20 @@ def images_per_second(
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=pin and torch.cuda.is_available(),
     )
-    n = sum(len(b) for b in batches)
 
     def epoch() -> None:
         for batch in loader:
-            if consume is not None:
-                consume(batch)
-        if consume is not None and torch.cuda.is_available():
+            if step is not None:
+                step(batch)
+        if step is not None and torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    timing = timeit(epoch, reps=reps, warmup=1)
-    return n / timing.median, timing
+    return epoch
 
 
-def our_sides(index: ImageIndex, assignment: Any) -> list[tuple[str, Dataset, Callable, Any]]:
+def our_sides(index: ImageIndex, assignment: Any) -> list[Side]:
     """(label, dataset, collate, consume) of our CPU filters and, with CUDA, the GPU path."""
-    sides: list[tuple[str, Dataset, Callable, Any]] = []
+    sides: list[Side] = []
     default = BucketResizeCrop().resample
     for resample, label in ((default, f"ours default ({default})"), *OTHER_FILTERS):
         fit = BucketResizeCrop(resample=resample)
@@ -272,10 +291,9 @@ def run_corpus(
         print("note: no CUDA device: the GPU path is skipped (bench/gpu_loader.py measures it)")
 
     rows = []
-    for label, dataset, collate_fn, consume in sides:
-        ips, timing = images_per_second(
-            dataset, batches, collate_fn, args.workers, args.reps, consume
-        )
+    for (label, *_), (ips, timing) in zip(
+        sides, interleaved_rates(sides, batches, args.workers, args.reps), strict=True
+    ):
         rows.append({"corpus": name, "side": label, "images/s": ips, "epoch": str(timing)})
     bound, default, lanczos = (rows[k]["images/s"] for k in range(3))
     for row in rows:
@@ -285,12 +303,12 @@ def run_corpus(
         row["lanczos / it"] = ratio(lanczos, row["images/s"]) if peer else ""
 
     per_core = []
+    mine = [side for side in sides[: 1 + len(ours)] if not side[0].startswith("ours GPU")]
     torch.set_num_threads(1)
     try:
-        for label, dataset, collate_fn, _ in sides[: 1 + len(ours)]:
-            if label.startswith("ours GPU"):
-                continue
-            ips, timing = images_per_second(dataset, batches, collate_fn, 0, args.reps)
+        for (label, *_), (ips, timing) in zip(
+            mine, interleaved_rates(mine, batches, 0, args.reps), strict=True
+        ):
             per_core.append(
                 {"corpus": name, "side": label, "images/s per core": ips, "epoch": str(timing)}
             )
