@@ -98,14 +98,13 @@ def _resized(img: Image.Image, bucket: tuple[int, int]) -> tuple[int, int]:
     return resized_size(img.width, img.height, bucket)
 
 
-def methods(extra: dict[str, Method] | None = None) -> dict[str, Method]:
+def methods() -> dict[str, Method]:
     """Label -> method, the default first."""
     default = BucketResizeCrop().resample
     out: dict[str, Method] = {f"default ({default})": kernel(None)}
     for mode in ("lanczos", "bicubic", "bilinear"):
         if mode != default:
             out[mode] = kernel(mode)
-    out.update(extra or {})
     out["bilinear, no antialias"] = torch_no_antialias
     return out
 
@@ -205,14 +204,14 @@ def _zone_row(size: int, side: int, label: str, db: float, alias: float) -> dict
     }
 
 
-def main(argv: list[str] | None = None, extra: dict[str, Method] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Print the photo table and the zone-plate table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="smoke test: seconds")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(machine_line())
-    meth = methods(extra)
+    meth = methods()
     count, size, targets = (3, 256, [176]) if args.tiny else (99, 1024, [720, 512, 352])
     print_table(photo_rows(count, meth), "PSNR against a float64 Lanczos-3 reference, photos")
     print_table(zone_rows(size, targets, meth), "zone plate: PSNR and aliasing (lower is better)")
