@@ -136,7 +136,9 @@ def fit(img: Image.Image, params: FitParams, *, resample: str = DEFAULT_RESAMPLE
 
     ``img`` is the oriented RGB picture at any decoded size (a JPEG draft is smaller than the
     size the params were made for: it is scaled straight to ``params.resized``). Returns
-    uint8 (3, h, w), contiguous.
+    uint8 (3, h, w): with the torch filters a view into the resized image (channels last),
+    since ``collate`` copies every sample into the batch anyway and one copy is enough;
+    call ``.contiguous()`` for a compact tensor of its own.
     """
     if img.mode != "RGB":
         raise ValueError(f"fit expects an RGB image (use load_image), got mode {img.mode}")
@@ -304,7 +306,7 @@ def _torch_resize_crop(img: Image.Image, params: FitParams, resample: str) -> to
         antialias=True,
     )
     out = resized[:3, y : y + bh, x : x + bw]
-    return (out.flip(-1) if params.flip else out).contiguous()
+    return out.flip(-1) if params.flip else out  # collate's stack is the one copy
 
 
 def _channels_last(img: Image.Image) -> torch.Tensor:
