@@ -2,11 +2,17 @@
 
 Every side reads the same files, gets the same bucket per image (our assignment on the
 flux ladder), is batched by the same BucketBatchSampler plan and runs in the same
-DataLoader configuration (``num_workers`` = cores, persistent workers, one warm-up epoch):
+DataLoader configuration (``num_workers`` = cores, persistent workers, one warm-up epoch),
+and the sides take turns: each repetition runs one epoch of every side, so a change of load
+on a shared machine falls on all of them alike:
 
 - ours: ``TextToImageDataset`` + ``BucketResizeCrop`` (EXIF orientation, JPEG draft,
-  mode conversion) + ``collate`` -> uint8 [B, 3, H, W]; with Pillow lanczos (the default)
-  and with torchvision's bicubic kernels (``resample="bicubic"``);
+  mode conversion) + ``collate`` -> uint8 [B, 3, H, W]; with the default filter
+  (torchvision's antialiased bicubic uint8 kernels), with Pillow's lanczos (the previous
+  default) and with bilinear;
+- ours, GPU path: ``EncodedFit`` + ``collate_encoded`` in the workers, ``decode_batch`` on
+  the CUDA device in the main process (skipped, with a note, without CUDA; see
+  bench/gpu_loader.py for the comparison a GPU machine runs);
 - bucketsampler: ``PIL.Image.open`` + its ``BucketResize`` (bicubic, center crop, float32
   [0, 1]; no EXIF orientation) + ``torch.stack``;
 - typical trainer: ``bench/typical_trainer.load_image_typical`` (kohya-style PIL open ->
@@ -24,9 +30,12 @@ A second table gives decode + fit + collate per core (``num_workers=0``, one tor
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, print_table, ratio, timeit  # noqa: E402
+from common import Timing, machine_line, print_table, ratio  # noqa: E402
 
 from bucketing.assign import assign  # noqa: E402
 from bucketing.atomic import atomic_write_bytes  # noqa: E402
@@ -46,6 +55,7 @@ from bucketing.index import ImageIndex  # noqa: E402
 from bucketing.ladder import BucketLadder  # noqa: E402
 from samplers import BucketBatchSampler  # noqa: E402
 from transforms.collate import collate  # noqa: E402
+from transforms.gpu_decode import EncodedFit, collate_encoded, decode_batch  # noqa: E402
 from transforms.resize_crop import BucketResizeCrop  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,9 +191,34 @@ def typical_trainer_loader() -> Callable | None:
 # -- measuring ------------------------------------------------------------------------------
 
 
-def images_per_second(
-    dataset: Dataset, batches: list[list[int]], collate_fn: Callable, workers: int, reps: int
-) -> tuple[float, Any]:
+Side = tuple[str, Dataset, Callable, Any]  # label, dataset, collate, main-process step
+
+
+def interleaved_rates(
+    sides: list[Side], batches: list[list[int]], workers: int, reps: int, pin: bool = False
+) -> list[tuple[float, Timing]]:
+    """Images/s (median epoch) of each side, measured round-robin: one warm-up epoch each,
+    then ``reps`` rounds in which every side runs one epoch, so that a change of load on a
+    shared machine falls on every side alike. A side's step runs on each batch in the main
+    process (the GPU path's decode); the device is synchronised at the end of each epoch.
+    ``pin``: pinned batches, where CUDA is available."""
+    epochs = [_epoch(side, batches, workers, pin) for side in sides]
+    for epoch in epochs:
+        epoch()
+    values: list[list[float]] = [[] for _ in sides]
+    for _ in range(reps):
+        for epoch, times in zip(epochs, values, strict=True):
+            gc.collect()
+            t0 = time.perf_counter()
+            epoch()
+            times.append(time.perf_counter() - t0)
+    n = sum(len(b) for b in batches)
+    timings = [Timing(statistics.median(v), min(v), max(v), tuple(v)) for v in values]
+    return [(n / t.median, t) for t in timings]
+
+
+def _epoch(side: Side, batches: list[list[int]], workers: int, pin: bool) -> Callable[[], None]:
+    _, dataset, collate_fn, step = side
     loader = DataLoader(
         dataset,
         batch_sampler=batches,
@@ -191,15 +226,39 @@ def images_per_second(
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        pin_memory=pin and torch.cuda.is_available(),
     )
-    n = sum(len(b) for b in batches)
 
     def epoch() -> None:
-        for _ in loader:
-            pass
+        for batch in loader:
+            if step is not None:
+                step(batch)
+        if step is not None and torch.cuda.is_available():
+            torch.cuda.synchronize()
 
-    timing = timeit(epoch, reps=reps, warmup=1)
-    return n / timing.median, timing
+    return epoch
+
+
+def our_sides(index: ImageIndex, assignment: Any) -> list[Side]:
+    """(label, dataset, collate, consume) of our CPU filters and, with CUDA, the GPU path."""
+    sides: list[Side] = []
+    default = BucketResizeCrop().resample
+    for resample, label in ((default, f"ours default ({default})"), *OTHER_FILTERS):
+        fit = BucketResizeCrop(resample=resample)
+        dataset = TextToImageDataset(index, assignment, image_transform=fit)
+        sides.append((f"{label} (uint8)", dataset, collate, None))
+    if torch.cuda.is_available():
+        gpu = TextToImageDataset(index, assignment, image_transform=EncodedFit())
+        sides.append(("ours GPU path (bf16 on cuda)", gpu, collate_encoded, decode_on_cuda))
+    return sides
+
+
+OTHER_FILTERS = (("lanczos", "ours lanczos (old default)"), ("bilinear", "ours bilinear"))
+
+
+def decode_on_cuda(batch: dict[str, Any]) -> dict[str, Any]:
+    """The GPU path's main-process step."""
+    return decode_batch(batch, "cuda", torch.bfloat16)
 
 
 def run_corpus(
@@ -216,40 +275,40 @@ def run_corpus(
     )
     str_paths = [str(p) for p in paths]
     wh = assignment.bucket_wh
-    ours = {
-        resample: TextToImageDataset(
-            index, assignment, image_transform=BucketResizeCrop(resample=resample)
-        )
-        for resample in ("lanczos", "bicubic")
-    }
-    sides: list[tuple[str, Dataset, Callable]] = [
-        ("decode-only (torchvision.io)", DecodeOnlySide(str_paths), as_list),
-        ("ours lanczos (uint8)", ours["lanczos"], collate),
-        ("ours bicubic (uint8)", ours["bicubic"], collate),
-        ("bucketsampler BucketResize (f32)", BucketsamplerSide(str_paths, wh), stack),
+    ours = our_sides(index, assignment)
+    sides = [
+        ("decode-only (torchvision.io)", DecodeOnlySide(str_paths), as_list, None),
+        *ours,
+        ("bucketsampler BucketResize (f32)", BucketsamplerSide(str_paths, wh), stack, None),
     ]
     typical = typical_trainer_loader()
     if typical is None:
         print("note: bench/typical_trainer.py not found; typical-trainer side skipped")
     else:
-        sides.append(("typical trainer (f32)", TypicalTrainerSide(str_paths, wh, typical), stack))
+        typical_side = TypicalTrainerSide(str_paths, wh, typical)
+        sides.append(("typical trainer (f32)", typical_side, stack, None))
+    if not torch.cuda.is_available():
+        print("note: no CUDA device: the GPU path is skipped (bench/gpu_loader.py measures it)")
 
     rows = []
-    for label, dataset, collate_fn in sides:
-        ips, timing = images_per_second(dataset, batches, collate_fn, args.workers, args.reps)
+    for (label, *_), (ips, timing) in zip(
+        sides, interleaved_rates(sides, batches, args.workers, args.reps), strict=True
+    ):
         rows.append({"corpus": name, "side": label, "images/s": ips, "epoch": str(timing)})
-    bound, lanczos, bicubic = (rows[k]["images/s"] for k in range(3))
+    bound, default, lanczos = (rows[k]["images/s"] for k in range(3))
     for row in rows:
         row["of decode-only"] = f"{row['images/s'] / bound:.0%}"
-        peer = row is not rows[1] and row is not rows[2]
+        peer = not row["side"].startswith("ours")
+        row["default / it"] = ratio(default, row["images/s"]) if peer else ""
         row["lanczos / it"] = ratio(lanczos, row["images/s"]) if peer else ""
-        row["bicubic / it"] = ratio(bicubic, row["images/s"]) if peer else ""
 
     per_core = []
+    mine = [side for side in sides[: 1 + len(ours)] if not side[0].startswith("ours GPU")]
     torch.set_num_threads(1)
     try:
-        for label, dataset, collate_fn in sides[:3]:
-            ips, timing = images_per_second(dataset, batches, collate_fn, 0, args.reps)
+        for (label, *_), (ips, timing) in zip(
+            mine, interleaved_rates(mine, batches, 0, args.reps), strict=True
+        ):
             per_core.append(
                 {"corpus": name, "side": label, "images/s per core": ips, "epoch": str(timing)}
             )

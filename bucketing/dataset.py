@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from transforms.gpu_decode import EncodedFit
 from transforms.image import (
     DEFAULT_MAX_DECODE_BYTES,
     ORIGINAL_SIZE_KEY,
@@ -208,7 +209,11 @@ class TextToImageDataset(Dataset):
     def _fit(self, row: int, requested: int, occurrence: int) -> dict[str, Any]:
         """Decode ``row`` and fit it to ``requested``'s bucket with ``requested``'s generator."""
         wh = tuple(int(v) for v in self.bucket_wh[requested])
-        img = load_image(
+        # the GPU path's transform reads the JPEG's bytes itself, to decode on the device
+        read = load_image
+        if isinstance(self.image_transform, EncodedFit):
+            read = self.image_transform.read
+        img = read(
             self.index.image_source(row),
             background=self.background,
             max_pixels=self.max_pixels,
@@ -233,7 +238,7 @@ class TextToImageDataset(Dataset):
             "image_transform", self.image_transform, identity, image=img, bucket=wh, rng=rng
         )
         sample = {**fitted, **identity}  # which row this is stays the dataset's to say
-        shape = tuple(getattr(sample.get("pixel_values"), "shape", ()))
+        shape = tuple(getattr(sample.get("pixel_values", sample.get("encoded")), "shape", ()))
         if shape[-2:] != (wh[1], wh[0]):
             raise ValueError(
                 f"image_transform returned pixel_values of shape {shape} for bucket "

@@ -110,3 +110,21 @@ def test_scan_headlines_pass_and_miss() -> None:
     assert [h.status for h in good] == ["PASS"] * 3
     bad = headlines_scan(table(cold=1000, warm=10000, peer=600, bare=1500, wrong=1))
     assert [h.status for h in bad] == ["MISS"] * 3
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "expect"),
+    [
+        ("quality.py", ["--tiny"], "aliasing %"),  # kernels against the float64 reference
+        ("gpu_loader.py", ["--device", "cpu", "--tiny"], "GPU path >= 2x CPU path"),
+    ],
+)
+def test_standalone_script_runs_tiny(script: str, args: list[str], expect: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tables = parse_tables(proc.stdout)
+    assert tables and all(t["rows"] for t in tables)
+    assert expect in proc.stdout

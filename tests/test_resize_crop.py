@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
+from torchvision.transforms.v2 import functional as F
 
 from transforms.image import load_image
 from transforms.resize_crop import (
@@ -47,7 +48,7 @@ def test_output_is_exactly_the_bucket_and_never_upscaled(sizes, crop, flip, resa
         img, (bw, bh), crop=crop, flip=flip, rng=np.random.default_rng(seed), resample=resample
     )
     pv = out["pixel_values"]
-    assert pv.shape == (3, bh, bw) and pv.dtype == torch.uint8 and pv.is_contiguous()
+    assert pv.shape == (3, bh, bw) and pv.dtype == torch.uint8
     assert out["target_size"] == (bh, bw) and out["original_size"] == (h, w)
     new_w, new_h = resized_size(w, h, (bw, bh))
     assert bw <= new_w <= w and bh <= new_h <= h  # covers the bucket, never larger than source
@@ -162,6 +163,22 @@ def test_torch_bicubic_matches_pillow_bicubic(examples_dir):
     ref = img.resize((new_w, new_h), Image.Resampling.BICUBIC).crop((x, y, x + 320, y + 192))
     diff = ours["pixel_values"].permute(1, 2, 0).int() - torch.from_numpy(np.asarray(ref)).int()
     assert diff.abs().max() <= 2 and diff.abs().float().mean() < 0.1
+
+
+@pytest.mark.parametrize("size", [(640, 427), (2400, 1800)])  # one Pillow block, several
+def test_default_kernel_reads_pillows_buffer_in_place_or_copies_equally(size):
+    rng = np.random.default_rng(7)
+    arr = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    img = Image.fromarray(arr).resize(size, Image.Resampling.BILINEAR)  # smooth, with detail
+    assert BucketResizeCrop().resample == "bicubic"
+    out = resize_crop(img, (size[0] // 2, size[1] // 2 - 16), flip=True)
+    new_w, new_h = resized_size(*img.size, (size[0] // 2, size[1] // 2 - 16))
+    packed = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    bicubic = F.InterpolationMode.BICUBIC
+    ref = F.resize(packed, [new_h, new_w], interpolation=bicubic, antialias=True)
+    y, x = out["crop_top_left"]
+    expected = ref[:, y : y + size[1] // 2 - 16].flip(-1)[:, :, x : x + size[0] // 2]
+    assert torch.equal(out["pixel_values"], expected)
 
 
 def test_pillow_region_resize_equals_resize_then_crop(examples_dir):

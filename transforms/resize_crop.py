@@ -14,8 +14,9 @@ a :class:`FitParams` from the full oriented size, the bucket and a generator, an
 deterministic kernel :func:`fit` applies it to the decoded pixels; samples carry the params
 as ``sample["fit"]``, so the report, the caches and the GPU path read the same crop and flip.
 
-Resampling: ``"bicubic"`` and ``"bilinear"`` run torchvision's antialiased uint8 kernels
-(equal to Pillow's within one grey level, several times faster); ``"lanczos"``, ``"box"``,
+Resampling: ``"bicubic"`` (the default) and ``"bilinear"`` run torchvision's antialiased
+uint8 kernels (equal to Pillow's within one grey level, several times faster), reading
+Pillow's pixel buffer in place where Pillow exports it; ``"lanczos"``, ``"box"``,
 ``"hamming"`` and ``"nearest"`` run Pillow, resizing only the cropped region.
 """
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, overload
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
@@ -45,6 +47,7 @@ _PIL_FILTERS = {
     "nearest": Image.Resampling.NEAREST,
 }
 RESAMPLE_MODES = tuple(sorted({*_TORCH_FILTERS, *_PIL_FILTERS}))
+DEFAULT_RESAMPLE = "bicubic"
 
 
 def resized_size(
@@ -128,12 +131,14 @@ def fit_params(
     )
 
 
-def fit(img: Image.Image, params: FitParams, *, resample: str = "lanczos") -> torch.Tensor:
+def fit(img: Image.Image, params: FitParams, *, resample: str = DEFAULT_RESAMPLE) -> torch.Tensor:
     """The deterministic kernel: ``img`` scaled to ``params.resized``, cropped, maybe flipped.
 
     ``img`` is the oriented RGB picture at any decoded size (a JPEG draft is smaller than the
     size the params were made for: it is scaled straight to ``params.resized``). Returns
-    uint8 (3, h, w), contiguous.
+    uint8 (3, h, w): with the torch filters a view into the resized image (channels last),
+    since ``collate`` copies every sample into the batch anyway and one copy is enough;
+    call ``.contiguous()`` for a compact tensor of its own.
     """
     if img.mode != "RGB":
         raise ValueError(f"fit expects an RGB image (use load_image), got mode {img.mode}")
@@ -179,7 +184,7 @@ def resize_crop(
     crop: str | tuple[int, int] = "center",
     flip: bool = False,
     rng: np.random.Generator | None = None,
-    resample: str = "lanczos",
+    resample: str = DEFAULT_RESAMPLE,
     allow_upscale: bool = False,
 ) -> dict[str, Any]:
     """Scale ``img`` to cover the bucket, crop to exactly (bh, bw), optionally flip:
@@ -214,7 +219,7 @@ class BucketResizeCrop:
         self,
         crop: str = "center",
         flip_p: float = 0.0,
-        resample: str = "lanczos",
+        resample: str = DEFAULT_RESAMPLE,
         allow_upscale: bool = False,
     ) -> None:
         if crop not in ("center", "random"):
@@ -293,15 +298,27 @@ def _pil_to_chw(img: Image.Image) -> torch.Tensor:
 
 
 def _torch_resize_crop(img: Image.Image, params: FitParams, resample: str) -> torch.Tensor:
-    with warnings.catch_warnings():  # Pillow's buffer is read-only; it is only read here
-        warnings.simplefilter("ignore", UserWarning)
-        hwc = torch.from_numpy(np.asarray(img))
     (new_w, new_h), (y, x, bh, bw) = params.resized, params.crop
     resized = F.resize(
-        hwc.permute(2, 0, 1),  # a channels-last view: the layout the uint8 kernels want
+        _channels_last(img),  # the layout the uint8 kernels want
         [new_h, new_w],
         interpolation=_TORCH_FILTERS[resample],
         antialias=True,
     )
-    out = resized[:, y : y + bh, x : x + bw]
-    return (out.flip(-1) if params.flip else out).contiguous()
+    out = resized[:3, y : y + bh, x : x + bw]
+    return out.flip(-1) if params.flip else out  # collate's stack is the one copy
+
+
+def _channels_last(img: Image.Image) -> torch.Tensor:
+    """A (C, H, W) channels-last uint8 view of an RGB ``img``: Pillow's own buffer (4 bytes
+    a pixel, RGB and padding; the kernels run 4 channels as fast as 3), shared without a
+    copy where Pillow exports it (Arrow, one memory block), else a packed RGB copy."""
+    with warnings.catch_warnings():  # read-only buffers; they are only read here
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            flat = pa.array(img).values.to_numpy(zero_copy_only=True)
+        except (pa.ArrowException, ValueError, TypeError):  # several blocks, or older Pillow
+            flat = None
+        if flat is None or flat.size != img.width * img.height * 4:
+            return torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+        return torch.from_numpy(flat).view(img.height, img.width, 4).permute(2, 0, 1)
