@@ -66,7 +66,7 @@ class TextToImageDataset(Dataset):
         index: ImageIndex,
         assignment: Assignment,
         *,
-        image_transform: ImageTransform,
+        image_transform: ImageTransform | None = None,
         caption_transform: CaptionTransform | None = None,
         model_transform: Callable[[dict], dict] | None = None,
         seed: int = 0,
@@ -75,7 +75,10 @@ class TextToImageDataset(Dataset):
         draft: bool = True,
         max_pixels: int | None = None,
         background: Sequence[int] = (255, 255, 255),
+        cache: Any = None,
     ) -> None:
+        if image_transform is None and cache is None:
+            raise ValueError("TextToImageDataset needs an image_transform (or an encoder cache)")
         if on_error not in _ON_ERROR:
             raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
         if len(assignment) != len(index):
@@ -106,6 +109,7 @@ class TextToImageDataset(Dataset):
         self.draft = draft
         self.max_pixels = max_pixels
         self.background = tuple(background)
+        self.cache = cache
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._members: dict[int, np.ndarray] = {}
 
@@ -150,6 +154,8 @@ class TextToImageDataset(Dataset):
         else:
             rng = sample_rng(self.seed, self.epoch, i, "caption")
             sample["caption"] = self.caption_transform(list(captions), rng)
+        if self.cache is not None:
+            sample.update(self.cache.text_sample(sample["caption"]))
         sample["index"] = used
         sample["original_index"] = i
         sample["substituted"] = used != i
@@ -160,6 +166,8 @@ class TextToImageDataset(Dataset):
     def _fit(self, row: int, requested: int) -> dict[str, Any]:
         """Decode ``row`` and fit it to ``requested``'s bucket with ``requested``'s generator."""
         wh = tuple(int(v) for v in self.bucket_wh[requested])
+        if self.cache is not None:
+            return self._cached(row, requested, wh)
         img = load_image(
             self.index.image_source(row),
             background=self.background,
@@ -182,6 +190,12 @@ class TextToImageDataset(Dataset):
                 f"{wh[0]}x{wh[1]} (w x h)"
             )
         return sample
+
+    def _cached(self, row: int, requested: int, wh: tuple[int, ...]) -> dict[str, Any]:
+        """``row``'s cached latents for ``requested``'s bucket, drawn with its generator."""
+        rng = sample_rng(self.seed, self.epoch, requested, "image")
+        size = (int(self.index.width[row]), int(self.index.height[row]))
+        return self.cache.latent_sample(self.index.paths[row], size, wh, rng)
 
     def _substitute(self, i: int, bucket: int, error: Exception) -> tuple[dict[str, Any], int]:
         """Fit another member of ``bucket``, tried in an order fixed by (seed, epoch, i)."""

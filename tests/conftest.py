@@ -78,11 +78,11 @@ def _tiny_clip(cls, projection_dim: int | None = None):
     return cls(config)
 
 
-@pytest.fixture(scope="session")
-def tiny_encoders_dirs(flux_tokenizer_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    """Tiny random FLUX-like and SDXL-like diffusers-layout folders saved with save_pretrained:
-    ``{"flux": DIR, "sdxl": DIR}``, each with vae/, text_encoder/, text_encoder_2/,
-    tokenizer/, tokenizer_2/ (the real FLUX tokenizers; SDXL's tokenizer_2 pads with "!")."""
+def write_tiny_encoders(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
+    """Tiny random FLUX-like and SDXL-like diffusers-layout folders saved with save_pretrained
+    under ``root``: ``{"flux": DIR, "sdxl": DIR}``, each with vae/, text_encoder/,
+    text_encoder_2/, tokenizer/, tokenizer_2/ (the real FLUX tokenizers from
+    ``tokenizer_dir``; SDXL's tokenizer_2 pads with "!" as the real one does)."""
     import shutil
 
     import torch
@@ -95,22 +95,27 @@ def tiny_encoders_dirs(flux_tokenizer_dir: Path, tmp_path_factory) -> dict[str, 
     )
 
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("tiny-encoders")
     flux, sdxl = root / "flux", root / "sdxl"
     _tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
               use_post_quant_conv=False).save_pretrained(flux / "vae")
     _tiny_clip(CLIPTextModel).save_pretrained(flux / "text_encoder")
     T5EncoderModel(T5Config(vocab_size=32128, d_model=8, d_kv=4, d_ff=16, num_layers=2,
                             num_heads=2)).save_pretrained(flux / "text_encoder_2")
-    shutil.copytree(flux_tokenizer_dir / "tokenizer", flux / "tokenizer")
-    shutil.copytree(flux_tokenizer_dir / "tokenizer_2", flux / "tokenizer_2")
+    shutil.copytree(tokenizer_dir / "tokenizer", flux / "tokenizer")
+    shutil.copytree(tokenizer_dir / "tokenizer_2", flux / "tokenizer_2")
 
     _tiny_vae(4, scaling_factor=0.13025).save_pretrained(sdxl / "vae")
     _tiny_clip(CLIPTextModel).save_pretrained(sdxl / "text_encoder")
     _tiny_clip(CLIPTextModelWithProjection, projection_dim=12).save_pretrained(
         sdxl / "text_encoder_2"
     )
-    shutil.copytree(flux_tokenizer_dir / "tokenizer", sdxl / "tokenizer")
-    clip = CLIPTokenizer.from_pretrained(flux_tokenizer_dir / "tokenizer", pad_token="!")
+    shutil.copytree(tokenizer_dir / "tokenizer", sdxl / "tokenizer")
+    clip = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer", pad_token="!")
     clip.save_pretrained(sdxl / "tokenizer_2")
     return {"flux": flux, "sdxl": sdxl}
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders_dirs(flux_tokenizer_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """``write_tiny_encoders`` in a session temp folder: ``{"flux": DIR, "sdxl": DIR}``."""
+    return write_tiny_encoders(tmp_path_factory.mktemp("tiny-encoders"), flux_tokenizer_dir)
