@@ -74,7 +74,8 @@ _OWN_FILES = ("shards", "entries.parquet", "rows.parquet", "texts.parquet", "cac
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8", "surrogatepass")).hexdigest()
+    text = json.dumps(obj, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _dist() -> Any:
@@ -679,16 +680,25 @@ class EncoderCache:
         """Keep every entry of the view on ``device`` (a tiny data set on the GPU: batches
         come out there, without a DataLoader worker or a host copy; use ``num_workers=0``)."""
         resident = {}
-        for key in sorted(self.referenced()):
-            shard = self._entries.get(key)
-            if shard is None:
-                continue
+        for shard, names in self._names_by_shard(self.referenced()).items():
             with safe_open(str(self.root / "shards" / shard), "pt", device=str(device)) as f:
-                for name in f.keys():
-                    if name.startswith(key + "."):
-                        resident[name] = f.get_tensor(name)
+                for name in names:
+                    resident[name] = f.get_tensor(name)
         self._resident = resident
         return self
+
+    def _names_by_shard(self, keys: set[str]) -> dict[str, list[str]]:
+        """Tensor names of ``keys``, grouped by the shard holding them."""
+        wanted: dict[str, set[str]] = {}
+        for key in keys:
+            if key in self._entries:
+                wanted.setdefault(self._entries[key], set()).add(key)
+        out: dict[str, list[str]] = {}
+        for shard, shard_keys in wanted.items():
+            with safe_open(str(self.root / "shards" / shard), "pt") as f:
+                names = f.keys()
+            out[shard] = [n for n in names if n.rsplit(".", 1)[0] in shard_keys]
+        return out
 
     def nbytes(self) -> int:
         """Bytes of the shard files on disk."""
@@ -710,10 +720,10 @@ class EncoderCache:
             removed += len(keys) - len(kept)
             if kept:
                 rewritten += 1
+                survivors = self._names_by_shard(set(kept))[shard]
                 with safe_open(str(self.root / "shards" / shard), "pt") as f:
-                    for name in f.keys():
-                        if name.rsplit(".", 1)[0] in keep:
-                            writer.tensors[name] = f.get_tensor(name)
+                    for name in survivors:
+                        writer.tensors[name] = f.get_tensor(name)
                 writer.keys.update(kept)
             dropped.append(shard)
         writer.flush()  # the survivors are safe in a new shard before any old one goes
