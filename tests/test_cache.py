@@ -274,7 +274,8 @@ def test_sdxl_cache_keeps_full_clip_embeddings(photos, tmp_path, tiny_encoders_d
     cache = _build(index, assignment, enc, tmp_path / "c")
     sample = TextToImageDataset(index, assignment, cache=cache)[1]
     assert sample["latents"].shape[0] == 4
-    assert sample["prompt_embeds"].shape == (77, 16) and sample["pooled_prompt_embeds"].shape == (12,)
+    assert sample["prompt_embeds"].shape == (77, 16)
+    assert sample["pooled_prompt_embeds"].shape == (12,)
     assert "t5_attention_mask" not in sample
     expected = enc.encode_text([sample["caption"]])
     torch.testing.assert_close(sample["prompt_embeds"], expected["prompt_embeds"][0])
