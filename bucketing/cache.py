@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from bucketing.atomic import atomic_path, atomic_write_bytes
 from transforms.image import ORIGINAL_SIZE_KEY, load_image
-from transforms.resize_crop import RESAMPLE_MODES, resize_crop, resized_size
+from transforms.resize_crop import RESAMPLE_MODES, BucketResizeCrop, FitParams, fit
 
 if TYPE_CHECKING:
     from bucketing.assign import Assignment
@@ -139,22 +139,20 @@ def file_identity(index: ImageIndex, row: int) -> list[Any] | None:
     return [index.paths[row], int(st.st_size), int(st.st_mtime_ns)]
 
 
-def crop_boxes(
+def variant_params(
     size_wh: Sequence[int], bucket_wh: Sequence[int], settings: FitSettings, path: str
-) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-    """The resized (w, h) and the (y, x) crop offsets of an image's variants: the centre, or
-    ``variants`` random offsets drawn from a generator keyed by (seed, path), so a rebuild
-    draws the same crops for an unchanged image whatever its row number."""
-    new_w, new_h = resized_size(*size_wh, bucket_wh, allow_upscale=settings.allow_upscale)
-    spare_w, spare_h = new_w - int(bucket_wh[0]), new_h - int(bucket_wh[1])
+) -> list[FitParams]:
+    """The unflipped :class:`FitParams` of an image's cached variants, from
+    ``BucketResizeCrop.make_params`` as the pixel path draws them: the centre crop, or
+    ``variants`` random crops from a generator keyed by (seed, path), so a rebuild draws the
+    same crops for an unchanged image whatever its row number."""
+    transform = BucketResizeCrop(crop=settings.crop, allow_upscale=settings.allow_upscale)
     if settings.crop == "center":
-        return (new_w, new_h), [(spare_h // 2, spare_w // 2)]
+        return [transform.make_params(size_wh, bucket_wh, None)]
     words = np.frombuffer(hashlib.sha256(path.encode("utf-8", "surrogatepass")).digest()[:8],
                           dtype=np.uint32)
     rng = np.random.default_rng([settings.seed, *words.tolist()])
-    boxes = [(int(rng.integers(0, spare_h + 1)), int(rng.integers(0, spare_w + 1)))
-             for _ in range(settings.variants)]
-    return (new_w, new_h), boxes
+    return [transform.make_params(size_wh, bucket_wh, rng) for _ in range(settings.variants)]
 
 
 @dataclass
@@ -162,9 +160,13 @@ class _Job:
     """One (image, crop) to decode and encode: its flips' keys (None: already stored)."""
 
     row: int
-    bucket: tuple[int, int]
-    crop: tuple[int, int]
+    params: FitParams
     keys: tuple[str | None, ...]
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        """The (w, h) bucket."""
+        return self.params.bucket
 
 
 def plan_rows(
@@ -188,15 +190,17 @@ def plan_rows(
             continue  # the file is gone: the dataset substitutes it like a failed decode
         bucket = (int(bucket_wh[row, 0]), int(bucket_wh[row, 1]))
         size = (int(index.width[row]), int(index.height[row]))
-        resized, boxes = crop_boxes(size, bucket, settings, index.paths[row])
+        variants = variant_params(size, bucket, settings, index.paths[row])
         keys = []
-        for y, x in boxes:
+        for params in variants:
             ks = tuple(_digest({"file": identity, "size": size, "bucket": bucket,
-                                "resized": resized, "crop": [y, x], "flip": flip,
+                                "resized": params.resized, "crop": params.crop, "flip": flip,
                                 "fit": fit_key, "vae": image_fingerprint, "dtype": dtype})
                        for flip in flips)
             keys.extend(ks)
-            jobs.append(_Job(row, bucket, (y, x), ks))
+            jobs.append(_Job(row, params, ks))
+        resized = variants[0].resized
+        boxes = [p.crop[:2] for p in variants]
         for name, value in (("row", row), ("path", index.paths[row]),
                             ("identity", json.dumps(identity)), ("width", size[0]),
                             ("height", size[1]), ("bucket_w", bucket[0]), ("bucket_h", bucket[1]),
@@ -322,8 +326,7 @@ class _FitJobs(Dataset):
             if (w, h) != scanned:
                 raise ValueError(f"the file is {w}x{h} but was {scanned[0]}x{scanned[1]} when "
                                  "scanned (rescan it)")
-            pixels = resize_crop(img, job.bucket, crop=job.crop, resample=s.resample,
-                                 allow_upscale=s.allow_upscale)["pixel_values"]
+            pixels = fit(img, job.params, resample=s.resample)
         except Exception as error:  # noqa: BLE001 - recorded; the dataset substitutes it
             return i, None, f"{type(error).__name__}: {error}"
         return i, pixels, ""
@@ -419,7 +422,7 @@ def build_cache(
                 "text_length": out["text_lengths"][j : j + 1],
             })
 
-    todo = [_Job(j.row, j.bucket, j.crop, tuple(k if k not in stored else None for k in j.keys))
+    todo = [_Job(j.row, j.params, tuple(k if k not in stored else None for k in j.keys))
             for j in jobs]
     todo = [j for j in todo if any(j.keys)]
     mine = _batches(todo, int(batch_size))[rank::world]
@@ -637,11 +640,16 @@ class EncoderCache:
         keys = rows["latent_keys"][r]
         per = len(keys) // len(rows["crop_y"][r])
         key = keys[k * per + (1 if flip and per > 1 else 0)]
-        y, x = rows["crop_y"][r][k], rows["crop_x"][r][k]
+        params = FitParams(
+            bucket=(bw, bh), scale=max(bw / size_wh[0], bh / size_wh[1]),
+            resized=(rows["resized_w"][r], rows["resized_h"][r]),
+            crop=(rows["crop_y"][r][k], rows["crop_x"][r][k], bh, bw), flip=flip,
+        )
         return {
             "latents": self._tensor(key, "latents"),
+            "fit": params,
             "original_size": (rows["height"][r], rows["width"][r]),
-            "crop_top_left": (y, rows["resized_w"][r] - x - bw if flip else x),
+            "crop_top_left": params.crop_top_left,
             "target_size": (bh, bw),
             "flipped": flip,
         }

@@ -1,8 +1,19 @@
 """The map-style dataset that DataLoader workers run: item i is image i decoded, fitted to its
 bucket, captioned and (optionally) tokenized.
 
-Every random choice comes from ``sample_rng(seed, epoch, i, stream)``, never from worker RNG
-state, so a sample is the same in any worker, with any worker count, after any resume.
+Every random choice comes from ``sample_rng(seed, epoch, i, stream, occurrence)``, never from
+worker RNG state, so a sample is the same in any worker, with any worker count, after any
+resume. ``occurrence`` is read from the index the sampler yields (``samplers.SampleIndex``, an
+``int`` with ``.occurrence``; a plain int is occurrence 0), so each repeat or padding
+duplicate of a row within an epoch draws its own crop, flip and caption.
+
+The three transforms share one signature, ``transform(sample: dict) -> dict``:
+the image transform gets ``image`` (the decoded, oriented 8-bit RGB ``PIL.Image``),
+``bucket`` (w, h) and ``rng`` and must add ``pixel_values`` of the bucket's shape; the
+caption transform gets ``captions`` (the image's list of captions) and ``rng`` and must set
+``caption`` (a str); the model transform gets the finished sample. Every sample also holds
+``index``, ``original_index``, ``substituted`` and ``occurrence``. The inputs ``image``,
+``captions`` and ``rng`` are removed once their transform has run.
 
 A file that fails to decode (or to fit its bucket, or no longer has the size the scan
 recorded) at training time does not end the epoch:
@@ -19,28 +30,44 @@ one-element shared-memory tensor, so it reaches DataLoader workers that outlive 
 
 from __future__ import annotations
 
+import inspect
 import operator
 import warnings
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transforms.image import ORIGINAL_SIZE_KEY, ImageDecodeError, load_image
+from transforms.image import (
+    DEFAULT_MAX_DECODE_BYTES,
+    ORIGINAL_SIZE_KEY,
+    ImageDecodeError,
+    load_image,
+)
 from transforms.rng import sample_rng
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from bucketing.assign import Assignment
     from bucketing.index import ImageIndex
 
-ImageTransform = Callable[["Image.Image", Sequence[int], np.random.Generator], dict]
-CaptionTransform = Callable[[list[str], np.random.Generator], str]
+SampleTransform = Callable[[dict[str, Any]], dict[str, Any]]
+"""The one signature of the dataset's image, caption and model transforms."""
+
+
+@runtime_checkable
+class DeclaresUpscale(Protocol):
+    """An image transform that says whether it fits images smaller than their bucket
+    (``BucketResizeCrop`` does); the dataset refuses an upscaled assignment when it does not.
+    A transform without the attribute is trusted."""
+
+    allow_upscale: bool
+
 
 _ON_ERROR = ("substitute", "raise")
+_TRANSIENT = ("image", "captions", "rng")  # transform inputs, not sample contents
+_MAX_EPOCH = 2**63 - 1  # the epoch is shared with workers as one int64
 _WARNED: set[str] = set()  # files already reported by this process
 
 
@@ -51,14 +78,19 @@ class SubstitutionWarning(UserWarning):
 class TextToImageDataset(Dataset):
     """Images of ``index`` fitted to the buckets of ``assignment`` (row i is row i of both).
 
-    ``image_transform(img, bucket_wh, rng) -> dict`` (e.g. ``BucketResizeCrop``);
-    ``caption_transform(captions, rng) -> str`` (default: the first caption, or "");
-    ``model_transform(sample) -> dict`` (e.g. ``FluxTokenizer``). ``draft`` lets JPEGs
+    Transforms take the sample dict and return it (see the module docstring):
+    ``image_transform`` (e.g. ``BucketResizeCrop``), ``caption_transform`` (e.g.
+    ``CaptionTransform``; default: the first caption, or ""), ``model_transform`` (e.g.
+    ``FluxTokenizer``); anything else is a TypeError here, not in a worker. ``draft`` lets JPEGs
     decode at a reduced DCT scale when the bucket is at most half their size (only right
     for transforms that scale the image to cover the bucket). ``max_pixels`` refuses
-    decompression bombs at decode time; ``background`` is the colour behind transparency.
+    decompression bombs at decode time, ``max_decode_bytes`` images whose decoding would
+    hold more memory than that (both from the header, before decoding); ``background`` is
+    the colour behind transparency.
     An assignment with upscaled rows (``assign(..., allow_upscale=True)``) needs an image
     transform that upscales: one with ``allow_upscale=False`` is refused here.
+    ``cache``: an encoder cache (``bucketing.build_cache``); samples then carry its
+    ``latents`` and caption embeddings instead of pixels, and no image transform is needed.
     """
 
     def __init__(
@@ -66,14 +98,15 @@ class TextToImageDataset(Dataset):
         index: ImageIndex,
         assignment: Assignment,
         *,
-        image_transform: ImageTransform | None = None,
-        caption_transform: CaptionTransform | None = None,
-        model_transform: Callable[[dict], dict] | None = None,
+        image_transform: SampleTransform | None = None,
+        caption_transform: SampleTransform | None = None,
+        model_transform: SampleTransform | None = None,
         seed: int = 0,
         on_error: str = "substitute",
         max_substitutes: int = 8,
         draft: bool = True,
         max_pixels: int | None = None,
+        max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
         background: Sequence[int] = (255, 255, 255),
         cache: Any = None,
     ) -> None:
@@ -88,8 +121,15 @@ class TextToImageDataset(Dataset):
             )
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        for name, transform in (
+            ("image_transform", image_transform),
+            ("caption_transform", caption_transform), ("model_transform", model_transform)
+        ):
+            if transform is not None:
+                _check_transform(name, transform)
         upscaled = int(np.count_nonzero(getattr(assignment, "upscaled", ())))
-        if upscaled and getattr(image_transform, "allow_upscale", True) is False:
+        refuses = isinstance(image_transform, DeclaresUpscale) and not image_transform.allow_upscale
+        if upscaled and refuses:
             raise ValueError(
                 f"{upscaled} rows were assigned with allow_upscale=True (upscaled to a bucket "
                 f"larger than the image) but image_transform refuses to upscale "
@@ -97,8 +137,9 @@ class TextToImageDataset(Dataset):
                 "image_transform=BucketResizeCrop(allow_upscale=True, ...)"
             )
         self.index = index
-        self.bucket_id = np.asarray(assignment.bucket_id, dtype=np.int64)
-        self.bucket_wh = np.asarray(assignment.bucket_wh, dtype=np.int64).reshape(-1, 2)
+        # views of the assignment's arrays (no per-row copy in the dataset or its workers)
+        self.bucket_id = np.asarray(assignment.bucket_id)
+        self.bucket_wh = np.asarray(assignment.bucket_wh).reshape(-1, 2)
         self.reasons = getattr(assignment, "reasons", None)
         self.image_transform = image_transform
         self.caption_transform = caption_transform
@@ -108,10 +149,11 @@ class TextToImageDataset(Dataset):
         self.max_substitutes = int(max_substitutes)
         self.draft = draft
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         self.background = tuple(background)
         self.cache = cache
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._members: dict[int, np.ndarray] = {}
+        self._members: tuple[np.ndarray, np.ndarray] | None = None  # built on first need
 
     def __len__(self) -> int:
         return len(self.index)
@@ -123,15 +165,19 @@ class TextToImageDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` in every per-sample generator from now on (call before iterating)."""
-        if int(epoch) < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        self._epoch[0] = int(epoch)
+        epoch = operator.index(epoch)
+        if not 0 <= epoch <= _MAX_EPOCH:
+            raise ValueError(f"epoch must be in [0, 2**63 - 1], got {epoch}")
+        self._epoch[0] = epoch
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        occurrence = operator.index(getattr(i, "occurrence", 0))
         i = operator.index(i)
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for a dataset of {n} rows")
+        if occurrence < 0:
+            raise ValueError(f"row {i}: occurrence must be >= 0, got {occurrence}")
         i %= n
         bucket = int(self.bucket_id[i])
         if bucket < 0:
@@ -142,36 +188,41 @@ class TextToImageDataset(Dataset):
                 "only (BucketBatchSampler does)"
             )
         try:
-            sample, used = self._fit(i, i), i
+            sample = self._fit(i, i, occurrence)
         except Exception as error:
             if self.on_error == "raise":
                 raise _as_decode_error(self._name(i), error) from error
-            sample, used = self._substitute(i, bucket, error)
+            sample = self._substitute(i, bucket, occurrence, error)
 
-        captions = self.index.captions[used]
+        captions = list(self.index.captions[sample["index"]])
         if self.caption_transform is None:
             sample["caption"] = captions[0] if captions else ""
         else:
-            rng = sample_rng(self.seed, self.epoch, i, "caption")
-            sample["caption"] = self.caption_transform(list(captions), rng)
+            rng = sample_rng(self.seed, self.epoch, i, "caption", occurrence)
+            sample = self._apply(
+                "caption_transform", self.caption_transform, sample, captions=captions, rng=rng
+            )
+            if not isinstance(sample.get("caption"), str):
+                raise TypeError(
+                    "caption_transform must set sample['caption'] to a str, got "
+                    f"{sample.get('caption')!r}"
+                )
         if self.cache is not None:
             sample.update(self.cache.text_sample(sample["caption"]))
-        sample["index"] = used
-        sample["original_index"] = i
-        sample["substituted"] = used != i
         if self.model_transform is not None:
             sample = self.model_transform(sample)
         return sample
 
-    def _fit(self, row: int, requested: int) -> dict[str, Any]:
+    def _fit(self, row: int, requested: int, occurrence: int) -> dict[str, Any]:
         """Decode ``row`` and fit it to ``requested``'s bucket with ``requested``'s generator."""
         wh = tuple(int(v) for v in self.bucket_wh[requested])
         if self.cache is not None:
-            return self._cached(row, requested, wh)
+            return self._cached(row, requested, occurrence, wh)
         img = load_image(
             self.index.image_source(row),
             background=self.background,
             max_pixels=self.max_pixels,
+            max_decode_bytes=self.max_decode_bytes,
             draft_size=wh if self.draft else None,
         )
         h, w = img.info[ORIGINAL_SIZE_KEY]
@@ -181,8 +232,17 @@ class TextToImageDataset(Dataset):
                 f"the file is {w}x{h} but was {scanned[0]}x{scanned[1]} when scanned: it "
                 "changed after the scan (rescan to train on it)"
             )
-        rng = sample_rng(self.seed, self.epoch, requested, "image")
-        sample = dict(self.image_transform(img, wh, rng))
+        identity = {
+            "index": row,
+            "original_index": requested,
+            "substituted": row != requested,
+            "occurrence": occurrence,
+        }
+        rng = sample_rng(self.seed, self.epoch, requested, "image", occurrence)
+        fitted = self._apply(
+            "image_transform", self.image_transform, identity, image=img, bucket=wh, rng=rng
+        )
+        sample = {**fitted, **identity}  # which row this is stays the dataset's to say
         shape = tuple(getattr(sample.get("pixel_values"), "shape", ()))
         if shape[-2:] != (wh[1], wh[0]):
             raise ValueError(
@@ -191,26 +251,43 @@ class TextToImageDataset(Dataset):
             )
         return sample
 
-    def _cached(self, row: int, requested: int, wh: tuple[int, ...]) -> dict[str, Any]:
+    def _cached(
+        self, row: int, requested: int, occurrence: int, wh: tuple[int, ...]
+    ) -> dict[str, Any]:
         """``row``'s cached latents for ``requested``'s bucket, drawn with its generator."""
-        rng = sample_rng(self.seed, self.epoch, requested, "image")
+        rng = sample_rng(self.seed, self.epoch, requested, "image", occurrence)
         size = (int(self.index.width[row]), int(self.index.height[row]))
-        return self.cache.latent_sample(self.index.paths[row], size, wh, rng)
+        sample = self.cache.latent_sample(self.index.paths[row], size, wh, rng)
+        return {**sample, "index": row, "original_index": requested,
+                "substituted": row != requested, "occurrence": occurrence}
 
-    def _substitute(self, i: int, bucket: int, error: Exception) -> tuple[dict[str, Any], int]:
-        """Fit another member of ``bucket``, tried in an order fixed by (seed, epoch, i)."""
+    @staticmethod
+    def _apply(
+        name: str, transform: SampleTransform, sample: dict[str, Any], **inputs: Any
+    ) -> dict[str, Any]:
+        """``transform`` of ``sample`` plus ``inputs``; the transient inputs are dropped after."""
+        out = transform({**sample, **inputs})
+        if not isinstance(out, Mapping):
+            raise TypeError(f"{name} must return the sample dict, got {type(out).__name__}")
+        return {k: v for k, v in out.items() if k not in _TRANSIENT}
+
+    def _substitute(
+        self, i: int, bucket: int, occurrence: int, error: Exception
+    ) -> dict[str, Any]:
+        """Fit another member of ``bucket``, tried in an order fixed by (seed, epoch, i,
+        occurrence)."""
         members = self._bucket_members(bucket)
         members = members[members != i]
-        rng = sample_rng(self.seed, self.epoch, i, "substitute")
+        rng = sample_rng(self.seed, self.epoch, i, "substitute", occurrence)
         tried: list[str] = []
         for j in rng.permutation(members)[: self.max_substitutes].tolist():
             try:
-                sample = self._fit(j, i)
+                sample = self._fit(j, i, occurrence)
             except Exception as other:
                 tried.append(f"row {j} ({self._name(j)}): {_reason(other)}")
                 continue
             self._warn_once(i, j, error)
-            return sample, j
+            return sample
         w, h = self.bucket_wh[i]
         raise RuntimeError(
             f"row {i} ({self._name(i)}) failed ({_reason(error)}) and no substitute from its "
@@ -219,9 +296,16 @@ class TextToImageDataset(Dataset):
         ) from error
 
     def _bucket_members(self, bucket: int) -> np.ndarray:
-        if bucket not in self._members:
-            self._members[bucket] = np.flatnonzero(self.bucket_id == bucket)
-        return self._members[bucket]
+        """The rows of ``bucket``: a view into one int32 array of all rows ordered by bucket
+        (4 bytes a row, built the first time a file fails in this process)."""
+        if self._members is None:
+            order = np.argsort(self.bucket_id, kind="stable").astype(np.int32)
+            bounds = np.searchsorted(
+                self.bucket_id[order], np.arange(int(self.bucket_id.max()) + 2)
+            )
+            self._members = (order, bounds)
+        order, bounds = self._members
+        return order[bounds[bucket] : bounds[bucket + 1]]
 
     def _name(self, row: int) -> str:
         return self.index.paths[row] or f"row {row}"
@@ -237,6 +321,28 @@ class TextToImageDataset(Dataset):
             SubstitutionWarning,
             stacklevel=3,
         )
+
+
+def _check_transform(name: str, transform: Any) -> None:
+    """Refuse, at construction, a transform that cannot be called as ``transform(sample)``."""
+    if not callable(transform):
+        raise TypeError(
+            f"{name} must be a callable taking and returning the sample dict "
+            f"(transform(sample) -> sample), got {transform!r}"
+        )
+    try:
+        signature = inspect.signature(transform)
+    except (TypeError, ValueError):  # some builtins have none: trust them
+        return
+    try:
+        signature.bind({})
+    except TypeError as error:
+        raise TypeError(
+            f"{name} must take one argument, the sample dict (transform(sample) -> sample), "
+            f"but {transform!r} has the signature {signature} ({error}); an image transform "
+            "reads sample['image'], sample['bucket'] and sample['rng'], a caption transform "
+            "sample['captions'] and sample['rng']"
+        ) from None
 
 
 def _reason(error: Exception) -> str:

@@ -24,7 +24,8 @@ from bucketing.cache import estimate_bytes
 from bucketing.cache_cli import main as cache_main
 from samplers import BucketBatchSampler
 from transforms import BucketResizeCrop, FluxEncoders, SDXLEncoders, collate
-from transforms.resize_crop import resize_crop
+from transforms.image import load_image
+from transforms.resize_crop import fit
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = [(80, 64), (64, 80), (96, 64), (70, 50), (50, 70), (64, 64)]
@@ -77,7 +78,8 @@ def test_cached_samples_equal_encoding_the_datasets_own_crops(photos, tmp_path, 
         for i in range(len(index)):
             a, b = cached[i], pixels[i]
             assert "pixel_values" not in a
-            for key in ("original_size", "crop_top_left", "target_size", "flipped", "caption"):
+            for key in ("fit", "original_size", "crop_top_left", "target_size", "flipped",
+                        "caption"):
                 assert a[key] == b[key], key
             flips.add(a["flipped"])
             expected = flux.encode_images(b["pixel_values"][None])[0]
@@ -127,9 +129,7 @@ def test_random_crops_cache_k_variants_the_dataset_picks_from(photos, tmp_path, 
             s = ds[i]
             seen.setdefault(i, set()).add(s["crop_top_left"])
             if epoch == 0:  # the stored latent is the encoding of that crop of the file
-                img = Image.open(index.paths[i]).convert("RGB")
-                px = resize_crop(img, tuple(assignment.bucket_wh[i]),
-                                 crop=s["crop_top_left"])["pixel_values"]
+                px = fit(load_image(index.paths[i]), s["fit"])
                 torch.testing.assert_close(s["latents"], flux.encode_images(px[None])[0],
                                            rtol=1e-5, atol=1e-5)
     assert fixed and all(len(seen[row]) == 1 for row in fixed)

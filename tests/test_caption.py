@@ -36,6 +36,9 @@ def rng(seed: int, index: int = 0, epoch: int = 0) -> np.random.Generator:
 def test_same_rng_seed_gives_same_caption(captions, seed, dropout, keep):
     t = CaptionTransform(dropout=dropout, shuffle_parts=True, keep_parts=keep, prefix="sks ")
     assert t(captions, rng(seed)) == t(captions, rng(seed))
+    # the dataset's form: the sample in, the sample out with its caption set
+    sample = t({"captions": captions, "rng": rng(seed), "index": 3})
+    assert sample["caption"] == t(captions, rng(seed)) and sample["index"] == 3
 
 
 @settings(deadline=None, max_examples=60)

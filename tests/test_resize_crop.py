@@ -11,7 +11,14 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from transforms.image import load_image
-from transforms.resize_crop import RESAMPLE_MODES, BucketResizeCrop, resize_crop, resized_size
+from transforms.resize_crop import (
+    RESAMPLE_MODES,
+    BucketResizeCrop,
+    FitParams,
+    fit,
+    resize_crop,
+    resized_size,
+)
 from transforms.rng import sample_rng
 
 
@@ -188,3 +195,56 @@ def test_clear_errors():
         resize_crop(img, (32, 16), crop=(0, 1))  # resized to 32x32: no spare width
     with pytest.raises(ValueError, match="rng"):
         BucketResizeCrop(flip_p=0.5)(img, (32, 32), None)
+
+
+# -- params and kernel -----------------------------------------------------------------------
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    sizes=image_and_bucket(),
+    crop=st.sampled_from(["center", "random"]),
+    flip_p=st.sampled_from([0.0, 0.5, 1.0]),
+    resample=st.sampled_from(["lanczos", "bilinear"]),
+    seed=st.integers(0, 2**40),
+)
+def test_make_params_then_fit_is_the_transform(sizes, crop, flip_p, resample, seed):
+    (w, h), (bw, bh) = sizes
+    img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8))
+    t = BucketResizeCrop(crop=crop, flip_p=flip_p, resample=resample)
+    params = t.make_params((w, h), (bw, bh), np.random.default_rng(seed))
+    assert params.bucket == (bw, bh) and params.crop[2:] == (bh, bw)
+    y, x = params.crop[:2]
+    assert 0 <= y <= params.resized[1] - bh and 0 <= x <= params.resized[0] - bw
+    assert params.resized == resized_size(w, h, (bw, bh))
+    assert params.scale == max(bw / w, bh / h) <= 1.0
+    if flip_p in (0.0, 1.0):
+        assert params.flip is (flip_p == 1.0)
+    out = t(img, (bw, bh), np.random.default_rng(seed))
+    assert out["fit"] == params  # the same draws, in the same order
+    assert torch.equal(fit(img, params, resample=resample), out["pixel_values"])
+    assert out["crop_top_left"] == params.crop_top_left and out["flipped"] is params.flip
+    # the sample form: the same fields added to the sample, nothing else changed
+    sample = t({"image": img, "bucket": (bw, bh), "rng": np.random.default_rng(seed), "k": 1})
+    assert sample["fit"] == params and sample["k"] == 1
+    assert torch.equal(sample["pixel_values"], out["pixel_values"])
+
+
+def test_params_come_from_the_full_size_so_a_draft_gets_the_same_crop(examples_dir):
+    path = examples_dir / "landscape_exif6.jpg"  # 1800x1200 oriented; the draft is 1/4 of it
+    t = BucketResizeCrop(crop="random", flip_p=0.5)
+    full = t(load_image(path), (256, 192), sample_rng(1, 0, 3, "image"))
+    draft = t(load_image(path, draft_size=(256, 192)), (256, 192), sample_rng(1, 0, 3, "image"))
+    params = t.make_params((1800, 1200), (256, 192), sample_rng(1, 0, 3, "image"))
+    assert draft["fit"] == full["fit"] == params
+    assert full["fit"].resized == (288, 192)
+
+
+def test_fit_params_refuse_a_box_that_is_not_the_bucket_inside_the_image():
+    FitParams(bucket=(4, 3), scale=0.5, resized=(6, 3), crop=(0, 2, 3, 4), flip=True)
+    with pytest.raises(ValueError, match="not the bucket"):
+        FitParams(bucket=(4, 3), scale=0.5, resized=(6, 3), crop=(0, 2, 3, 3), flip=False)
+    with pytest.raises(ValueError, match="outside"):
+        FitParams(bucket=(4, 3), scale=0.5, resized=(6, 3), crop=(0, 3, 3, 4), flip=False)
+    params = FitParams(bucket=(4, 3), scale=0.5, resized=(6, 3), crop=(0, 0, 3, 4), flip=True)
+    assert params.crop_top_left == (0, 2)  # mirrored, SDXL's convention

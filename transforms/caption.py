@@ -12,7 +12,8 @@ so changing the dropout rate does not change which caption or order the kept sam
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, overload
 
 import numpy as np
 
@@ -101,7 +102,9 @@ def transform_caption(
 
 
 class CaptionTransform:
-    """``caption_transform(captions, rng) -> str`` for `bucketing.TextToImageDataset`.
+    """The caption transform of `bucketing.TextToImageDataset`: ``transform(sample) ->
+    sample`` sets ``sample["caption"]`` from ``sample["captions"]`` (the image's captions)
+    and ``sample["rng"]``; ``transform(captions, rng) -> str`` works too, for a direct call.
 
     Args:
         dropout: probability in [0, 1] of returning "" (for classifier-free guidance).
@@ -153,7 +156,19 @@ class CaptionTransform:
         self.suffix = suffix
         self.template = template
 
-    def __call__(self, captions: Sequence[str] | str, rng: np.random.Generator) -> str:
+    @overload
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]: ...
+    @overload
+    def __call__(self, sample: Sequence[str] | str, rng: np.random.Generator) -> str: ...
+
+    def __call__(self, sample, rng=None):
+        """``sample`` with ``caption`` made from its ``captions`` and ``rng``; or, given the
+        captions and a generator, the caption alone."""
+        if isinstance(sample, Mapping):
+            return {**sample, "caption": self.caption(sample["captions"], sample["rng"])}
+        return self.caption(sample, rng)
+
+    def caption(self, captions: Sequence[str] | str, rng: np.random.Generator) -> str:
         """:func:`transform_caption` with this transform's settings."""
         return transform_caption(
             captions,

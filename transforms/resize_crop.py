@@ -9,6 +9,11 @@ Output follows SDXL micro-conditioning: ``original_size`` (h, w) of the full ori
 ``target_size`` (h, w). On a horizontal flip the crop's x is mirrored
 (``resized_w - x - bw``), i.e. the sample equals cropping the flipped resized image there.
 
+torchvision v2's split: :meth:`BucketResizeCrop.make_params` (or :func:`fit_params`) draws
+a :class:`FitParams` from the full oriented size, the bucket and a generator, and the
+deterministic kernel :func:`fit` applies it to the decoded pixels; samples carry the params
+as ``sample["fit"]``, so the report, the caches and the GPU path read the same crop and flip.
+
 Resampling: ``"bicubic"`` and ``"bilinear"`` run torchvision's antialiased uint8 kernels
 (equal to Pillow's within one grey level, several times faster); ``"lanczos"``, ``"box"``,
 ``"hamming"`` and ``"nearest"`` run Pillow, resizing only the cropped region.
@@ -18,8 +23,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -63,6 +69,109 @@ def resized_size(
     return max(bw, math.floor(width * bh / height + 0.5)), bh
 
 
+@dataclass(frozen=True)
+class FitParams:
+    """Everything random or derived about fitting one image to its bucket, before any pixel.
+
+    ``bucket`` (w, h); ``scale`` = max(bw/W, bh/H) of the full oriented (W, H) image;
+    ``resized`` (w, h) the image scaled by it; ``crop`` (y, x, h, w), the box cut from the
+    resized image (h, w equal the bucket's); ``flip`` mirrors the crop horizontally. The same
+    params give the same tensor whatever decoded the file (a JPEG draft, the GPU path), and
+    caches key samples by them.
+    """
+
+    bucket: tuple[int, int]
+    scale: float
+    resized: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    flip: bool
+
+    def __post_init__(self) -> None:
+        (bw, bh), (rw, rh), (y, x, h, w) = self.bucket, self.resized, self.crop
+        if (h, w) != (bh, bw):
+            raise ValueError(f"crop {self.crop} (y, x, h, w) is not the bucket's {bw}x{bh}")
+        if not (0 <= y <= rh - h and 0 <= x <= rw - w):
+            raise ValueError(f"crop {self.crop} (y, x, h, w) is outside the resized {rw}x{rh}")
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """SDXL's ``crop_top_left`` (y, x): the crop's corner, mirrored when flipped (so the
+        sample equals cropping the flipped resized image there)."""
+        y, x, _, w = self.crop
+        return (y, self.resized[0] - x - w) if self.flip else (y, x)
+
+
+def fit_params(
+    size_wh: Sequence[int],
+    bucket_wh: Sequence[int],
+    *,
+    crop: str | tuple[int, int] = "center",
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+    allow_upscale: bool = False,
+) -> FitParams:
+    """The :class:`FitParams` of an image of full oriented size ``size_wh`` in ``bucket_wh``.
+
+    ``crop``: ``"center"``, ``"random"`` (offset drawn from ``rng``: y, then x) or an explicit
+    (y, x) in the resized image. Raises ValueError when upscaling is needed and not allowed.
+    """
+    width, height = (int(v) for v in size_wh)
+    bw, bh = (int(v) for v in bucket_wh)
+    new_w, new_h = resized_size(width, height, (bw, bh), allow_upscale=allow_upscale)
+    y, x = _crop_offset(crop, new_w - bw, new_h - bh, rng)
+    return FitParams(
+        bucket=(bw, bh),
+        scale=max(bw / width, bh / height),
+        resized=(new_w, new_h),
+        crop=(y, x, bh, bw),
+        flip=bool(flip),
+    )
+
+
+def fit(img: Image.Image, params: FitParams, *, resample: str = "lanczos") -> torch.Tensor:
+    """The deterministic kernel: ``img`` scaled to ``params.resized``, cropped, maybe flipped.
+
+    ``img`` is the oriented RGB picture at any decoded size (a JPEG draft is smaller than the
+    size the params were made for: it is scaled straight to ``params.resized``). Returns
+    uint8 (3, h, w), contiguous.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"fit expects an RGB image (use load_image), got mode {img.mode}")
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
+    (new_w, new_h), (y, x, bh, bw), flip = params.resized, params.crop, params.flip
+    if img.size == (new_w, new_h):
+        region = img.crop((x, y, x + bw, y + bh))
+    elif resample in _TORCH_FILTERS:
+        return _torch_resize_crop(img, params, resample)
+    else:
+        sx, sy = new_w / img.width, new_h / img.height
+        box = (x / sx, y / sy, (x + bw) / sx, (y + bh) / sy)
+        region = img.resize((bw, bh), _PIL_FILTERS[resample], box=box)
+    return _pil_to_chw(region.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else region)
+
+
+def original_size_wh(img: Image.Image) -> tuple[int, int]:
+    """(w, h) of the full oriented picture ``img`` was decoded from (``load_image`` records it
+    before a JPEG draft shrinks the decode), else ``img.size``."""
+    h, w = img.info.get(ORIGINAL_SIZE_KEY, (img.height, img.width))
+    return int(w), int(h)
+
+
+def sample_fields(params: FitParams, pixels: torch.Tensor, size_wh: Sequence[int]) -> dict:
+    """The sample keys of a fitted image: ``pixel_values``, ``fit``, and SDXL's
+    ``original_size`` (h, w), ``crop_top_left`` (y, x), ``target_size`` (h, w), ``flipped``."""
+    bw, bh = params.bucket
+    return {
+        "pixel_values": pixels,
+        "fit": params,
+        "original_size": (int(size_wh[1]), int(size_wh[0])),
+        "crop_top_left": params.crop_top_left,
+        "target_size": (bh, bw),
+        "flipped": params.flip,
+    }
+
+
 def resize_crop(
     img: Image.Image,
     bucket_wh: Sequence[int],
@@ -73,48 +182,32 @@ def resize_crop(
     resample: str = "lanczos",
     allow_upscale: bool = False,
 ) -> dict[str, Any]:
-    """Scale ``img`` to cover the bucket, crop to exactly (bh, bw), optionally flip.
-
-    ``crop``: ``"center"``, ``"random"`` (offset drawn from ``rng``) or an explicit (y, x) in
-    the resized image. Returns ``pixel_values`` (uint8, (3, bh, bw), contiguous),
-    ``original_size`` (h, w), ``crop_top_left`` (y, x), ``target_size`` (h, w), ``flipped``.
-    """
-    if img.mode != "RGB":
-        raise ValueError(f"resize_crop expects an RGB image (use load_image), got mode {img.mode}")
+    """Scale ``img`` to cover the bucket, crop to exactly (bh, bw), optionally flip:
+    :func:`fit_params` of its original size, then :func:`fit`; returns
+    :func:`sample_fields`."""
     if resample not in RESAMPLE_MODES:
         raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
-    bw, bh = (int(v) for v in bucket_wh)
-    width, height = img.size
-    new_w, new_h = resized_size(width, height, (bw, bh), allow_upscale=allow_upscale)
-    y, x = _crop_offset(crop, new_w - bw, new_h - bh, rng)
-
-    if (new_w, new_h) == (width, height):
-        region = img.crop((x, y, x + bw, y + bh))
-        pixels = _pil_to_chw(region.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else region)
-    elif resample in _TORCH_FILTERS:
-        pixels = _torch_resize_crop(img, (new_w, new_h), (y, x), (bw, bh), flip, resample)
-    else:
-        sx, sy = new_w / width, new_h / height
-        box = (x / sx, y / sy, (x + bw) / sx, (y + bh) / sy)
-        region = img.resize((bw, bh), _PIL_FILTERS[resample], box=box)
-        pixels = _pil_to_chw(region.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else region)
-
-    original = img.info.get(ORIGINAL_SIZE_KEY, (height, width))
-    return {
-        "pixel_values": pixels,
-        "original_size": (int(original[0]), int(original[1])),
-        "crop_top_left": (y, new_w - x - bw if flip else x),
-        "target_size": (bh, bw),
-        "flipped": bool(flip),
-    }
+    size = original_size_wh(img)
+    params = fit_params(
+        size, bucket_wh, crop=crop, flip=flip, rng=rng, allow_upscale=allow_upscale
+    )
+    return sample_fields(params, fit(img, params, resample=resample), size)
 
 
 class BucketResizeCrop:
-    """The image transform of ``TextToImageDataset``: ``(img, bucket_wh, rng) -> dict``.
+    """The image transform of ``TextToImageDataset``: ``transform(sample) -> sample``.
+
+    Reads ``sample["image"]`` (oriented RGB), ``sample["bucket"]`` (w, h) and
+    ``sample["rng"]``; adds :func:`sample_fields` (``pixel_values``, ``fit``, ...).
+    ``make_params`` draws the randomness and the :func:`fit` kernel applies it, so the GPU
+    path and the caches reuse the same draws. ``transform(img, bucket_wh, rng) -> dict``
+    works too, for a direct call.
 
     ``crop``: ``"center"`` or ``"random"``; ``flip_p``: probability of a horizontal flip;
-    ``resample``: one of :data:`RESAMPLE_MODES`. The flip is drawn first and always, so
-    changing ``crop`` never changes which samples are flipped.
+    ``resample``: one of :data:`RESAMPLE_MODES`; ``allow_upscale``: fit images smaller
+    than their bucket (``TextToImageDataset`` reads it to refuse an upscaled assignment
+    this transform would fail on). The flip is drawn first and always, so changing ``crop``
+    never changes which samples are flipped.
     """
 
     def __init__(
@@ -133,27 +226,43 @@ class BucketResizeCrop:
         self.crop = crop
         self.flip_p = float(flip_p)
         self.resample = resample
-        self.allow_upscale = allow_upscale
+        self.allow_upscale = bool(allow_upscale)
 
-    def __call__(
-        self, img: Image.Image, bucket_wh: Sequence[int], rng: np.random.Generator | None
-    ) -> dict[str, Any]:
-        """:func:`resize_crop` with this transform's settings; the flip is drawn from ``rng``."""
+    def make_params(
+        self, size_wh: Sequence[int], bucket_wh: Sequence[int], rng: np.random.Generator | None
+    ) -> FitParams:
+        """Draw the flip, then the crop, for a (w, h) image in a (w, h) bucket."""
         if rng is None:
             if self.crop == "random" or self.flip_p > 0:
                 raise ValueError("BucketResizeCrop needs an rng for random crops or flips")
             flip = False
         else:
             flip = bool(rng.random() < self.flip_p)
-        return resize_crop(
-            img,
-            bucket_wh,
-            crop=self.crop,
-            flip=flip,
-            rng=rng,
-            resample=self.resample,
-            allow_upscale=self.allow_upscale,
+        return fit_params(
+            size_wh, bucket_wh, crop=self.crop, flip=flip, rng=rng, allow_upscale=self.allow_upscale
         )
+
+    @overload
+    def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]: ...
+    @overload
+    def __call__(
+        self, sample: Image.Image, bucket_wh: Sequence[int], rng: np.random.Generator | None
+    ) -> dict[str, Any]: ...
+
+    def __call__(self, sample, bucket_wh=None, rng=None):
+        """``sample`` plus its fitted fields; or, given an image, its bucket and a generator,
+        the fitted fields alone."""
+        if isinstance(sample, Mapping):
+            img, bucket_wh, rng = sample["image"], sample["bucket"], sample["rng"]
+            return {**sample, **self._fitted(img, bucket_wh, rng)}
+        return self._fitted(sample, bucket_wh, rng)
+
+    def _fitted(
+        self, img: Image.Image, bucket_wh: Sequence[int], rng: np.random.Generator | None
+    ) -> dict[str, Any]:
+        size = original_size_wh(img)
+        params = self.make_params(size, bucket_wh, rng)
+        return sample_fields(params, fit(img, params, resample=self.resample), size)
 
     def __repr__(self) -> str:
         return (
@@ -183,23 +292,16 @@ def _pil_to_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())
 
 
-def _torch_resize_crop(
-    img: Image.Image,
-    new_wh: tuple[int, int],
-    yx: tuple[int, int],
-    bucket_wh: tuple[int, int],
-    flip: bool,
-    resample: str,
-) -> torch.Tensor:
+def _torch_resize_crop(img: Image.Image, params: FitParams, resample: str) -> torch.Tensor:
     with warnings.catch_warnings():  # Pillow's buffer is read-only; it is only read here
         warnings.simplefilter("ignore", UserWarning)
         hwc = torch.from_numpy(np.asarray(img))
+    (new_w, new_h), (y, x, bh, bw) = params.resized, params.crop
     resized = F.resize(
         hwc.permute(2, 0, 1),  # a channels-last view: the layout the uint8 kernels want
-        [new_wh[1], new_wh[0]],
+        [new_h, new_w],
         interpolation=_TORCH_FILTERS[resample],
         antialias=True,
     )
-    (y, x), (bw, bh) = yx, bucket_wh
     out = resized[:, y : y + bh, x : x + bw]
-    return (out.flip(-1) if flip else out).contiguous()
+    return (out.flip(-1) if params.flip else out).contiguous()
