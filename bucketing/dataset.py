@@ -110,8 +110,6 @@ class TextToImageDataset(Dataset):
         background: Sequence[int] = (255, 255, 255),
         cache: Any = None,
     ) -> None:
-        if image_transform is None and cache is None:
-            raise ValueError("TextToImageDataset needs an image_transform (or an encoder cache)")
         if on_error not in _ON_ERROR:
             raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
         if len(assignment) != len(index):
@@ -121,8 +119,9 @@ class TextToImageDataset(Dataset):
             )
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if cache is None or image_transform is not None:  # a cache needs no image transform
+            _check_transform("image_transform", image_transform)
         for name, transform in (
-            ("image_transform", image_transform),
             ("caption_transform", caption_transform), ("model_transform", model_transform)
         ):
             if transform is not None:
