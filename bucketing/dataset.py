@@ -298,10 +298,11 @@ class TextToImageDataset(Dataset):
         """The rows of ``bucket``: a view into one int32 array of all rows ordered by bucket
         (4 bytes a row, built the first time a file fails in this process)."""
         if self._members is None:
-            order = np.argsort(self.bucket_id, kind="stable").astype(np.int32)
-            bounds = np.searchsorted(
-                self.bucket_id[order], np.arange(int(self.bucket_id.max()) + 2)
-            )
+            ids = self.bucket_id
+            if int(ids.max()) < 2**15:  # numpy sorts 16-bit keys by radix: 4x faster
+                ids = ids.astype(np.int16)
+            order = np.argsort(ids, kind="stable").astype(np.int32)
+            bounds = np.searchsorted(ids[order], np.arange(int(ids.max()) + 2))
             self._members = (order, bounds)
         order, bounds = self._members
         return order[bounds[bucket] : bounds[bucket + 1]]
