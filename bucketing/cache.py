@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from bucketing.atomic import atomic_path, atomic_write_bytes
 from transforms.image import ORIGINAL_SIZE_KEY, load_image
 from transforms.resize_crop import RESAMPLE_MODES, BucketResizeCrop, FitParams, fit
+from transforms.tokenize import FluxTokenizer
 
 if TYPE_CHECKING:
     from bucketing.assign import Assignment
@@ -772,3 +773,38 @@ def estimate_bytes(
     text = (rows * s["text_width"] + n * s["pooled"]) * dtype_bytes + n * 8
     return {"latents": latent, "texts": text, "total": latent + text}
 
+
+
+def estimate_lines(
+    index: ImageIndex, assignment: Assignment, model: str, tokenizers: str | None = None
+) -> str:
+    """``bucket-report --estimate-cache``: the disk size ``bucket-cache`` would write (bf16,
+    one centre crop per image), full and trimmed T5; trimmed needs ``tokenizers`` (a folder
+    with tokenizer/ and tokenizer_2/) to count each caption's tokens."""
+    if model not in MODEL_SIZES:
+        return f"\nEncoder cache: no size table for {model!r} (known: {sorted(MODEL_SIZES)})\n"
+    ok = np.asarray(assignment.bucket_id) >= 0
+    wh = np.asarray(assignment.bucket_wh).reshape(-1, 2)[ok]
+    captions = sorted({c for i in np.flatnonzero(ok) for c in index.captions[i]} | {""})
+    full = estimate_bytes(wh, captions, model, t5_padding="full")
+    lines = ["", f"Encoder cache estimate (bucket-cache --model {model}, bf16, one crop per "
+             f"image; x2 latents with --flip-p > 0, xK with --variants K):",
+             f"  latents  {full['latents'] / 2**20:10.1f} MiB  ({len(wh)} images)"]
+    if model in _TRIMMED_MODELS:
+        lines.append(f"  text     {full['texts'] / 2**20:10.1f} MiB  ({len(captions)} captions, "
+                     "T5 at full length: --t5-padding full)")
+        if tokenizers:
+            lengths = FluxTokenizer.from_flux_dir(tokenizers, model=model).token_lengths(
+                captions)["t5"]
+            trimmed = estimate_bytes(wh, captions, model, text_lengths=lengths)
+            lines.append(f"  text     {trimmed['texts'] / 2**20:10.1f} MiB  (T5 trimmed to each "
+                         "caption's tokens: the default)")
+            lines.append(f"  total    {trimmed['total'] / 2**20:10.1f} MiB  (trimmed), "
+                         f"{full['total'] / 2**20:.1f} MiB (full)")
+        else:
+            lines.append(f"  total    {full['total'] / 2**20:10.1f} MiB  (full; pass --tokenizers "
+                         "for the trimmed default, usually 5-20x less text)")
+    else:
+        lines.append(f"  text     {full['texts'] / 2**20:10.1f} MiB  ({len(captions)} captions)")
+        lines.append(f"  total    {full['total'] / 2**20:10.1f} MiB")
+    return "\n".join(lines) + "\n"
