@@ -395,3 +395,18 @@ def test_bucket_cache_command(photos, tmp_path, tiny_encoders_dirs, capsys):
                        str(out)]) == 2
     assert "nowhere" in capsys.readouterr().err
     shutil.rmtree(out)
+
+
+def test_report_estimates_the_cache_before_it_is_built(photos, capsys, flux_tokenizer_dir):
+    from bucketing.report import main as report_main
+
+    args = [str(photos), "--max-area", "48x32", "--levels", "32", "--estimate-cache"]
+    assert report_main([*args, "--tokenizers", str(flux_tokenizer_dir)]) == 0
+    out = capsys.readouterr().out
+    index, assignment = _index(photos)
+    full = estimate_bytes(assignment.bucket_wh, sorted({c[0] for c in index.captions} | {""}),
+                          "flux", t5_padding="full")
+    assert "Encoder cache estimate" in out and "(trimmed)" in out
+    assert f"{full['total'] / 2**20:.1f} MiB (full)" in out
+    assert report_main([str(photos), "--model", "sd15", "--estimate-cache"]) == 0
+    assert "no size table for 'sd15'" in capsys.readouterr().out
