@@ -462,15 +462,16 @@ def build_cache(
 
 
 def _prepare_folder(root: Path, rank: int) -> None:
-    """Create the folder (or check it is a cache of this format); clear stale temp files."""
+    """Check the folder is new, empty or a cache of this format (every rank, so that all
+    raise together); rank 0 creates it and clears temporary files a killed build left."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a folder")
+    if (root / "cache.json").exists():
+        _read_meta(root)
+    elif root.is_dir() and any(p.name not in _OWN_FILES for p in root.iterdir()):
+        raise FileExistsError(f"{root} is a folder with other files and no cache.json: "
+                              "give an empty or new folder (nothing there is overwritten)")
     if rank == 0:
-        if root.exists() and not root.is_dir():
-            raise FileExistsError(f"{root} exists and is not a folder")
-        if (root / "cache.json").exists():
-            _read_meta(root)
-        elif root.is_dir() and any(p.name not in _OWN_FILES for p in root.iterdir()):
-            raise FileExistsError(f"{root} is a folder with other files and no cache.json: "
-                                  "give an empty or new folder (nothing there is overwritten)")
         (root / "shards").mkdir(parents=True, exist_ok=True)
         for tmp in (root / "shards").glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
