@@ -102,13 +102,16 @@ def _require_folder(folder: str | os.PathLike, parts: Sequence[str]) -> Path:
 
 
 class _Encoders:
-    """What FLUX and SDXL share: the VAE side, devices, dtypes and fingerprints."""
+    """What FLUX and SDXL share: a VAE, two tokenizers and two text encoders, devices,
+    dtypes and fingerprints."""
 
     model = ""
     latent_channels = 0
-    text_parts: tuple[str, ...] = ()
+    text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
-    def __init__(self, vae: Any) -> None:
+    def __init__(
+        self, vae: Any, text_encoder: Any, text_encoder_2: Any, tokenizer: Any, tokenizer_2: Any
+    ) -> None:
         channels = int(vae.config.latent_channels)
         if channels != self.latent_channels:
             raise ValueError(
@@ -120,6 +123,10 @@ class _Encoders:
         shift = getattr(vae.config, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
         self._fingerprints: dict[str, str] = {}
 
     @property
@@ -194,7 +201,6 @@ class FluxEncoders(_Encoders):
 
     model = "flux"
     latent_channels = 16
-    text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 
     def __init__(
         self,
@@ -206,13 +212,9 @@ class FluxEncoders(_Encoders):
         *,
         max_sequence_length: int = 512,
     ) -> None:
-        super().__init__(vae)
+        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
         if not 1 <= int(max_sequence_length) <= 512:
             raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.tokenizer_2 = tokenizer_2
         self.max_sequence_length = int(max_sequence_length)
 
     @classmethod
@@ -276,16 +278,6 @@ class SDXLEncoders(_Encoders):
 
     model = "sdxl"
     latent_channels = 4
-    text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-
-    def __init__(
-        self, vae: Any, text_encoder: Any, text_encoder_2: Any, tokenizer: Any, tokenizer_2: Any
-    ) -> None:
-        super().__init__(vae)
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.tokenizer_2 = tokenizer_2
 
     @classmethod
     def from_pretrained(
