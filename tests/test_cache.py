@@ -410,3 +410,19 @@ def test_report_estimates_the_cache_before_it_is_built(photos, capsys, flux_toke
     assert f"{full['total'] / 2**20:.1f} MiB (full)" in out
     assert report_main([str(photos), "--model", "sd15", "--estimate-cache"]) == 0
     assert "no size table for 'sd15'" in capsys.readouterr().out
+
+
+def test_caption_dropout_works_and_uncacheable_captions_are_named(photos, tmp_path, flux):
+    from transforms import CaptionTransform
+
+    index, assignment = _index(photos)
+    cache = _build(index, assignment, flux, tmp_path / "c")
+    dropped = TextToImageDataset(index, assignment, cache=cache,
+                                 caption_transform=CaptionTransform(dropout=1.0))[0]
+    assert dropped["caption"] == "" and dropped["text_length"] == 1  # only </s>
+    empty = flux.encode_text([""])["prompt_embeds"][0, :1]
+    torch.testing.assert_close(dropped["prompt_embeds"], empty)
+    prefixed = TextToImageDataset(index, assignment, cache=cache,
+                                  caption_transform=CaptionTransform(prefix="sks, "))
+    with pytest.raises(ValueError, match="'sks, a photo number 0' is not in the cache"):
+        prefixed[0]
