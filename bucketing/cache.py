@@ -69,6 +69,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "flux-schnell": {"latent_channels": 16, "text_width": 4096, "text_length": 256,
                      "pooled": 768},
     "sdxl": {"latent_channels": 4, "text_width": 2048, "text_length": 77, "pooled": 1280},
+    # SD3: both CLIPs' 77 rows (zero-padded to T5's width) then T5's 77 (its training default)
+    "sd3": {"latent_channels": 16, "text_width": 4096, "text_length": 77 + 77, "pooled": 2048},
 }
 _TRIMMED_MODELS = ("flux", "flux-schnell")  # T5 sequences: worth storing trimmed
 _OWN_FILES = ("shards", "entries.parquet", "rows.parquet", "texts.parquet", "cache.json")

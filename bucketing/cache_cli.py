@@ -24,11 +24,11 @@ from bucketing.cache import CROPS, T5_PADDINGS, build_cache
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.report import ConfigError, _area, _positive_int
 from bucketing.scan import scan
-from transforms.encoders import FluxEncoders, SDXLEncoders
+from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.resize_crop import RESAMPLE_MODES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-MODELS = ("flux", "flux-schnell", "sdxl")
+MODELS = ("flux", "flux-schnell", "sdxl", "sd3")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5-padding", default="trimmed", choices=T5_PADDINGS,
                    help="store T5 rows up to each caption's tokens, or the full padded length")
     p.add_argument("--t5-length", type=_positive_int, metavar="L",
-                   help="T5 padding length (default: the model's, 512 dev / 256 schnell)")
+                   help="T5 padding length (default: the model's, 512 dev / 256 schnell / 77 sd3)")
     p.add_argument("--vae-batch-size", type=_positive_int, default=8, metavar="B")
     p.add_argument("--text-batch-size", type=_positive_int, default=64, metavar="B")
     p.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -78,14 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_encoders(args: argparse.Namespace, device: str) -> FluxEncoders | SDXLEncoders:
+def load_encoders(
+    args: argparse.Namespace, device: str
+) -> FluxEncoders | SDXLEncoders | SD3Encoders:
     """The model's encoders from ``--weights`` on ``device`` in ``--dtype``."""
     dtype = DTYPES[args.dtype]
     if args.model == "sdxl":
         return SDXLEncoders.from_pretrained(args.weights, device=device, dtype=dtype)
     length = args.t5_length or MODEL_SPECS[args.model].t5_max_length
-    return FluxEncoders.from_pretrained(args.weights, device=device, dtype=dtype,
-                                        max_sequence_length=length)
+    cls = SD3Encoders if args.model == "sd3" else FluxEncoders
+    return cls.from_pretrained(args.weights, device=device, dtype=dtype,
+                               max_sequence_length=length)
 
 
 def run(args: argparse.Namespace) -> list[str]:

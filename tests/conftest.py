@@ -79,10 +79,11 @@ def _tiny_clip(cls, projection_dim: int | None = None):
 
 
 def write_tiny_encoders(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
-    """Tiny random FLUX-like and SDXL-like diffusers-layout folders saved with save_pretrained
-    under ``root``: ``{"flux": DIR, "sdxl": DIR}``, each with vae/, text_encoder/,
-    text_encoder_2/, tokenizer/, tokenizer_2/ (the real FLUX tokenizers from
-    ``tokenizer_dir``; SDXL's tokenizer_2 pads with "!" as the real one does)."""
+    """Tiny random FLUX-, SDXL- and SD3-like diffusers-layout folders saved with
+    save_pretrained under ``root``: ``{"flux": DIR, "sdxl": DIR, "sd3": DIR}``, each with
+    vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ (SD3 also
+    text_encoder_3/, tokenizer_3/): the real FLUX tokenizers from ``tokenizer_dir``; the
+    second CLIP tokenizer pads with "!" as SDXL's and SD3's do."""
     import shutil
 
     import torch
@@ -112,10 +113,21 @@ def write_tiny_encoders(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
     shutil.copytree(tokenizer_dir / "tokenizer", sdxl / "tokenizer")
     clip = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer", pad_token="!")
     clip.save_pretrained(sdxl / "tokenizer_2")
-    return {"flux": flux, "sdxl": sdxl}
+
+    sd3 = root / "sd3"
+    _tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+              use_post_quant_conv=False).save_pretrained(sd3 / "vae")
+    for part in ("text_encoder", "text_encoder_2"):
+        _tiny_clip(CLIPTextModelWithProjection, projection_dim=12).save_pretrained(sd3 / part)
+    T5EncoderModel(T5Config(vocab_size=32128, d_model=32, d_kv=4, d_ff=16, num_layers=2,
+                            num_heads=2)).save_pretrained(sd3 / "text_encoder_3")
+    shutil.copytree(tokenizer_dir / "tokenizer", sd3 / "tokenizer")
+    clip.save_pretrained(sd3 / "tokenizer_2")
+    shutil.copytree(tokenizer_dir / "tokenizer_2", sd3 / "tokenizer_3")
+    return {"flux": flux, "sdxl": sdxl, "sd3": sd3}
 
 
 @pytest.fixture(scope="session")
 def tiny_encoders_dirs(flux_tokenizer_dir: Path, tmp_path_factory) -> dict[str, Path]:
-    """``write_tiny_encoders`` in a session temp folder: ``{"flux": DIR, "sdxl": DIR}``."""
+    """``write_tiny_encoders`` in a session temp folder: ``{"flux": DIR, "sdxl": DIR, ...}``."""
     return write_tiny_encoders(tmp_path_factory.mktemp("tiny-encoders"), flux_tokenizer_dir)

@@ -23,7 +23,7 @@ from bucketing import BucketLadder, EncoderCache, TextToImageDataset, assign, bu
 from bucketing.cache import estimate_bytes
 from bucketing.cache_cli import main as cache_main
 from samplers import BucketBatchSampler
-from transforms import BucketResizeCrop, FluxEncoders, SDXLEncoders, collate
+from transforms import BucketResizeCrop, FluxEncoders, SD3Encoders, SDXLEncoders, collate
 from transforms.image import load_image
 from transforms.resize_crop import fit
 
@@ -268,19 +268,25 @@ def test_prune_removes_only_what_the_view_does_not_use(photos, tmp_path, flux):
     assert all(not ds[i]["substituted"] for i in range(len(index)))
 
 
-def test_sdxl_cache_keeps_full_clip_embeddings(photos, tmp_path, tiny_encoders_dirs):
-    enc = SDXLEncoders.from_pretrained(tiny_encoders_dirs["sdxl"])
+@pytest.mark.parametrize(("model", "channels", "rows"), [("sdxl", 4, 77), ("sd3", 16, 77 + 20)])
+def test_sdxl_and_sd3_caches_keep_every_text_row(photos, tmp_path, tiny_encoders_dirs, model,
+                                                 channels, rows):
+    enc = (SDXLEncoders.from_pretrained(tiny_encoders_dirs["sdxl"]) if model == "sdxl" else
+           SD3Encoders.from_pretrained(tiny_encoders_dirs["sd3"], dtype=torch.float32,
+                                       max_sequence_length=20))
     index, assignment = _index(photos)
     cache = _build(index, assignment, enc, tmp_path / "c")
     sample = TextToImageDataset(index, assignment, cache=cache)[1]
-    assert sample["latents"].shape[0] == 4
-    assert sample["prompt_embeds"].shape == (77, 16)
-    assert sample["pooled_prompt_embeds"].shape == (12,)
-    assert "t5_attention_mask" not in sample
     expected = enc.encode_text([sample["caption"]])
+    assert sample["latents"].shape[0] == channels
+    assert sample["prompt_embeds"].shape == expected["prompt_embeds"].shape[1:]
+    assert sample["prompt_embeds"].shape[0] == rows
+    assert "t5_attention_mask" not in sample
     torch.testing.assert_close(sample["prompt_embeds"], expected["prompt_embeds"][0])
+    torch.testing.assert_close(sample["pooled_prompt_embeds"],
+                               expected["pooled_prompt_embeds"][0])
     batch = collate([sample, sample])
-    assert batch["prompt_embeds"].shape == (2, 77, 16) and "t5_attention_mask" not in batch
+    assert batch["prompt_embeds"].shape[:2] == (2, rows) and "t5_attention_mask" not in batch
 
 
 def test_estimate_matches_a_built_cache(photos, tmp_path, flux):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transforms.encoders import FluxEncoders, SDXLEncoders, module_fingerprint
+from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders, module_fingerprint
 
 CAPTIONS = ["a photo of a cat", "", "a very long caption " * 40, "a photo of a cat"]
 
@@ -65,7 +65,33 @@ def test_sdxl_text_equals_the_pipeline(sdxl: SDXLEncoders):
     assert torch.equal(ours["pooled_prompt_embeds"], pooled)
 
 
-@pytest.mark.parametrize("which", ["flux", "sdxl"])
+@pytest.fixture(scope="module")
+def sd3(tiny_encoders_dirs) -> SD3Encoders:
+    return SD3Encoders.from_pretrained(
+        tiny_encoders_dirs["sd3"], dtype=torch.float32, max_sequence_length=40
+    )
+
+
+def test_sd3_text_equals_the_pipeline(sd3: SD3Encoders):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=None, scheduler=None, vae=sd3.vae, text_encoder=sd3.text_encoder,
+        tokenizer=sd3.tokenizer, text_encoder_2=sd3.text_encoder_2, tokenizer_2=sd3.tokenizer_2,
+        text_encoder_3=sd3.text_encoder_3, tokenizer_3=sd3.tokenizer_3,
+    )
+    ours = sd3.encode_text(CAPTIONS)
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        CAPTIONS, None, None, device="cpu", do_classifier_free_guidance=False,
+        max_sequence_length=40,
+    )
+    assert ours["prompt_embeds"].shape == (4, 77 + 40, 32)
+    assert ours["pooled_prompt_embeds"].shape == (4, 24)
+    assert torch.equal(ours["prompt_embeds"], embeds)
+    assert torch.equal(ours["pooled_prompt_embeds"], pooled)
+
+
+@pytest.mark.parametrize("which", ["flux", "sdxl", "sd3"])
 def test_latents_follow_the_training_scripts(which, request):
     enc = request.getfixturevalue(which)
     pixels = _pixels(2, 32, 48)

@@ -1,9 +1,11 @@
 """The frozen encoders of a text-to-image model, run the way diffusers runs them.
 
-``FluxEncoders`` (VAE + CLIP-L + T5-XXL) and ``SDXLEncoders`` (VAE + CLIP-L + OpenCLIP-bigG)
-wrap the real diffusers / transformers modules: either modules the caller already holds, or
-loaded with ``from_pretrained(folder)`` from a local diffusers-layout folder (``vae/``,
-``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``; never the hub).
+``FluxEncoders`` (VAE + CLIP-L + T5-XXL), ``SDXLEncoders`` (VAE + CLIP-L + OpenCLIP-bigG)
+and ``SD3Encoders`` (VAE + both CLIPs + T5-XXL) wrap the real diffusers / transformers
+modules: either modules the caller already holds, or loaded with
+``from_pretrained(folder)`` from a local diffusers-layout folder (``vae/``,
+``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``, and SD3's
+``text_encoder_3/``, ``tokenizer_3/``; never the hub).
 
 - ``encode_images(uint8 [B, 3, H, W]) -> latents [B, C, H/8, W/8]``: pixels to [-1, 1] in the
   VAE's dtype, the posterior's mode, then normalised as diffusers' training scripts do
@@ -12,7 +14,8 @@ loaded with ``from_pretrained(folder)`` from a local diffusers-layout folder (``
   and the same numbers as the pipeline's ``encode_prompt`` on the same modules
   (``FluxPipeline``: T5 last hidden state at the padded length, CLIP's pooled output;
   ``StableDiffusionXLPipeline``: both CLIPs' penultimate states concatenated, the second
-  CLIP's projected pooled output), plus ``text_lengths``: each caption's real T5 token
+  CLIP's projected pooled output; ``StableDiffusion3Pipeline``: both CLIPs' states padded to
+  T5's width, then T5's), plus ``text_lengths``: each caption's real T5 token
   count (special tokens included), which a cache uses to store only those rows.
 - ``fingerprint(part)``: a digest of the modules behind ``"image"`` (the VAE) or ``"text"``
   (tokenizers + text encoders): class, configuration and weights, so that a cache built by
@@ -108,10 +111,21 @@ class _Encoders:
     model = ""
     latent_channels = 0
     text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    # folder -> the diffusers / transformers class that loads it
+    classes: dict[str, str] = {}
 
     def __init__(
-        self, vae: Any, text_encoder: Any, text_encoder_2: Any, tokenizer: Any, tokenizer_2: Any
+        self,
+        vae: Any,
+        text_encoder: Any,
+        text_encoder_2: Any,
+        tokenizer: Any,
+        tokenizer_2: Any,
+        max_sequence_length: int | None = None,
     ) -> None:
+        if max_sequence_length is not None and not 1 <= int(max_sequence_length) <= 512:
+            raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
+        self.max_sequence_length = None if max_sequence_length is None else int(max_sequence_length)
         channels = int(vae.config.latent_channels)
         if channels != self.latent_channels:
             raise ValueError(
@@ -156,6 +170,30 @@ class _Encoders:
             z = self.vae.encode(x).latent_dist.mode()
         return (z - self.shift_factor) * self.scaling_factor
 
+    @classmethod
+    def _load(
+        cls, folder: str | os.PathLike, device: torch.device | str, dtype: torch.dtype,
+        **settings: Any,
+    ) -> Any:
+        """Every folder of ``classes`` loaded locally (models in ``dtype`` on ``device``)."""
+        import diffusers
+        import transformers
+
+        path = _require_folder(folder, tuple(cls.classes))
+        modules: dict[str, Any] = {}
+        for part, name in cls.classes.items():
+            if part.startswith("tokenizer"):
+                loaded = getattr(transformers, name).from_pretrained(path / part,
+                                                                     local_files_only=True)
+            elif part == "vae":
+                loaded = getattr(diffusers, name).from_pretrained(
+                    path / part, torch_dtype=dtype, local_files_only=True).to(device)
+            else:
+                loaded = getattr(transformers, name).from_pretrained(
+                    path / part, dtype=dtype, local_files_only=True).to(device)
+            modules[part] = loaded
+        return cls(**modules, **settings)
+
     def fingerprint(self, part: str) -> str:
         """Digest of the modules behind ``"image"`` (the VAE) or ``"text"`` (tokenizers and
         text encoders, plus the text settings such as the T5 length)."""
@@ -176,8 +214,9 @@ class _Encoders:
         return self._fingerprints[part]
 
     def text_settings(self) -> dict[str, Any]:
-        """The settings besides weights that determine ``encode_text``'s output."""
-        return {"model": self.model}
+        """The settings besides weights that determine ``encode_text``'s output: the model
+        and the T5 padding length."""
+        return {"model": self.model, "max_sequence_length": self.max_sequence_length}
 
     def text_dtype(self) -> torch.dtype:
         """The dtype ``encode_text`` returns."""
@@ -201,6 +240,9 @@ class FluxEncoders(_Encoders):
 
     model = "flux"
     latent_channels = 16
+    classes = {"vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+               "text_encoder_2": "T5EncoderModel", "tokenizer": "CLIPTokenizer",
+               "tokenizer_2": "T5TokenizerFast"}
 
     def __init__(
         self,
@@ -212,10 +254,8 @@ class FluxEncoders(_Encoders):
         *,
         max_sequence_length: int = 512,
     ) -> None:
-        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2)
-        if not 1 <= int(max_sequence_length) <= 512:
-            raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
-        self.max_sequence_length = int(max_sequence_length)
+        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
+                         max_sequence_length)
 
     @classmethod
     def from_pretrained(
@@ -227,23 +267,7 @@ class FluxEncoders(_Encoders):
         max_sequence_length: int = 512,
     ) -> FluxEncoders:
         """Load from a local FLUX.1 diffusers folder (only its encoders and tokenizers)."""
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-        path = _require_folder(folder, ("vae", *cls.text_parts))
-        kw = {"local_files_only": True}
-        return cls(
-            AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, **kw).to(device),
-            CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, **kw).to(device),
-            T5EncoderModel.from_pretrained(path / "text_encoder_2", dtype=dtype, **kw).to(device),
-            CLIPTokenizer.from_pretrained(path / "tokenizer", **kw),
-            T5TokenizerFast.from_pretrained(path / "tokenizer_2", **kw),
-            max_sequence_length=max_sequence_length,
-        )
-
-    def text_settings(self) -> dict[str, Any]:
-        """The model and the T5 padding length."""
-        return {"model": self.model, "max_sequence_length": self.max_sequence_length}
+        return cls._load(folder, device, dtype, max_sequence_length=max_sequence_length)
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` [B, max_sequence_length, D_t5] (T5, padded, unmasked as the
@@ -278,6 +302,9 @@ class SDXLEncoders(_Encoders):
 
     model = "sdxl"
     latent_channels = 4
+    classes = {"vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
+               "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer": "CLIPTokenizer",
+               "tokenizer_2": "CLIPTokenizer"}
 
     @classmethod
     def from_pretrained(
@@ -289,20 +316,7 @@ class SDXLEncoders(_Encoders):
     ) -> SDXLEncoders:
         """Load from a local SDXL diffusers folder (only its encoders and tokenizers). The SDXL
         VAE overflows in float16: keep float32 (or use a fp16-fixed VAE) for it."""
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        path = _require_folder(folder, ("vae", *cls.text_parts))
-        kw = {"local_files_only": True}
-        return cls(
-            AutoencoderKL.from_pretrained(path / "vae", torch_dtype=dtype, **kw).to(device),
-            CLIPTextModel.from_pretrained(path / "text_encoder", dtype=dtype, **kw).to(device),
-            CLIPTextModelWithProjection.from_pretrained(
-                path / "text_encoder_2", dtype=dtype, **kw
-            ).to(device),
-            CLIPTokenizer.from_pretrained(path / "tokenizer", **kw),
-            CLIPTokenizer.from_pretrained(path / "tokenizer_2", **kw),
-        )
+        return cls._load(folder, device, dtype)
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` [B, 77, D1 + D2] (both CLIPs' penultimate hidden states),
@@ -329,4 +343,76 @@ class SDXLEncoders(_Encoders):
         }
 
 
-ENCODERS = {"flux": FluxEncoders, "sdxl": SDXLEncoders}
+class SD3Encoders(_Encoders):
+    """SD3's VAE (16 channels), two CLIPs (penultimate states, projected pooled outputs) and
+    T5: ``prompt_embeds`` [B, 77 + max_sequence_length, D_t5], the CLIP states zero-padded
+    to T5's width and followed by T5's; ``pooled_prompt_embeds`` both CLIPs' concatenated."""
+
+    model = "sd3"
+    latent_channels = 16
+    text_parts = (*_Encoders.text_parts, "tokenizer_3", "text_encoder_3")
+    classes = {"vae": "AutoencoderKL", "text_encoder": "CLIPTextModelWithProjection",
+               "text_encoder_2": "CLIPTextModelWithProjection",
+               "text_encoder_3": "T5EncoderModel", "tokenizer": "CLIPTokenizer",
+               "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5TokenizerFast"}
+
+    def __init__(
+        self,
+        vae: Any,
+        text_encoder: Any,
+        text_encoder_2: Any,
+        text_encoder_3: Any,
+        tokenizer: Any,
+        tokenizer_2: Any,
+        tokenizer_3: Any,
+        *,
+        max_sequence_length: int = 256,
+    ) -> None:
+        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
+                         max_sequence_length)
+        self.text_encoder_3 = text_encoder_3.eval().requires_grad_(False)
+        self.tokenizer_3 = tokenizer_3
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        max_sequence_length: int = 256,
+    ) -> SD3Encoders:
+        """Load from a local SD3 / SD3.5 diffusers folder (only its encoders and tokenizers)."""
+        return cls._load(folder, device, dtype, max_sequence_length=max_sequence_length)
+
+    def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``prompt_embeds`` [B, 77 + L, D_t5], ``pooled_prompt_embeds`` [B, P1 + P2] and
+        ``text_lengths`` (77 + L: SD3 attends to every row)."""
+        captions = _require_captions(captions)
+        states, pooled = [], []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder),
+                                   (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(captions, padding="max_length",
+                            max_length=self.tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = encoder(ids.to(_device_of(encoder)), output_hidden_states=True)
+            pooled.append(out[0])
+            states.append(out.hidden_states[-2].to(_dtype_of(self.text_encoder)))
+        ids = self.tokenizer_3(captions, padding="max_length", max_length=self.max_sequence_length,
+                               truncation=True, add_special_tokens=True,
+                               return_tensors="pt").input_ids
+        with torch.no_grad():
+            t5 = self.text_encoder_3(ids.to(_device_of(self.text_encoder_3)))[0]
+        t5 = t5.to(_dtype_of(self.text_encoder_3))
+        clip = torch.cat(states, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        embeds = torch.cat([clip, t5], dim=-2)
+        return {
+            "prompt_embeds": embeds,
+            "pooled_prompt_embeds": torch.cat(pooled, dim=-1),
+            "text_lengths": torch.full((len(captions),), embeds.shape[1], dtype=torch.int64),
+        }
+
+
+ENCODERS = {"flux": FluxEncoders, "sdxl": SDXLEncoders, "sd3": SD3Encoders}
