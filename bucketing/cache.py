@@ -73,6 +73,7 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "sd3": {"latent_channels": 16, "text_width": 4096, "text_length": 77 + 77, "pooled": 2048},
 }
 _TRIMMED_MODELS = ("flux", "flux-schnell")  # T5 sequences: worth storing trimmed
+_SHARD_BYTES = 256 << 20  # a shard is written once its entries reach this size
 _OWN_FILES = ("shards", "entries.parquet", "rows.parquet", "texts.parquet", "cache.json")
 
 
@@ -281,19 +282,23 @@ def _write_entries(path: Path, entries: dict[str, str]) -> None:
 
 
 class _ShardWriter:
-    """Collects encoded tensors and writes them as shards of ``shard_size`` entries."""
+    """Collects encoded tensors (already on the host) and writes them as shards of
+    ``shard_size`` entries, or sooner when they reach ``_SHARD_BYTES``."""
 
     def __init__(self, shards_dir: Path, shard_size: int, rank: int) -> None:
         self.dir, self.size, self.rank = shards_dir, shard_size, rank
         self.tensors: dict[str, torch.Tensor] = {}
         self.keys: set[str] = set()
         self.written: dict[str, str] = {}
+        self.nbytes = 0
 
     def add(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
-            self.tensors[f"{key}.{name}"] = t.detach().to("cpu").contiguous()
+            # a packed copy, not a view that would keep its whole batch alive
+            self.tensors[f"{key}.{name}"] = t.clone(memory_format=torch.contiguous_format)
+            self.nbytes += t.nbytes
         self.keys.add(key)
-        if len(self.keys) >= self.size:
+        if len(self.keys) >= self.size or self.nbytes >= _SHARD_BYTES:
             self.flush()
 
     def flush(self) -> None:
@@ -304,7 +309,7 @@ class _ShardWriter:
             save_file(self.tensors, tmp, metadata={"format": CACHE_FORMAT,
                                                    "version": str(CACHE_VERSION)})
         self.written.update(dict.fromkeys(self.keys, name))
-        self.tensors, self.keys = {}, set()
+        self.tensors, self.keys, self.nbytes = {}, set(), 0
 
 
 # --------------------------------------------------------------------------- decoding jobs
@@ -416,7 +421,7 @@ def build_cache(
     chunks = [todo_texts[k : k + text_batch_size]
               for k in range(0, len(todo_texts), text_batch_size)][rank::world]
     for chunk in chunks:
-        out = encoders.encode_text(chunk)
+        out = {k: v.cpu() for k, v in encoders.encode_text(chunk).items()}  # one device sync
         for j, caption in enumerate(chunk):
             n = int(out["text_lengths"][j]) if padding == "trimmed" else None
             writer.add(tkeys[caption], {
@@ -520,7 +525,7 @@ def _encode_batch(
             if key is not None:
                 pixels.append(px.flip(-1) if flip else px)
                 slots.append(key)
-    latents = encoders.encode_images(torch.stack(pixels))
+    latents = encoders.encode_images(torch.stack(pixels)).cpu()  # one device sync per batch
     for key, z in zip(slots, latents, strict=True):
         writer.add(key, {"latents": z})
 
