@@ -447,7 +447,7 @@ def build_cache(
         for _, written in everyone:
             entries.update(written)
         _write_entries(root, entries)
-        _write_view(root, cols, tkeys, index, {
+        _write_view(root, cols, tkeys, {
             "format": CACHE_FORMAT, "version": CACHE_VERSION, "model": encoders.model,
             "fingerprints": {"image": image_fp, "text": text_fp}, "dtype": dtype,
             "text_dtype": text_dtype, "t5_padding": padding, "flip_p": float(flip_p),
@@ -531,10 +531,10 @@ def _encode_batch(
 
 
 def _write_view(
-    root: Path, cols: dict[str, list], tkeys: dict[str, str], index: ImageIndex,
-    meta: dict[str, Any],
+    root: Path, cols: dict[str, list], tkeys: dict[str, str], meta: dict[str, Any]
 ) -> None:
-    """rows.parquet (images and captions of this build) then cache.json, atomically."""
+    """rows.parquet (images), texts.parquet (captions) of this build, then cache.json, each
+    atomically: cache.json last, so a folder with one is a finished cache."""
     table = pa.table({
         "row": pa.array(cols["row"], pa.int64()),
         "path": pa.array([os.fsencode(p) for p in cols["path"]], pa.binary()),
