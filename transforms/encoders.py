@@ -132,13 +132,13 @@ class _Encoders:
                 f"{type(self).__name__} expects a VAE with {self.latent_channels} latent "
                 f"channels, got {channels} (is this the right model's vae/?)"
             )
-        self.vae = vae.eval().requires_grad_(False)
+        self.vae = vae.train(False).requires_grad_(False)
         self.scaling_factor = float(vae.config.scaling_factor)
         shift = getattr(vae.config, "shift_factor", None)
         self.shift_factor = float(shift) if shift is not None else 0.0
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.text_encoder = text_encoder.eval().requires_grad_(False)
-        self.text_encoder_2 = text_encoder_2.eval().requires_grad_(False)
+        self.text_encoder = text_encoder.train(False).requires_grad_(False)
+        self.text_encoder_2 = text_encoder_2.train(False).requires_grad_(False)
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2
         self._fingerprints: dict[str, str] = {}
@@ -370,7 +370,7 @@ class SD3Encoders(_Encoders):
     ) -> None:
         super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
                          max_sequence_length)
-        self.text_encoder_3 = text_encoder_3.eval().requires_grad_(False)
+        self.text_encoder_3 = text_encoder_3.train(False).requires_grad_(False)
         self.tokenizer_3 = tokenizer_3
 
     @classmethod
