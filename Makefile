@@ -11,7 +11,7 @@ TOKENIZERS := .cache/flux-tokenizers/tokenizer_2/spiece.model
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e '.[dev,bench]'
+	$(BIN)/pip install -e '.[dev,bench,encoders]'
 	touch $@
 
 $(TOKENIZERS): tests/fetch_flux_tokenizers.py | $(STAMP)

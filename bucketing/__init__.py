@@ -15,15 +15,19 @@ from bucketing.sources import resolve_source
 # Composition: name -> module. Imported lazily; nothing in the core imports these.
 _LAZY = {
     "TextToImageDataset": "bucketing.dataset",
+    "build_cache": "bucketing.cache",
+    "EncoderCache": "bucketing.cache",
 }
 
 __all__ = [
     "Assignment",
     "BucketLadder",
+    "EncoderCache",
     "ImageIndex",
     "Rejection",
     "TextToImageDataset",
     "assign",
+    "build_cache",
     "resolve_source",
     "scan",
 ]

@@ -90,6 +90,8 @@ class TextToImageDataset(Dataset):
     the colour behind transparency.
     An assignment with upscaled rows (``assign(..., allow_upscale=True)``) needs an image
     transform that upscales: one with ``allow_upscale=False`` is refused here.
+    ``cache``: an encoder cache (``bucketing.build_cache``); samples then carry its
+    ``latents`` and caption embeddings instead of pixels, and no image transform is needed.
     """
 
     def __init__(
@@ -97,7 +99,7 @@ class TextToImageDataset(Dataset):
         index: ImageIndex,
         assignment: Assignment,
         *,
-        image_transform: SampleTransform,
+        image_transform: SampleTransform | None = None,
         caption_transform: SampleTransform | None = None,
         model_transform: SampleTransform | None = None,
         seed: int = 0,
@@ -107,6 +109,7 @@ class TextToImageDataset(Dataset):
         max_pixels: int | None = None,
         max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
         background: Sequence[int] = (255, 255, 255),
+        cache: Any = None,
     ) -> None:
         if on_error not in _ON_ERROR:
             raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
@@ -117,7 +120,8 @@ class TextToImageDataset(Dataset):
             )
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        _check_transform("image_transform", image_transform)
+        if cache is None or image_transform is not None:  # a cache needs no image transform
+            _check_transform("image_transform", image_transform)
         for name, transform in (
             ("caption_transform", caption_transform), ("model_transform", model_transform)
         ):
@@ -147,6 +151,7 @@ class TextToImageDataset(Dataset):
         self.max_pixels = max_pixels
         self.max_decode_bytes = max_decode_bytes
         self.background = tuple(background)
+        self.cache = cache
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._members: tuple[np.ndarray, np.ndarray] | None = None  # built on first need
 
@@ -202,6 +207,8 @@ class TextToImageDataset(Dataset):
                     "caption_transform must set sample['caption'] to a str, got "
                     f"{sample.get('caption')!r}"
                 )
+        if self.cache is not None:
+            sample.update(self.cache.text_sample(sample["caption"]))
         if self.model_transform is not None:
             sample = self.model_transform(sample)
         return sample
@@ -209,6 +216,8 @@ class TextToImageDataset(Dataset):
     def _fit(self, row: int, requested: int, occurrence: int) -> dict[str, Any]:
         """Decode ``row`` and fit it to ``requested``'s bucket with ``requested``'s generator."""
         wh = tuple(int(v) for v in self.bucket_wh[requested])
+        if self.cache is not None:
+            return self._cached(row, requested, occurrence, wh)
         # the GPU path's transform reads the JPEG's bytes itself, to decode on the device
         read = load_image
         if isinstance(self.image_transform, EncodedFit):
@@ -245,6 +254,16 @@ class TextToImageDataset(Dataset):
                 f"{wh[0]}x{wh[1]} (w x h)"
             )
         return sample
+
+    def _cached(
+        self, row: int, requested: int, occurrence: int, wh: tuple[int, ...]
+    ) -> dict[str, Any]:
+        """``row``'s cached latents for ``requested``'s bucket, drawn with its generator."""
+        rng = sample_rng(self.seed, self.epoch, requested, "image", occurrence)
+        size = (int(self.index.width[row]), int(self.index.height[row]))
+        sample = self.cache.latent_sample(self.index.paths[row], size, wh, rng)
+        return {**sample, "index": row, "original_index": requested,
+                "substituted": row != requested, "occurrence": occurrence}
 
     @staticmethod
     def _apply(

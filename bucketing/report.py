@@ -40,6 +40,7 @@ from PIL import Image
 from bucketing import report_plots
 from bucketing.assign import assign
 from bucketing.atomic import atomic_write_bytes
+from bucketing.cache import estimate_lines
 from bucketing.dataset import TextToImageDataset
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.report_plots import PreviewTile
@@ -493,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", help="write occupancy and loss plots")
     p.add_argument("--preview", metavar="FILE.png",
                    help="write a grid of originals with crop boxes beside the model's input")
+    p.add_argument("--estimate-cache", action="store_true",
+                   help="print the disk size bucket-cache would write for this data set")
     return p
 
 
@@ -814,6 +817,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures, index, assignment = run(args)
         width = shutil.get_terminal_size((100, 24)).columns
         text_out.write(render_text(figures, width))
+        if args.estimate_cache:
+            text_out.write(estimate_lines(index, assignment, args.model, args.tokenizers))
         text_out.flush()
         _write_outputs(args, figures, index, assignment)
     except ConfigError as error:

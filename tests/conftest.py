@@ -53,3 +53,81 @@ def flux_tokenizer_dir() -> Path:
 
         fetch(dest)
     return dest
+
+
+def _tiny_vae(latent_channels: int, **config):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+        sample_size=32, **config,
+    )
+
+
+def _tiny_clip(cls, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407,
+        **({"projection_dim": projection_dim} if projection_dim else {}),
+    )
+    return cls(config)
+
+
+def write_tiny_encoders(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
+    """Tiny random FLUX-, SDXL- and SD3-like diffusers-layout folders saved with
+    save_pretrained under ``root``: ``{"flux": DIR, "sdxl": DIR, "sd3": DIR}``, each with
+    vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ (SD3 also
+    text_encoder_3/, tokenizer_3/): the real FLUX tokenizers from ``tokenizer_dir``; the
+    second CLIP tokenizer pads with "!" as SDXL's and SD3's do."""
+    import shutil
+
+    import torch
+    from transformers import (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    torch.manual_seed(0)
+    flux, sdxl = root / "flux", root / "sdxl"
+    _tiny_vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+              use_post_quant_conv=False).save_pretrained(flux / "vae")
+    _tiny_clip(CLIPTextModel).save_pretrained(flux / "text_encoder")
+    T5EncoderModel(T5Config(vocab_size=32128, d_model=8, d_kv=4, d_ff=16, num_layers=2,
+                            num_heads=2)).save_pretrained(flux / "text_encoder_2")
+    shutil.copytree(tokenizer_dir / "tokenizer", flux / "tokenizer")
+    shutil.copytree(tokenizer_dir / "tokenizer_2", flux / "tokenizer_2")
+
+    _tiny_vae(4, scaling_factor=0.13025).save_pretrained(sdxl / "vae")
+    _tiny_clip(CLIPTextModel).save_pretrained(sdxl / "text_encoder")
+    _tiny_clip(CLIPTextModelWithProjection, projection_dim=12).save_pretrained(
+        sdxl / "text_encoder_2"
+    )
+    shutil.copytree(tokenizer_dir / "tokenizer", sdxl / "tokenizer")
+    clip = CLIPTokenizer.from_pretrained(tokenizer_dir / "tokenizer", pad_token="!")
+    clip.save_pretrained(sdxl / "tokenizer_2")
+
+    sd3 = root / "sd3"
+    _tiny_vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+              use_post_quant_conv=False).save_pretrained(sd3 / "vae")
+    for part in ("text_encoder", "text_encoder_2"):
+        _tiny_clip(CLIPTextModelWithProjection, projection_dim=12).save_pretrained(sd3 / part)
+    T5EncoderModel(T5Config(vocab_size=32128, d_model=32, d_kv=4, d_ff=16, num_layers=2,
+                            num_heads=2)).save_pretrained(sd3 / "text_encoder_3")
+    shutil.copytree(tokenizer_dir / "tokenizer", sd3 / "tokenizer")
+    clip.save_pretrained(sd3 / "tokenizer_2")
+    shutil.copytree(tokenizer_dir / "tokenizer_2", sd3 / "tokenizer_3")
+    return {"flux": flux, "sdxl": sdxl, "sd3": sd3}
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders_dirs(flux_tokenizer_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    """``write_tiny_encoders`` in a session temp folder: ``{"flux": DIR, "sdxl": DIR, ...}``."""
+    return write_tiny_encoders(tmp_path_factory.mktemp("tiny-encoders"), flux_tokenizer_dir)

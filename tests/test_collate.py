@@ -94,3 +94,49 @@ def test_to_model_input_on_cuda_from_pinned_memory():
     out = to_model_input(batch, "cuda")
     assert out["pixel_values"].is_cuda and out["pixel_values"].dtype == torch.bfloat16
     assert out["index"].is_cuda
+
+
+def test_unknown_keys_are_kept_stacked_or_listed():
+    samples = [_sample(i) for i in range(3)]
+    for i, s in enumerate(samples):
+        s["input_ids_one"] = torch.full((77,), i)  # an SDXL model transform's ids
+        s["tokens"] = list(range(i + 1))  # torchtune's ragged token lists
+        s["ragged"] = torch.zeros(i + 1)
+        s["fit"] = ("params", i)
+    batch = collate(samples)
+    assert batch["input_ids_one"].shape == (3, 77) and batch["input_ids_one"][2, 0] == 2
+    assert batch["tokens"] == [[0], [0, 1], [0, 1, 2]]
+    assert [t.shape[0] for t in batch["ragged"]] == [1, 2, 3]
+    assert batch["fit"] == [("params", 0), ("params", 1), ("params", 2)]
+
+
+def _cached(i: int, length: int) -> dict:
+    return {
+        "latents": torch.full((16, 2, 3), float(i)),
+        "prompt_embeds": torch.full((length, 4), float(i + 1)),
+        "pooled_prompt_embeds": torch.full((8,), float(i)),
+        "t5_attention_mask": torch.ones(length, dtype=torch.int64),
+        "text_length": length,
+        "original_size": (8, 12), "crop_top_left": (0, 0), "target_size": (16, 24),
+        "caption": f"c{i}", "index": i, "substituted": False,
+    }
+
+
+def test_trimmed_embeddings_are_padded_with_a_mask():
+    batch = collate([_cached(0, 3), _cached(1, 5), _cached(2, 1)])
+    assert "pixel_values" not in batch
+    assert batch["latents"].shape == (3, 16, 2, 3)
+    assert batch["pooled_prompt_embeds"].shape == (3, 8)
+    pe, mask = batch["prompt_embeds"], batch["t5_attention_mask"]
+    assert pe.shape == (3, 5, 4) and mask.shape == (3, 5)
+    assert mask.sum(1).tolist() == [3, 5, 1] == batch["text_length"].tolist()
+    assert torch.equal(pe[0, :3], torch.ones(3, 4)) and pe[0, 3:].abs().sum() == 0
+    assert pe[2, 0, 0] == 3 and pe[2, 1:].abs().sum() == 0
+    # full-length embeddings keep their own mask and length
+    full = [_cached(0, 5), _cached(1, 5)]
+    full[0]["t5_attention_mask"] = torch.tensor([1, 1, 0, 0, 0])
+    assert collate(full)["t5_attention_mask"].sum(1).tolist() == [2, 5]
+    bad = _cached(1, 4)
+    bad["prompt_embeds"] = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="prompt_embeds"):
+        collate([_cached(0, 3), bad])

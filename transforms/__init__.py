@@ -2,6 +2,7 @@
 
 from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
+from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import load_image
 from transforms.resize_crop import BucketResizeCrop
 from transforms.tokenize import FluxTokenizer, flux_image_ids
@@ -9,7 +10,10 @@ from transforms.tokenize import FluxTokenizer, flux_image_ids
 __all__ = [
     "BucketResizeCrop",
     "CaptionTransform",
+    "FluxEncoders",
     "FluxTokenizer",
+    "SD3Encoders",
+    "SDXLEncoders",
     "collate",
     "flux_image_ids",
     "load_image",

@@ -2,6 +2,9 @@
 
 Pixels stay uint8 until they are on the device: a quarter of the bytes of float32 to pin
 and copy. ``to_model_input`` then normalises them to [-1, 1] in the model's dtype there.
+Samples read from an encoder cache carry latents and text embeddings instead; trimmed T5
+embeddings are padded to the batch's longest with a mask. Keys collate does not know (a
+model transform's own ids, torchtune's ``tokens``) are kept, never dropped.
 """
 
 from __future__ import annotations
@@ -13,29 +16,44 @@ import torch
 
 _PAIRS = ("original_size", "crop_top_left", "target_size")
 _TOKENS = ("clip_input_ids", "t5_input_ids", "t5_attention_mask")
-_INTS = ("index", "original_index")
+_INTS = ("index", "original_index", "text_length")
 _FLAGS = ("substituted", "flipped", "clip_truncated", "t5_truncated")
+# Per-sample lengths differ (T5 embeddings stored trimmed to their tokens): padded with zeros
+# to the batch's longest along the first axis; the mask says which rows are real.
+_VARIABLE = ("prompt_embeds", "t5_attention_mask")
+_FIXED = ("pixel_values", "latents", "pooled_prompt_embeds")
+_KNOWN = {*_PAIRS, *_TOKENS, *_INTS, *_FLAGS, *_VARIABLE, *_FIXED, "caption"}
 
 
 def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Batch samples of one bucket.
 
-    ``pixel_values`` uint8 [B, 3, H, W] contiguous; ``original_size``, ``crop_top_left``,
-    ``target_size`` int64 [B, 2]; token ids and masks [B, L] when present; ``index`` and
-    ``original_index`` int64 [B]; ``substituted`` (and other flags) bool [B]; ``captions`` a
-    list of str. Raises ValueError naming the samples whose shapes differ.
+    ``pixel_values`` uint8 [B, 3, H, W] contiguous, or (from an encoder cache) ``latents``
+    [B, C, h, w] and ``pooled_prompt_embeds`` [B, P]; ``original_size``, ``crop_top_left``,
+    ``target_size`` int64 [B, 2]; token ids and masks [B, L] when present; ``index``,
+    ``original_index`` (and ``text_length``) int64 [B]; ``substituted`` (and other flags)
+    bool [B]; ``captions`` a list of str. ``prompt_embeds`` of different lengths (trimmed T5)
+    are zero-padded to the longest with ``t5_attention_mask`` [B, L] marking the real rows
+    (built from ``text_length`` when the samples carry no mask). Any other key is kept:
+    tensors of one shape stacked, anything else as a list. Raises ValueError naming the
+    samples whose shapes differ where one shape is required.
     """
     if len(samples) == 0:
         raise ValueError("collate got an empty batch")
     first = samples[0]
-    batch: dict[str, Any] = {
-        "pixel_values": _stack("pixel_values", samples, torch.uint8),
-    }
+    batch: dict[str, Any] = {}
+    if "pixel_values" in first or "latents" not in first:
+        batch["pixel_values"] = _stack("pixel_values", samples, torch.uint8)
+    for key in ("latents", "pooled_prompt_embeds"):
+        if key in first:
+            batch[key] = _stack(key, samples, None)
+    if "prompt_embeds" in first:
+        batch.update(_pad_embeds(samples))
     for key in _PAIRS:
         if key in first:
             batch[key] = torch.tensor([tuple(s[key]) for s in samples], dtype=torch.int64)
     for key in _TOKENS:
-        if key in first:
+        if key in first and key not in batch:
             batch[key] = _stack(key, samples, None)
     for key in _INTS:
         if key in first:
@@ -45,6 +63,9 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             batch[key] = torch.tensor([bool(s[key]) for s in samples], dtype=torch.bool)
     if "caption" in first:
         batch["captions"] = [s["caption"] for s in samples]
+    for key in first:
+        if key not in _KNOWN:
+            batch[key] = _keep(key, samples)
     return batch
 
 
@@ -95,3 +116,34 @@ def _stack(
 def _label(sample: Mapping[str, Any], position: int) -> str:
     """The dataset index of a sample when it has one, else its position in the batch."""
     return f"index {int(sample['index'])}" if "index" in sample else f"position {position}"
+
+
+def _pad_embeds(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """``prompt_embeds`` [B, L, D] zero-padded to the longest sample, and its mask [B, L]."""
+    embeds = [torch.as_tensor(s["prompt_embeds"]) for s in samples]
+    tails = {tuple(e.shape[1:]) for e in embeds}
+    if len(tails) > 1 or any(e.ndim != 2 for e in embeds):
+        shapes = ", ".join(f"{list(e.shape)} at {_label(s, i)}"
+                           for i, (e, s) in enumerate(zip(embeds, samples, strict=True)))
+        raise ValueError(f"collate: prompt_embeds must be [L, D] with one D per batch ({shapes})")
+    longest = max(e.shape[0] for e in embeds)
+    out = embeds[0].new_zeros((len(embeds), longest, embeds[0].shape[1]))
+    mask = torch.zeros((len(embeds), longest), dtype=torch.int64)
+    for i, (e, s) in enumerate(zip(embeds, samples, strict=True)):
+        out[i, : e.shape[0]] = e
+        if "t5_attention_mask" in s:
+            m = torch.as_tensor(s["t5_attention_mask"])
+            mask[i, : m.shape[0]] = m
+        else:
+            mask[i, : int(s.get("text_length", e.shape[0]))] = 1
+    if not any("t5_attention_mask" in s or "text_length" in s for s in samples):
+        return {"prompt_embeds": out}  # fixed-length embeddings (SDXL's 77 CLIP tokens)
+    return {"prompt_embeds": out, "t5_attention_mask": mask}
+
+
+def _keep(key: str, samples: Sequence[Mapping[str, Any]]) -> Any:
+    """An unknown key: stacked when every sample has a tensor of one shape, else a list."""
+    values = [s.get(key) for s in samples]
+    if all(isinstance(v, torch.Tensor) for v in values) and len({v.shape for v in values}) == 1:
+        return torch.stack(values)
+    return values
