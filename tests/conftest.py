@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fetch_flux_tokenizers import complete, fetch, model_dirs
 from hypothesis import settings
 
 # CI explores the same examples on every run, so a landing never hinges on a lucky draw;
@@ -48,8 +49,13 @@ def odd_expected() -> dict:
 def flux_tokenizer_dir() -> Path:
     """Folder with tokenizer/ (CLIP-L) and tokenizer_2/ (T5), fetched from PyPI if absent."""
     dest = REPO / ".cache" / "flux-tokenizers"
-    if not (dest / "tokenizer_2" / "spiece.model").exists():
-        from fetch_flux_tokenizers import fetch
-
+    if not complete(dest):
         fetch(dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs(flux_tokenizer_dir) -> dict[str, Path]:
+    """Model name ("flux", "sd15", "sdxl", "sd3") -> a folder laid out like its checkout
+    (tokenizer/, tokenizer_2/, ...), from the same one-wheel fetch as the FLUX tokenizers."""
+    return model_dirs(flux_tokenizer_dir)
