@@ -26,7 +26,12 @@ import numpy as np
 @dataclass(frozen=True)
 class ModelSpec:
     """A model's shape constraints: side ``multiple``, default ``max_area`` and ``levels``
-    (areas), bucket ``step`` and ``max_aspect``, and the T5 token length (None: no T5)."""
+    (areas), bucket ``step`` and ``max_aspect``, and the T5 token length (None: no T5).
+
+    Model-side constants: the VAE's ``vae_scale_factor``, the transformer's ``patch_size``
+    (latent pixels per token side; 1 for UNets) and ``time_shift``, the scheduler's
+    resolution-dependent shift ``(base_seq_len, max_seq_len, base_shift, max_shift)`` (None:
+    no dynamic shift), as in diffusers' scheduler config of the model."""
 
     name: str
     multiple: int
@@ -35,6 +40,9 @@ class ModelSpec:
     step: int = 64
     max_aspect: float = 4.0
     t5_max_length: int | None = None
+    vae_scale_factor: int = 8
+    patch_size: int = 1
+    time_shift: tuple[int, int, float, float] | None = None
 
 
 def _sides(*sides: int) -> tuple[int, ...]:
@@ -47,12 +55,15 @@ _FLUX_LEVELS = _sides(512, 640, 768, 896, 1024)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     # FLUX.1: 8x VAE then 2x2 patches -> sides multiple of 16; T5 512 (dev) / 256 (schnell).
-    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=512),
+    # FLUX.1-dev's scheduler shifts timesteps by image token count (256 -> 0.5, 4096 -> 1.15).
+    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=512,
+                      patch_size=2, time_shift=(256, 4096, 0.5, 1.15)),
     "flux-schnell": ModelSpec(
-        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=256
+        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=256, patch_size=2
     ),
     # SD3: 8x VAE then 2x2 patches -> 16; diffusers' SD3 training scripts use T5 length 77.
-    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=77),
+    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=77,
+                     patch_size=2),
     # SDXL: the UNet needs latent sides divisible by 4 (pixels by 32), but SDXL was trained
     # on 64-multiple buckets (1152x896, 1216x832, ...) and kohya uses 64: we use 64.
     "sdxl": ModelSpec("sdxl", 64, 1024 * 1024, _sides(512, 640, 768, 896, 1024)),
