@@ -15,17 +15,25 @@ from bucketing.sources import resolve_source
 # Composition: name -> module. Imported lazily; nothing in the core imports these.
 _LAZY = {
     "TextToImageDataset": "bucketing.dataset",
+    "MixedDataset": "bucketing.builders",
+    "text_to_image_dataset": "bucketing.builders",
+    "from_config": "bucketing.config",
+    "load_config": "bucketing.config",
 }
 
 __all__ = [
     "Assignment",
     "BucketLadder",
     "ImageIndex",
+    "MixedDataset",
     "Rejection",
     "TextToImageDataset",
     "assign",
+    "from_config",
+    "load_config",
     "resolve_source",
     "scan",
+    "text_to_image_dataset",
 ]
 
 
