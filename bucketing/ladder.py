@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -55,15 +55,12 @@ _FLUX_LEVELS = _sides(512, 640, 768, 896, 1024)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     # FLUX.1: 8x VAE then 2x2 patches -> sides multiple of 16; T5 512 (dev) / 256 (schnell).
-    # FLUX.1-dev's scheduler shifts timesteps by image token count (256 -> 0.5, 4096 -> 1.15).
-    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=512,
-                      patch_size=2, time_shift=(256, 4096, 0.5, 1.15)),
+    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=512),
     "flux-schnell": ModelSpec(
-        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=256, patch_size=2
+        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=256
     ),
     # SD3: 8x VAE then 2x2 patches -> 16; diffusers' SD3 training scripts use T5 length 77.
-    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=77,
-                     patch_size=2),
+    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=32, t5_max_length=77),
     # SDXL: the UNet needs latent sides divisible by 4 (pixels by 32), but SDXL was trained
     # on 64-multiple buckets (1152x896, 1216x832, ...) and kohya uses 64: we use 64.
     "sdxl": ModelSpec("sdxl", 64, 1024 * 1024, _sides(512, 640, 768, 896, 1024)),
@@ -287,3 +284,14 @@ def _search_window(ladder: BucketLadder) -> int:
             m += 1
         m_all = max(m_all, m)
     return m_all
+
+
+# Model-side constants from diffusers' model configs: the transformer's 2x2 patches (FLUX, SD3)
+# and FLUX.1-dev's resolution-dependent timestep shift (its scheduler_config.json:
+# base_image_seq_len 256 -> base_shift 0.5, max_image_seq_len 4096 -> max_shift 1.15).
+_MODEL_SIDE: dict[str, dict[str, Any]] = {
+    "flux": {"patch_size": 2, "time_shift": (256, 4096, 0.5, 1.15)},
+    "flux-schnell": {"patch_size": 2},  # schnell's scheduler does not shift
+    "sd3": {"patch_size": 2},
+}
+MODEL_SPECS.update({name: replace(MODEL_SPECS[name], **f) for name, f in _MODEL_SIDE.items()})
