@@ -15,9 +15,10 @@ truth for each model's divisibility, default area, levels and T5 length.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -294,4 +295,6 @@ _MODEL_SIDE: dict[str, dict[str, Any]] = {
     "flux-schnell": {"patch_size": 2},  # schnell's scheduler does not shift
     "sd3": {"patch_size": 2},
 }
-MODEL_SPECS.update({name: replace(MODEL_SPECS[name], **f) for name, f in _MODEL_SIDE.items()})
+MODEL_SPECS.update(
+    {name: dataclasses.replace(MODEL_SPECS[name], **f) for name, f in _MODEL_SIDE.items()}
+)
