@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bucketing.builders import LADDER_KEYS, MixedDataset, text_to_image_dataset
 from bucketing.ladder import MODEL_SPECS
 from samplers import BucketBatchSampler
@@ -223,9 +225,12 @@ def build_dataset(
     return MixedDataset(parts)
 
 
-def build_sampler(config: Config, dataset: MixedDataset) -> BucketBatchSampler:
-    """The sampler over ``dataset`` with the file's batch size, seed and per-row repeats."""
-    kwargs: dict[str, Any] = {}
+def build_sampler(
+    config: Config, dataset: MixedDataset, world_size: int | None = None, rank: int | None = None
+) -> BucketBatchSampler:
+    """The sampler over ``dataset`` with the file's batch size, seed and per-row repeats
+    (``world_size`` and ``rank`` default to ``torch.distributed``'s)."""
+    kwargs: dict[str, Any] = {"world_size": world_size, "rank": rank}
     repeats = [d.repeats for d in config.datasets]
     if any(r != 1 for r in repeats):
         kwargs["repeats"] = dataset.row_repeats(repeats)
@@ -239,6 +244,53 @@ def build_sampler(config: Config, dataset: MixedDataset) -> BucketBatchSampler:
         drop_last=config.drop_last,
         **kwargs,
     )
+
+
+def mix_figures(path: str | os.PathLike, world_size: int = 1) -> dict[str, Any]:
+    """What a config file's mix will train on, per dataset: images accepted and rejected (by
+    reason), repeats, samples per epoch and their share, buckets; and the plan's steps per
+    rank. Nothing is decoded and no tokenizer is loaded."""
+    config = load_config(path)
+    dataset = build_dataset(config)
+    sampler = build_sampler(config, dataset, world_size=world_size, rank=0)
+    rows = []
+    for k, d in enumerate(config.datasets):
+        part, mine = dataset.datasets[k], dataset.dataset_of == k
+        ids = dataset.bucket_id[mine]
+        reasons = part.index.rejection_counts()
+        unassigned = int((ids < 0).sum())
+        if unassigned:
+            reasons["not_assigned"] = unassigned
+        accepted = int((ids >= 0).sum())
+        rows.append({
+            "name": d.name, "source": d.source, "accepted": accepted,
+            "rejected": sum(reasons.values()), "reasons": reasons, "repeats": d.repeats,
+            "samples": accepted * d.repeats, "buckets": len(np.unique(ids[ids >= 0])),
+        })
+    total = sum(r["samples"] for r in rows) or 1.0
+    for r in rows:
+        r["share"] = r["samples"] / total
+    return {"config": str(path), "model": config.model, "batch_size": config.batch_size,
+            "max_pixels_per_batch": config.max_pixels_per_batch, "seed": config.seed,
+            "world_size": world_size, "steps_per_rank": len(sampler), "datasets": rows}
+
+
+def render_mix(figures: Mapping[str, Any]) -> str:
+    """The text table of :func:`mix_figures`."""
+    size = (f"batch size {figures['batch_size']}" if figures["batch_size"] else
+            f"{figures['max_pixels_per_batch']} pixels per batch")
+    lines = [f"{figures['config']}: model {figures['model']}, {size}, seed {figures['seed']}, "
+             f"world size {figures['world_size']}",
+             f"{'dataset':<20} {'images':>7} {'rejected':>8} {'repeats':>7} "
+             f"{'per epoch':>9} {'share':>6} {'buckets':>7}"]
+    for r in figures["datasets"]:
+        lines.append(f"{r['name'][:20]:<20} {r['accepted']:>7} {r['rejected']:>8} "
+                     f"{r['repeats']:>7g} {r['samples']:>9g} {r['share']:>6.1%} "
+                     f"{r['buckets']:>7}")
+        if r["reasons"]:
+            lines.append("    rejected: " + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()))
+    lines.append(f"steps per epoch per rank: {figures['steps_per_rank']}")
+    return "\n".join(lines) + "\n"
 
 
 def part_seed(seed: int, k: int) -> int:

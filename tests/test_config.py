@@ -4,7 +4,10 @@ and errors that name the key and the line."""
 from __future__ import annotations
 
 import inspect
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from bucketing import MixedDataset, from_config, load_config, text_to_image_dataset
-from bucketing.config import ConfigError, part_seed
+from bucketing.config import ConfigError, mix_figures, part_seed
 from samplers import BucketBatchSampler
 from transforms import FluxTokenizer
 
@@ -165,3 +168,28 @@ def test_file_level_errors(project):
         "[[datasets]]")[0])
     with pytest.raises(ConfigError, match="datasets: must be an array of"):
         load_config(path)
+
+
+def test_bucket_report_shows_the_mix_per_dataset(project, repo_root):
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+
+    figures = mix_figures(project / "data.toml")
+    me, reg = figures["datasets"]
+    dataset, sampler = from_config(project / "data.toml", model_transform=None)
+    accepted = [int(((dataset.dataset_of == k) & (dataset.bucket_id >= 0)).sum()) for k in (0, 1)]
+    assert (me["accepted"], reg["accepted"]) == tuple(accepted)
+    assert me["share"] + reg["share"] == pytest.approx(1.0)
+    assert figures["steps_per_rank"] == len(sampler)
+    assert me["buckets"] == len(np.unique(dataset.bucket_id[(dataset.dataset_of == 0)
+                                                            & (dataset.bucket_id >= 0)]))
+    proc = subprocess.run([sys.executable, "-m", "bucketing.report", "--config",
+                           str(project / "data.toml"), "--world-size", "2"],
+                          capture_output=True, text=True, timeout=120, cwd=project, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "regularisation" in proc.stdout and "world size 2" in proc.stdout
+    assert f"{'me':<20} {accepted[0]:>7}" in proc.stdout
+    (project / "data.toml").write_text(CONFIG.replace("seed = 5", "seed = -1"))
+    bad = subprocess.run([sys.executable, "-m", "bucketing.report", "--config",
+                          str(project / "data.toml")], capture_output=True, text=True,
+                         timeout=120, cwd=project, env=env)
+    assert bad.returncode == 2 and "data.toml:3: seed: must be >= 0" in bad.stderr
