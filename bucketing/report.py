@@ -31,6 +31,7 @@ import numpy as np
 from bucketing import report_plots
 from bucketing.assign import assign
 from bucketing.atomic import atomic_write_bytes
+from bucketing.config import mix_figures, render_mix
 from bucketing.dataset import TextToImageDataset
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.report_plots import PreviewTile
@@ -424,8 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and rejected, buckets, padding, crop and resolution loss, the sampler's plan, captions.",
         epilog="Exit codes: 0 ok, 2 usage or configuration error, 1 unexpected failure.",
     )
-    p.add_argument("source", help="a folder, a manifest (.jsonl .json .csv .tsv .parquet), "
-                   "or anything else bucketing.scan accepts")
+    p.add_argument("source", nargs="?", help="a folder, a manifest (.jsonl .json .csv .tsv "
+                   ".parquet), or anything else bucketing.scan accepts")
+    p.add_argument("--config", metavar="FILE.toml", help="instead of SOURCE: the mix of a "
+                   "dataset config file (bucketing.from_config), per dataset")
     p.add_argument("--model", default="flux", choices=sorted(MODEL_SPECS),
                    help="model preset for the ladder and T5 length (default: flux)")
     p.add_argument("--max-area", type=_area, metavar="N",
@@ -716,9 +719,15 @@ def _write_outputs(args: argparse.Namespace, figures: dict, index: Any, assignme
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bucket-report``; returns the exit code (0 ok, 2 config error, 1 bug)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.source is None) == (args.config is None):
+        parser.error("give a SOURCE or --config FILE.toml (one of them)")
     text_out = sys.stderr if args.json == "-" else sys.stdout
     try:
+        if args.config:
+            text_out.write(render_mix(_config(mix_figures, args.config, args.world_size)))
+            return 0
         figures, index, assignment = run(args)
         width = shutil.get_terminal_size((100, 24)).columns
         text_out.write(render_text(figures, width))
