@@ -1,4 +1,4 @@
-"""Builders: text_to_image_dataset from Python and from a torchtune YAML; MixedDataset."""
+"""Builders: text_to_image_dataset from Python and from a torchtune-style YAML; MixedDataset."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 import bucketing
@@ -59,8 +59,6 @@ def _component(path: str):
 
 
 def _instantiate(node, *args, **kwargs):
-    """hydra/torchtune-style instantiation: ``_component_`` called with the node's other keys
-    (nested components instantiated first), positional ``args`` first."""
     if isinstance(node, dict):
         values = {k: _instantiate(v) for k, v in node.items() if k != "_component_"}
         if "_component_" in node:
@@ -71,15 +69,12 @@ def _instantiate(node, *args, **kwargs):
     return node
 
 
-def instantiate(node, *args, **kwargs):
-    """torchtune's ``config.instantiate`` when torchtune is installed (the ``torchtune`` extra),
-    else the resolver above on the same YAML."""
-    try:
-        from omegaconf import OmegaConf
-        from torchtune import config
-    except ImportError:
-        return _instantiate(node, *args, **kwargs)
-    return config.instantiate(OmegaConf.create(node), *args, **kwargs)
+def instantiate(node: DictConfig, *args, **kwargs):
+    """torchtune's ``config.instantiate(node, *args, **kwargs)``: the node's ``_component_``
+    called with ``args`` first, then the node's other keys (nested components instantiated
+    first). torchtune itself cannot share an environment with peft (torchtune 0.6 needs
+    torchao < 0.12, peft refuses torchao < 0.16), so the test carries the same rule."""
+    return _instantiate(OmegaConf.to_container(node, resolve=True), *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +87,11 @@ def photos(tmp_path_factory, examples_dir) -> Path:
 
 
 def test_builder_from_a_torchtune_yaml(photos, flux_tokenizer_dir):
-    cfg = yaml.safe_load(YAML.format(tokenizers=flux_tokenizer_dir, source=photos))
-    tokenizer = instantiate(cfg["tokenizer"])
+    cfg = OmegaConf.create(YAML.format(tokenizers=flux_tokenizer_dir, source=photos))
+    tokenizer = instantiate(cfg.tokenizer)
     assert isinstance(tokenizer, FluxTokenizer) and tokenizer.t5_max_length == 64
-    dataset = instantiate(cfg["dataset"], tokenizer)  # torchtune: instantiate(cfg.dataset, tok)
-    sampler = instantiate(cfg["sampler"], dataset.bucket_id)
+    dataset = instantiate(cfg.dataset, tokenizer)  # as torchtune: instantiate(cfg.dataset, tok)
+    sampler = instantiate(cfg.sampler, dataset.bucket_id)
     assert isinstance(dataset, TextToImageDataset) and isinstance(sampler, BucketBatchSampler)
 
     # The same objects built by hand, with the library's own parts.
