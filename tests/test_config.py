@@ -193,3 +193,11 @@ def test_bucket_report_shows_the_mix_per_dataset(project, repo_root):
                           str(project / "data.toml")], capture_output=True, text=True,
                          timeout=120, cwd=project, env=env)
     assert bad.returncode == 2 and "data.toml:3: seed: must be >= 0" in bad.stderr
+
+
+def test_the_docs_show_the_example_config_file(repo_root):
+    page = (repo_root / "docs" / "configs.md").read_text()
+    shown = page.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert shown == (repo_root / "examples" / "dataset.toml").read_text()
+    config = load_config(repo_root / "examples" / "dataset.toml")
+    assert [d.name for d in config.datasets] == ["photos", "regularisation"]
