@@ -17,13 +17,12 @@ Attention uses PyTorch's default SDPA backend choice (no backend is forced).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel
-from peft import LoraConfig
+from lora_loop import add_lora, parser, train_steps
 from torch.utils.data import DataLoader
 from transformers import CLIPTextModel, T5EncoderModel
 
@@ -42,10 +41,8 @@ from transforms import (
     unpack_latents,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 
-
-def build_loader(args: argparse.Namespace) -> tuple[DataLoader, BucketBatchSampler]:
+def build_loader(args: argparse.Namespace) -> DataLoader:
     """The data side, as a FLUX user wires it."""
     tokenizer = FluxTokenizer.from_flux_dir(args.weights, t5_max_length=args.t5_max_length)
     index = scan(args.data, workers=1)
@@ -59,13 +56,12 @@ def build_loader(args: argparse.Namespace) -> tuple[DataLoader, BucketBatchSampl
         seed=args.seed,
     )
     sampler = BucketBatchSampler(assignment, batch_size=args.batch_size, seed=args.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                        num_workers=args.workers, pin_memory=torch.cuda.is_available())
-    return loader, sampler
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                      num_workers=args.workers, pin_memory=torch.cuda.is_available())
 
 
 def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
-    """The frozen VAE and text encoders, and the transformer with a trainable LoRA."""
+    """The frozen VAE and text encoders, and the transformer."""
     weights = Path(args.weights)
     vae = AutoencoderKL.from_pretrained(weights, subfolder="vae", torch_dtype=dtype)
     clip = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder", torch_dtype=dtype)
@@ -74,9 +70,6 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
                                                          torch_dtype=dtype)
     for frozen in (vae, clip, t5, transformer):
         frozen.requires_grad_(False).to(device)
-    transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank,
-                                       init_lora_weights="gaussian",
-                                       target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     return vae, clip, t5, transformer
 
 
@@ -85,84 +78,55 @@ def train(args: argparse.Namespace) -> float:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loader, sampler = build_loader(args)
+    loader = build_loader(args)
     vae, clip, t5, transformer = load_models(args, device, dtype)
-    lora = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(lora, lr=args.lr)
-    print(f"LoRA: {sum(p.numel() for p in lora)} trainable parameters")
+    optimizer = torch.optim.AdamW(add_lora(transformer, args.rank), lr=args.lr)
 
-    step, epoch, loss = 0, 0, torch.tensor(float("nan"))
-    start = time.perf_counter()
-    while step < args.steps:
-        sampler.set_epoch(epoch)
-        loader.dataset.set_epoch(epoch)
-        for batch in loader:
-            inputs = to_model_input(batch, device, dtype)  # pixels in [-1, 1] on the device
-            b, _, height, width = inputs["pixel_values"].shape
-            with torch.no_grad():
-                latents = vae.encode(inputs["pixel_values"]).latent_dist.sample()
-                latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-                pooled = clip(inputs["clip_input_ids"], output_hidden_states=False).pooler_output
-                prompt_embeds = t5(inputs["t5_input_ids"])[0]
-            lh, lw = latents.shape[-2:]
+    def step(batch: dict) -> tuple[torch.Tensor, str]:
+        inputs = to_model_input(batch, device, dtype)  # pixels in [-1, 1] on the device
+        b, _, height, width = inputs["pixel_values"].shape
+        with torch.no_grad():
+            latents = vae.encode(inputs["pixel_values"]).latent_dist.sample()
+            latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+            pooled = clip(inputs["clip_input_ids"], output_hidden_states=False).pooler_output
+            prompt_embeds = t5(inputs["t5_input_ids"])[0]
+        lh, lw = latents.shape[-2:]
 
-            # Flow matching: x_t = (1 - t) x_0 + t noise, target noise - x_0; t logit-normal,
-            # shifted toward noise for large buckets (mu grows with the image token count).
-            noise = torch.randn_like(latents)
-            mu = flux_time_shift_mu(height, width)
-            t = shift_timesteps(torch.sigmoid(torch.randn(b, device=device)), mu).to(dtype)
-            noisy = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
-            guidance = (torch.full((b,), args.guidance, device=device, dtype=dtype)
-                        if transformer.config.guidance_embeds else None)
-            pred = transformer(
-                hidden_states=pack_latents(noisy),
-                timestep=t,
-                guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
-                img_ids=flux_image_ids(height, width, dtype=dtype, device=device),
-                return_dict=False,
-            )[0]
-            loss = F.mse_loss(unpack_latents(pred, lh, lw).float(), (noise - latents).float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        # Flow matching: x_t = (1 - t) x_0 + t noise, target noise - x_0; t logit-normal,
+        # shifted toward noise for large buckets (mu grows with the image token count).
+        noise = torch.randn_like(latents)
+        mu = flux_time_shift_mu(height, width)
+        t = shift_timesteps(torch.sigmoid(torch.randn(b, device=device)), mu).to(dtype)
+        noisy = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
+        guidance = (torch.full((b,), args.guidance, device=device, dtype=dtype)
+                    if transformer.config.guidance_embeds else None)
+        pred = transformer(
+            hidden_states=pack_latents(noisy),
+            timestep=t,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=prompt_embeds,
+            txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=flux_image_ids(height, width, dtype=dtype, device=device),
+            return_dict=False,
+        )[0]
+        loss = F.mse_loss(unpack_latents(pred, lh, lw).float(), (noise - latents).float())
+        return loss, (f"bucket {width}x{height}  batch {b}  "
+                      f"tokens {(height // 16) * (width // 16)}  mu {mu:.3f}")
 
-            step += 1
-            print(f"step {step:3d}  epoch {epoch}  bucket {width}x{height}  batch {b}  "
-                  f"tokens {(height // 16) * (width // 16)}  mu {mu:.3f}  "
-                  f"loss {loss.item():.4f}")
-            if step >= args.steps:
-                break
-        epoch += 1
-    print(f"{step} steps in {time.perf_counter() - start:.1f} s")
+    loss = train_steps(loader, args.steps, step, optimizer)
     if args.save:
         transformer.save_lora_adapter(args.save)
         print(f"LoRA saved in {args.save}")
-    return loss.item()
+    return loss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", required=True,
-                   help="FLUX.1 checkout folder (transformer/, vae/, text_encoder/, "
-                   "text_encoder_2/, tokenizer/, tokenizer_2/)")
-    p.add_argument("--data", default=str(REPO / "examples" / "data"), help="images + captions")
-    p.add_argument("--template", default="a photo, {caption}", help="caption template")
-    p.add_argument("--max-area", type=int, default=None,
-                   help="largest bucket area in pixels (default: FLUX's 1024*1024)")
+    p = parser(__doc__.split("\n\n")[0], "FLUX.1 checkout folder (transformer/, vae/, "
+               "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
     p.add_argument("--t5-max-length", type=int, default=None, help="default 512")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps to run")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance value")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", help="folder to save the LoRA adapter into")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 

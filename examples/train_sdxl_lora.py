@@ -17,13 +17,12 @@ with the bucket as target size), an epsilon (or v) target for the LoRA-adapted U
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from peft import LoraConfig
+from lora_loop import add_lora, parser, train_steps
 from torch.utils.data import DataLoader
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -38,10 +37,8 @@ from transforms import (
     to_model_input,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 
-
-def build_loader(args: argparse.Namespace) -> tuple[DataLoader, BucketBatchSampler]:
+def build_loader(args: argparse.Namespace) -> DataLoader:
     """The data side, as an SDXL user wires it."""
     index = scan(args.data, workers=1)
     overrides = {"max_area": args.max_area} if args.max_area else {}
@@ -54,9 +51,8 @@ def build_loader(args: argparse.Namespace) -> tuple[DataLoader, BucketBatchSampl
         seed=args.seed,
     )
     sampler = BucketBatchSampler(assignment, batch_size=args.batch_size, seed=args.seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                        num_workers=args.workers, pin_memory=torch.cuda.is_available())
-    return loader, sampler
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                      num_workers=args.workers, pin_memory=torch.cuda.is_available())
 
 
 def encode_prompt(encoders, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +71,7 @@ def train(args: argparse.Namespace) -> float:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loader, sampler = build_loader(args)
+    loader = build_loader(args)
     weights = Path(args.weights)
     scheduler = DDPMScheduler.from_pretrained(weights, subfolder="scheduler")
     vae = AutoencoderKL.from_pretrained(weights, subfolder="vae")  # float32, as the script
@@ -87,73 +83,42 @@ def train(args: argparse.Namespace) -> float:
     unet = UNet2DConditionModel.from_pretrained(weights, subfolder="unet", torch_dtype=dtype)
     for frozen in (vae, *encoders, unet):
         frozen.requires_grad_(False).to(device)
-    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    lora = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(lora, lr=args.lr)
-    print(f"LoRA: {sum(p.numel() for p in lora)} trainable parameters")
+    optimizer = torch.optim.AdamW(add_lora(unet, args.rank), lr=args.lr)
 
-    step, epoch, loss = 0, 0, torch.tensor(float("nan"))
-    start = time.perf_counter()
-    while step < args.steps:
-        sampler.set_epoch(epoch)
-        loader.dataset.set_epoch(epoch)
-        for batch in loader:
-            inputs = to_model_input(batch, device, torch.float32)
-            b, _, height, width = inputs["pixel_values"].shape
-            with torch.no_grad():
-                latents = vae.encode(inputs["pixel_values"]).latent_dist.sample()
-                latents = (latents * vae.config.scaling_factor).to(dtype)
-                prompt_embeds, pooled = encode_prompt(
-                    encoders, [inputs["input_ids_one"], inputs["input_ids_two"]])
-            noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,),
-                                      device=device).long()
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            time_ids = sdxl_add_time_ids(inputs, dtype=dtype)  # [B, 6] from our sizes
-            pred = unet(noisy, timesteps, prompt_embeds, return_dict=False,
-                        added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled})[0]
-            if scheduler.config.prediction_type == "v_prediction":
-                target = scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            loss = F.mse_loss(pred.float(), target.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    def step(batch: dict) -> tuple[torch.Tensor, str]:
+        inputs = to_model_input(batch, device, torch.float32)
+        b, _, height, width = inputs["pixel_values"].shape
+        with torch.no_grad():
+            latents = vae.encode(inputs["pixel_values"]).latent_dist.sample()
+            latents = (latents * vae.config.scaling_factor).to(dtype)
+            prompt_embeds, pooled = encode_prompt(
+                encoders, [inputs["input_ids_one"], inputs["input_ids_two"]])
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,),
+                                  device=device).long()
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        time_ids = sdxl_add_time_ids(inputs, dtype=dtype)  # [B, 6] from our sizes
+        pred = unet(noisy, timesteps, prompt_embeds, return_dict=False,
+                    added_cond_kwargs={"time_ids": time_ids, "text_embeds": pooled})[0]
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        loss = F.mse_loss(pred.float(), target.float())
+        return loss, f"bucket {width}x{height}  batch {b}  time_ids {time_ids[0].int().tolist()}"
 
-            step += 1
-            print(f"step {step:3d}  epoch {epoch}  bucket {width}x{height}  batch {b}  "
-                  f"time_ids {time_ids[0].int().tolist()}  loss {loss.item():.4f}")
-            if step >= args.steps:
-                break
-        epoch += 1
-    print(f"{step} steps in {time.perf_counter() - start:.1f} s")
+    loss = train_steps(loader, args.steps, step, optimizer)
     if args.save:
         unet.save_lora_adapter(args.save)
         print(f"LoRA saved in {args.save}")
-    return loss.item()
+    return loss
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", required=True,
-                   help="SDXL checkout folder (unet/, vae/, text_encoder/, text_encoder_2/, "
-                   "scheduler/, tokenizer/, tokenizer_2/)")
-    p.add_argument("--data", default=str(REPO / "examples" / "data"), help="images + captions")
-    p.add_argument("--template", default="a photo, {caption}", help="caption template")
-    p.add_argument("--max-area", type=int, default=None,
-                   help="largest bucket area in pixels (default: SDXL's 1024*1024)")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps to run")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save", help="folder to save the LoRA adapter into")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    return parser(__doc__.split("\n\n")[0], "SDXL checkout folder (unet/, vae/, "
+                  "text_encoder/, text_encoder_2/, scheduler/, tokenizer/, tokenizer_2/)"
+                  ).parse_args(argv)
 
 
 if __name__ == "__main__":
