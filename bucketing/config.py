@@ -1,5 +1,6 @@
 """Dataset config files: several datasets, each with its own source, repeats, captions and
-ladder, mixed by one sampler. TOML (``tomllib``; ``tomli`` on Python 3.10)::
+ladder, mixed by one sampler. TOML (``tomllib``; ``tomli`` on Python 3.10), or the same keys
+in YAML (``.yaml`` / ``.yml``)::
 
     model = "flux"             # a MODEL_SPECS preset
     batch_size = 2             # or max_pixels_per_batch (+ max_batch_size)
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from bucketing.builders import LADDER_KEYS, MixedDataset, text_to_image_dataset
 from bucketing.ladder import MODEL_SPECS
@@ -120,21 +122,35 @@ class Config:
 
 
 def load_config(path: str | os.PathLike) -> Config:
-    """Read and validate a TOML dataset config (see the module docstring for its keys)."""
+    """Read and validate a dataset config: TOML, or YAML for a ``.yaml`` / ``.yml`` file (the
+    same keys; see the module docstring)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from error
-    return parse_config(raw, path, text)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        lines = _yaml_lines(node) if node is not None else {}
+    else:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from error
+        lines = _key_lines(text)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config file is a table of keys, got {type(raw).__name__}")
+    return parse_config(raw, path, lines)
 
 
-def parse_config(raw: Mapping[str, Any], path: str | os.PathLike, text: str = "") -> Config:
-    """Validate the parsed mapping ``raw`` of a config file (``text``, its source, lets errors
-    give the line)."""
+def parse_config(
+    raw: Mapping[str, Any], path: str | os.PathLike, lines: Mapping[str, int] | None = None
+) -> Config:
+    """Validate the parsed mapping ``raw`` of the config file ``path``; ``lines`` (key path
+    such as ``"datasets[1].captions.dropout"`` -> line) lets errors give the line."""
     path = Path(path)
-    lines = _key_lines(text)
+    lines = lines or {}
 
     def fail(key: str, message: str) -> ConfigError:
         line = lines.get(key)
@@ -374,6 +390,21 @@ def _resolve(value: str, base: Path) -> str:
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\"' -]+?)\s*\]\]?\s*(#.*)?$")
 _KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+
+
+def _yaml_lines(node: Any, prefix: str = "") -> dict[str, int]:
+    """The same key paths -> 1-based lines, from a composed YAML node tree."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = f"{prefix}.{key.value}" if prefix else str(key.value)
+            lines[name] = key.start_mark.line + 1
+            lines.update(_yaml_lines(value, name))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[f"{prefix}[{i}]"] = item.start_mark.line + 1
+            lines.update(_yaml_lines(item, f"{prefix}[{i}]"))
+    return lines
 
 
 def _key_lines(text: str) -> dict[str, int]:

@@ -201,3 +201,40 @@ def test_the_docs_show_the_example_config_file(repo_root):
     assert shown == (repo_root / "examples" / "dataset.toml").read_text()
     config = load_config(repo_root / "examples" / "dataset.toml")
     assert [d.name for d in config.datasets] == ["photos", "regularisation"]
+
+
+YAML = """\
+model: flux
+batch_size: 2
+seed: 5
+tokenizers: tokenizers
+workers: 0
+datasets:
+  - name: me
+    source: me
+    resolution: 256
+    captions:
+      template: "a photo of sks person, {caption}"
+      dropout: 0.0
+  - source: regularisation
+    crop: center
+    ladder: {max_area: 36864, max_aspect: 2.0}
+    captions: {shuffle_parts: true, keep_parts: 1}
+"""
+
+
+def test_yaml_reads_the_same_as_toml(project):
+    (project / "data.yaml").write_text(YAML)
+    assert load_config(project / "data.yaml").datasets == load_config(
+        project / "data.toml").datasets
+    (project / "data.yml").write_text(YAML.replace("dropout: 0.0", "dropout: 2.0"))
+    config = load_config(project / "data.yml")  # CaptionTransform refuses it when built
+    with pytest.raises(ValueError, match="dropout"):
+        from_config(project / "data.yml", model_transform=None)
+    assert config.datasets[0].captions["dropout"] == 2.0
+    (project / "data.yml").write_text(YAML.replace("crop: center", "crop: middle"))
+    with pytest.raises(ConfigError, match=r"data.yml:14: datasets\[1\].crop"):
+        load_config(project / "data.yml")
+    (project / "data.yml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="a table of keys"):
+        load_config(project / "data.yml")
