@@ -33,7 +33,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import yaml
@@ -307,6 +307,17 @@ def render_mix(figures: Mapping[str, Any]) -> str:
             lines.append("    rejected: " + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()))
     lines.append(f"steps per epoch per rank: {figures['steps_per_rank']}")
     return "\n".join(lines) + "\n"
+
+
+def report_mix(path: str | os.PathLike, world_size: int, out: TextIO) -> int:
+    """``bucket-report --config``: write :func:`render_mix` to ``out``; the exit code (2 and
+    the error on stderr for a config problem)."""
+    try:
+        out.write(render_mix(mix_figures(path, world_size)))
+    except (ValueError, OSError) as error:
+        print(f"bucket-report: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def part_seed(seed: int, k: int) -> int:

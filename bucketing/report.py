@@ -31,7 +31,7 @@ import numpy as np
 from bucketing import report_plots
 from bucketing.assign import assign
 from bucketing.atomic import atomic_write_bytes
-from bucketing.config import mix_figures, render_mix
+from bucketing.config import report_mix
 from bucketing.dataset import TextToImageDataset
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.report_plots import PreviewTile
@@ -724,10 +724,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.source is None) == (args.config is None):
         parser.error("give a SOURCE or --config FILE.toml (one of them)")
     text_out = sys.stderr if args.json == "-" else sys.stdout
+    if args.config:
+        return report_mix(args.config, args.world_size, text_out)
     try:
-        if args.config:
-            text_out.write(render_mix(_config(mix_figures, args.config, args.world_size)))
-            return 0
         figures, index, assignment = run(args)
         width = shutil.get_terminal_size((100, 24)).columns
         text_out.write(render_text(figures, width))
