@@ -18,6 +18,8 @@ batch still holds one shape of one dataset.
 from __future__ import annotations
 
 import operator
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +31,18 @@ from bucketing.assign import assign
 from bucketing.dataset import TextToImageDataset
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.scan import scan
+from bucketing.sources import caption_lines, read_text
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
 LADDER_KEYS = ("max_area", "levels", "step", "max_aspect")
+CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_.-]+$")
+
+
+def sidecar_captions(image: str, extension: str) -> list[str]:
+    """The captions of ``<stem of image><extension>``, one per non-empty line; [] without it."""
+    path = os.path.splitext(image)[0] + extension
+    return caption_lines(read_text(path)) if os.path.isfile(path) else []
 
 
 def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = None) -> BucketLadder:
@@ -64,6 +74,7 @@ def text_to_image_dataset(
     cache: str | None = None,
     workers: int | None = None,
     base_dir: str | None = None,
+    caption_extension: str | None = None,
     on_error: str = "substitute",
 ) -> TextToImageDataset:
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
@@ -73,14 +84,20 @@ def text_to_image_dataset(
     512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
     0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
     ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``); ``cache``, ``workers``,
-    ``column_map`` and ``base_dir`` go to ``scan``. The dataset's ``index`` and rejections say
+    ``column_map`` and ``base_dir`` go to ``scan``. ``caption_extension`` (e.g. ``".caption"``)
+    reads every image's captions from ``<stem><extension>`` only (none when that file is
+    missing), instead of the first sidecar found. The dataset's ``index`` and rejections say
     what was left out and why.
     """
     bucket_ladder = make_ladder(model, ladder)
     if captions is not None and not isinstance(captions, CaptionTransform):
         captions = CaptionTransform(**dict(captions))
+    if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
+        raise ValueError(f"caption_extension must look like '.txt', got {caption_extension!r}")
     index = scan(source, cache=cache, workers=workers,
                  column_map=None if column_map is None else dict(column_map), base_dir=base_dir)
+    if caption_extension is not None:
+        index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
     assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)
     return TextToImageDataset(
         index,

@@ -38,7 +38,12 @@ from typing import Any, TextIO
 import numpy as np
 import yaml
 
-from bucketing.builders import LADDER_KEYS, MixedDataset, text_to_image_dataset
+from bucketing.builders import (
+    CAPTION_EXTENSION,
+    LADDER_KEYS,
+    MixedDataset,
+    text_to_image_dataset,
+)
 from bucketing.ladder import MODEL_SPECS
 from samplers import BucketBatchSampler
 from transforms.tokenize import tokenizer_for_model
@@ -76,6 +81,7 @@ DATASET_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "ladder": ((dict,), f"a table of {', '.join(LADDER_KEYS)}"),
     "captions": ((dict,), f"a table of {', '.join(CAPTION_KEYS)}"),
     "cache": ((str,), "a scan cache path (.parquet)"),
+    "caption_extension": ((str,), 'a caption sidecar extension such as ".caption"'),
     "crop": TOP_KEYS["crop"],
     "flip_p": TOP_KEYS["flip_p"],
     "allow_upscale": TOP_KEYS["allow_upscale"],
@@ -98,6 +104,7 @@ class DatasetConfig:
     ladder: dict[str, Any] = field(default_factory=dict)
     captions: dict[str, Any] | None = None
     cache: str | None = None
+    caption_extension: str | None = None
     crop: str = "random"
     flip_p: float = 0.0
     allow_upscale: bool = False
@@ -236,6 +243,7 @@ def build_dataset(
             seed=part_seed(config.seed, k),
             cache=d.cache,
             workers=config.workers,
+            caption_extension=d.caption_extension,
             on_error=config.on_error,
         )
     return MixedDataset(parts)
@@ -377,6 +385,9 @@ def _dataset(entry: Any, i: int, defaults: Mapping[str, Any], base: Path,
         if unknown:
             raise fail(prefix + "captions." + unknown[0],
                        f"unknown key; known: {', '.join(CAPTION_KEYS)}")
+    extension = entry.get("caption_extension")
+    if extension is not None and not CAPTION_EXTENSION.match(extension):
+        raise fail(prefix + "caption_extension", f"must look like '.txt', got {extension!r}")
     source = _resolve(entry["source"], base)
     cache = entry.get("cache")
     fit = {**defaults, **{k: entry[k] for k in INHERITED if k in entry}}
@@ -388,6 +399,7 @@ def _dataset(entry: Any, i: int, defaults: Mapping[str, Any], base: Path,
         ladder=ladder,
         captions=captions,
         cache=None if cache is None else _resolve(cache, base),
+        caption_extension=extension,
         **fit,
     )
 

@@ -199,3 +199,21 @@ def test_mixed_dataset_keeps_the_occurrence(photos, tmp_path):
         again, own = mixed[_Occ(i)], parts["a"][_Occ(i)]
         assert again["fit"] == own["fit"] if "fit" in own else again["flipped"] == own["flipped"]
         assert again["caption"] == own["caption"]
+
+
+def test_caption_extension_picks_the_sidecar(tmp_path, examples_dir):
+    for name in ("flower.jpg", "coffee.png", "rocket.jpg"):
+        shutil.copy(examples_dir / name, tmp_path / name)
+    (tmp_path / "flower.txt").write_text("a flower\n")
+    (tmp_path / "flower.caption").write_text("dahlia, pink, close-up\n")
+    (tmp_path / "coffee.caption").write_text("cup\nsaucer\n")
+    (tmp_path / "rocket.txt").write_text("a rocket\n")
+    by_default = text_to_image_dataset(source=tmp_path, workers=0)
+    chosen = text_to_image_dataset(source=tmp_path, workers=0, caption_extension=".caption")
+    names = [Path(p).stem for p in chosen.index.paths]
+    assert dict(zip(names, by_default.index.captions, strict=True)) == {
+        "coffee": ["cup", "saucer"], "flower": ["a flower"], "rocket": ["a rocket"]}
+    assert dict(zip(names, chosen.index.captions, strict=True)) == {
+        "coffee": ["cup", "saucer"], "flower": ["dahlia, pink, close-up"], "rocket": []}
+    with pytest.raises(ValueError, match="caption_extension must look like"):
+        text_to_image_dataset(source=tmp_path, workers=0, caption_extension="caption")

@@ -144,6 +144,8 @@ def test_repeats_per_dataset(project):
     ("max_aspect = 2.0", "max_aspect = 2.0\nsteps = 3", 21, "datasets[1].ladder.steps: unknown"),
     ('source = "me"', 'path = "me"', 9, "datasets[0].path: unknown key"),
     ("workers = 0", "workers = 0\nbatchsize = 2", 6, "batchsize: unknown key; known: model"),
+    ('crop = "center"', 'crop = "center"\ncaption_extension = "txt"', 18,
+     "datasets[1].caption_extension: must look like '.txt'"),
 ])
 def test_errors_name_the_key_and_the_line(project, old, new, line, message):
     path = project / "data.toml"
