@@ -357,8 +357,6 @@ class FluxTokenizer(PromptTokenizer):
         model: "flux" (dev) or "flux-schnell", whose constraints this tokenizer exposes.
     """
 
-    clip_max_length = CLIP_MAX_LENGTH
-
     def __init__(
         self,
         clip_dir: str | os.PathLike,
