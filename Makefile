@@ -4,7 +4,8 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-TOKENIZERS := .cache/flux-tokenizers/tokenizer_2/spiece.model
+# tests/fetch_flux_tokenizers.py fetches every tokenizer in one download; this file comes last.
+TOKENIZERS := .cache/sd3-tokenizers/tokenizer_3/spiece.model
 
 .PHONY: test demo docs bench lint clean
 

@@ -17,6 +17,10 @@ _LAZY = {
     "TextToImageDataset": "bucketing.dataset",
     "build_cache": "bucketing.cache",
     "EncoderCache": "bucketing.cache",
+    "MixedDataset": "bucketing.builders",
+    "text_to_image_dataset": "bucketing.builders",
+    "from_config": "bucketing.config",
+    "load_config": "bucketing.config",
 }
 
 __all__ = [
@@ -24,12 +28,16 @@ __all__ = [
     "BucketLadder",
     "EncoderCache",
     "ImageIndex",
+    "MixedDataset",
     "Rejection",
     "TextToImageDataset",
     "assign",
     "build_cache",
+    "from_config",
+    "load_config",
     "resolve_source",
     "scan",
+    "text_to_image_dataset",
 ]
 
 

@@ -17,6 +17,7 @@ within a bucket budget.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,12 @@ MAX_SIDE = 2**31 - 1
 @dataclass(frozen=True)
 class ModelSpec:
     """A model's shape constraints: side ``multiple``, default ``max_area`` and ``levels``
-    (areas), bucket ``step`` and ``max_aspect``, and the T5 token length (None: no T5)."""
+    (areas), bucket ``step`` and ``max_aspect``, and the T5 token length (None: no T5).
+
+    Model-side constants: the VAE's ``vae_scale_factor``, the transformer's ``patch_size``
+    (latent pixels per token side; 1 for UNets) and ``time_shift``, the scheduler's
+    resolution-dependent shift ``(base_seq_len, max_seq_len, base_shift, max_shift)`` (None:
+    no dynamic shift), as in diffusers' scheduler config of the model."""
 
     name: str
     multiple: int
@@ -44,6 +50,9 @@ class ModelSpec:
     step: int = 64
     max_aspect: float = 4.0
     t5_max_length: int | None = None
+    vae_scale_factor: int = 8
+    patch_size: int = 1
+    time_shift: tuple[int, int, float, float] | None = None
 
 
 _STEPS = 10  # level steps from the floor (a quarter of the top side) to the top side
@@ -423,3 +432,16 @@ def _search_window(ladder: BucketLadder) -> int:
             m += 1
         m_all = max(m_all, m)
     return m_all
+
+
+# Model-side constants from diffusers' model configs: the transformer's 2x2 patches (FLUX, SD3)
+# and FLUX.1-dev's resolution-dependent timestep shift (its scheduler_config.json:
+# base_image_seq_len 256 -> base_shift 0.5, max_image_seq_len 4096 -> max_shift 1.15).
+_MODEL_SIDE: dict[str, dict[str, Any]] = {
+    "flux": {"patch_size": 2, "time_shift": (256, 4096, 0.5, 1.15)},
+    "flux-schnell": {"patch_size": 2},  # schnell's scheduler does not shift
+    "sd3": {"patch_size": 2},
+}
+MODEL_SPECS.update(
+    {name: dataclasses.replace(MODEL_SPECS[name], **f) for name, f in _MODEL_SIDE.items()}
+)

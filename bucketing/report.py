@@ -41,6 +41,7 @@ from bucketing import report_plots
 from bucketing.assign import assign
 from bucketing.atomic import atomic_write_bytes
 from bucketing.cache import estimate_lines
+from bucketing.config import report_mix
 from bucketing.dataset import TextToImageDataset
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.report_plots import PreviewTile
@@ -458,8 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
         "and rejected, buckets, padding, crop and resolution loss, the sampler's plan, captions.",
         epilog="Exit codes: 0 ok, 2 usage or configuration error, 1 unexpected failure.",
     )
-    p.add_argument("source", help="a folder, a manifest (.jsonl .json .csv .tsv .parquet), "
-                   "or anything else bucketing.scan accepts")
+    p.add_argument("source", nargs="?", help="a folder, a manifest (.jsonl .json .csv .tsv "
+                   ".parquet), or anything else bucketing.scan accepts")
+    p.add_argument("--config", metavar="FILE.toml", help="instead of SOURCE: the mix of a "
+                   "dataset config file (bucketing.from_config), per dataset")
     p.add_argument("--model", default="flux", choices=sorted(MODEL_SPECS),
                    help="model preset for the ladder and T5 length (default: flux)")
     p.add_argument("--max-area", type=_area, metavar="N",
@@ -810,8 +813,13 @@ def _write_outputs(args: argparse.Namespace, figures: dict, index: Any, assignme
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bucket-report``; returns the exit code (0 ok, 2 config error, 1 bug)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.source is None) == (args.config is None):
+        parser.error("give a SOURCE or --config FILE.toml (one of them)")
     text_out = sys.stderr if args.json == "-" else sys.stdout
+    if args.config:
+        return report_mix(args.config, args.world_size, text_out)
     try:
         check_outputs(args)
         figures, index, assignment = run(args)

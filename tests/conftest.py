@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fetch_flux_tokenizers import complete, fetch, model_dirs
 from hypothesis import settings
 
 # CI explores the same examples on every run, so a landing never hinges on a lucky draw;
@@ -42,6 +43,16 @@ def odd_dir() -> Path:
 @pytest.fixture(scope="session")
 def odd_expected() -> dict:
     return json.loads((DATA / "odd" / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dirs() -> dict[str, Path]:
+    """Model name ("flux", "sd15", "sdxl", "sd3") -> a folder laid out like its checkout
+    (tokenizer/, tokenizer_2/, ...): one wheel fetch gives them all (and the FLUX ones)."""
+    dest = REPO / ".cache" / "flux-tokenizers"
+    if not complete(dest):
+        fetch(dest)
+    return model_dirs(dest)
 
 
 @pytest.fixture(scope="session")

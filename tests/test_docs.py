@@ -35,10 +35,13 @@ def command_lines(page: Path) -> list[str]:
 
 
 @pytest.fixture()
-def user_dir(tmp_path: Path, flux_tokenizer_dir: Path) -> Path:
+def user_dir(tmp_path: Path, flux_tokenizer_dir: Path, tokenizer_dirs: dict) -> Path:
     (tmp_path / "examples").symlink_to(REPO / "examples")
     (tmp_path / ".cache").mkdir()
     (tmp_path / ".cache" / "flux-tokenizers").symlink_to(flux_tokenizer_dir)
+    for folder in tokenizer_dirs.values():  # sd15-, sdxl-, sd3-tokenizers next to it
+        if not (tmp_path / ".cache" / folder.name).exists():
+            (tmp_path / ".cache" / folder.name).symlink_to(folder)
     return tmp_path
 
 

@@ -5,7 +5,20 @@ from transforms.collate import collate, to_model_input
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import load_image
 from transforms.resize_crop import BucketResizeCrop
-from transforms.tokenize import FluxTokenizer, flux_image_ids
+from transforms.tokenize import (
+    FluxTokenizer,
+    PromptTokenizer,
+    SD3Tokenizer,
+    SD15Tokenizer,
+    SDXLTokenizer,
+    flux_image_ids,
+    flux_time_shift_mu,
+    pack_latents,
+    sdxl_add_time_ids,
+    shift_timesteps,
+    tokenizer_for_model,
+    unpack_latents,
+)
 
 __all__ = [
     "BucketResizeCrop",
@@ -14,8 +27,18 @@ __all__ = [
     "FluxTokenizer",
     "SD3Encoders",
     "SDXLEncoders",
+    "PromptTokenizer",
+    "SD3Tokenizer",
+    "SD15Tokenizer",
+    "SDXLTokenizer",
     "collate",
     "flux_image_ids",
+    "flux_time_shift_mu",
     "load_image",
+    "pack_latents",
+    "sdxl_add_time_ids",
+    "shift_timesteps",
     "to_model_input",
+    "tokenizer_for_model",
+    "unpack_latents",
 ]

@@ -1,0 +1,203 @@
+"""Builders: one call from "where the images are" to a dataset, torchtune style.
+
+`text_to_image_dataset` is a plain function (no config objects), so a torchtune YAML builds it
+with ``config.instantiate(cfg.dataset, model_transform)``::
+
+    dataset:
+      _component_: bucketing.text_to_image_dataset
+      source: examples/data
+      model: flux
+      captions: {dropout: 0.1}
+
+`MixedDataset` puts several such datasets behind one index space: each keeps its own buckets,
+ladder, captions and seed; its rows are numbered one dataset after the other, and its bucket
+ids are the (dataset, bucket) pairs, so one `BucketBatchSampler` plans them together and every
+batch still holds one shape of one dataset.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from bucketing.assign import assign
+from bucketing.dataset import TextToImageDataset
+from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.scan import scan
+from bucketing.sources import caption_lines, read_text
+from transforms.caption import CaptionTransform
+from transforms.resize_crop import BucketResizeCrop
+
+LADDER_KEYS = ("max_area", "levels", "step", "max_aspect")
+CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_.-]+$")
+
+
+def sidecar_captions(image: str, extension: str) -> list[str]:
+    """The captions of ``<stem of image><extension>``, one per non-empty line; [] without it."""
+    path = os.path.splitext(image)[0] + extension
+    return caption_lines(read_text(path)) if os.path.isfile(path) else []
+
+
+def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = None) -> BucketLadder:
+    """``ladder`` itself, or ``BucketLadder.for_model(model, **ladder)`` for a mapping of
+    preset overrides (``max_area``, ``levels``, ``step``, ``max_aspect``)."""
+    if isinstance(ladder, BucketLadder):
+        return ladder
+    if model not in MODEL_SPECS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_SPECS)}")
+    overrides = dict(ladder or {})
+    unknown = sorted(set(overrides) - set(LADDER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown ladder keys {unknown}; known: {', '.join(LADDER_KEYS)}")
+    return BucketLadder.for_model(model, **overrides)
+
+
+def text_to_image_dataset(
+    model_transform: Callable[[dict], dict] | None = None,
+    *,
+    source: Any,
+    column_map: Mapping[str, str] | None = None,
+    model: str = "flux",
+    ladder: BucketLadder | Mapping[str, Any] | None = None,
+    captions: CaptionTransform | Mapping[str, Any] | None = None,
+    crop: str = "random",
+    flip_p: float = 0.0,
+    allow_upscale: bool = False,
+    seed: int = 0,
+    cache: str | None = None,
+    workers: int | None = None,
+    base_dir: str | None = None,
+    caption_extension: str | None = None,
+    on_error: str = "substitute",
+) -> TextToImageDataset:
+    """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
+    captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
+
+    ``ladder``: a ``BucketLadder`` or overrides of the model's preset (``{"max_area":
+    512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
+    0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
+    ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``); ``cache``, ``workers``,
+    ``column_map`` and ``base_dir`` go to ``scan``. ``caption_extension`` (e.g. ``".caption"``)
+    reads every image's captions from ``<stem><extension>`` only (none when that file is
+    missing), instead of the first sidecar found. The dataset's ``index`` and rejections say
+    what was left out and why.
+    """
+    bucket_ladder = make_ladder(model, ladder)
+    if captions is not None and not isinstance(captions, CaptionTransform):
+        captions = CaptionTransform(**dict(captions))
+    if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
+        raise ValueError(f"caption_extension must look like '.txt', got {caption_extension!r}")
+    index = scan(source, cache=cache, workers=workers,
+                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir)
+    if caption_extension is not None:
+        index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
+    assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)
+    return TextToImageDataset(
+        index,
+        assignment,
+        image_transform=BucketResizeCrop(crop=crop, flip_p=flip_p, allow_upscale=allow_upscale),
+        caption_transform=captions,
+        model_transform=model_transform,
+        seed=seed,
+        on_error=on_error,
+    )
+
+
+class _Occurrence(int):
+    """A row number that keeps the sampler's ``occurrence`` on its way to a part dataset."""
+
+    occurrence = 0
+
+    def __new__(cls, value: int, occurrence: int) -> _Occurrence:
+        self = super().__new__(cls, value)
+        self.occurrence = occurrence
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Occurrence, (int(self), self.occurrence))
+
+
+@dataclass(frozen=True)
+class BucketShapes:
+    """The (K, 2) ``buckets`` (w, h) of a mixed dataset: what a sampler reads of a ladder."""
+
+    buckets: np.ndarray
+
+
+class MixedDataset(Dataset):
+    """Several bucketed datasets behind one index space, planned by one sampler.
+
+    Rows are numbered dataset after dataset (``offsets``); ``dataset_of[i]`` says which
+    dataset row i belongs to. ``bucket_id`` numbers the non-empty (dataset, bucket) pairs, so
+    two datasets never share a bucket even with the same shape; ``ladder.buckets`` holds their
+    shapes and ``bucket_wh`` each row's (what ``BucketBatchSampler`` reads for pixel budgets).
+    Item i is the part's item (its own transforms, seed and captions) with ``dataset`` (the
+    part's name) added and ``index`` / ``original_index`` in the mixed numbering.
+    """
+
+    def __init__(self, parts: Mapping[str, TextToImageDataset]) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("MixedDataset needs at least one dataset")
+        self.names = list(parts)
+        self.datasets = list(parts.values())
+        sizes = [len(d) for d in self.datasets]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.dataset_of = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        local = np.concatenate([np.asarray(d.bucket_id, dtype=np.int64) for d in self.datasets])
+        self.bucket_wh = np.concatenate(
+            [np.asarray(d.bucket_wh, dtype=np.int64).reshape(-1, 2) for d in self.datasets]
+        )
+        accepted = local >= 0
+        pairs = np.stack([self.dataset_of[accepted], local[accepted]], axis=1)
+        unique, first, inverse = np.unique(pairs, axis=0, return_index=True, return_inverse=True)
+        self.bucket_id = np.full(len(local), -1, dtype=np.int64)
+        self.bucket_id[accepted] = inverse.reshape(-1)
+        self.bucket_dataset = unique[:, 0]
+        self.ladder = BucketShapes(self.bucket_wh[accepted][first])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the parts' per-sample generators."""
+        return self.datasets[0].epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set every part's epoch (call before iterating, as for one dataset)."""
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        occurrence = getattr(i, "occurrence", 0)
+        i = operator.index(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for a mixed dataset of {len(self)} rows")
+        k = int(self.dataset_of[i])
+        offset = int(self.offsets[k])
+        sample = self.datasets[k][_Occurrence(i - offset, occurrence)]
+        sample["dataset"] = self.names[k]
+        for key in ("index", "original_index"):
+            if key in sample:
+                sample[key] = int(sample[key]) + offset
+        return sample
+
+    def row_repeats(self, repeats: Sequence[float]) -> np.ndarray:
+        """A per-row repeats array from one number per dataset (for the sampler)."""
+        if len(repeats) != len(self.datasets):
+            raise ValueError(f"need one repeats value per dataset ({len(self.datasets)}), "
+                             f"got {len(repeats)}")
+        return np.asarray(repeats, dtype=np.float64)[self.dataset_of]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n!r}: {len(d)} rows" for n, d in zip(self.names, self.datasets,
+                                                                   strict=True))
+        return f"MixedDataset({{{parts}}}, {len(self.ladder.buckets)} buckets)"

@@ -1,0 +1,138 @@
+"""``bucket-caption FOLDER --model DIR``: caption the images of a folder that have none.
+
+A local transformers image-to-text model (any folder ``AutoProcessor`` and
+``AutoModelForImageTextToText`` load: BLIP, GIT, a vision-encoder-decoder, ...) writes a
+``<stem>.txt`` sidecar next to every image without a caption (no ``.txt`` / ``.caption``
+sidecar, no ``metadata.jsonl`` row), in batches, on the GPU when there is one. An existing
+caption is never overwritten unless ``--overwrite`` is given; sidecars are written atomically.
+An image that cannot be read is reported and skipped, never the end of the run.
+
+    bucket-caption my_photos/ --model blip-image-captioning-base --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from bucketing.atomic import atomic_write_bytes
+from bucketing.sources import resolve_source
+from transforms.image import ImageDecodeError, load_image
+
+
+@dataclass
+class CaptionRun:
+    """What a run did: sidecars ``written``, images ``kept`` (they had a caption), images
+    that ``failed`` (path, reason) and generated captions that came out ``empty``."""
+
+    written: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+
+
+def sidecar_path(image: str) -> str:
+    """The ``.txt`` caption file of ``image`` (the sidecar scan reads first)."""
+    return os.path.splitext(image)[0] + ".txt"
+
+
+def caption_folder(
+    folder: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    max_new_tokens: int = 40,
+    prompt: str | None = None,
+    device: str | None = None,
+) -> CaptionRun:
+    """Write a generated ``<stem>.txt`` for every image of ``folder`` without a caption (every
+    image with ``overwrite``), with the image-to-text model in the local folder ``model_dir``."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"model folder not found: {model_dir} (a local "
+                                "transformers image-to-text model; nothing is downloaded)")
+    resolved = resolve_source(os.fspath(folder))
+    run = CaptionRun()
+    todo = []
+    for entry in resolved.entries:
+        (todo if overwrite or not entry.captions else run.kept).append(entry.path)
+    if not todo:
+        return run
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, local_files_only=True, dtype=dtype).to(device).eval()
+    for start in range(0, len(todo), batch_size):
+        paths, images = [], []
+        for path in todo[start : start + batch_size]:
+            try:
+                images.append(load_image(path))
+                paths.append(path)
+            except ImageDecodeError as error:
+                run.failed.append((path, error.reason))
+        if not images:
+            continue
+        kwargs = {"text": [prompt] * len(images)} if prompt else {}
+        inputs = processor(images=images, return_tensors="pt", **kwargs).to(device)
+        inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens)
+        for path, text in zip(paths, processor.batch_decode(out, skip_special_tokens=True),
+                              strict=True):
+            text = " ".join(text.split())
+            if prompt and text.startswith(prompt):
+                text = text[len(prompt):].strip()
+            if not text:
+                run.empty.append(path)
+                continue
+            atomic_write_bytes(sidecar_path(path), (text + "\n").encode("utf-8"))
+            run.written.append(path)
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bucket-caption`` command line."""
+    p = argparse.ArgumentParser(prog="bucket-caption", description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", help="folder of images (recursive)")
+    p.add_argument("--model", required=True, metavar="DIR",
+                   help="local transformers image-to-text model folder")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B")
+    p.add_argument("--max-new-tokens", type=int, default=40, metavar="N")
+    p.add_argument("--prompt", help="text prompt for conditional captioning models")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--overwrite", action="store_true",
+                   help="also caption images that have a caption (their .txt is replaced)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``bucket-caption``; 0 ok, 2 usage or configuration error."""
+    args = build_parser().parse_args(argv)
+    try:
+        run = caption_folder(args.folder, args.model, batch_size=args.batch_size,
+                             overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
+                             prompt=args.prompt, device=args.device)
+    except (ValueError, OSError) as error:
+        print(f"bucket-caption: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(run.written)} captions written, {len(run.kept)} images kept their caption, "
+          f"{len(run.failed)} unreadable, {len(run.empty)} empty captions not written")
+    for path, reason in run.failed:
+        print(f"  unreadable: {path}: {reason}")
+    for path in run.empty:
+        print(f"  empty caption: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
