@@ -70,8 +70,8 @@ def caption_folder(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, local_files_only=True, dtype=dtype).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(  # loaded in inference mode
+        model_dir, local_files_only=True, dtype=dtype).to(device)
     for start in range(0, len(todo), batch_size):
         paths, images = [], []
         for path in todo[start : start + batch_size]:

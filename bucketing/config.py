@@ -42,10 +42,12 @@ from bucketing.builders import (
     CAPTION_EXTENSION,
     LADDER_KEYS,
     MixedDataset,
+    make_ladder,
     text_to_image_dataset,
 )
 from bucketing.ladder import MODEL_SPECS
 from samplers import BucketBatchSampler
+from transforms.caption import CaptionTransform
 from transforms.tokenize import tokenizer_for_model
 
 if sys.version_info >= (3, 11):
@@ -55,7 +57,7 @@ else:  # pragma: no cover - Python 3.10
 
 CAPTION_KEYS = ("template", "prefix", "suffix", "dropout", "shuffle_parts", "keep_parts",
                 "separator")
-# key -> (accepted types, description); None: required
+# key -> (accepted types, what its value must be)
 TOP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "model": ((str,), f"one of {', '.join(MODEL_SPECS)}"),
     "batch_size": ((int,), "an int >= 1"),
@@ -186,7 +188,8 @@ def parse_config(
     if not entries:
         raise fail("datasets", "no [[datasets]]: add at least one with a source")
     base = path.parent
-    datasets = [_dataset(entry, i, defaults, base, fail) for i, entry in enumerate(entries)]
+    datasets = [_dataset(entry, i, model, defaults, base, fail)
+                for i, entry in enumerate(entries)]
     names = [d.name for d in datasets]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -357,7 +360,7 @@ def _check_fit(table: Mapping[str, Any], prefix: str,
         raise fail(prefix + "flip_p", f"{TOP_KEYS['flip_p'][1]}, got {flip}")
 
 
-def _dataset(entry: Any, i: int, defaults: Mapping[str, Any], base: Path,
+def _dataset(entry: Any, i: int, model: str, defaults: Mapping[str, Any], base: Path,
              fail: Callable[[str, str], ConfigError]) -> DatasetConfig:
     prefix = f"datasets[{i}]."
     if not isinstance(entry, dict):
@@ -379,12 +382,21 @@ def _dataset(entry: Any, i: int, defaults: Mapping[str, Any], base: Path,
         if entry["resolution"] < 16:
             raise fail(prefix + "resolution", f"must be >= 16, got {entry['resolution']}")
         ladder["max_area"] = entry["resolution"] ** 2
+    try:
+        make_ladder(model, ladder)
+    except ValueError as error:
+        where = "resolution" if "resolution" in entry and "ladder" not in entry else "ladder"
+        raise fail(prefix + where, str(error)) from error
     captions = entry.get("captions")
     if captions is not None:
         unknown = sorted(set(captions) - set(CAPTION_KEYS))
         if unknown:
             raise fail(prefix + "captions." + unknown[0],
                        f"unknown key; known: {', '.join(CAPTION_KEYS)}")
+        try:
+            CaptionTransform(**captions)
+        except (TypeError, ValueError) as error:
+            raise fail(prefix + "captions", str(error)) from error
     extension = entry.get("caption_extension")
     if extension is not None and not CAPTION_EXTENSION.match(extension):
         raise fail(prefix + "caption_extension", f"must look like '.txt', got {extension!r}")

@@ -146,6 +146,9 @@ def test_repeats_per_dataset(project):
     ("workers = 0", "workers = 0\nbatchsize = 2", 6, "batchsize: unknown key; known: model"),
     ('crop = "center"', 'crop = "center"\ncaption_extension = "txt"', 18,
      "datasets[1].caption_extension: must look like '.txt'"),
+    ("template = ", "template = 'no placeholder'\n#", 11,
+     "datasets[0].captions: template must be a string containing '{caption}'"),
+    ("max_aspect = 2.0", "max_aspect = 0.5", 18, "datasets[1].ladder: max_aspect must be >= 1"),
 ])
 def test_errors_name_the_key_and_the_line(project, old, new, line, message):
     path = project / "data.toml"
@@ -230,10 +233,8 @@ def test_yaml_reads_the_same_as_toml(project):
     assert load_config(project / "data.yaml").datasets == load_config(
         project / "data.toml").datasets
     (project / "data.yml").write_text(YAML.replace("dropout: 0.0", "dropout: 2.0"))
-    config = load_config(project / "data.yml")  # CaptionTransform refuses it when built
-    with pytest.raises(ValueError, match="dropout"):
-        from_config(project / "data.yml", model_transform=None)
-    assert config.datasets[0].captions["dropout"] == 2.0
+    with pytest.raises(ConfigError, match=r"data.yml:10: datasets\[0\].captions: dropout must"):
+        load_config(project / "data.yml")
     (project / "data.yml").write_text(YAML.replace("crop: center", "crop: middle"))
     with pytest.raises(ConfigError, match=r"data.yml:14: datasets\[1\].crop"):
         load_config(project / "data.yml")
