@@ -133,6 +133,7 @@ def test_random_crops_cache_k_variants_the_dataset_picks_from(photos, tmp_path, 
                 torch.testing.assert_close(s["latents"], flux.encode_images(px[None])[0],
                                            rtol=1e-5, atol=1e-5)
     assert fixed and all(len(seen[row]) == 1 for row in fixed)
+    assert all(len(cache.latents(p)) == 3 for p in index.paths)  # K variants, no flips
     assert max(len(v) for v in seen.values()) > 1  # images with room to move get variants
     assert all(len(v) <= 3 for v in seen.values())
     with pytest.raises(ValueError, match="crop='random'"):
