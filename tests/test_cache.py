@@ -433,3 +433,22 @@ def test_caption_dropout_works_and_uncacheable_captions_are_named(photos, tmp_pa
                                   caption_transform=CaptionTransform(prefix="sks, "))
     with pytest.raises(ValueError, match="'sks, a photo number 0' is not in the cache"):
         prefixed[0]
+
+
+def test_images_embedded_in_a_hf_dataset_are_keyed_by_their_bytes(photos, tmp_path, flux):
+    datasets = pytest.importorskip("datasets")
+    files = sorted(photos.glob("*.png"))[:3]
+    ds = datasets.Dataset.from_dict({
+        "image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+        "text": ["one", "two", "three"],
+    }).cast_column("image", datasets.Image())
+    index = scan(ds, workers=1)
+    assert index.blob is not None and len(index) == 3
+    assignment = assign(index, LADDER)
+    cache = _build(index, assignment, flux, tmp_path / "c")
+    assert cache.build_stats["latents_encoded"] == 3
+    sample = TextToImageDataset(index, assignment, cache=cache, on_error="raise")[1]
+    pixels = TextToImageDataset(index, assignment, image_transform=BucketResizeCrop())[1]
+    torch.testing.assert_close(sample["latents"],
+                               flux.encode_images(pixels["pixel_values"][None])[0])
+    assert _build(index, assignment, flux, tmp_path / "c").build_stats["latents_encoded"] == 0
