@@ -133,6 +133,7 @@ def test_random_crops_cache_k_variants_the_dataset_picks_from(photos, tmp_path, 
                 torch.testing.assert_close(s["latents"], flux.encode_images(px[None])[0],
                                            rtol=1e-5, atol=1e-5)
     assert fixed and all(len(seen[row]) == 1 for row in fixed)
+    assert all(len(cache.latents(p)) == 3 for p in index.paths)  # K variants, no flips
     assert max(len(v) for v in seen.values()) > 1  # images with room to move get variants
     assert all(len(v) <= 3 for v in seen.values())
     with pytest.raises(ValueError, match="crop='random'"):
@@ -432,3 +433,22 @@ def test_caption_dropout_works_and_uncacheable_captions_are_named(photos, tmp_pa
                                   caption_transform=CaptionTransform(prefix="sks, "))
     with pytest.raises(ValueError, match="'sks, a photo number 0' is not in the cache"):
         prefixed[0]
+
+
+def test_images_embedded_in_a_hf_dataset_are_keyed_by_their_bytes(photos, tmp_path, flux):
+    datasets = pytest.importorskip("datasets")
+    files = sorted(photos.glob("*.png"))[:3]
+    ds = datasets.Dataset.from_dict({
+        "image": [{"bytes": f.read_bytes(), "path": None} for f in files],
+        "text": ["one", "two", "three"],
+    }).cast_column("image", datasets.Image())
+    index = scan(ds, workers=1)
+    assert index.blob is not None and len(index) == 3
+    assignment = assign(index, LADDER)
+    cache = _build(index, assignment, flux, tmp_path / "c")
+    assert cache.build_stats["latents_encoded"] == 3
+    sample = TextToImageDataset(index, assignment, cache=cache, on_error="raise")[1]
+    pixels = TextToImageDataset(index, assignment, image_transform=BucketResizeCrop())[1]
+    torch.testing.assert_close(sample["latents"],
+                               flux.encode_images(pixels["pixel_values"][None])[0])
+    assert _build(index, assignment, flux, tmp_path / "c").build_stats["latents_encoded"] == 0

@@ -231,7 +231,27 @@ class _Encoders:
         return self
 
 
-class FluxEncoders(_Encoders):
+class _T5Encoders(_Encoders):
+    """Models with a T5 sequence (FLUX, SD3): its padding length is a setting."""
+
+    default_length = 512
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+        max_sequence_length: int | None = None,
+    ) -> Any:
+        """Load from a local diffusers folder (only its encoders and tokenizers);
+        ``max_sequence_length`` defaults to the pipeline's (FLUX 512, SD3 256)."""
+        length = cls.default_length if max_sequence_length is None else max_sequence_length
+        return cls._load(folder, device, dtype, max_sequence_length=length)
+
+
+class FluxEncoders(_T5Encoders):
     """FLUX.1's VAE (16 channels), CLIP-L (pooled) and T5-XXL (sequence) encoders.
 
     ``max_sequence_length``: the T5 padding length (512 for dev, 256 for schnell), as the
@@ -256,18 +276,6 @@ class FluxEncoders(_Encoders):
     ) -> None:
         super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
                          max_sequence_length)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.bfloat16,
-        max_sequence_length: int = 512,
-    ) -> FluxEncoders:
-        """Load from a local FLUX.1 diffusers folder (only its encoders and tokenizers)."""
-        return cls._load(folder, device, dtype, max_sequence_length=max_sequence_length)
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` [B, max_sequence_length, D_t5] (T5, padded, unmasked as the
@@ -343,13 +351,14 @@ class SDXLEncoders(_Encoders):
         }
 
 
-class SD3Encoders(_Encoders):
+class SD3Encoders(_T5Encoders):
     """SD3's VAE (16 channels), two CLIPs (penultimate states, projected pooled outputs) and
     T5: ``prompt_embeds`` [B, 77 + max_sequence_length, D_t5], the CLIP states zero-padded
     to T5's width and followed by T5's; ``pooled_prompt_embeds`` both CLIPs' concatenated."""
 
     model = "sd3"
     latent_channels = 16
+    default_length = 256
     text_parts = (*_Encoders.text_parts, "tokenizer_3", "text_encoder_3")
     classes = {"vae": "AutoencoderKL", "text_encoder": "CLIPTextModelWithProjection",
                "text_encoder_2": "CLIPTextModelWithProjection",
@@ -372,18 +381,6 @@ class SD3Encoders(_Encoders):
                          max_sequence_length)
         self.text_encoder_3 = text_encoder_3.train(False).requires_grad_(False)
         self.tokenizer_3 = tokenizer_3
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.bfloat16,
-        max_sequence_length: int = 256,
-    ) -> SD3Encoders:
-        """Load from a local SD3 / SD3.5 diffusers folder (only its encoders and tokenizers)."""
-        return cls._load(folder, device, dtype, max_sequence_length=max_sequence_length)
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` [B, 77 + L, D_t5], ``pooled_prompt_embeds`` [B, P1 + P2] and
