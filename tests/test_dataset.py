@@ -5,11 +5,14 @@ training time, and the whole pipeline end to end through BucketBatchSampler and 
 from __future__ import annotations
 
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
@@ -23,6 +26,7 @@ from transforms.caption import CaptionTransform
 from transforms.collate import collate
 from transforms.image import ImageDecodeError
 from transforms.resize_crop import BucketResizeCrop, resized_size
+from transforms.rng import sample_rng
 from transforms.tokenize import FluxTokenizer
 
 SMALL = BucketLadder.for_model("flux", max_area=128 * 128)
@@ -304,3 +308,72 @@ def test_a_transform_that_cannot_take_the_sample_is_refused_at_construction(phot
     index, assignment = photos
     with pytest.raises(TypeError, match=match):
         _dataset(index, assignment, **kw)
+
+
+class _Occurrence(int):
+    """A row number carrying which occurrence of the row in the epoch it is (what the
+    sampler yields for repeats and padding duplicates)."""
+
+    def __new__(cls, row: int, occurrence: int):
+        self = super().__new__(cls, row)
+        self.occurrence = occurrence
+        return self
+
+    def __reduce__(self):
+        return (type(self), (int(self), self.occurrence))
+
+
+def test_each_occurrence_of_a_row_draws_its_own_crop_flip_and_caption(tmp_path):
+    img = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 400, 3), np.uint8)).save(img)
+    img.with_suffix(".txt").write_text("".join(f"caption {k}\n" for k in range(50)))
+    index = _index([img])
+    assignment = assign(index, BucketLadder.from_buckets([(64, 64)]))
+    ds = _dataset(index, assignment, caption_transform=CaptionTransform(), seed=9)
+    rows = [_Occurrence(0, k) for k in range(3)]
+    draws = [(s["crop_top_left"], s["flipped"], s["caption"]) for s in map(ds.__getitem__, rows)]
+    for a, b in [(0, 1), (0, 2), (1, 2)]:  # 337 crops x 2 flips x 50 captions: all differ
+        assert draws[a][0] != draws[b][0] and draws[a][2] != draws[b][2], draws
+    assert len({flip for _, flip, _ in draws} | {ds[_Occurrence(0, 3)]["flipped"]}) == 2
+    assert [ds[r]["occurrence"] for r in rows] == [0, 1, 2]
+    assert draws[0] == (ds[0]["crop_top_left"], ds[0]["flipped"], ds[0]["caption"])
+    # the same in worker processes: the occurrence survives pickling into the worker
+    out = _load_all(ds, rows, 2)
+    assert [(tuple(s["crop_top_left"]), s["flipped"], s["caption"]) for s in out] == draws
+    assert [s["occurrence"] for s in out] == [0, 1, 2]
+
+
+_KEY = st.integers(0, 2**70) | st.integers(0, 3) | st.sampled_from([2**32 - 1, 2**32, 2**64])
+
+
+@settings(deadline=None, max_examples=200)
+@given(a=st.tuples(_KEY, _KEY, _KEY, _KEY), b=st.tuples(_KEY, _KEY, _KEY, _KEY))
+def test_sample_generators_never_collide_across_keys_of_any_width(a, b):
+    def draws(seed, epoch, index, occurrence):
+        rng = sample_rng(seed, epoch, index, "image", occurrence)
+        return rng.integers(0, 2**63, 4).tolist()
+
+    assert (draws(*a) == draws(*b)) == (a == b)
+
+
+def test_small_keys_keep_their_draws_and_wide_ones_are_distinct(photos):
+    old = np.random.Generator(np.random.PCG64(np.random.SeedSequence([7, 2, 5, 4135340389])))
+    assert zlib.crc32(b"caption") == 4135340389
+    assert sample_rng(7, 2, 5, "caption").random() == old.random()
+    # seed 2**32 at epoch 0 was seed 0 at epoch 1 when only 32-bit words were mixed
+    assert sample_rng(2**32, 0, 5, "image").random() != sample_rng(0, 1, 5, "image").random()
+    with pytest.raises(ValueError, match="occurrence must be >= 0"):
+        sample_rng(0, 0, 0, "image", -1)
+    with pytest.raises(TypeError):
+        sample_rng(0, 0.5, 0, "image")
+
+    index, assignment = photos
+    ds = _dataset(index, assignment, seed=2**64 + 3)
+    ds.set_epoch(2**63 - 1)  # the largest epoch the workers' shared int64 holds
+    assert ds.epoch == 2**63 - 1 and ds[0]["pixel_values"].dtype == torch.uint8
+    with pytest.raises(ValueError, match=r"epoch must be in \[0, 2\*\*63 - 1\]"):
+        ds.set_epoch(2**63)
+    assert ds.epoch == 2**63 - 1  # unchanged by the refused call
+    wide, narrow = _dataset(index, assignment, seed=2**32), _dataset(index, assignment, seed=0)
+    narrow.set_epoch(1)
+    assert [wide[i]["fit"] for i in range(len(ds))] != [narrow[i]["fit"] for i in range(len(ds))]

@@ -24,6 +24,7 @@ from transforms.collate import collate, to_model_input
 from transforms.gpu_decode import (
     DecodeFallbackWarning,
     EncodedFit,
+    JpegSource,
     collate_encoded,
     decode_batch,
     device_decodable,
@@ -184,3 +185,16 @@ def test_two_ddp_ranks_decode_their_own_share_and_resume(corpus: Path, tmp_path:
     script = Path(__file__).parent / "distributed" / "gpu_decode_ddp.py"
     torchrun(2, str(corpus), str(tmp_path), script=script)
     assert sorted(p.name for p in tmp_path.glob("ok_*")) == ["ok_0", "ok_1"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [({"max_pixels": 100}, "too_many_pixels"), ({"max_decode_bytes": 1000}, "too_many_bytes")],
+)
+def test_worker_read_refuses_what_load_image_refuses(limit: dict, reason: str) -> None:
+    img = Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8))
+    data = _jpeg(img)
+    handed_over = EncodedFit.read(data)  # within the default limits: bytes for the device
+    assert isinstance(handed_over, JpegSource) and handed_over.size == (48, 32)
+    with pytest.raises(ImageDecodeError, match=reason):
+        EncodedFit.read(data, **limit)

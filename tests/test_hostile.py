@@ -48,7 +48,7 @@ from bucketing.index import ImageIndex
 from bucketing.ladder import BucketLadder
 from bucketing.scan import scan
 from transforms.collate import collate
-from transforms.image import ImageDecodeError, load_image
+from transforms.image import ImageDecodeError, decode_bytes, load_image
 from transforms.resize_crop import BucketResizeCrop
 
 # Pillow's own complaints about the hostile files are expected; ours are asserted on.
@@ -975,6 +975,26 @@ HOSTILE_CASES = [  # (bad input, what happens): docs/robustness.md's table, row 
         "parquet (magic at both ends), no temporary files left behind; no pickle, "
         "`torch.load`, `eval` or `exec` anywhere in the library",
     ),
+    (
+        "a small file declaring a huge 16-bit or float image (a few hundred bytes declaring "
+        "12000 x 12000 16-bit pixels), or any image whose decoding needs more memory than "
+        "`max_decode_bytes` (1 GiB)",
+        "load refuses it from the header, before decoding (`too_many_bytes`): substituted, or "
+        '`ImageDecodeError` with `on_error="raise"`; 16-bit, 32-bit and float images are '
+        "converted in bands of rows, no full-size float copies",
+    ),
+    (
+        "a seed of 2**32 or more, `set_epoch(2**63)`, a negative occurrence",
+        "every (seed, epoch, index, occurrence) has its own generator (integers mixed at "
+        "full width: `seed=2**32` is not `seed=0` of epoch 1); an epoch beyond 2**63 - 1 or "
+        "a negative value is a `ValueError` naming it",
+    ),
+    (
+        "`caption_transform=...`, a string, or an old `(img, bucket_wh, rng)` function as a "
+        "dataset transform",
+        "`TypeError` when the dataset is built, naming the argument and the "
+        "`transform(sample) -> sample` signature; nothing fails later in a worker",
+    ),
 ]
 HOSTILE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(
     f"| {what} | {result} |\n" for what, result in HOSTILE_CASES
@@ -985,3 +1005,67 @@ def test_docs_table_is_this_one(repo_root):
     readme = (repo_root / "docs" / "robustness.md").read_text()
     block = readme.split("<!-- section:robustness -->", 1)[1].split("<!--", 1)[0]
     assert HOSTILE_TABLE in block
+
+
+# -- decode memory, key widths, transform signatures -----------------------------------------
+
+
+def test_decode_memory_is_refused_by_bytes_before_decoding(tmp_path):
+    for k in range(3):  # two 8-bit pictures and, between them, a 16-bit one of the same size
+        img = Image.fromarray(np.full((40, 40), 300 * k, np.uint16)) if k == 1 else _picture(40, 40)
+        img.save(tmp_path / f"{k}.png")
+    index = scan(tmp_path, workers=0)
+    a = assign(index, LADDER)
+    limit = decode_bytes("RGB", (40, 40))  # enough for 8-bit RGB, not for 16-bit
+    ds = TextToImageDataset(index, a, image_transform=TRANSFORM, max_decode_bytes=limit)
+    with pytest.warns(SubstitutionWarning, match="too_many_bytes"):
+        assert ds[1]["substituted"] is True
+    assert ds[0]["substituted"] is False
+    strict = TextToImageDataset(
+        index, a, image_transform=TRANSFORM, max_decode_bytes=limit, on_error="raise"
+    )
+    with pytest.raises(ImageDecodeError, match=r"1\.png.*too_many_bytes.*40x40 I;16"):
+        strict[1]
+    assert TextToImageDataset(index, a, image_transform=TRANSFORM)[1]["substituted"] is False
+
+
+def test_wide_seeds_and_epochs_are_distinct_or_refused(tmp_path):
+    for k in range(2):
+        _picture(200, 40).save(tmp_path / f"{k}.png")
+    index = scan(tmp_path, workers=0)
+    a = assign(index, LADDER)
+    crops = {}
+    for seed, epoch in ((2**32, 0), (0, 1), (2**64, 0), (0, 2**32)):
+        ds = TextToImageDataset(index, a, image_transform=TRANSFORM, seed=seed)
+        ds.set_epoch(epoch)
+        crops[seed, epoch] = [ds[_Repeat(i, r)]["fit"] for i in range(2) for r in range(8)]
+    assert len({tuple(c) for c in crops.values()}) == len(crops)
+    with pytest.raises(ValueError, match=r"epoch must be in \[0, 2\*\*63 - 1\]"):
+        ds.set_epoch(2**63)
+    with pytest.raises(ValueError, match="occurrence must be >= 0"):
+        ds[_Repeat(0, -1)]
+
+
+class _Repeat(int):
+    """A row number with an ``occurrence``, as the sampler yields repeats."""
+
+    def __new__(cls, row: int, occurrence: int):
+        self = super().__new__(cls, row)
+        self.occurrence = occurrence
+        return self
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"caption_transform": ...},
+        {"caption_transform": "first"},
+        {"image_transform": lambda img, bucket_wh, rng: {}},
+    ],
+)
+def test_a_transform_of_the_wrong_shape_is_refused_when_the_dataset_is_built(tmp_path, kw):
+    _picture(40, 40).save(tmp_path / "0.png")
+    index = scan(tmp_path, workers=0)
+    kw = {"image_transform": TRANSFORM, **kw}
+    with pytest.raises(TypeError, match=r"_transform must .*transform\(sample\) -> sample"):
+        TextToImageDataset(index, assign(index, LADDER), **kw)

@@ -4,7 +4,11 @@ the JPEG draft path, the bomb limit, and clean failures on hostile bytes."""
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageCms, ImageOps
 
 from bucketing.headers import read_header
-from transforms.image import ImageDecodeError, load_image
+from transforms.image import DEFAULT_MAX_DECODE_BYTES, ImageDecodeError, decode_bytes, load_image
 from transforms.resize_crop import BucketResizeCrop, resize_crop
 
 
@@ -239,6 +243,77 @@ def test_max_pixels_refuses_before_decoding():
     with pytest.raises(ImageDecodeError, match="too_many_pixels"):
         load_image(data, max_pixels=9_999)
     assert load_image(data, max_pixels=10_000).size == (100, 100)
+
+
+def _png_header(width: int, height: int, mode: str) -> bytes:
+    """An 8x8 PNG of ``mode`` whose header is edited to declare width x height: decoding it
+    would fail as truncated, so a refusal proves that nothing was decoded."""
+    data = bytearray(_save(Image.new(mode, (8, 8)), "PNG"))
+    struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decode_memory_is_bounded_in_bytes_before_decoding():
+    # 12000x12000 16-bit in a few hundred bytes: over the default 1 GiB of decode memory
+    with pytest.raises(ImageDecodeError, match=r"too_many_bytes: .*12000x12000 I;16.*max_decode"):
+        load_image(_png_header(12000, 12000, "I;16"))
+    # the same pixel count at 8 bits needs less than half, and the limit counts bytes
+    assert decode_bytes("L", (12000, 12000)) < DEFAULT_MAX_DECODE_BYTES
+    assert decode_bytes("I;16", (12000, 12000)) > 1.5 * decode_bytes("L", (12000, 12000))
+    limit = decode_bytes("L", (4000, 4000))
+    with pytest.raises(ImageDecodeError, match="too_many_bytes"):
+        load_image(_png_header(4000, 4000, "I;16"), max_decode_bytes=limit)
+    with pytest.raises(ImageDecodeError) as decoded:  # within the limit: decoding was tried
+        load_image(_png_header(4000, 4000, "L"), max_decode_bytes=limit)
+    assert "too_many_bytes" not in str(decoded.value)
+    # a float TIFF and an alpha PNG: refused one byte under their need, loaded at it
+    for img, fmt in ((Image.new("F", (300, 200), 0.5), "TIFF"), (Image.new("RGBA", (3, 2)), "PNG")):
+        data, need = _save(img, fmt), decode_bytes(img.mode, img.size)
+        with pytest.raises(ImageDecodeError, match="too_many_bytes"):
+            load_image(data, max_decode_bytes=need - 1)
+        assert load_image(data, max_decode_bytes=need).size == img.size
+
+
+_PEAK = """
+import os, resource, sys
+from PIL import Image
+from transforms.image import decode_bytes, load_image
+load_image(sys.argv[1])  # imports and first-call allocations, outside the measure
+for path in sys.argv[2:]:
+    if os.fork() == 0:  # each file measured in a child: its peak starts at the current size
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        load_image(path, max_decode_bytes=None)
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+        with Image.open(path) as img:
+            print(path, grown, decode_bytes(img.mode, img.size, "transparency" in img.info))
+        sys.stdout.flush()
+        os._exit(0)
+    os.wait()
+"""
+
+
+def test_decoding_holds_no_more_memory_than_the_limit_counts(tmp_path, repo_root):
+    ramp = np.add.outer(np.arange(3000), np.arange(4000))  # 12 MP, compresses fast
+    images = {
+        "float.tiff": Image.fromarray((ramp / 7000 * 6 - 3).astype(np.float32)),
+        "sixteen.png": Image.fromarray((ramp * 9).astype(np.uint16)),
+        "alpha.png": Image.fromarray(np.dstack([ramp % 256] * 4).astype(np.uint8)),
+    }
+    Image.new("RGB", (8, 6)).save(tmp_path / "small.png")
+    for name, img in images.items():
+        img.save(tmp_path / name)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(tmp_path / "small.png")]
+        + [str(tmp_path / name) for name in images],
+        capture_output=True, text=True, check=True, cwd=repo_root,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+    )
+    lines = [line.split() for line in out.stdout.splitlines()]
+    assert len(lines) == len(images), out
+    for path, grown, counted in lines:  # no full-size float or int64 copies
+        assert int(grown) <= int(counted) * 1.05 + 2**21, (path, grown, counted)
 
 
 def test_bad_background_is_a_clear_error():

@@ -42,9 +42,11 @@ from torchvision.transforms.v2 import functional as F
 from bucketing.headers import SWAPS_AXES, orientation_code
 from transforms.collate import collate, to_model_input
 from transforms.image import (
+    DEFAULT_MAX_DECODE_BYTES,
     ORIGINAL_SIZE_KEY,
     ImageDecodeError,
     _exif_orientation,
+    decode_bytes,
     describe_source,
     load_image,
 )
@@ -129,20 +131,30 @@ def read_encoded(
     background: Sequence[int] = (255, 255, 255),
     max_pixels: int | None = None,
     draft_size: Sequence[int] | None = None,
+    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
 ) -> JpegSource | Image.Image:
     """A worker's read: the JPEG's bytes, orientation and oriented size when the device can
-    decode it, else the CPU path's :func:`~transforms.image.load_image` (same arguments, same
-    errors)."""
+    decode it within the limits, else the CPU path's :func:`~transforms.image.load_image`
+    (same arguments, same errors)."""
+    limits = {"background": background, "max_pixels": max_pixels, "draft_size": draft_size}
     data = _read_regular(source)
     header = None if data is None or not device_decodable(data) else _jpeg_header(data)
-    if header is None or (max_pixels is not None and header[0] * header[1] > max_pixels):
-        return load_image(
-            source, background=background, max_pixels=max_pixels, draft_size=draft_size
-        )
-    width, height, orientation = header
+    if header is None or _over_limits(header, max_pixels, max_decode_bytes):
+        return load_image(source, max_decode_bytes=max_decode_bytes, **limits)
+    width, height, orientation, _ = header
     size = (height, width) if orientation in SWAPS_AXES else (width, height)
     tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return JpegSource(tensor, orientation, size, describe_source(source))
+
+
+def _over_limits(
+    header: tuple[int, int, int, str], max_pixels: int | None, max_decode_bytes: int | None
+) -> bool:
+    """Whether ``load_image`` would refuse this image before decoding (it then says why)."""
+    width, height, _, mode = header
+    if max_pixels is not None and width * height > max_pixels:
+        return True
+    return max_decode_bytes is not None and decode_bytes(mode, (width, height)) > max_decode_bytes
 
 
 def _read_regular(source: str | os.PathLike | bytes) -> bytes | None:
@@ -158,15 +170,16 @@ def _read_regular(source: str | os.PathLike | bytes) -> bytes | None:
         return None
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, EXIF orientation) as stored, read by Pillow without decoding."""
+def _jpeg_header(data: bytes) -> tuple[int, int, int, str] | None:
+    """(width, height, EXIF orientation, Pillow mode) as stored, read without decoding."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             orientation = orientation_code(_exif_orientation(img))
+            mode = img.mode
     except Exception:  # Pillow refuses the header: the CPU path reports why
         return None
-    return (width, height, orientation) if width > 0 and height > 0 else None
+    return (width, height, orientation, mode) if width > 0 and height > 0 else None
 
 
 class EncodedFit:

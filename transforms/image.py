@@ -15,7 +15,12 @@ What reaches the model must be the picture the user meant, whatever the file sto
   image will be shrunk to at most half its size anyway: same result after the final
   resize, a fraction of the decoding work. The full oriented size is kept in
   ``img.info["original_size"]`` as (h, w) for SDXL-style micro-conditioning.
-- A decompression-bomb limit (``max_pixels``) is checked from the header, before decoding.
+- A decompression-bomb limit (``max_pixels``) is checked from the header, before decoding,
+  and so is a memory limit in bytes (``max_decode_bytes``, 1 GiB by default): the peak
+  memory of decoding and converting, from the mode, bit depth and size (see
+  :func:`decode_bytes`), so that a tiny file declaring a huge 16-bit or float image is
+  refused (``too_many_bytes``) instead of taking gigabytes. Wide modes are converted to
+  8 bits in bands of rows with integer math where possible: no full-size float copies.
 
 Every failure raises :class:`ImageDecodeError` naming the file and the reason.
 """
@@ -35,6 +40,9 @@ from PIL import Image
 from bucketing.headers import SWAPS_AXES, orientation_code
 
 ORIGINAL_SIZE_KEY = "original_size"
+DEFAULT_MAX_DECODE_BYTES = 2**30
+_BAND_PIXELS = 2**20  # rows converted at a time from 16-bit / 32-bit / float images
+_BAND_BYTES = 32  # bytes per pixel of a band's temporaries (float64 values and masks)
 
 _TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -75,11 +83,14 @@ def load_image(
     background: Sequence[int] = (255, 255, 255),
     max_pixels: int | None = None,
     draft_size: Sequence[int] | None = None,
+    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
 ) -> Image.Image:
     """Open, orient and convert an image to 8-bit RGB.
 
     ``max_pixels``: refuse images with more pixels than this, from the header, before decoding
-    (Pillow's own decompression-bomb check applies as well). ``draft_size``: the (w, h) box
+    (Pillow's own decompression-bomb check applies as well). ``max_decode_bytes``: refuse,
+    before decoding, images whose decoding and conversion would hold more memory than this
+    (:func:`decode_bytes`; None: no limit). ``draft_size``: the (w, h) box
     the image will later be scaled to cover (the bucket); lets a JPEG decode at 1/2, 1/4 or
     1/8 scale while staying at least that large. Raises :class:`ImageDecodeError` on any failure.
     """
@@ -106,6 +117,7 @@ def load_image(
                 orientation = orientation_code(_exif_orientation(img))
                 if draft_size is not None:
                     _draft(img, orientation in SWAPS_AXES, draft_size)
+            _check_decode_bytes(name, img, max_decode_bytes)
             img.load()
             if orientation is None:
                 orientation = orientation_code(_exif_orientation(img))
@@ -124,6 +136,42 @@ def load_image(
         width, height = height, width
     rgb.info = {ORIGINAL_SIZE_KEY: (height, width)}
     return rgb
+
+
+def decode_bytes(mode: str, size: Sequence[int], transparency: bool = False) -> int:
+    """The peak bytes ``load_image`` holds to decode and convert a (w, h) image of Pillow
+    ``mode`` (``transparency``: it has a colour key): Pillow's storage (1, 2 or 4 bytes a
+    pixel) plus the conversion's (nothing for plain RGB; 4 for a mode Pillow converts;
+    gray, L and RGB copies for 16-bit / 32-bit / float, plus their row band; 9 to composite
+    alpha, 13 when the alpha mode is converted first)."""
+    width, height = (int(v) for v in size)
+    pixels = width * height
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    if mode == "RGB" and not transparency:
+        work = 0
+    elif mode.startswith("I;16") or mode in ("I", "F"):
+        work = 6 + 6 * transparency  # gray + L + RGB (+ alpha array, alpha image, canvas)
+        pixels_in_band = min(pixels, _BAND_PIXELS)
+        return pixels * (stored + work) + pixels_in_band * _BAND_BYTES
+    elif mode in _ALPHA_MODES or transparency:
+        work = 9 + 4 * (mode not in ("RGBA", "LA"))  # (RGBA copy) + RGB + alpha + canvas
+    else:
+        work = 4
+    return pixels * (stored + work)
+
+
+def _check_decode_bytes(name: str, img: Image.Image, limit: int | None) -> None:
+    """Refuse ``img`` (opened, not decoded) when decoding it would hold over ``limit`` bytes."""
+    if limit is None:
+        return
+    need = decode_bytes(img.mode, img.size, "transparency" in img.info)
+    if need > limit:
+        width, height = img.size
+        raise ImageDecodeError(
+            name,
+            f"too_many_bytes: decoding this {width}x{height} {img.mode} image needs about "
+            f"{need / 2**20:.0f} MiB, over max_decode_bytes={limit} ({limit / 2**20:.0f} MiB)",
+        )
 
 
 def _background(background: Sequence[int]) -> tuple[int, int, int]:
@@ -165,12 +213,9 @@ def _to_rgb(img: Image.Image, bg: tuple[int, int, int]) -> Image.Image:
         rgb = Image.fromarray(gray, "L").convert("RGB")
         return _composite(rgb, Image.fromarray(alpha, "L"), bg) if alpha is not None else rgb
     if mode in _ALPHA_MODES or "transparency" in img.info:
-        if mode == "P" or mode == "PA":
-            rgba = img.convert("RGBA")
-        elif mode in _ALPHA_MODES:
-            rgba = img.convert(_ALPHA_MODES[mode])
-        else:  # L or RGB with a single transparent colour key
-            rgba = img.convert("LA" if mode in ("L", "1") else "RGBA")
+        # L, 1 or RGB (or P) with a single transparent colour key become LA / RGBA
+        target = _ALPHA_MODES.get(mode) or ("LA" if mode in ("L", "1") else "RGBA")
+        rgba = img if mode == target else img.convert(target)
         return _composite(rgba.convert("RGB"), rgba.getchannel("A"), bg)
     return img.convert("RGB")
 
@@ -185,25 +230,46 @@ def _composite(rgb: Image.Image, alpha: Image.Image, bg: tuple[int, int, int]) -
 
 
 def _wide_to_8bit(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """16-bit, 32-bit integer and float grayscale to uint8, plus an alpha from a colour key."""
-    a = np.asarray(img)
+    """16-bit, 32-bit integer and float grayscale to uint8, plus an alpha from a colour key,
+    converted band by band (one pass for the value range, one to map it)."""
     key = img.info.get("transparency")
-    alpha = None
-    if isinstance(key, (int, float)) and not isinstance(key, bool):
-        alpha = np.where(a == key, 0, 255).astype(np.uint8)
+    keyed = isinstance(key, (int, float)) and not isinstance(key, bool)
+    gray = np.empty((img.height, img.width), np.uint8)
+    alpha = np.empty_like(gray) if keyed else None
+    lo, hi = _value_range(img)
     if img.mode == "F":
-        a = np.where(np.isfinite(a), a, 0.0).astype(np.float64)
-        lo, hi = float(a.min()), float(a.max())
         if lo >= 0.0 and hi <= 1.0:
-            out = a * 255.0
+            offset, factor = 0.0, 255.0
         elif hi > lo:
-            out = (a - lo) * (255.0 / (hi - lo))
+            offset, factor = lo, 255.0 / (hi - lo)
         else:
-            out = np.zeros_like(a)
-        return np.rint(out).astype(np.uint8), alpha
-    a = a.astype(np.int64)
-    lo, hi = int(a.min()), int(a.max())
-    if lo >= 0 and hi <= 65535:
-        return ((a * 255 + 32767) // 65535).astype(np.uint8), alpha
-    out = (a - lo) * 255 // max(hi - lo, 1)
-    return out.astype(np.uint8), alpha
+            offset, factor = 0.0, 0.0  # a constant image becomes black
+    for rows, band in _bands(img):
+        if alpha is not None:
+            alpha[rows] = np.where(band == key, 0, 255)
+        if img.mode == "F":
+            values = np.where(np.isfinite(band), band, 0.0).astype(np.float64)
+            gray[rows] = np.rint((values - offset) * factor)
+        elif lo >= 0 and hi <= 65535:  # how Pillow holds 16-bit data: round(v / 257)
+            gray[rows] = (band.astype(np.int64) * 255 + 32767) // 65535
+        else:
+            gray[rows] = (band.astype(np.int64) - lo) * 255 // max(hi - lo, 1)
+    return gray, alpha
+
+
+def _value_range(img: Image.Image) -> tuple[float, float]:
+    """(min, max) of the image's values; NaN and inf count as 0 (the value they become)."""
+    lo, hi = math.inf, -math.inf
+    for _, band in _bands(img):
+        if img.mode == "F":
+            band = np.where(np.isfinite(band), band, 0.0)
+        lo, hi = min(lo, band.min().item()), max(hi, band.max().item())
+    return lo, hi
+
+
+def _bands(img: Image.Image):
+    """(row slice, numpy array) for consecutive bands of about ``_BAND_PIXELS`` pixels."""
+    step = max(1, _BAND_PIXELS // img.width)
+    for top in range(0, img.height, step):
+        bottom = min(top + step, img.height)
+        yield slice(top, bottom), np.asarray(img.crop((0, top, img.width, bottom)))

@@ -79,8 +79,8 @@ class FitParams:
     ``bucket`` (w, h); ``scale`` = max(bw/W, bh/H) of the full oriented (W, H) image;
     ``resized`` (w, h) the image scaled by it; ``crop`` (y, x, h, w), the box cut from the
     resized image (h, w equal the bucket's); ``flip`` mirrors the crop horizontally. The same
-    params give the same tensor whatever decoded the file (a JPEG draft, the GPU path), and
-    caches key samples by them.
+    params cut the same region whatever decoded the file (full size, a JPEG draft, the GPU
+    path), so caches can key samples by them.
     """
 
     bucket: tuple[int, int]
