@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from test_sampler_distributed import torchrun  # the sampler tests' torchrun runner
 from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from bucketing import BucketLadder, TextToImageDataset, assign, scan
 from samplers import BucketBatchSampler
@@ -29,7 +30,7 @@ from transforms.gpu_decode import (
     decode_batch,
     device_decodable,
 )
-from transforms.image import ImageDecodeError
+from transforms.image import ORIGINAL_SIZE_KEY, ImageDecodeError, load_image
 from transforms.resize_crop import BucketResizeCrop
 
 FALLBACKS = ("png", "cmyk", "progressive", "truncated")
@@ -198,3 +199,27 @@ def test_worker_read_refuses_what_load_image_refuses(limit: dict, reason: str) -
     assert isinstance(handed_over, JpegSource) and handed_over.size == (48, 32)
     with pytest.raises(ImageDecodeError, match=reason):
         EncodedFit.read(data, **limit)
+
+
+@pytest.mark.filterwarnings("ignore")  # Pillow's warnings about the odd files themselves
+def test_every_odd_file_is_handed_over_or_read_exactly_as_load_image_reads_it(
+    odd_dir: Path,
+) -> None:
+    handed = 0
+    for path in sorted(p for p in odd_dir.iterdir() if p.name != "expected.json"):
+        try:
+            expected = load_image(path).info[ORIGINAL_SIZE_KEY]
+        except ImageDecodeError as error:
+            expected = error.reason
+        try:
+            got = EncodedFit.read(path)
+        except ImageDecodeError as error:
+            assert error.reason == expected, path.name
+            continue
+        assert got.info[ORIGINAL_SIZE_KEY] == expected, path.name
+        if isinstance(got, JpegSource):  # the device must be able to decode what it gets
+            handed += 1
+            pixels = decode_jpeg(got.data, mode=ImageReadMode.RGB)
+            stored = got.size[::-1] if got.orientation in (5, 6, 7, 8) else got.size
+            assert tuple(pixels.shape) == (3, stored[1], stored[0]), path.name
+    assert handed >= 10  # the plain JPEGs among them
