@@ -223,3 +223,13 @@ def test_every_odd_file_is_handed_over_or_read_exactly_as_load_image_reads_it(
             stored = got.size[::-1] if got.orientation in (5, 6, 7, 8) else got.size
             assert tuple(pixels.shape) == (3, stored[1], stored[0]), path.name
     assert handed >= 10  # the plain JPEGs among them
+
+
+def test_decode_batch_refuses_a_filter_the_device_lacks(datasets) -> None:
+    _, gpu, _ = datasets
+    batch = collate_encoded([gpu[0]])
+    with pytest.raises(ValueError, match="resample"):
+        decode_batch(batch, "cpu", resample="lanczos")
+    bilinear = decode_batch(batch, "cpu", torch.float32, resample="bilinear")["pixel_values"]
+    bicubic = decode_batch(batch, "cpu", torch.float32)["pixel_values"]
+    assert bilinear.shape == bicubic.shape and not torch.equal(bilinear, bicubic)

@@ -56,7 +56,7 @@ from transforms.resize_crop import BucketResizeCrop, FitParams, sample_fields
 DEVICE_SOF = frozenset({0xC0, 0xC1})
 _OTHER_SOF = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _ADOBE = 0xEE  # APP14 "Adobe": RGB-stored or YCCK/CMYK colour transforms
-_FILTERS = {"bilinear": F.InterpolationMode.BILINEAR}  # anything else: bicubic on the device
+_FILTERS = {"bicubic": F.InterpolationMode.BICUBIC, "bilinear": F.InterpolationMode.BILINEAR}
 _NO_PIXELS = torch.empty(0, dtype=torch.uint8)  # lets collate batch the other keys
 
 
@@ -248,13 +248,16 @@ def decode_batch(
     ``pixel_values`` [B, 3, H, W] in [-1, 1] in ``dtype`` (the values the CPU path's uint8
     pixels give, within resampling differences), every other tensor moved as
     ``to_model_input`` does. ``resample``: ``"bicubic"`` or ``"bilinear"`` (antialiased)."""
+    if resample not in _FILTERS:
+        raise ValueError(
+            f"resample must be one of {tuple(_FILTERS)} on the device, got {resample!r}"
+        )
     encoded: list[EncodedImage] = list(batch["encoded"])
     if not encoded:
         raise ValueError("decode_batch got an empty batch")
     decoded = _decode_all(encoded, torch.device(device))
-    mode = _FILTERS.get(resample, F.InterpolationMode.BICUBIC)
     pixels: list[torch.Tensor | None] = [
-        None if img is None else _fit_on_device(img, enc, mode, device)
+        None if img is None else _fit_on_device(img, enc, _FILTERS[resample])
         for img, enc in zip(decoded, encoded, strict=True)
     ]
     rest = {k: v for k, v in batch.items() if k != "encoded"}
@@ -317,7 +320,7 @@ def _orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _fit_on_device(
-    img: torch.Tensor, encoded: EncodedImage, mode: F.InterpolationMode, device: Any
+    img: torch.Tensor, encoded: EncodedImage, mode: F.InterpolationMode
 ) -> torch.Tensor:
     """Float32 (3, h, w) in [0, 255], rounded like the CPU path's uint8 pixels."""
     if encoded.data is None:  # fitted on the CPU already
