@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from test_sampler_distributed import torchrun  # the sampler tests' torchrun runner
 from torch.utils.data import DataLoader
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from bucketing import BucketLadder, TextToImageDataset, assign, scan
 from samplers import BucketBatchSampler
@@ -24,11 +25,12 @@ from transforms.collate import collate, to_model_input
 from transforms.gpu_decode import (
     DecodeFallbackWarning,
     EncodedFit,
+    JpegSource,
     collate_encoded,
     decode_batch,
     device_decodable,
 )
-from transforms.image import ImageDecodeError
+from transforms.image import ORIGINAL_SIZE_KEY, ImageDecodeError, load_image
 from transforms.resize_crop import BucketResizeCrop
 
 FALLBACKS = ("png", "cmyk", "progressive", "truncated")
@@ -184,3 +186,50 @@ def test_two_ddp_ranks_decode_their_own_share_and_resume(corpus: Path, tmp_path:
     script = Path(__file__).parent / "distributed" / "gpu_decode_ddp.py"
     torchrun(2, str(corpus), str(tmp_path), script=script)
     assert sorted(p.name for p in tmp_path.glob("ok_*")) == ["ok_0", "ok_1"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [({"max_pixels": 100}, "too_many_pixels"), ({"max_decode_bytes": 1000}, "too_many_bytes")],
+)
+def test_worker_read_refuses_what_load_image_refuses(limit: dict, reason: str) -> None:
+    img = Image.fromarray(np.zeros((32, 48, 3), dtype=np.uint8))
+    data = _jpeg(img)
+    handed_over = EncodedFit.read(data)  # within the default limits: bytes for the device
+    assert isinstance(handed_over, JpegSource) and handed_over.size == (48, 32)
+    with pytest.raises(ImageDecodeError, match=reason):
+        EncodedFit.read(data, **limit)
+
+
+@pytest.mark.filterwarnings("ignore")  # Pillow's warnings about the odd files themselves
+def test_every_odd_file_is_handed_over_or_read_exactly_as_load_image_reads_it(
+    odd_dir: Path,
+) -> None:
+    handed = 0
+    for path in sorted(p for p in odd_dir.iterdir() if p.name != "expected.json"):
+        try:
+            expected = load_image(path).info[ORIGINAL_SIZE_KEY]
+        except ImageDecodeError as error:
+            expected = error.reason
+        try:
+            got = EncodedFit.read(path)
+        except ImageDecodeError as error:
+            assert error.reason == expected, path.name
+            continue
+        assert got.info[ORIGINAL_SIZE_KEY] == expected, path.name
+        if isinstance(got, JpegSource):  # the device must be able to decode what it gets
+            handed += 1
+            pixels = decode_jpeg(got.data, mode=ImageReadMode.RGB)
+            stored = got.size[::-1] if got.orientation in (5, 6, 7, 8) else got.size
+            assert tuple(pixels.shape) == (3, stored[1], stored[0]), path.name
+    assert handed >= 10  # the plain JPEGs among them
+
+
+def test_decode_batch_refuses_a_filter_the_device_lacks(datasets) -> None:
+    _, gpu, _ = datasets
+    batch = collate_encoded([gpu[0]])
+    with pytest.raises(ValueError, match="resample"):
+        decode_batch(batch, "cpu", resample="lanczos")
+    bilinear = decode_batch(batch, "cpu", torch.float32, resample="bilinear")["pixel_values"]
+    bicubic = decode_batch(batch, "cpu", torch.float32)["pixel_values"]
+    assert bilinear.shape == bicubic.shape and not torch.equal(bilinear, bicubic)

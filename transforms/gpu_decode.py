@@ -56,7 +56,7 @@ from transforms.resize_crop import BucketResizeCrop, FitParams, sample_fields
 DEVICE_SOF = frozenset({0xC0, 0xC1})
 _OTHER_SOF = frozenset({0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 _ADOBE = 0xEE  # APP14 "Adobe": RGB-stored or YCCK/CMYK colour transforms
-_FILTERS = {"bilinear": F.InterpolationMode.BILINEAR}  # anything else: bicubic on the device
+_FILTERS = {"bicubic": F.InterpolationMode.BICUBIC, "bilinear": F.InterpolationMode.BILINEAR}
 _NO_PIXELS = torch.empty(0, dtype=torch.uint8)  # lets collate batch the other keys
 
 
@@ -130,28 +130,31 @@ def read_encoded(
     *,
     background: Sequence[int] = (255, 255, 255),
     max_pixels: int | None = None,
-    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
     draft_size: Sequence[int] | None = None,
+    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
 ) -> JpegSource | Image.Image:
     """A worker's read: the JPEG's bytes, orientation and oriented size when the device can
-    decode it, else the CPU path's :func:`~transforms.image.load_image` (same arguments, same
-    errors: a file over ``max_pixels`` or ``max_decode_bytes`` is refused by it)."""
+    decode it within the limits, else the CPU path's :func:`~transforms.image.load_image`
+    (same arguments, same errors)."""
+    limits = {"background": background, "max_pixels": max_pixels, "draft_size": draft_size}
     data = _read_regular(source)
     header = None if data is None or not device_decodable(data) else _jpeg_header(data)
-    over = header is not None and (
-        (max_pixels is not None and header[0] * header[1] > max_pixels)
-        or (max_decode_bytes is not None
-            and decode_bytes("RGB", header[:2]) > max_decode_bytes)
-    )
-    if header is None or over:
-        return load_image(
-            source, background=background, max_pixels=max_pixels,
-            max_decode_bytes=max_decode_bytes, draft_size=draft_size,
-        )
-    width, height, orientation = header
+    if header is None or _over_limits(header, max_pixels, max_decode_bytes):
+        return load_image(source, max_decode_bytes=max_decode_bytes, **limits)
+    width, height, orientation, _ = header
     size = (height, width) if orientation in SWAPS_AXES else (width, height)
     tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return JpegSource(tensor, orientation, size, describe_source(source))
+
+
+def _over_limits(
+    header: tuple[int, int, int, str], max_pixels: int | None, max_decode_bytes: int | None
+) -> bool:
+    """Whether ``load_image`` would refuse this image before decoding (it then says why)."""
+    width, height, _, mode = header
+    if max_pixels is not None and width * height > max_pixels:
+        return True
+    return max_decode_bytes is not None and decode_bytes(mode, (width, height)) > max_decode_bytes
 
 
 def _read_regular(source: str | os.PathLike | bytes) -> bytes | None:
@@ -167,15 +170,16 @@ def _read_regular(source: str | os.PathLike | bytes) -> bytes | None:
         return None
 
 
-def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, EXIF orientation) as stored, read by Pillow without decoding."""
+def _jpeg_header(data: bytes) -> tuple[int, int, int, str] | None:
+    """(width, height, EXIF orientation, Pillow mode) as stored, read without decoding."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             orientation = orientation_code(_exif_orientation(img))
+            mode = img.mode
     except Exception:  # Pillow refuses the header: the CPU path reports why
         return None
-    return (width, height, orientation) if width > 0 and height > 0 else None
+    return (width, height, orientation, mode) if width > 0 and height > 0 else None
 
 
 class EncodedFit:
@@ -244,13 +248,16 @@ def decode_batch(
     ``pixel_values`` [B, 3, H, W] in [-1, 1] in ``dtype`` (the values the CPU path's uint8
     pixels give, within resampling differences), every other tensor moved as
     ``to_model_input`` does. ``resample``: ``"bicubic"`` or ``"bilinear"`` (antialiased)."""
+    if resample not in _FILTERS:
+        raise ValueError(
+            f"resample must be one of {tuple(_FILTERS)} on the device, got {resample!r}"
+        )
     encoded: list[EncodedImage] = list(batch["encoded"])
     if not encoded:
         raise ValueError("decode_batch got an empty batch")
     decoded = _decode_all(encoded, torch.device(device))
-    mode = _FILTERS.get(resample, F.InterpolationMode.BICUBIC)
     pixels: list[torch.Tensor | None] = [
-        None if img is None else _fit_on_device(img, enc, mode, device)
+        None if img is None else _fit_on_device(img, enc, _FILTERS[resample])
         for img, enc in zip(decoded, encoded, strict=True)
     ]
     rest = {k: v for k, v in batch.items() if k != "encoded"}
@@ -313,7 +320,7 @@ def _orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _fit_on_device(
-    img: torch.Tensor, encoded: EncodedImage, mode: F.InterpolationMode, device: Any
+    img: torch.Tensor, encoded: EncodedImage, mode: F.InterpolationMode
 ) -> torch.Tensor:
     """Float32 (3, h, w) in [0, 255], rounded like the CPU path's uint8 pixels."""
     if encoded.data is None:  # fitted on the CPU already
