@@ -50,7 +50,13 @@ from tqdm.auto import tqdm
 
 from bucketing.atomic import atomic_path, atomic_write_bytes
 from transforms.image import ORIGINAL_SIZE_KEY, load_image
-from transforms.resize_crop import RESAMPLE_MODES, BucketResizeCrop, FitParams, fit
+from transforms.resize_crop import (
+    DEFAULT_RESAMPLE,
+    RESAMPLE_MODES,
+    BucketResizeCrop,
+    FitParams,
+    fit,
+)
 from transforms.tokenize import FluxTokenizer
 
 if TYPE_CHECKING:
@@ -118,7 +124,7 @@ class FitSettings:
     crop: str = "center"
     variants: int = 1
     flip: bool = False
-    resample: str = "lanczos"
+    resample: str = DEFAULT_RESAMPLE
     background: tuple[int, int, int] = (255, 255, 255)
     draft: bool = True
     allow_upscale: bool = False
@@ -361,7 +367,7 @@ def build_cache(
     crop: str = "center",
     variants: int = 1,
     flip_p: float = 0.0,
-    resample: str = "lanczos",
+    resample: str = DEFAULT_RESAMPLE,
     background: Sequence[int] = (255, 255, 255),
     draft: bool = True,
     seed: int = 0,

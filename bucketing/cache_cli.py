@@ -25,7 +25,7 @@ from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.report import ConfigError, _area, _positive_int
 from bucketing.scan import scan
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
-from transforms.resize_crop import RESAMPLE_MODES
+from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MODELS = ("flux", "flux-schnell", "sdxl", "sd3")
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random crops cached per image (with --crop random)")
     p.add_argument("--flip-p", type=float, default=0.0, metavar="P",
                    help="flip probability the dataset will use; > 0 caches flipped latents")
-    p.add_argument("--resample", default="lanczos", choices=RESAMPLE_MODES)
+    p.add_argument("--resample", default=DEFAULT_RESAMPLE, choices=RESAMPLE_MODES)
     p.add_argument("--t5-padding", default="trimmed", choices=T5_PADDINGS,
                    help="store T5 rows up to each caption's tokens, or the full padded length")
     p.add_argument("--t5-length", type=_positive_int, metavar="L",
