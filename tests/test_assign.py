@@ -69,6 +69,9 @@ def check_basic(a: Assignment, sizes: np.ndarray, ladder: BucketLadder) -> None:
     assert ((a.resolution_loss[ok] >= 0) & (a.resolution_loss[ok] < 1)).all()
     assert all(a.reasons[i] is None for i in np.flatnonzero(ok))
     assert all(isinstance(a.reasons[i], str) for i in np.flatnonzero(~ok))
+    aspect = sizes[:, 0] / sizes[:, 1]
+    beyond = (aspect > ladder.max_aspect) | (aspect < 1 / ladder.max_aspect)
+    assert a.extreme.tolist() == beyond.tolist()
 
 
 def check_optimal(a: Assignment, sizes: np.ndarray, ladder: BucketLadder) -> None:
