@@ -19,6 +19,7 @@ from bench.assign import padding, realistic_sizes  # noqa: E402
 from bucketing.assign import Assignment, assign  # noqa: E402
 from bucketing.index import ImageIndex  # noqa: E402
 from bucketing.ladder import MODEL_SPECS, BucketLadder  # noqa: E402
+from samplers import BucketBatchSampler  # noqa: E402
 
 PRESETS = {name: BucketLadder.for_model(name) for name in MODEL_SPECS}
 
@@ -69,6 +70,9 @@ def check_basic(a: Assignment, sizes: np.ndarray, ladder: BucketLadder) -> None:
     assert ((a.resolution_loss[ok] >= 0) & (a.resolution_loss[ok] < 1)).all()
     assert all(a.reasons[i] is None for i in np.flatnonzero(ok))
     assert all(isinstance(a.reasons[i], str) for i in np.flatnonzero(~ok))
+    aspect = sizes[:, 0] / sizes[:, 1]
+    beyond = (aspect > ladder.max_aspect) | (aspect < 1 / ladder.max_aspect)
+    assert a.extreme.tolist() == beyond.tolist()
 
 
 def check_optimal(a: Assignment, sizes: np.ndarray, ladder: BucketLadder) -> None:
@@ -318,6 +322,20 @@ def test_flux_preset_on_a_realistic_photo_mix() -> None:
     assert (1 - ok.mean()) <= 0.02 and not a.upscaled.any()
     assert a.resolution_loss[ok].mean() <= 0.08
     assert a.crop_loss[ok].mean() < 0.016
+
+
+@settings(deadline=None, max_examples=15)
+@given(counts=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+       batch=st.integers(1, 5), world=st.sampled_from([1, 2, 8]))
+def test_bench_padding_is_the_samplers(counts: list[int], batch: int, world: int) -> None:
+    """bench/assign.py's padding figures, computed from bucket counts, are what the sampler
+    pads (its default mode on this branch's sampler)."""
+    ids = np.repeat(np.arange(len(counts)), counts)
+    if not len(ids):
+        return
+    stats = BucketBatchSampler(ids, batch_size=batch, world_size=world, rank=0).stats()
+    mode = stats.get("last_batch", "pad")
+    assert padding(np.array(counts), batch, world, mode) == stats["padded"]
 
 
 def test_bench_padding_rule() -> None:
