@@ -49,7 +49,7 @@ from bucketing.scan import scan
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
 from transforms.image import load_image
-from transforms.resize_crop import BucketResizeCrop, resized_size
+from transforms.resize_crop import BucketResizeCrop
 from transforms.tokenize import CLIP_MAX_LENGTH, FluxTokenizer, load_clip_tokenizer
 
 SCHEMA_VERSION = 2
@@ -310,7 +310,7 @@ def _bucket_lines(figures: dict[str, Any], width: int) -> list[str]:
     if thin:
         lines.append(
             f"  ! {_plural(len(thin), 'bucket')} hold fewer images than one global step "
-            "(they will be mostly padding):"
+            "(a short batch, or duplicates where fewer images than ranks):"
         )
         names = ", ".join(
             f"{b['width']}x{b['height']} ({b['images']} of {b['global_step']})" for b in thin
@@ -337,11 +337,14 @@ def _quality_lines(q: dict[str, Any], max_aspect: float) -> list[str]:
 
 
 def _plan_lines(plan: dict[str, Any]) -> list[str]:
-    images = plan["accepted"] - plan["dropped"]
+    kept = plan["samples"] - plan["dropped"]
+    what = (f"{kept} occurrences of {plan['accepted']} images" if plan["repeats"]
+            else _plural(kept, "image"))
     return [
-        f"Plan       {plan['steps']} steps per rank per epoch · "
-        f"{images + plan['padded']} samples per epoch ({_plural(images, 'image')} + "
-        f"{_plural(plan['padded'], 'padded duplicate')}) · {plan['dropped']} dropped"
+        f"Plan       {plan['steps']} steps per rank per epoch · {kept + plan['padded']} samples "
+        f"per epoch ({what} + {_plural(plan['padded'], 'padded duplicate')}) · "
+        f"{plan['dropped']} dropped · last batch {plan['last_batch']}: "
+        f"{plan['short_steps']} short"
     ]
 
 
@@ -437,6 +440,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _repeats(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of repeats, got {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"expected repeats above 0, got {text!r}")
+    return value
+
+
 def _area(text: str) -> int:
     """An area in pixels: ``1048576`` or ``1024x1024``."""
     w, sep, h = text.lower().partition("x")
@@ -482,8 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=_positive_int, default=1, metavar="W",
                    help="number of ranks (GPUs) to plan for (default: 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed (default: 0)")
-    p.add_argument("--drop-last", action="store_true",
-                   help="drop each bucket's last partial global step instead of padding it")
+    last = p.add_mutually_exclusive_group()
+    last.add_argument("--last-batch", choices=("short", "pad", "drop"), default="short",
+                      help="each bucket's last partial global step: split short across ranks "
+                      "(default), padded with duplicates, or dropped")
+    last.add_argument("--drop-last", dest="last_batch", action="store_const", const="drop",
+                      help="the same as --last-batch drop")
+    p.add_argument("--repeats", type=_repeats, default=1.0, metavar="R",
+                   help="times each image appears per epoch (a fraction is drawn per epoch)")
     p.add_argument("--allow-upscale", action="store_true",
                    help="give images smaller than every bucket the nearest smallest bucket")
     p.add_argument("--tokenizers", metavar="DIR",
@@ -518,7 +537,8 @@ def plan_figures(
     )
     sampler = _config(
         BucketBatchSampler, assignment, **size, world_size=args.world_size, rank=0,
-        seed=args.seed, drop_last=args.drop_last,
+        seed=args.seed, last_batch=args.last_batch,
+        repeats=None if args.repeats == 1 else args.repeats,
     )
     stats = sampler.stats()
     # "bucket", "wh" and "count" repeat the report's id, width x height and images.
@@ -530,7 +550,6 @@ def plan_figures(
         "batch_size": size.get("batch_size"),
         "max_pixels_per_batch": size.get("max_pixels_per_batch"),
         "seed": args.seed,
-        "drop_last": args.drop_last,
         **{k: v for k, v in stats.items() if k != "buckets"},
     }
     return plan, per_bucket
@@ -540,14 +559,16 @@ def advice(plan: dict[str, Any] | None, buckets: list[dict[str, Any]]) -> dict[s
     """``{"problems": [...], "fix": ...}`` when padding duplicates outnumber the images of an
     epoch, or when many buckets (at least 3, a quarter of those used) hold one image; None
     otherwise. The fix is a ladder of the data's own buckets, about one global step of images
-    per bucket (``--max-buckets K``, i.e. ``BucketLadder.from_data(index, max_buckets=K)``)."""
+    per bucket (``--max-buckets K``, i.e. ``BucketLadder.from_data(index, max_buckets=K)``),
+    or for padding alone on one GPU, short last batches (``--last-batch short``)."""
     if plan is None or not buckets:
         return None
-    images = plan["accepted"] - plan["dropped"]
+    images = plan["samples"] - plan["dropped"]
     step = int(np.median([b["global_step"] for b in buckets]))
     k = max(1, plan["accepted"] // step)
     problems = []
-    if plan["padded"] > images:
+    padding = plan["padded"] > images
+    if padding:
         problems.append(f"most of the epoch is padding: {plan['padded']} of "
                         f"{images + plan['padded']} samples are duplicates "
                         f"({_plural(len(buckets), 'bucket')} for {plan['accepted']} images)")
@@ -557,8 +578,12 @@ def advice(plan: dict[str, Any] | None, buckets: list[dict[str, Any]]) -> dict[s
                         "in a batch of its own)")
     if not problems:
         return None
-    return {"problems": problems,
-            "fix": f"--max-buckets {k}  (in code: BucketLadder.from_data(index, max_buckets={k}))"}
+    if padding and len(problems) == 1 and plan["last_batch"] == "pad" and plan["world_size"] == 1:
+        # On one GPU short last batches need no duplicate at all.
+        fix = '--last-batch short  (in code: BucketBatchSampler(..., last_batch="short"))'
+    else:
+        fix = f"--max-buckets {k}  (in code: BucketLadder.from_data(index, max_buckets={k}))"
+    return {"problems": problems, "fix": fix}
 
 
 def measure_tokens(folder: str, model: str, captions: list[str]) -> dict[str, Any]:
@@ -677,11 +702,9 @@ def preview_tiles(
         sample, original = loaded
         used = sample["index"]
         height, width = sample["original_size"]
-        bw, bh = bucket["width"], bucket["height"]
-        new_w, new_h = resized_size(width, height, (bw, bh), allow_upscale=True)
-        y, x = sample["crop_top_left"]
-        if sample["flipped"]:  # crop_top_left is mirrored on a flip: undo it to draw the box
-            x = new_w - x - bw
+        fit = sample["fit"]  # the params the dataset drew: the box is the one it cut
+        y, x, bh, bw = fit.crop
+        new_w, new_h = fit.resized
         original.thumbnail((640, 640), Image.Resampling.LANCZOS)
         kx, ky = original.width / new_w, original.height / new_h
         tiles.append(
@@ -692,7 +715,7 @@ def preview_tiles(
                 title=f"{_fit(escape(os.path.basename(index.paths[used])) or f'row {used}', 30)}\n"
                 f"{width}x{height}",
                 caption=sample["caption"],
-                flipped=bool(sample["flipped"]),
+                flipped=fit.flip,
             )
         )
     return tiles

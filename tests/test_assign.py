@@ -334,7 +334,7 @@ def test_bench_padding_is_the_samplers(counts: list[int], batch: int, world: int
     if not len(ids):
         return
     stats = BucketBatchSampler(ids, batch_size=batch, world_size=world, rank=0).stats()
-    mode = stats.get("last_batch", "pad")
+    mode = stats["last_batch"]
     assert padding(np.array(counts), batch, world, mode) == stats["padded"]
 
 

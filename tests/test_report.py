@@ -100,9 +100,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, flux_tokenizer_dir: Path) -> 
         "missing": [str(tmp / "no_such_folder")],
         "empty": [str(tmp / "empty")],
         "advice": [str(_write_one_image_buckets(tmp / "shapes")), "--batch-size", "4",
-                   "--workers", "1", "--json", str(tmp / "advice.json")],
-        "advice_fixed": [str(tmp / "shapes"), "--batch-size", "4", "--workers", "1",
-                         "--max-buckets", "1", "--json", "-"],
+                   "--world-size", "4", "--workers", "1", "--json", str(tmp / "advice.json")],
+        "advice_fixed": [str(tmp / "shapes"), "--batch-size", "4", "--world-size", "4",
+                         "--workers", "1", "--max-buckets", "1", "--json", "-"],
+        "repeats": [str(tmp / "shapes"), "--batch-size", "4", "--repeats", "3",
+                    "--last-batch", "pad", "--workers", "1", "--json", "-"],
+        "pad_one_gpu": [str(folder), "--batch-size", "8", "--last-batch", "pad", "--workers",
+                        "1", "--json", "-"],
     }
     env = {**os.environ, "COLUMNS": "100"}
     procs = {
@@ -144,8 +148,8 @@ def test_text_report_has_the_expected_figures(runs: dict[str, Any]) -> None:
     assert "3 buckets hold fewer images than one global step" in text
     plan = " ".join(text.split("Plan", 1)[1].split("\n\n", 1)[0].split())
     assert plan == ("3 steps per rank per epoch · 7 samples per epoch (6 images + 1 padded "
-                    "duplicate) · 0 dropped")  # short last batches: a duplicate only at world 2
-    assert "Advice" not in text  # as many images as duplicates: not "most of the epoch"
+                    "duplicate) · 0 dropped · last batch short: 3 short")
+    assert "Advice" not in text
     assert "extreme aspect (beyond 4:1) 1" in text and "upscaled 0" in text
     assert "4 images without a caption · 1 with several" in text
     clip = next(ln for ln in text.splitlines() if "CLIP (77)" in ln)
@@ -172,7 +176,7 @@ def test_json_to_stdout_keeps_text_on_stderr(runs: dict[str, Any]) -> None:
         assert b["batch_size"] == max(1, 1024 * 1024 // (b["width"] * b["height"]))
     small = next(b for b in figures["buckets"] if b["width"] == b["height"] == 512)
     assert small["batch_size"] == 4 and small["steps"] == 0 and small["dropped"] == 2
-    assert plan["dropped"] == 2 and plan["padded"] == 0 and plan["drop_last"] is True
+    assert plan["dropped"] == 2 and plan["padded"] == 0 and plan["last_batch"] == "drop"
     assert plan["steps"] == sum(b["steps"] for b in figures["buckets"]) == 4
 
 
@@ -216,12 +220,13 @@ SCHEMA: dict[str, Any] = {
     "timings": ("map", float),
     # The report's batch settings, then the sampler's stats() keys as they are.
     "plan": ({"batch_size": (int, None), "max_pixels_per_batch": (int, None), "seed": int,
-              "drop_last": bool, "epoch": int, "world_size": int, "num_indices": int,
-              "accepted": int, "excluded": int, "steps": int, "padded": int, "dropped": int},
+              "epoch": int, "world_size": int, "last_batch": str, "batching": ("map", object),
+              "repeats": bool, "num_indices": int, "accepted": int, "excluded": int,
+              "samples": int, "steps": int, "padded": int, "dropped": int, "short_steps": int},
              None),
     "buckets": [{"id": int, "width": int, "height": int, "aspect": float, "images": int,
-                 "share": float, "global_step": int, "underfilled": bool,
-                 "batch_size": int, "steps": int, "padded": int, "dropped": int}],
+                 "share": float, "global_step": int, "underfilled": bool, "samples": int,
+                 "batch_size": int, "steps": int, "padded": int, "dropped": int, "short": bool}],
     "advice": ({"problems": [str], "fix": str}, None),
     "quality": {"crop_loss": _STATS, "resolution_loss": _STATS, "upscaled": int,
                 "extreme_aspect": int},
@@ -359,7 +364,8 @@ def test_advice_when_most_of_the_epoch_is_padding(runs: dict[str, Any]) -> None:
     figures = json.loads((runs["folder"].parent / "advice.json").read_text())
     _validate(figures)
     plan = figures["plan"]
-    assert (plan["accepted"], plan["padded"]) == (6, 18)  # six buckets of one, batch 4
+    # Six buckets of one image on 4 ranks: each last step gives 3 ranks a duplicate.
+    assert (plan["accepted"], plan["padded"]) == (6, 18)
     problems = figures["advice"]["problems"]
     assert problems[0].startswith("most of the epoch is padding: 18 of 24 samples")
     assert problems[1].startswith("6 of 6 buckets hold a single image")
@@ -370,13 +376,13 @@ def test_advice_when_most_of_the_epoch_is_padding(runs: dict[str, Any]) -> None:
     at = next(i for i, ln in enumerate(lines) if ln.startswith("Advice   ! most of the epoch"))
     assert lines[at + 1].startswith("         ! 6 of 6 buckets")
     assert lines[at + 2] == "           fix: " + fix
-    # The printed setting fixes it: one bucket, a full batch, 2 duplicates instead of 18.
+    # The printed setting fixes it: one bucket of 6 images on 4 ranks, no duplicate.
     fixed = runs["advice_fixed"]
     assert fixed.returncode == 0, fixed.stderr
     after = json.loads(fixed.stdout)
     _validate(after)
     assert after["advice"] is None and "Advice" not in fixed.stderr
-    assert len(after["buckets"]) == 1 and after["plan"]["padded"] == 2
+    assert len(after["buckets"]) == 1 and after["plan"]["padded"] == 0
     assert after["ladder"]["model"] == "flux" and len(after["ladder"]["buckets"]) == 1
 
 
@@ -435,3 +441,22 @@ def test_outputs_are_checked_before_the_report_runs(
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         _refused(capsys, [src, "--json", str(locked / "r.json")], "not writable")
+
+
+def test_repeats_and_padding_with_the_fix_for_one_gpu(runs: dict[str, Any]) -> None:
+    r = runs["repeats"]
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(r.stdout)
+    _validate(figures)
+    plan = figures["plan"]
+    assert plan["repeats"] is True and plan["samples"] == 18 and plan["last_batch"] == "pad"
+    assert plan["padded"] == 6  # 3 occurrences per bucket of 4: one duplicate each
+    assert "18 occurrences of 6 images + 6 padded duplicates" in " ".join(r.stderr.split())
+    assert figures["advice"]["problems"][0].startswith("6 of 6 buckets hold a single image")
+    assert figures["advice"]["fix"].startswith("--max-buckets 1 ")
+    pad = runs["pad_one_gpu"]
+    assert pad.returncode == 0, pad.stderr
+    advice = json.loads(pad.stdout)["advice"]
+    assert advice["problems"] == ["most of the epoch is padding: 18 of 24 samples are "
+                                  "duplicates (3 buckets for 6 images)"]
+    assert advice["fix"].startswith("--last-batch short ")
