@@ -4,7 +4,7 @@ from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import load_image
-from transforms.resize_crop import BucketResizeCrop
+from transforms.resize_crop import BucketResizeCrop, FitParams
 from transforms.tokenize import (
     FluxTokenizer,
     PromptTokenizer,
@@ -23,6 +23,7 @@ from transforms.tokenize import (
 __all__ = [
     "BucketResizeCrop",
     "CaptionTransform",
+    "FitParams",
     "FluxEncoders",
     "FluxTokenizer",
     "SD3Encoders",
