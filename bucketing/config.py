@@ -14,6 +14,7 @@ in YAML (``.yaml`` / ``.yml``)::
     [datasets.captions]        # CaptionTransform's options
     template = "a photo of sks person, {caption}"
     dropout = 0.1
+    tag_dropout = 0.05         # each comma-separated tag dropped with this probability
 
     [[datasets]]
     source = "regularisation.parquet"
@@ -56,7 +57,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CAPTION_KEYS = ("template", "prefix", "suffix", "dropout", "shuffle_parts", "keep_parts",
-                "separator")
+                "separator", "tag_dropout")
 # key -> (accepted types, what its value must be)
 TOP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "model": ((str,), f"one of {', '.join(MODEL_SPECS)}"),

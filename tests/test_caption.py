@@ -1,4 +1,5 @@
-"""CaptionTransform: determinism, part shuffle invariants, dropout rate, templates, validation."""
+"""CaptionTransform: determinism, part shuffle invariants, dropout rate, tag dropout, templates,
+validation."""
 
 from __future__ import annotations
 
@@ -103,6 +104,55 @@ def test_caption_pick_is_uniform_and_independent_of_dropout_rate():
         assert out == "" or out == a(caps, rng(5, i))
 
 
+def is_subsequence(short: list[str], long: list[str]) -> bool:
+    rest = iter(long)
+    return all(part in rest for part in short)
+
+
+@settings(deadline=None, max_examples=60)
+@given(parts=parts_list, keep=st.integers(0, 14), p=st.floats(1e-6, 1), seed=seeds)
+def test_tag_dropout_keeps_an_ordered_subset_and_the_first_parts(parts, keep, p, seed):
+    caption = ",".join(parts)
+    out = CaptionTransform(tag_dropout=p, keep_parts=keep)([caption], rng(seed))
+    got = split_parts(out)
+    assert is_subsequence(got, parts)
+    assert got[:keep] == parts[:keep]
+    assert out == ", ".join(got)
+    # p = 1 keeps only the kept-first parts; p = 0 keeps every part
+    assert split_parts(CaptionTransform(tag_dropout=1.0, keep_parts=keep)([caption], rng(seed))
+                       ) == parts[:keep]
+    assert split_parts(CaptionTransform(tag_dropout=0.0)([caption], rng(seed))) == [
+        q.strip() for q in parts]
+
+
+@settings(deadline=None, max_examples=60)
+@given(captions=captions_list, seed=seeds, dropout=st.floats(0, 1), keep=st.integers(0, 3),
+       shuffle=st.booleans())
+def test_tag_dropout_off_changes_nothing(captions, seed, dropout, keep, shuffle):
+    # the same draws as a transform without the option, whatever the other settings
+    keep = keep if shuffle else 0
+    kwargs = {"dropout": dropout, "shuffle_parts": shuffle, "keep_parts": keep,
+              "template": "sks, {caption}"}
+    assert CaptionTransform(**kwargs, tag_dropout=0.0)(captions, rng(seed)) == CaptionTransform(
+        **kwargs)(captions, rng(seed))
+
+
+def test_tag_dropout_rate_and_draw_order():
+    caption = ", ".join(f"tag{i}" for i in range(10))
+    t = CaptionTransform(tag_dropout=0.3, keep_parts=2)
+    outs = [split_parts(t([caption], rng(0, i))) for i in range(500)]
+    dropped = sum(10 - len(o) for o in outs)
+    n = 500 * 8  # the two kept parts are never drawn
+    assert abs(dropped - 0.3 * n) <= 5 * math.sqrt(n * 0.3 * 0.7)
+    assert all(o[:2] == ["tag0", "tag1"] for o in outs)
+    # Caption dropout and the pick come first: a kept sample gets the same caption's tags.
+    caps = ["a, b, c, d", "e, f, g, h"]
+    plain, both = CaptionTransform(), CaptionTransform(dropout=0.2, tag_dropout=0.5)
+    for i in range(200):
+        out = both(caps, rng(3, i))
+        assert out == "" or is_subsequence(split_parts(out), split_parts(plain(caps, rng(3, i))))
+
+
 @settings(deadline=None, max_examples=40)
 @given(caption=st.text(max_size=40).filter(lambda s: s.strip() == s and s), seed=seeds)
 def test_template_prefix_suffix_applied(caption, seed):
@@ -135,6 +185,8 @@ def test_no_caption_and_braces_in_captions():
         ({"template": "a photo of sks person"}, r"\{caption\}"),
         ({"keep_parts": -1, "shuffle_parts": True}, "keep_parts must be >= 0"),
         ({"keep_parts": 2}, "only applies when shuffle_parts=True"),
+        ({"tag_dropout": 1.5}, r"tag_dropout must be in \[0, 1\]"),
+        ({"tag_dropout": float("nan")}, r"tag_dropout must be in \[0, 1\]"),
         ({"separator": ""}, "separator must be a non-empty string"),
     ],
 )
@@ -146,5 +198,7 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
 def test_bad_types_raise():
     with pytest.raises(TypeError):
         CaptionTransform(dropout="0.1")
+    with pytest.raises(TypeError, match="tag_dropout must be a number"):
+        CaptionTransform(tag_dropout=True)
     with pytest.raises(TypeError):
         CaptionTransform()([b"bytes caption", "x"], rng(0))

@@ -3,7 +3,6 @@ and errors that name the key and the line."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import subprocess
@@ -43,6 +42,7 @@ max_aspect = 2.0
 [datasets.captions]
 shuffle_parts = true
 keep_parts = 1
+tag_dropout = 0.5
 """
 
 
@@ -71,7 +71,8 @@ def python_api(project: Path) -> tuple[MixedDataset, BucketBatchSampler]:
     reg = text_to_image_dataset(
         tokenizer, source=project / "regularisation", model="flux",
         ladder={"max_area": 192 * 192, "max_aspect": 2.0}, crop="center",
-        captions={"shuffle_parts": True, "keep_parts": 1}, seed=part_seed(5, 1), workers=0,
+        captions={"shuffle_parts": True, "keep_parts": 1, "tag_dropout": 0.5},
+        seed=part_seed(5, 1), workers=0,
     )
     mixed = MixedDataset({"me": me, "regularisation": reg})
     return mixed, BucketBatchSampler(mixed, batch_size=2, seed=5)
@@ -117,17 +118,25 @@ def test_load_config_values(project):
     assert config.tokenizers == str(project / "tokenizers")
 
 
-@pytest.mark.skipif("repeats" not in inspect.signature(BucketBatchSampler).parameters,
-                    reason="needs the sampler's per-row repeats")
 def test_repeats_per_dataset(project):
     text = CONFIG.replace('name = "me"', 'name = "me"\nrepeats = 3').replace(
         'source = "regularisation"', 'source = "regularisation"\nrepeats = 0.5')
     (project / "data.toml").write_text(text)
     dataset, sampler = from_config(project / "data.toml", model_transform=None)
-    counts = np.bincount([int(i) for batch in sampler for i in batch], minlength=len(dataset))
+    ours, _ = python_api(project)
+    same = BucketBatchSampler(ours, batch_size=2, seed=5, repeats=ours.row_repeats([3, 0.5]))
+    plan = list(sampler)
+    assert plan == list(same)
+    counts = np.bincount([int(i) for batch in plan for i in batch], minlength=len(dataset))
     me = (dataset.dataset_of == 0) & (dataset.bucket_id >= 0)
     assert (counts[me] >= 3).all()
     assert counts[(dataset.dataset_of == 1)].max() <= 1 + 1  # (at most one pad duplicate)
+    # a repeated row's occurrences are told apart, so each draws its own crop and caption
+    occurrences = {}
+    for i in (i for batch in plan for i in batch):
+        occurrences.setdefault(int(i), []).append(i.occurrence)
+    row = int(np.flatnonzero(me)[0])
+    assert sorted(occurrences[row])[:3] == [0, 1, 2]
 
 
 @pytest.mark.parametrize(("old", "new", "line", "message"), [
@@ -149,6 +158,10 @@ def test_repeats_per_dataset(project):
     ("template = ", "template = 'no placeholder'\n#", 11,
      "datasets[0].captions: template must be a string containing '{caption}'"),
     ("max_aspect = 2.0", "max_aspect = 0.5", 18, "datasets[1].ladder: max_aspect must be >= 1"),
+    ("tag_dropout = 0.5", "tag_dropout = 1.5", 21,
+     "datasets[1].captions: tag_dropout must be in [0, 1], got 1.5"),
+    ("tag_dropout = 0.5", 'tag_dropout = "0.5"', 21,
+     "datasets[1].captions: tag_dropout must be a number in [0, 1], got '0.5'"),
 ])
 def test_errors_name_the_key_and_the_line(project, old, new, line, message):
     path = project / "data.toml"
@@ -224,7 +237,7 @@ datasets:
   - source: regularisation
     crop: center
     ladder: {max_area: 36864, max_aspect: 2.0}
-    captions: {shuffle_parts: true, keep_parts: 1}
+    captions: {shuffle_parts: true, keep_parts: 1, tag_dropout: 0.5}
 """
 
 

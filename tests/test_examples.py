@@ -42,11 +42,15 @@ def trained_lora(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_train_flux_lora(repo_root, flux_tokenizer_dir, tmp_path):
-    weights = tiny_checkout(repo_root, "flux", tmp_path / "flux", flux_tokenizer_dir)
-    out = run(repo_root, "train_flux_lora.py", "--weights", str(weights), "--steps", str(STEPS),
-              "--max-area", str(256 * 256), "--t5-max-length", "64", "--batch-size", "2",
-              "--workers", "2", "--device", "cpu", "--save", str(tmp_path / "lora"))
+@pytest.fixture(scope="module")
+def tiny_flux(repo_root, flux_tokenizer_dir, tmp_path_factory) -> Path:
+    """examples/tiny_models.py's FLUX checkout, written once for this module."""
+    return tiny_checkout(repo_root, "flux", tmp_path_factory.mktemp("tiny") / "flux",
+                         flux_tokenizer_dir)
+
+
+def check_flux_steps(out: str) -> None:
+    """The example printed STEPS steps of buckets within 256², with FLUX.1-dev's mu."""
     lines = re.findall(r"^step +\d+ .*bucket (\d+)x(\d+) .*tokens (\d+) +mu ([\d.]+) +"
                        r"loss ([\d.]+)$", out, flags=re.M)
     assert len(lines) == STEPS, out
@@ -57,6 +61,33 @@ def test_train_flux_lora(repo_root, flux_tokenizer_dir, tmp_path):
         # diffusers' calculate_shift with FLUX.1-dev's scheduler values, for this bucket
         assert float(mu) == pytest.approx(0.5 + (int(tokens) - 256) * 0.65 / 3840, abs=1e-3)
         assert float(loss) > 0
+
+
+def test_train_flux_lora(repo_root, tiny_flux, tmp_path):
+    out = run(repo_root, "train_flux_lora.py", "--weights", str(tiny_flux), "--steps", str(STEPS),
+              "--max-area", str(256 * 256), "--t5-max-length", "64", "--batch-size", "2",
+              "--workers", "2", "--device", "cpu", "--save", str(tmp_path / "lora"))
+    check_flux_steps(out)
+    assert any("transformer" in name for name in trained_lora(tmp_path / "lora"))
+
+
+def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny_flux, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    data, cache = str(repo_root / "examples" / "data"), str(tmp_path / "cache")
+    built = subprocess.run(
+        [sys.executable, "-m", "bucketing.cache_cli", data, "--weights", str(tiny_flux), "--out",
+         cache, "--dtype", "float32", "--t5-length", "64", "--max-area", str(256 * 256),
+         "--flip-p", "0.5", "--loader-workers", "0"],
+        capture_output=True, text=True, timeout=400, env=env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    # No VAE or text encoder on the training side: a checkout holding only the transformer.
+    (tmp_path / "transformer-only").mkdir()
+    (tmp_path / "transformer-only" / "transformer").symlink_to(tiny_flux / "transformer")
+    out = run(repo_root, "train_flux_lora.py", "--weights", str(tmp_path / "transformer-only"),
+              "--cache", cache, "--data", data, "--steps", str(STEPS), "--max-area",
+              str(256 * 256), "--batch-size", "2", "--workers", "2", "--device", "cpu",
+              "--save", str(tmp_path / "lora"))
+    check_flux_steps(out)
     assert any("transformer" in name for name in trained_lora(tmp_path / "lora"))
 
 

@@ -1,12 +1,16 @@
-"""Caption augmentation: pick one of several captions, dropout, part shuffle, trigger phrases.
+"""Caption augmentation: pick one of several captions, dropout, part shuffle, tag dropout,
+trigger phrases.
 
-A functional core (`pick_caption`, `shuffle_parts`, `format_caption`, `transform_caption`) and a
+A functional core (`pick_caption`, `shuffle_parts`, `drop_parts`, `format_caption`,
+`transform_caption`) and a
 thin, picklable `CaptionTransform` that validates its settings once. All randomness comes from
 the generator passed in (the dataset builds it with `transforms.rng.sample_rng(seed, epoch,
 index, "caption")`), so the same sample gets the same caption in any worker and after a resume.
 
-Draw order is fixed — one uniform for dropout, then the caption pick, then the part shuffle —
-so changing the dropout rate does not change which caption or order the kept samples get.
+Draw order is fixed — one uniform for dropout, then the caption pick, then the part shuffle,
+then (only when tag dropout is on) one uniform per part after the kept ones — so changing the
+dropout rate does not change which caption or order the kept samples get, and turning tag
+dropout off gives exactly the captions of a transform without it.
 """
 
 from __future__ import annotations
@@ -62,6 +66,23 @@ def shuffle_parts(
     return join_parts(head + [tail[i] for i in order], separator)
 
 
+def drop_parts(
+    caption: str, rng: np.random.Generator, p: float, *, separator: str = ",", keep_parts: int = 0
+) -> str:
+    """Drop each ``separator``-separated part with probability ``p`` (kohya's
+    ``caption_tag_dropout_rate``), never the first ``keep_parts``; the rest keep their order.
+
+    Draws one uniform per part after the kept ones (none when ``p`` is 0). Parts are stripped
+    and re-joined as :func:`shuffle_parts` does.
+    """
+    parts = split_parts(caption, separator)
+    head, tail = parts[:keep_parts], parts[keep_parts:]
+    if p > 0 and tail:
+        draws = rng.random(len(tail))
+        tail = [part for part, u in zip(tail, draws, strict=True) if u >= p]
+    return join_parts(head + tail, separator)
+
+
 def format_caption(
     caption: str, *, prefix: str = "", suffix: str = "", template: str | None = None
 ) -> str:
@@ -86,8 +107,9 @@ def transform_caption(
     prefix: str = "",
     suffix: str = "",
     template: str | None = None,
+    tag_dropout: float = 0.0,
 ) -> str:
-    """Pick, drop out, shuffle, then format one training caption.
+    """Pick, drop out, shuffle, drop tags, then format one training caption.
 
     A dropped-out caption is exactly "" (the unconditional prompt for classifier-free
     guidance): prefix, suffix and template are not applied to it.
@@ -98,6 +120,8 @@ def transform_caption(
         return ""
     if shuffle:
         caption = shuffle_parts(caption, rng, separator=separator, keep_parts=keep_parts)
+    if tag_dropout > 0:
+        caption = drop_parts(caption, rng, tag_dropout, separator=separator, keep_parts=keep_parts)
     return format_caption(caption, prefix=prefix, suffix=suffix, template=template)
 
 
@@ -109,10 +133,13 @@ class CaptionTransform:
     Args:
         dropout: probability in [0, 1] of returning "" (for classifier-free guidance).
         shuffle_parts: shuffle the ``separator``-separated parts of the caption (tag lists).
-        keep_parts: with ``shuffle_parts``, the number of leading parts kept in place.
+        keep_parts: with ``shuffle_parts`` or ``tag_dropout``, the number of leading parts
+            kept in place (and never dropped).
         separator: the part separator (default ",").
         prefix, suffix: text concatenated before / after the caption (trigger words).
         template: a string containing ``{caption}``, e.g. "a photo of sks person, {caption}".
+        tag_dropout: probability in [0, 1] of dropping each part after the first
+            ``keep_parts`` (kohya's ``caption_tag_dropout_rate``), after the shuffle.
     """
 
     def __init__(
@@ -124,19 +151,21 @@ class CaptionTransform:
         prefix: str = "",
         suffix: str = "",
         template: str | None = None,
+        tag_dropout: float = 0.0,
     ) -> None:
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise TypeError(f"dropout must be a number in [0, 1], got {dropout!r}")
-        if not (0.0 <= dropout <= 1.0) or math.isnan(dropout):
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        for name, rate in (("dropout", dropout), ("tag_dropout", tag_dropout)):
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+                raise TypeError(f"{name} must be a number in [0, 1], got {rate!r}")
+            if not (0.0 <= rate <= 1.0) or math.isnan(rate):
+                raise ValueError(f"{name} must be in [0, 1], got {rate}")
         if isinstance(keep_parts, bool) or not isinstance(keep_parts, (int, np.integer)):
             raise TypeError(f"keep_parts must be an int >= 0, got {keep_parts!r}")
         if keep_parts < 0:
             raise ValueError(f"keep_parts must be >= 0, got {keep_parts}")
-        if keep_parts and not shuffle_parts:
+        if keep_parts and not shuffle_parts and not tag_dropout:
             raise ValueError(
-                f"keep_parts={keep_parts} only applies when shuffle_parts=True; "
-                "set shuffle_parts=True or leave keep_parts=0"
+                f"keep_parts={keep_parts} only applies when shuffle_parts=True or tag_dropout "
+                "> 0; set one of them or leave keep_parts=0"
             )
         if not isinstance(separator, str) or not separator:
             raise ValueError(f"separator must be a non-empty string, got {separator!r}")
@@ -155,6 +184,7 @@ class CaptionTransform:
         self.prefix = prefix
         self.suffix = suffix
         self.template = template
+        self.tag_dropout = float(tag_dropout)
 
     @overload
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]: ...
@@ -180,11 +210,13 @@ class CaptionTransform:
             prefix=self.prefix,
             suffix=self.suffix,
             template=self.template,
+            tag_dropout=self.tag_dropout,
         )
 
     def __repr__(self) -> str:
         return (
             f"CaptionTransform(dropout={self.dropout}, shuffle_parts={self.shuffle_parts}, "
             f"keep_parts={self.keep_parts}, separator={self.separator!r}, prefix={self.prefix!r}, "
-            f"suffix={self.suffix!r}, template={self.template!r})"
+            f"suffix={self.suffix!r}, template={self.template!r}, "
+            f"tag_dropout={self.tag_dropout})"
         )
