@@ -186,6 +186,12 @@ class _Tables:
         max_area = np.array([self.area[s].max() if s.stop > s.start else 0.0 for s in slices])
         # The largest bucket area in levels 0..j: bounds what going down to level j can gain.
         self.area_at_or_below = np.maximum.accumulate(max_area)
+        # The aspect range of levels 0..j: an image outside it loses at least its distance.
+        r = ladder.aspects
+        self.aspect_lo_at_or_below = np.minimum.accumulate(
+            [r[s].min() if s.stop > s.start else np.inf for s in slices])
+        self.aspect_hi_at_or_below = np.maximum.accumulate(
+            [r[s].max() if s.stop > s.start else 0.0 for s in slices])
         self.side = int(b.max())
         v = np.arange(self.side + 1)
         self.hi = np.empty((n_levels, self.side + 1), dtype=np.int64)
@@ -236,10 +242,9 @@ def _search(
         # Go one level down only where that level could still win: its best possible
         # resolution loss must not exceed the best total loss found so far.
         level[rows] -= 1
-        lower = level[rows]
-        can = lower >= 0
-        bound = 1.0 - tb.area_at_or_below[lower[can]] / cap[rows[can]]
-        can[can] = bound <= best_f[rows[can]] + _TIE
+        can = level[rows] >= 0
+        rows = rows[can]
+        can = _lower_bound(tb, level[rows], aspect[rows], cap[rows]) <= best_f[rows] + _TIE
         rows = rows[can]
         if not len(rows):
             break
@@ -250,6 +255,21 @@ def _search(
         best_f[upd], best_id[upd], best_a[upd] = f[better], bid[better], a[better]
     best_id[~np.isfinite(best_f)] = -1
     return best_id
+
+
+# Slack on a lower bound before a level is skipped: far above the rounding of the losses,
+# far below any real difference, so that a level that could tie is still scored.
+_BOUND_SLACK = 1e-9
+
+
+def _lower_bound(tb: _Tables, level: np.ndarray, x: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """A lower bound (less a small slack) on the loss of any bucket in levels 0..``level``
+    for images of aspect ``x``: the resolution loss of the largest such bucket plus the crop
+    an aspect outside those levels' aspect range must lose."""
+    res = 1.0 - tb.area_at_or_below[level] / cap
+    crop = np.maximum(1.0 - tb.aspect_hi_at_or_below[level] / x,
+                      1.0 - x / tb.aspect_lo_at_or_below[level])
+    return res + np.maximum(crop, 0.0) - _BOUND_SLACK
 
 
 def _score_level(
@@ -362,7 +382,7 @@ def _result(
     n = len(best_id)
     # Row -1 of the padded table is (0, 0): rejected images need no mask.
     table = np.vstack([ladder.buckets, np.zeros((1, 2), dtype=np.int64)])
-    wh = table[best_id]
+    wh = np.take(table, best_id, axis=0)  # several times faster than table[best_id]
     scale, crop, res = np.empty(n), np.empty(n), np.empty(n)
     for lo in range(0, n, _CHUNK):
         sl = slice(lo, lo + _CHUNK)
