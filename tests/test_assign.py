@@ -343,3 +343,42 @@ def test_bench_padding_rule() -> None:
     assert padding(counts, 4, 1, "short") == 0
     assert padding(counts, 4, 8, "short") == 7 + 5 + 0 + 7 + 0  # ranks left without an image
     assert padding(counts, 4, 8, "pad") == 31 + 29 + 0 + 31 + 24
+
+
+def reference_assign(sizes: np.ndarray, ladder: BucketLadder) -> tuple[np.ndarray, ...]:
+    """(bucket id, scale, crop loss, resolution loss) from the dense brute-force losses: the
+    least loss, ties (within 1e-12) to the larger area, then the higher level, then the
+    lower id; the figures straight from their definitions."""
+    loss = brute_force(sizes, ladder)
+    tied = np.isfinite(loss) & (loss <= loss.min(axis=1, keepdims=True) + 1e-12)
+    key = np.where(tied, ladder.areas * 1000 + ladder.bucket_level, -1)  # levels < 1000
+    best = np.where(tied.any(axis=1), np.argmax(key, axis=1), -1)  # argmax: the lowest id
+    wh = np.where(best[:, None] >= 0, ladder.buckets[best], 0).astype(float)
+    w, h = sizes[:, 0].astype(float), sizes[:, 1].astype(float)
+    x, y = wh[:, 0] * h, wh[:, 1] * w
+    with np.errstate(invalid="ignore"):
+        scale = np.where(best >= 0, np.maximum(wh[:, 0] / w, wh[:, 1] / h), np.nan)
+        crop = np.where(best >= 0, 1.0 - np.minimum(x, y) / np.maximum(x, y), np.nan)
+    res = np.maximum(1.0 - wh[:, 0] * wh[:, 1] / np.minimum(w * h, ladder.max_area), 0.0)
+    return best, scale, crop, np.where(best >= 0, res, np.nan)
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    sizes=sizes_strategy,
+    ladder=st.one_of(
+        st.sampled_from([PRESETS[name] for name in sorted(PRESETS)]),
+        st.sets(st.tuples(st.integers(1, 40), st.integers(1, 40)), min_size=1, max_size=25)
+        .map(lambda b: BucketLadder.from_buckets([(w * 16, h * 16) for w, h in sorted(b)])),
+    ),
+)
+def test_matches_the_dense_reference_bit_for_bit(sizes: np.ndarray,
+                                                 ladder: BucketLadder) -> None:
+    """The windowed, pruned level search picks exactly the dense reference's bucket (tie
+    rules included) and reports exactly its scale and losses."""
+    a = assign(sizes, ladder)
+    best, scale, crop, res = reference_assign(sizes, ladder)
+    np.testing.assert_array_equal(a.bucket_id, best)
+    np.testing.assert_array_equal(a.scale, scale)
+    np.testing.assert_array_equal(a.crop_loss, crop)
+    np.testing.assert_array_equal(a.resolution_loss, res)
