@@ -11,9 +11,10 @@ of a level are one contiguous run in aspect order around the image's aspect: loo
 (the vectorised form of three ``searchsorted`` calls) find the run and the image's place in
 it, and only ``ladder.search_window`` neighbours on each side are scored (the ladder proves
 that is enough). An image more elongated than every bucket of a level takes that level's
-most elongated fitting bucket. Levels are visited from the largest where a bucket fits down, and
-an image stops as soon as a lower level cannot beat its best (its resolution loss alone
-would be worse). Work is done in cache-sized chunks; no N x K matrix is ever built.
+most elongated fitting bucket. Levels are visited from the largest where a bucket fits
+down, and an image stops as soon as a lower level cannot beat its best (its resolution loss,
+plus the crop its aspect must lose outside the lower levels' aspect range, would be worse).
+Work is done in cache-sized chunks; no N x K matrix is ever built.
 """
 
 from __future__ import annotations
@@ -224,37 +225,47 @@ def _search(
     """Optimal fitting bucket id per image (-1 where none fits or ``skip``)."""
     area = width * height
     cap = np.minimum(area, tb.cap).astype(np.float64)
-    # Start at the highest level whose smallest bucket is no larger than the image (a
-    # suffix minimum makes the level minima non-decreasing, so one searchsorted finds it).
-    level = np.searchsorted(tb.min_area_from, area, side="right") - 1
-    level[skip] = -1
-    # Then down past the levels where no bucket fits (two table lookups instead of a score).
-    rows = np.flatnonzero(level >= 0)
-    while len(rows):
-        at = level[rows] * (tb.side + 1)
-        rows = rows[tb.lo[at + np.minimum(height[rows], tb.side)]
-                    > tb.hi[at + np.minimum(width[rows], tb.side)]]
-        level[rows] -= 1
-        rows = rows[level[rows] >= 0]
+    level = _top_fitting_level(tb, width, height, area, skip)
     best_f, best_id, best_a = _score_level(tb, width, height, aspect, cap, level)
-    rows = np.flatnonzero(level >= 0)
+    # Go one level down only where that level could still win: a lower bound on its loss
+    # must not exceed the best total loss found so far (the bound grows going down).
+    level -= 1
+    can = _lower_bound(tb, np.maximum(level, 0), aspect, cap) <= best_f + _TIE
+    rows = np.flatnonzero(can & (level >= 0))
     while len(rows):
-        # Go one level down only where that level could still win: its best possible
-        # resolution loss must not exceed the best total loss found so far.
-        level[rows] -= 1
-        can = level[rows] >= 0
-        rows = rows[can]
-        can = _lower_bound(tb, level[rows], aspect[rows], cap[rows]) <= best_f[rows] + _TIE
-        rows = rows[can]
-        if not len(rows):
-            break
         f, bid, a = _score_level(tb, width[rows], height[rows], aspect[rows], cap[rows],
                                  level[rows])
         better = _better(f, a, best_f[rows], best_a[rows])
         upd = rows[better]
         best_f[upd], best_id[upd], best_a[upd] = f[better], bid[better], a[better]
+        level[rows] -= 1
+        lower = level[rows]
+        rows = rows[lower >= 0]
+        lower = lower[lower >= 0]
+        rows = rows[_lower_bound(tb, lower, aspect[rows], cap[rows]) <= best_f[rows] + _TIE]
     best_id[~np.isfinite(best_f)] = -1
     return best_id
+
+
+def _top_fitting_level(
+    tb: _Tables, width: np.ndarray, height: np.ndarray, area: np.ndarray, skip: np.ndarray
+) -> np.ndarray:
+    """Per image, the highest level where some bucket fits inside it (-1: none, or skip)."""
+    # Start at the highest level whose smallest bucket is no larger than the image (a
+    # suffix minimum makes the level minima non-decreasing, so one searchsorted finds it).
+    level = np.searchsorted(tb.min_area_from, area, side="right") - 1
+    level[skip] = -1
+    # Then down past the levels where no bucket fits (two table lookups instead of a score);
+    # the first pass covers every image, the next ones only those still without a fit.
+    w, h = np.minimum(width, tb.side), np.minimum(height, tb.side)
+    at = level * (tb.side + 1)  # level -1 reads a valid junk row, masked by level >= 0
+    rows = np.flatnonzero((tb.lo[at + h] > tb.hi[at + w]) & (level >= 0))
+    while len(rows):
+        level[rows] -= 1
+        rows = rows[level[rows] >= 0]
+        at = level[rows] * (tb.side + 1)
+        rows = rows[tb.lo[at + h[rows]] > tb.hi[at + w[rows]]]
+    return level
 
 
 # Slack on a lower bound before a level is skipped: far above the rounding of the losses,
@@ -293,18 +304,33 @@ def _score_level(
     best_f = best_id = best_a = None
     for t in range(-tb.window, tb.window):
         # Where nothing fits, hi < lo and the candidate is junk (a valid index): masked below.
-        cand = np.clip(p + t, lo, hi)
-        f = fit_loss(tb.bw[cand], tb.bh[cand], wf, hf, cap)
-        a = tb.area[cand]
+        cand = p + t
+        np.maximum(cand, lo, out=cand)
+        np.minimum(cand, hi, out=cand)
+        f, a = _loss(tb, cand, wf, hf, cap), tb.area[cand]
         if best_f is None:
             best_f, best_id, best_a = f, cand, a
             continue
         better = _better(f, a, best_f, best_a)
-        best_f = np.where(better, f, best_f)
-        best_id = np.where(better, cand, best_id)
-        best_a = np.where(better, a, best_a)
+        np.copyto(best_f, f, where=better)
+        np.copyto(best_id, cand, where=better)
+        np.copyto(best_a, a, where=better)
     best_f[~fits] = np.inf
     return best_f, best_id, best_a
+
+
+def _loss(tb: _Tables, cand: np.ndarray, wf: np.ndarray, hf: np.ndarray,
+          cap: np.ndarray) -> np.ndarray:
+    """:func:`~bucketing.ladder.fit_loss` of buckets ``cand``, the same float operations in
+    the same order (so the same bits), with fewer temporaries."""
+    x, y = tb.bw[cand], tb.bh[cand]
+    x *= hf
+    y *= wf
+    kept = np.minimum(x, y)
+    kept /= np.maximum(x, y, out=x)
+    loss = np.subtract(2.0, kept, out=kept)
+    loss -= np.divide(tb.area[cand], cap, out=y)  # area = bw * bh exactly
+    return loss
 
 
 def _nearest_in_level(ladder: BucketLadder, level: int, aspect: np.ndarray) -> np.ndarray:
