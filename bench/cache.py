@@ -19,6 +19,7 @@
 
     python bench/cache.py            # 48 images, 5 repetitions
     python bench/cache.py --quick    # fewer images and repetitions
+    python bench/cache.py --tiny     # smoke test: 4 images, 1 repetition
     python bench/cache.py --weights /models/FLUX.1-dev --device cuda --images 512
 """
 
@@ -243,14 +244,18 @@ def bench_read(root: Path, reads: int) -> tuple[list[dict], float]:
 def main(argv: list[str] | None = None) -> int:
     """Run the three measurements and print their tables."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer images and repetitions")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer images and repetitions")
+    size.add_argument("--tiny", action="store_true", help="smoke test: 4 images, 1 repetition")
     p.add_argument("--weights", help="a local FLUX.1 folder for the build table (default: "
                    "the tiny random encoders)")
     p.add_argument("--device", default="cpu", help="device of the build table's encoders")
     p.add_argument("--images", type=int, help="images in the build table")
     p.add_argument("--workers", type=int, default=2, help="decoding workers of the build")
     args = p.parse_args(argv)
-    images, reps, reads = (16, 2, 200) if args.quick else (48, 5, 1000)
+    images, reps, reads = (
+        (4, 1, 20) if args.tiny else (16, 2, 200) if args.quick else (48, 5, 1000)
+    )
     print(machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         return run
 
     # imagesize >= 2 reads the EXIF orientation of JPEG/TIFF by default; the reference here
-    # is header parsing without orientation, as the docstring and issue 7 define it.
+    # is header parsing without orientation, as the docstring and the project's speed targets
+    # define it.
     major = int(imagesize.__version__.split(".")[0])
     no_rotation = {"exif_rotation": False} if major >= 2 else {}
 

@@ -20,7 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench/ is scripts, not an installed package
 
 from bench.common import print_table  # noqa: E402
-from bench.run_all import SCRIPTS, headlines_scan, parse_tables, seconds  # noqa: E402
+from bench.run_all import (  # noqa: E402
+    SCRIPTS,
+    headlines_cache,
+    headlines_scale,
+    headlines_scan,
+    parse_tables,
+    seconds,
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +117,51 @@ def test_scan_headlines_pass_and_miss() -> None:
     assert [h.status for h in good] == ["PASS"] * 3
     bad = headlines_scan(table(cold=1000, warm=10000, peer=600, bare=1500, wrong=1))
     assert [h.status for h in bad] == ["MISS"] * 3
+
+
+def _table(title: str, rows: list[dict]) -> dict:
+    return {"title": title, "columns": list(rows[0]), "rows": rows}
+
+
+@pytest.mark.parametrize(("ratio", "read", "expect"), [
+    ("1884.00x", "54 us", ["PASS", "PASS"]),
+    ("9.50x", "54 us", ["MISS", "PASS"]),
+    ("12.00x", "1.2 ms", ["PASS", "MISS"]),
+])  # fmt: skip
+def test_cache_headlines(ratio: str, read: str, expect: list[str]) -> None:
+    epochs = [
+        {"side": "on the fly: decode + fit + VAE + CLIP + T5", "samples/s": "1",
+         "vs on the fly": "1.0x"},
+        {"side": "cached (memory-mapped shards)", "samples/s": "1994", "vs on the fly": ratio},
+    ]  # fmt: skip
+    reads = [{"read": "dataset[i]", "median": read, "p90": read}]
+    tables = [_table("Cached epoch vs on the fly (16 images)", epochs),
+              _table("Reading one cached FLUX 1024² sample", reads)]  # fmt: skip
+    assert [h.status for h in headlines_cache(tables)] == expect
+
+
+@pytest.mark.parametrize(("grown", "dirty", "beyond", "expect"), [
+    ("0.2 MB", "0.3 MB", "40", ["PASS", "PASS"]),
+    ("0.2 MB", "64.0 MB", "40", ["MISS", "PASS"]),
+    ("263.0 MB", "0.3 MB", "81", ["MISS", "MISS"]),
+])  # fmt: skip
+def test_scale_headlines_read_the_largest_size(
+    grown: str, dirty: str, beyond: str, expect: list[str]
+) -> None:
+    def mem(rows: str, grown: str, dirty: str) -> dict:
+        return {"rows": rows, "lists: worker grows": "-", "columns: worker grows": grown,
+                "mapped .arrow: dirty": dirty}  # fmt: skip
+
+    speed = [
+        {"rows": "20,000", "index bytes/row": "131", "beyond text": "200", "rows/s": "1"},
+        {"rows": "1,000,000", "index bytes/row": "135", "beyond text": beyond, "rows/s": "1"},
+    ]
+    memory = [mem("20,000", "900 MB", "900 MB"), mem("1,000,000", grown, dirty)]
+    tables = [_table("manifest with sizes -> index", speed),
+              _table("a forked worker reads every row: private memory", memory)]  # fmt: skip
+    lines = headlines_scale(tables)
+    assert [h.status for h in lines] == expect
+    assert all("1,000,000 rows" in h.target for h in lines)
 
 
 @pytest.mark.parametrize(
