@@ -30,7 +30,6 @@ A second table gives decode + fit + collate per core (``num_workers=0``, one tor
 from __future__ import annotations
 
 import argparse
-import gc
 import io
 import os
 import statistics
@@ -46,7 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timing, machine_line, print_table, ratio  # noqa: E402
+from common import Timing, collect_garbage, machine_line, print_table, ratio  # noqa: E402
 
 from bucketing.assign import assign  # noqa: E402
 from bucketing.atomic import atomic_write_bytes  # noqa: E402
@@ -208,7 +207,7 @@ def interleaved_rates(
     values: list[list[float]] = [[] for _ in sides]
     for _ in range(reps):
         for epoch, times in zip(epochs, values, strict=True):
-            gc.collect()
+            collect_garbage()
             t0 = time.perf_counter()
             epoch()
             times.append(time.perf_counter() - t0)

@@ -1,6 +1,8 @@
 """bucket-report, run as users run it: the real command in subprocesses, on a folder written
-here with known sizes, bad files and captions. All the command runs start at once (each
-imports torch) and the tests read their results."""
+here with known sizes, bad files and captions. All the command runs start at once and the tests
+read their results: the full run is the installed command itself; the others are processes
+forked from one interpreter that imported bucketing.report once (each its own process, argv,
+stdout, stderr and exit code), so that eight runs do not import torch eight times."""
 
 from __future__ import annotations
 
@@ -78,6 +80,36 @@ def _command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "bucketing.report"]
 
 
+# Forks one child per run, after importing the command once: a child points fds 1 and 2 at its
+# own files, runs main(argv) as the console script does and exits with its code. The parent
+# prints {name: exit code} as JSON.
+_FORK_RUNS = """
+import json, os, sys
+from bucketing.report import main
+jobs, pids = json.loads(sys.argv[1]), {}
+sys.stdout.flush(); sys.stderr.flush()
+for name, (argv, out, err) in jobs.items():
+    pid = os.fork()
+    if pid == 0:
+        for fd, path in ((1, out), (2, err)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            import traceback; traceback.print_exc(); code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    pids[pid] = name
+codes = {}
+while pids:
+    pid, status = os.wait()
+    codes[pids.pop(pid)] = os.waitstatus_to_exitcode(status)
+print(json.dumps(codes))
+"""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, flux_tokenizer_dir: Path) -> dict[str, Any]:
     """Start every command run at once, then wait for all of them."""
@@ -109,15 +141,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory, flux_tokenizer_dir: Path) -> 
                         "1", "--json", "-"],
     }
     env = {**os.environ, "COLUMNS": "100"}
-    procs = {
-        name: subprocess.Popen(_command() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env, cwd=tmp)
-        for name, args in argv.items()
-    }
-    results = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    full = subprocess.Popen(_command() + argv.pop("full"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+    jobs = {name: [args, str(tmp / f"{name}.stdout"), str(tmp / f"{name}.stderr")]
+            for name, args in argv.items()}
+    forked = subprocess.run([sys.executable, "-c", _FORK_RUNS, json.dumps(jobs)], cwd=tmp,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert forked.returncode == 0, forked.stderr
+    codes = json.loads(forked.stdout)
+    results = {name: subprocess.CompletedProcess(args, codes[name], Path(o).read_text(),
+                                                 Path(e).read_text())
+               for name, (args, o, e) in jobs.items()}
+    stdout, stderr = full.communicate(timeout=300)
+    results["full"] = subprocess.CompletedProcess(full.args, full.returncode, stdout, stderr)
     return {"folder": folder, "out": out, **results}
 
 
