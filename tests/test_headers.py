@@ -13,11 +13,12 @@ import zlib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps, PngImagePlugin, TiffImagePlugin, features
 
 from bucketing.headers import Header, default_max_pixels, orientation_code, read_header
+from transforms.image import ImageDecodeError, load_image
 
 REASONS = {"missing_file", "empty_file", "not_an_image", "unreadable", "too_many_pixels"}
 SIZE = (60, 20)  # non-square so that a missed quarter turn shows
@@ -333,13 +334,25 @@ def test_random_bytes_never_raise(data):
 
 @settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(range(len(VALID))), st.floats(0, 1), st.binary(max_size=8))
+@example(which=8, cut=0.3203125, tail=b"\x00\x00\x01\x00\x00")  # a GIF cut in its header
 def test_truncated_and_corrupted_files(which, cut, tail):
     """A valid file cut anywhere (metadata precedes pixel data) either still gives the
-    full file's oriented size, or a rejection: never a wrong size, never an exception."""
+    full file's oriented size, or a rejection, never an exception. When the cut lands inside
+    the header, the appended bytes make another file (a GIF frame descriptor of another
+    size, say): then the size read is Pillow's for that file, or, where Pillow cannot open
+    it, loading it fails cleanly at training time (the documented header-only contract)."""
     full = VALID[which]
-    h = check_never_raises(full[: int(len(full) * cut)] + tail)
-    if h.ok:
-        assert (h.width, h.height) == pillow_size(full)
+    data = full[: int(len(full) * cut)] + tail
+    h = check_never_raises(data)
+    if not h.ok or (h.width, h.height) == pillow_size(full):
+        return
+    try:
+        seen = pillow_size(data)
+    except (OSError, ValueError, SyntaxError):
+        with pytest.raises(ImageDecodeError):
+            load_image(data)
+    else:
+        assert (h.width, h.height) == seen
 
 
 def test_random_bytes_in_files(tmp_path):
