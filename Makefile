@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # tests/fetch_flux_tokenizers.py fetches every tokenizer in one download; this file comes last.
 TOKENIZERS := .cache/sd3-tokenizers/tokenizer_3/spiece.model
 
-.PHONY: test demo docs bench lint clean
+.PHONY: test test-fast demo docs bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: $(STAMP)
 
 test: $(STAMP) $(TOKENIZERS) lint
 	$(BIN)/python -m pytest -q
+
+# The quick subset while you work: everything but the end-to-end runs marked slow.
+test-fast: $(STAMP) $(TOKENIZERS) lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP) $(TOKENIZERS)
 	$(BIN)/python examples/demo.py

@@ -50,7 +50,7 @@ from bucketing import (  # noqa: E402
     build_cache,
     scan,
 )
-from bucketing.cache import estimate_bytes  # noqa: E402
+from bucketing.pipeline.encoder_cache import estimate_bytes  # noqa: E402
 from samplers import BucketBatchSampler  # noqa: E402
 from transforms import BucketResizeCrop, FluxEncoders, collate  # noqa: E402
 from transforms.image import load_image  # noqa: E402

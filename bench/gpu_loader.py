@@ -44,8 +44,8 @@ from loader import (  # noqa: E402
 )
 
 from bucketing.assign import assign  # noqa: E402
-from bucketing.dataset import TextToImageDataset  # noqa: E402
 from bucketing.ladder import BucketLadder  # noqa: E402
+from bucketing.pipeline.dataset import TextToImageDataset  # noqa: E402
 from samplers import BucketBatchSampler  # noqa: E402
 from transforms.collate import collate, to_model_input  # noqa: E402
 from transforms.gpu_decode import EncodedFit, collate_encoded, decode_batch  # noqa: E402

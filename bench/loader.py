@@ -49,9 +49,9 @@ from common import Timing, collect_garbage, machine_line, print_table, ratio  # 
 
 from bucketing.assign import assign  # noqa: E402
 from bucketing.atomic import atomic_write_bytes  # noqa: E402
-from bucketing.dataset import TextToImageDataset  # noqa: E402
 from bucketing.index import ImageIndex  # noqa: E402
 from bucketing.ladder import BucketLadder  # noqa: E402
+from bucketing.pipeline.dataset import TextToImageDataset  # noqa: E402
 from samplers import BucketBatchSampler  # noqa: E402
 from transforms.collate import collate  # noqa: E402
 from transforms.gpu_decode import EncodedFit, collate_encoded, decode_batch  # noqa: E402

@@ -1,50 +1,62 @@
-"""What the data is: scan sources into an ImageIndex, define bucket ladders, assign
-images to buckets without upscaling (the core: numpy, pyarrow, Pillow; no torch), and the
-composition that serves them as a map-style dataset (imported on first use, so that
-``import bucketing.assign`` never pulls in torch)."""
+"""aspect-bucketing: one import root for the whole library.
+
+The core (scan sources into an ``ImageIndex``, bucket ladders, assignment without
+upscaling) loads eagerly and needs no torch. Everything else (the sampler, the transforms,
+the dataset, builders, config files and the encoder cache) is exported here too and imported
+on first use, so that ``import bucketing.assign`` never pulls in torch.
+"""
 
 import importlib
 from typing import Any
 
-from bucketing.assign import Assignment, assign
-from bucketing.index import ImageIndex, Rejection
-from bucketing.ladder import BucketLadder
-from bucketing.scan import scan
-from bucketing.sources import resolve_source
+from bucketing.siblings import check_siblings
 
-# Composition: name -> module. Imported lazily; nothing in the core imports these.
-_LAZY = {
-    "TextToImageDataset": "bucketing.dataset",
-    "build_cache": "bucketing.cache",
-    "EncoderCache": "bucketing.cache",
-    "MixedDataset": "bucketing.builders",
-    "text_to_image_dataset": "bucketing.builders",
-    "from_config": "bucketing.config",
-    "load_config": "bucketing.config",
+check_siblings()
+
+from bucketing.assign import Assignment, assign  # noqa: E402
+from bucketing.index import ImageIndex, Rejection  # noqa: E402
+from bucketing.ladder import BucketLadder  # noqa: E402
+from bucketing.scan import scan  # noqa: E402
+from bucketing.sources import resolve_source  # noqa: E402
+
+# Public names of the upper floors: name -> module. Imported on first use.
+_LAZY_MODULES = {
+    "samplers": ("BatchingRule", "BucketBatchSampler", "SampleIndex", "bucket_batch_sampler"),
+    "transforms": (
+        "BucketResizeCrop", "CaptionTransform", "FitParams", "FluxEncoders", "FluxTokenizer",
+        "PromptTokenizer", "SD3Encoders", "SD3Tokenizer", "SD15Tokenizer", "SDXLEncoders",
+        "SDXLTokenizer", "collate", "flux_image_ids", "flux_time_shift_mu", "load_image",
+        "pack_latents", "sdxl_add_time_ids", "shift_timesteps", "to_model_input",
+        "tokenizer_for_model", "unpack_latents",
+    ),
+    "bucketing.pipeline.dataset": ("TextToImageDataset",),
+    "bucketing.pipeline.encoder_cache": ("EncoderCache", "build_cache"),
+    "bucketing.pipeline.builders": ("MixedDataset", "text_to_image_dataset"),
+    "bucketing.pipeline.config": ("from_config", "load_config"),
 }
+_LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
+
 
 __all__ = [
-    "Assignment",
-    "BucketLadder",
-    "EncoderCache",
-    "ImageIndex",
-    "MixedDataset",
-    "Rejection",
-    "TextToImageDataset",
-    "assign",
-    "build_cache",
-    "from_config",
-    "load_config",
-    "resolve_source",
-    "scan",
-    "text_to_image_dataset",
+    "Assignment", "BatchingRule", "BucketBatchSampler", "BucketLadder", "BucketResizeCrop",
+    "CaptionTransform", "EncoderCache", "FitParams", "FluxEncoders", "FluxTokenizer",
+    "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection", "SD15Tokenizer",
+    "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleIndex",
+    "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
+    "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
+    "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",
+    "text_to_image_dataset", "to_model_input", "tokenizer_for_model", "unpack_latents",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    """Import a composition name (``TextToImageDataset``, ...) on first use."""
+    """Import a name of the sampler, transforms or composition floors on first use."""
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'bucketing' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

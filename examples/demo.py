@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from bucketing import BucketLadder, TextToImageDataset, assign, scan
-from bucketing.report import main as bucket_report
+from bucketing.cli.report import main as bucket_report
 from samplers import BucketBatchSampler
 from transforms import BucketResizeCrop, CaptionTransform, FluxTokenizer, collate
 

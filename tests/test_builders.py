@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import bucketing
 from bucketing import BucketLadder, MixedDataset, TextToImageDataset, assign, scan
-from bucketing.builders import make_ladder, text_to_image_dataset
+from bucketing.pipeline.builders import make_ladder, text_to_image_dataset
 from samplers import BucketBatchSampler
 from transforms import BucketResizeCrop, CaptionTransform, FluxTokenizer, collate
 

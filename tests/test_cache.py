@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from bucketing import BucketLadder, EncoderCache, TextToImageDataset, assign, build_cache, scan
-from bucketing.cache import estimate_bytes
-from bucketing.cache_cli import main as cache_main
+from bucketing.cli.cache import main as cache_main
+from bucketing.pipeline.encoder_cache import estimate_bytes
 from samplers import BucketBatchSampler
 from transforms import BucketResizeCrop, FluxEncoders, SD3Encoders, SDXLEncoders, collate
 from transforms.image import load_image
@@ -405,7 +405,7 @@ def test_bucket_cache_command(photos, tmp_path, tiny_encoders_dirs, capsys):
 
 
 def test_report_estimates_the_cache_before_it_is_built(photos, capsys, flux_tokenizer_dir):
-    from bucketing.report import main as report_main
+    from bucketing.cli.report import main as report_main
 
     args = [str(photos), "--max-area", "48x32", "--levels", "32", "--estimate-cache"]
     assert report_main([*args, "--tokenizers", str(flux_tokenizer_dir)]) == 0

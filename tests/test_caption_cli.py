@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bucketing import scan
-from bucketing.caption_cli import caption_folder
+from bucketing.cli.caption import caption_folder
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "tree", "sky", "person", "car"]
 
@@ -61,7 +61,7 @@ def folder(tmp_path, examples_dir) -> Path:
 def test_captions_only_the_uncaptioned(folder, tiny_blip, repo_root):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
-    proc = subprocess.run([sys.executable, "-m", "bucketing.caption_cli", str(folder),
+    proc = subprocess.run([sys.executable, "-m", "bucketing.cli.caption", str(folder),
                            "--model", str(tiny_blip), "--batch-size", "2",
                            "--max-new-tokens", "6", "--device", "cpu"],
                           capture_output=True, text=True, timeout=300, env=env)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bucketing import MixedDataset, from_config, load_config, text_to_image_dataset
-from bucketing.config import ConfigError, mix_figures, part_seed
+from bucketing.pipeline.config import ConfigError, mix_figures, part_seed
 from samplers import BucketBatchSampler
 from transforms import FluxTokenizer
 
@@ -200,14 +200,14 @@ def test_bucket_report_shows_the_mix_per_dataset(project, repo_root):
     assert figures["steps_per_rank"] == len(sampler)
     assert me["buckets"] == len(np.unique(dataset.bucket_id[(dataset.dataset_of == 0)
                                                             & (dataset.bucket_id >= 0)]))
-    proc = subprocess.run([sys.executable, "-m", "bucketing.report", "--config",
+    proc = subprocess.run([sys.executable, "-m", "bucketing.cli.report", "--config",
                            str(project / "data.toml"), "--world-size", "2"],
                           capture_output=True, text=True, timeout=120, cwd=project, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "regularisation" in proc.stdout and "world size 2" in proc.stdout
     assert f"{'me':<20} {accepted[0]:>7}" in proc.stdout
     (project / "data.toml").write_text(CONFIG.replace("seed = 5", "seed = -1"))
-    bad = subprocess.run([sys.executable, "-m", "bucketing.report", "--config",
+    bad = subprocess.run([sys.executable, "-m", "bucketing.cli.report", "--config",
                           str(project / "data.toml")], capture_output=True, text=True,
                          timeout=120, cwd=project, env=env)
     assert bad.returncode == 2 and "data.toml:3: seed: must be >= 0" in bad.stderr

@@ -17,9 +17,9 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from bucketing.assign import assign
-from bucketing.dataset import SubstitutionWarning, TextToImageDataset
 from bucketing.index import ImageIndex
 from bucketing.ladder import BucketLadder
+from bucketing.pipeline.dataset import SubstitutionWarning, TextToImageDataset
 from bucketing.scan import scan
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform

@@ -75,7 +75,7 @@ def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny_flux, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     data, cache = str(repo_root / "examples" / "data"), str(tmp_path / "cache")
     built = subprocess.run(
-        [sys.executable, "-m", "bucketing.cache_cli", data, "--weights", str(tiny_flux), "--out",
+        [sys.executable, "-m", "bucketing.cli.cache", data, "--weights", str(tiny_flux), "--out",
          cache, "--dtype", "float32", "--t5-length", "64", "--max-area", str(256 * 256),
          "--flip-p", "0.5", "--loader-workers", "0"],
         capture_output=True, text=True, timeout=400, env=env)

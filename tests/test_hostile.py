@@ -43,10 +43,10 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 from bucketing.assign import assign
-from bucketing.dataset import SubstitutionWarning, TextToImageDataset
 from bucketing.headers import default_max_pixels, read_header
 from bucketing.index import ImageIndex
 from bucketing.ladder import BucketLadder
+from bucketing.pipeline.dataset import SubstitutionWarning, TextToImageDataset
 from bucketing.scan import scan
 from bucketing.scan_cache import CACHE_FORMAT
 from transforms.collate import collate

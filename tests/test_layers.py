@@ -4,8 +4,8 @@
    scan may import ``torch.distributed`` in a function, when the caller already runs it);
 2. samplers: numpy and torch (and the standard library) only;
 3. transforms: may import the bucketing core;
-4. composition (``COMPOSITION``): may import anything; nothing imports it, except the
-   packages' ``__init__`` lazily.
+4. composition (``bucketing.pipeline``, ``bucketing.cli``): may import anything; nothing
+   imports it, except ``bucketing/__init__`` lazily.
 No function-level import of one of our own modules anywhere (no cycles dodged that way).
 """
 
@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
+import bucketing
+
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("bucketing", "samplers", "transforms")
 OURS = set(PACKAGES)
-COMPOSITION = {
-    "bucketing.builders",
-    "bucketing.cache",
-    "bucketing.cache_cli",
-    "bucketing.caption_cli",
-    "bucketing.config",
-    "bucketing.dataset",
-    "bucketing.report",
-    "bucketing.report_plots",
+# Floors by package: a module belongs to the longest prefix listed.
+FLOORS = {
+    "bucketing": "bucketing",
+    "bucketing.pipeline": "composition",
+    "bucketing.cli": "composition",
+    "samplers": "samplers",
+    "transforms": "transforms",
 }
 STDLIB = set(sys.stdlib_module_names)
 
@@ -76,9 +76,11 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def _layer(module: str) -> str:
-    if module in COMPOSITION:
-        return "composition"
-    return module.split(".")[0]
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in FLOORS:
+            return FLOORS[".".join(parts[:n])]
+    return parts[0]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
@@ -104,11 +106,19 @@ def test_imports_point_one_way(module: str) -> None:
             assert root in STDLIB or root in ("numpy", "torch"), f"{where}: numpy + torch only"
 
 
+def test_core_holds_no_composition() -> None:
+    """Directly in ``bucketing/`` and ``bucketing/sources/`` live only core modules."""
+    for module in MODULES:
+        if module.startswith("bucketing") and _layer(module) == "bucketing":
+            path = MODULES[module].relative_to(REPO)
+            assert path.parts[1] in ("sources",) or len(path.parts) == 2, path
+
+
 def test_layer_test_sees_every_module() -> None:
     """The modules named as composition exist or are planned; the core ones are scanned."""
     assert {"bucketing.scan", "bucketing.assign", "samplers.bucket_batch_sampler",
-            "transforms.resize_crop", "bucketing.dataset"} <= set(MODULES)
-    imports = dict.fromkeys(m for m, _ in _imports(MODULES["bucketing.dataset"]))
+            "transforms.resize_crop", "bucketing.pipeline.dataset"} <= set(MODULES)
+    imports = dict.fromkeys(m for m, _ in _imports(MODULES["bucketing.pipeline.dataset"]))
     assert "transforms.image" in imports  # the reader really finds imports
 
 
@@ -122,9 +132,30 @@ def test_core_imports_without_torch(module: str) -> None:
 
 
 def test_composition_is_exported_lazily() -> None:
-    code = ("import sys, bucketing; assert 'bucketing.dataset' not in sys.modules; "
+    code = ("import sys, bucketing; assert 'bucketing.pipeline.dataset' not in sys.modules; "
             "from bucketing import TextToImageDataset; "
-            "assert TextToImageDataset.__module__ == 'bucketing.dataset'")
+            "assert TextToImageDataset.__module__ == 'bucketing.pipeline.dataset'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_all_lists_every_lazy_name() -> None:
+    """``bucketing.__all__`` is the core's names plus every lazily exported one."""
+    assert set(bucketing._LAZY) <= set(bucketing.__all__)
+    for name in bucketing.__all__:
+        assert getattr(bucketing, name) is not None
+
+
+@pytest.mark.parametrize("name", ["transforms", "samplers"])
+def test_a_users_module_shadowing_ours_is_named(tmp_path: Path, name: str) -> None:
+    """A training script beside its own ``transforms.py`` gets an ImportError naming it."""
+    shadow = tmp_path / f"{name}.py"
+    shadow.write_text("HELLO = 1\n")
+    script = tmp_path / "train.py"
+    script.write_text("from bucketing import TextToImageDataset\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr and str(shadow) in proc.stderr, proc.stderr
+    assert "rename" in proc.stderr

@@ -1,7 +1,7 @@
 """bucket-report, run as users run it: the real command in subprocesses, on a folder written
 here with known sizes, bad files and captions. All the command runs start at once and the tests
 read their results: the full run is the installed command itself; the others are processes
-forked from one interpreter that imported bucketing.report once (each its own process, argv,
+forked from one interpreter that imported bucketing.cli.report once (each its own process, argv,
 stdout, stderr and exit code), so that eight runs do not import torch eight times."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bucketing.assign import assign
+from bucketing.cli.report import SCHEMA_VERSION, main, render_text
 from bucketing.ladder import BucketLadder
-from bucketing.report import SCHEMA_VERSION, main, render_text
 from bucketing.scan import scan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ EVIL_NAME = "evil\x1b]0;owned\x07\x1b[31mred\nFiles      99 seen · 99 accepted\
 
 def _command() -> list[str]:
     script = REPO / ".venv" / "bin" / "bucket-report"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "bucketing.report"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "bucketing.cli.report"]
 
 
 # Forks one child per run, after importing the command once: a child points fds 1 and 2 at its
@@ -85,7 +85,7 @@ def _command() -> list[str]:
 # prints {name: exit code} as JSON.
 _FORK_RUNS = """
 import json, os, sys
-from bucketing.report import main
+from bucketing.cli.report import main
 jobs, pids = json.loads(sys.argv[1]), {}
 sys.stdout.flush(); sys.stderr.flush()
 for name, (argv, out, err) in jobs.items():
@@ -371,7 +371,7 @@ def test_pngs_are_real_pictures(runs: dict[str, Any], name: str) -> None:
 
 def test_preview_of_upscaled_buckets(tmp_path: Path) -> None:
     """--allow-upscale: the preview draws upscaled images instead of failing on them."""
-    from bucketing.report import preview_tiles
+    from bucketing.cli.report import preview_tiles
 
     for i in range(2):
         Image.new("RGB", (96, 64), (50 * i, 90, 160)).save(tmp_path / f"{i}.png")

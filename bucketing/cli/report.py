@@ -37,14 +37,14 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image
 
-from bucketing import report_plots
 from bucketing.assign import assign
 from bucketing.atomic import atomic_write_bytes
-from bucketing.cache import estimate_lines
-from bucketing.config import report_mix
-from bucketing.dataset import TextToImageDataset
+from bucketing.cli import plots as report_plots
+from bucketing.cli.plots import PreviewTile
 from bucketing.ladder import MODEL_SPECS, BucketLadder
-from bucketing.report_plots import PreviewTile
+from bucketing.pipeline.config import report_mix
+from bucketing.pipeline.dataset import TextToImageDataset
+from bucketing.pipeline.encoder_cache import estimate_lines
 from bucketing.scan import scan
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform

@@ -28,8 +28,8 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from bucketing.assign import assign
-from bucketing.dataset import TextToImageDataset
 from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.scan import scan
 from bucketing.sources import caption_lines, read_text
 from transforms.caption import CaptionTransform

@@ -39,14 +39,14 @@ from typing import Any, TextIO
 import numpy as np
 import yaml
 
-from bucketing.builders import (
+from bucketing.ladder import MODEL_SPECS
+from bucketing.pipeline.builders import (
     CAPTION_EXTENSION,
     LADDER_KEYS,
     MixedDataset,
     make_ladder,
     text_to_image_dataset,
 )
-from bucketing.ladder import MODEL_SPECS
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
 from transforms.tokenize import tokenizer_for_model

@@ -1,7 +1,7 @@
 """``bucket-cache``: scan a source, assign buckets and encode everything once into a cache.
 
     bucket-cache photos/ --model flux --weights /models/FLUX.1-dev --out cache/
-    torchrun --nproc_per_node 8 -m bucketing.cache_cli photos/ --weights ... --out cache/
+    torchrun --nproc_per_node 8 -m bucketing.cli.cache photos/ --weights ... --out cache/
 
 Options shared with ``bucket-report`` (source, ``--model``, ``--max-area``, ``--levels``,
 ``--allow-upscale``, ``--cache``, ``--workers``, ``--seed``) mean the same there and here, so
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import torch
 
 from bucketing.assign import assign
-from bucketing.cache import CROPS, T5_PADDINGS, build_cache
+from bucketing.cli.report import ConfigError, _area, _positive_int
 from bucketing.ladder import MODEL_SPECS, BucketLadder
-from bucketing.report import ConfigError, _area, _positive_int
+from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
 from bucketing.scan import scan
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES

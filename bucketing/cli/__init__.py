@@ -1,0 +1,1 @@
+"""The commands: ``bucket-report``, ``bucket-cache`` and ``bucket-caption`` (composition)."""

@@ -1,0 +1,323 @@
+"""Building a cache: decode and fit every accepted image as the dataset does, run the
+frozen encoders bucket by bucket, and write the shards and the view (on every rank)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from bucketing.atomic import atomic_path, atomic_write_bytes
+from bucketing.pipeline.encoder_cache.keys import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
+    CROPS,
+    OWN_FILES,
+    T5_PADDINGS,
+    TRIMMED_MODELS,
+    FitSettings,
+    Job,
+    plan_rows,
+    text_key,
+)
+from bucketing.pipeline.encoder_cache.reader import EncoderCache
+from bucketing.pipeline.encoder_cache.store import (
+    ShardWriter,
+    load_entries,
+    read_meta,
+    write_entries,
+)
+from transforms.image import ORIGINAL_SIZE_KEY, load_image
+from transforms.resize_crop import (
+    DEFAULT_RESAMPLE,
+    RESAMPLE_MODES,
+    fit,
+)
+
+if TYPE_CHECKING:
+    from bucketing.assign import Assignment
+    from bucketing.index import ImageIndex
+
+
+
+def _dist() -> Any:
+    """``torch.distributed`` when the program initialised it, else None."""
+    return torch.distributed if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else None
+
+
+def _rank_world() -> tuple[int, int]:
+    dist = _dist()
+    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+
+
+def _gather(obj: Any) -> list[Any]:
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _barrier() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
+
+# --------------------------------------------------------------------------- decoding jobs
+
+
+class _FitJobs(Dataset):
+    """Decode and fit each job's image as ``TextToImageDataset`` does; errors are returned."""
+
+    def __init__(self, index: ImageIndex, jobs: list[Job], settings: FitSettings) -> None:
+        self.index, self.jobs, self.settings = index, jobs, settings
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        job, s = self.jobs[i], self.settings
+        try:
+            img = load_image(self.index.image_source(job.row), background=s.background,
+                             draft_size=job.bucket if s.draft else None)
+            h, w = img.info[ORIGINAL_SIZE_KEY]
+            scanned = (int(self.index.width[job.row]), int(self.index.height[job.row]))
+            if (w, h) != scanned:
+                raise ValueError(f"the file is {w}x{h} but was {scanned[0]}x{scanned[1]} when "
+                                 "scanned (rescan it)")
+            pixels = fit(img, job.params, resample=s.resample)
+        except Exception as error:  # noqa: BLE001 - recorded; the dataset substitutes it
+            return i, None, f"{type(error).__name__}: {error}"
+        return i, pixels, ""
+
+
+def _batches(jobs: list[Job], batch_size: int) -> list[list[int]]:
+    """Job positions cut into batches of one bucket each, in a fixed order."""
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for i, job in enumerate(jobs):
+        by_bucket.setdefault(job.bucket, []).append(i)
+    return [members[k : k + batch_size] for _, members in sorted(by_bucket.items())
+            for k in range(0, len(members), batch_size)]
+
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_cache(
+    index: ImageIndex,
+    assignment: Assignment,
+    encoders: Any,
+    path: str | os.PathLike,
+    *,
+    crop: str = "center",
+    variants: int = 1,
+    flip_p: float = 0.0,
+    resample: str = DEFAULT_RESAMPLE,
+    background: Sequence[int] = (255, 255, 255),
+    draft: bool = True,
+    seed: int = 0,
+    t5_padding: str = "trimmed",
+    batch_size: int = 8,
+    text_batch_size: int = 64,
+    workers: int = 0,
+    shard_size: int = 256,
+    progress: bool = True,
+) -> EncoderCache:
+    """Encode what ``path`` lacks for ``index`` x ``assignment`` and return the cache.
+
+    ``encoders``: a ``transforms.FluxEncoders`` / ``SDXLEncoders`` (anything with
+    ``encode_images``, ``encode_text``, ``fingerprint``, ``model`` and ``dtype``).
+    ``crop="center"`` caches one crop per image; ``"random"`` caches ``variants`` random
+    crops (the dataset picks one per epoch). ``flip_p > 0`` also caches each crop flipped
+    (the dataset flips with that probability). ``resample``, ``background``, ``draft``: the
+    fit settings of the pixel path. ``t5_padding``: ``"trimmed"`` stores each caption's T5
+    rows up to its real token count, ``"full"`` the whole padded sequence. ``workers``:
+    DataLoader processes decoding images. Under ``torch.distributed`` call it on every rank.
+    """
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
+    if crop == "center" and variants != 1:
+        raise ValueError("variants > 1 needs crop='random' (a centre crop has one variant)")
+    if int(variants) < 1 or int(batch_size) < 1 or int(text_batch_size) < 1 or int(shard_size) < 1:
+        raise ValueError("variants, batch_size, text_batch_size and shard_size must be >= 1")
+    if not 0.0 <= flip_p <= 1.0:
+        raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+    if t5_padding not in T5_PADDINGS:
+        raise ValueError(f"t5_padding must be one of {T5_PADDINGS}, got {t5_padding!r}")
+    if resample not in RESAMPLE_MODES:
+        raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
+    if len(assignment) != len(index):
+        raise ValueError(f"assignment has {len(assignment)} rows but the index has {len(index)}")
+    settings = FitSettings(
+        crop=crop, variants=int(variants), flip=flip_p > 0, resample=resample,
+        background=tuple(int(v) for v in background), draft=bool(draft),
+        allow_upscale=bool(np.any(getattr(assignment, "upscaled", False))), seed=int(seed),
+    )
+    root = Path(path)
+    rank, world = _rank_world()
+    _prepare_folder(root, rank)
+    dtype = str(encoders.dtype).removeprefix("torch.")
+    text_dtype = str(encoders.text_dtype()).removeprefix("torch.")
+    padding = t5_padding if encoders.model in TRIMMED_MODELS else "full"
+    image_fp, text_fp = encoders.fingerprint("image"), encoders.fingerprint("text")
+
+    cols, jobs = plan_rows(index, assignment, settings, image_fp, dtype)
+    captions = sorted({c for r in cols["row"] for c in index.captions[r]} | {""})
+    tkeys = {c: text_key(c, text_fp, text_dtype, padding) for c in captions}
+    stored = load_entries(root)
+    _barrier()
+
+    writer = ShardWriter(root / "shards", int(shard_size), rank)
+    todo_texts = [c for c in captions if tkeys[c] not in stored]
+    chunks = [todo_texts[k : k + text_batch_size]
+              for k in range(0, len(todo_texts), text_batch_size)][rank::world]
+    for chunk in chunks:
+        out = {k: v.cpu() for k, v in encoders.encode_text(chunk).items()}  # one device sync
+        for j, caption in enumerate(chunk):
+            n = int(out["text_lengths"][j]) if padding == "trimmed" else None
+            writer.add(tkeys[caption], {
+                "prompt_embeds": out["prompt_embeds"][j, :n],
+                "pooled_prompt_embeds": out["pooled_prompt_embeds"][j],
+                "text_length": out["text_lengths"][j : j + 1],
+            })
+
+    todo = [Job(j.row, j.params, tuple(k if k not in stored else None for k in j.keys))
+            for j in jobs]
+    todo = [j for j in todo if any(j.keys)]
+    mine = _batches(todo, int(batch_size))[rank::world]
+    failed = _encode_images(index, todo, mine, settings, encoders, writer, workers,
+                            progress and rank == 0)
+    writer.flush()
+
+    stats = {"latents_encoded": sum(1 for b in mine for i in b for k in todo[i].keys if k)
+             - failed["latents"],
+             "texts_encoded": sum(len(c) for c in chunks), "failed": failed["rows"]}
+    everyone = _gather((stats, writer.written))
+    if rank == 0:
+        entries = load_entries(root)
+        for _, written in everyone:
+            entries.update(written)
+        write_entries(root, entries)
+        _write_view(root, cols, tkeys, {
+            "format": CACHE_FORMAT, "version": CACHE_VERSION, "model": encoders.model,
+            "fingerprints": {"image": image_fp, "text": text_fp}, "dtype": dtype,
+            "text_dtype": text_dtype, "t5_padding": padding, "flip_p": float(flip_p),
+            "crop": crop, "variants": int(variants), "fit": settings.key(), "seed": int(seed),
+            "empty_caption_key": tkeys[""],
+        })
+    _barrier()
+    cache = EncoderCache.open(root)
+    cache.build_stats = {
+        "latents_encoded": sum(s["latents_encoded"] for s, _ in everyone),
+        "texts_encoded": sum(s["texts_encoded"] for s, _ in everyone),
+        "latents_total": sum(len(k) for k in cols["latent_keys"]),
+        "texts_total": len(captions),
+        "failed": [f for s, _ in everyone for f in s["failed"]],
+        "missing_files": int(np.count_nonzero(np.asarray(assignment.bucket_id) >= 0))
+        - len(cols["row"]),
+    }
+    return cache
+
+
+def _prepare_folder(root: Path, rank: int) -> None:
+    """Check the folder is new, empty or a cache of this format (every rank, so that all
+    raise together); rank 0 creates it and clears temporary files a killed build left."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a folder")
+    if (root / "cache.json").exists():
+        read_meta(root)
+    elif root.is_dir() and any(p.name not in OWN_FILES for p in root.iterdir()):
+        raise FileExistsError(f"{root} is a folder with other files and no cache.json: "
+                              "give an empty or new folder (nothing there is overwritten)")
+    if rank == 0:
+        (root / "shards").mkdir(parents=True, exist_ok=True)
+        for tmp in (root / "shards").glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+    _barrier()
+
+
+def _encode_images(
+    index: ImageIndex,
+    jobs: list[Job],
+    batches: list[list[int]],
+    settings: FitSettings,
+    encoders: Any,
+    writer: ShardWriter,
+    workers: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Decode, fit and encode ``batches`` of ``jobs`` (one bucket each); returns failures."""
+    failed: dict[str, Any] = {"rows": [], "latents": 0}
+    if not batches:
+        return failed
+    loader = DataLoader(_FitJobs(index, jobs, settings), batch_sampler=batches,
+                        num_workers=int(workers), collate_fn=list)
+    total = sum(len(b) for b in batches)
+    with tqdm(total=total, unit="img", desc="encoding images", disable=not progress) as bar:
+        for items in loader:
+            ok = [(i, px) for i, px, _ in items if px is not None]
+            for i, px, error in items:
+                if px is None:
+                    failed["rows"].append(f"{index.paths[jobs[i].row]}: {error}")
+                    failed["latents"] += sum(1 for k in jobs[i].keys if k)
+            if ok:
+                _encode_batch(ok, jobs, encoders, writer)
+            bar.update(len(items))
+    return failed
+
+
+def _encode_batch(
+    ok: list[tuple[int, torch.Tensor]], jobs: list[Job], encoders: Any, writer: ShardWriter
+) -> None:
+    """One VAE call for a bucket's pixels (and their flips, when cached)."""
+    pixels, slots = [], []
+    for i, px in ok:
+        for flip, key in enumerate(jobs[i].keys):
+            if key is not None:
+                pixels.append(px.flip(-1) if flip else px)
+                slots.append(key)
+    latents = encoders.encode_images(torch.stack(pixels)).cpu()  # one device sync per batch
+    for key, z in zip(slots, latents, strict=True):
+        writer.add(key, {"latents": z})
+
+
+def _write_view(
+    root: Path, cols: dict[str, list], tkeys: dict[str, str], meta: dict[str, Any]
+) -> None:
+    """rows.parquet (images), texts.parquet (captions) of this build, then cache.json, each
+    atomically: cache.json last, so a folder with one is a finished cache."""
+    table = pa.table({
+        "row": pa.array(cols["row"], pa.int64()),
+        "path": pa.array([os.fsencode(p) for p in cols["path"]], pa.binary()),
+        "identity": pa.array(cols["identity"], pa.string()),
+        **{k: pa.array(cols[k], pa.int64()) for k in (
+            "width", "height", "bucket_w", "bucket_h", "resized_w", "resized_h")},
+        "crop_y": pa.array(cols["crop_y"], pa.list_(pa.int64())),
+        "crop_x": pa.array(cols["crop_x"], pa.list_(pa.int64())),
+        "latent_keys": pa.array(cols["latent_keys"], pa.list_(pa.string())),
+    })
+    captions = sorted(tkeys)
+    texts = pa.table({"caption": pa.array([c.encode("utf-8", "surrogatepass") for c in captions],
+                                          pa.binary()),
+                      "key": pa.array([tkeys[c] for c in captions], pa.string())})
+    with atomic_path(root / "rows.parquet") as tmp:
+        pq.write_table(table, tmp)
+    with atomic_path(root / "texts.parquet") as tmp:
+        pq.write_table(texts, tmp)
+    atomic_write_bytes(root / "cache.json", json.dumps(meta, indent=1).encode())
+
+
