@@ -118,6 +118,7 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         last_batch: str | None = None,
         drop_last: bool = False,
         repeats: Any = None,
+        plan_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         ids, shapes = _bucket_ids(assignment_or_bucket_ids)
@@ -148,6 +149,7 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
             seed=self._seed,
             shuffle=self._shuffle,
             last_batch=self._last_batch,
+            plan=_plan_of(assignment_or_bucket_ids, plan_fingerprint),
         )
         self._epoch = 0
         self._pending: Position | None = None
@@ -584,3 +586,13 @@ def _world(world_size: int | None, rank: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     return world_size, rank
+
+
+def _plan_of(source: Any, given: str | None) -> str | None:
+    """``given``, else ``source.plan_fingerprint`` when it is a string, else None."""
+    if given is not None:
+        if not isinstance(given, str):
+            raise TypeError(f"plan_fingerprint must be a str, got {type(given).__name__}")
+        return given
+    found = getattr(source, "plan_fingerprint", None)
+    return found if isinstance(found, str) else None

@@ -64,11 +64,13 @@ def fingerprint(
     seed: int,
     shuffle: bool,
     last_batch: str,
+    plan: str | None = None,
 ) -> dict[str, Any]:
     """The configuration a state belongs to (everything except epoch, world size and rank).
 
     ``batch_sizes`` should be 0 for buckets without members, so that only what the plan uses
-    counts.
+    counts. ``plan`` is the data set's plan fingerprint when known (a string from the
+    caller: its rows, buckets and sample settings), compared when both sides have one.
     """
     return {
         "plan_version": PLAN_VERSION,
@@ -79,6 +81,7 @@ def fingerprint(
         "seed": int(seed),
         "shuffle": bool(shuffle),
         "last_batch": last_batch,
+        "plan": plan,
     }
 
 
@@ -127,6 +130,10 @@ def from_state(state: dict[str, Any], fp: dict[str, Any]) -> Position:
         for k, label in _FIELDS.items()
         if saved.get(k) != fp[k]
     ]
+    if saved.get("plan") is not None and fp["plan"] is not None and saved["plan"] != fp["plan"]:
+        diffs.append(f"plan fingerprint (the data set's rows, buckets and sample settings, e.g. "
+                     f"a config's datasets in another order): saved {_short(saved['plan'])}, "
+                     f"this sampler {fp['plan']!r}")
     if diffs:
         raise ValueError(
             "sampler state was saved for a different configuration; differences: "

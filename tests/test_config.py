@@ -3,6 +3,7 @@ and errors that name the key and the line."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from bucketing import MixedDataset, from_config, load_config, text_to_image_dataset
-from bucketing.pipeline.config import ConfigError, mix_figures, part_seed
+from bucketing.pipeline.config import part_seed
+from bucketing.pipeline.spec import ConfigError, LadderSpec
 from samplers import BucketBatchSampler
 from transforms import FluxTokenizer
 
@@ -23,7 +25,7 @@ model = "flux"
 batch_size = 2
 seed = 5
 tokenizers = "tokenizers"
-workers = 0
+scan_workers = 0
 
 [[datasets]]
 name = "me"
@@ -66,13 +68,13 @@ def python_api(project: Path) -> tuple[MixedDataset, BucketBatchSampler]:
     me = text_to_image_dataset(
         tokenizer, source=project / "me", model="flux", ladder={"max_area": 256 * 256},
         captions={"template": "a photo of sks person, {caption}", "dropout": 0.0},
-        seed=part_seed(5, 0), workers=0,
+        seed=part_seed(5, 0), scan_workers=0,
     )
     reg = text_to_image_dataset(
         tokenizer, source=project / "regularisation", model="flux",
         ladder={"max_area": 192 * 192, "max_aspect": 2.0}, crop="center",
         captions={"shuffle_parts": True, "keep_parts": 1, "tag_dropout": 0.5},
-        seed=part_seed(5, 1), workers=0,
+        seed=part_seed(5, 1), scan_workers=0,
     )
     mixed = MixedDataset({"me": me, "regularisation": reg})
     return mixed, BucketBatchSampler(mixed, batch_size=2, seed=5)
@@ -113,8 +115,8 @@ def test_load_config_values(project):
     me, reg = config.datasets
     assert (me.name, reg.name) == ("me", "regularisation")
     assert me.source == str(project / "me")  # relative to the file's folder
-    assert me.ladder == {"max_area": 256 * 256} and me.crop == "random"
-    assert reg.ladder == {"max_area": 36864, "max_aspect": 2.0} and reg.crop == "center"
+    assert me.ladder == LadderSpec(max_area=256 * 256) and me.crop == "random"
+    assert reg.ladder == LadderSpec(max_area=36864, max_aspect=2.0) and reg.crop == "center"
     assert config.tokenizers == str(project / "tokenizers")
 
 
@@ -140,16 +142,16 @@ def test_repeats_per_dataset(project):
 
 
 @pytest.mark.parametrize(("old", "new", "line", "message"), [
-    ('model = "flux"', 'model = "flux2"', 1, "model: unknown model 'flux2'"),
+    ('model = "flux"', 'model = "flux2"', 1, "model: must be one of flux, flux-schnell"),
     ("batch_size = 2", "batch_size = 0", 2, "batch_size: must be >= 1"),
     ("batch_size = 2", "batch_size = 2\nmax_pixels_per_batch = 100", 3,
      "max_pixels_per_batch: give exactly one of"),
-    ("seed = 5", 'seed = "five"', 3, "seed: must be an int >= 0"),
+    ("seed = 5", 'seed = "five"', 3, "seed: must be an int, got 'five'"),
     ("resolution = 256", "resolution = 8", 10, "datasets[0].resolution: must be >= 16"),
     ("resolution = 256", "resolution = 256\nrepeats = -1", 11,
-     "datasets[0].repeats: must be a number >= 0"),
+     "datasets[0].repeats: must be a number in [0, 65536], got -1"),
     ("dropout = 0.0", "dropuot = 0.0", 13, "datasets[0].captions.dropuot: unknown key"),
-    ('crop = "center"', 'crop = "middle"', 17, 'datasets[1].crop: "center" or "random"'),
+    ('crop = "center"', 'crop = "middle"', 17, "datasets[1].crop: must be one of random, center"),
     ("max_aspect = 2.0", "max_aspect = 2.0\nsteps = 3", 21, "datasets[1].ladder.steps: unknown"),
     ('source = "me"', 'path = "me"', 9, "datasets[0].path: unknown key"),
     ("workers = 0", "workers = 0\nbatchsize = 2", 6, "batchsize: unknown key; known: model"),
@@ -157,11 +159,15 @@ def test_repeats_per_dataset(project):
      "datasets[1].caption_extension: must look like '.txt'"),
     ("template = ", "template = 'no placeholder'\n#", 11,
      "datasets[0].captions: template must be a string containing '{caption}'"),
-    ("max_aspect = 2.0", "max_aspect = 0.5", 18, "datasets[1].ladder: max_aspect must be >= 1"),
-    ("tag_dropout = 0.5", "tag_dropout = 1.5", 21,
-     "datasets[1].captions: tag_dropout must be in [0, 1], got 1.5"),
-    ("tag_dropout = 0.5", 'tag_dropout = "0.5"', 21,
-     "datasets[1].captions: tag_dropout must be a number in [0, 1], got '0.5'"),
+    ("max_aspect = 2.0", "max_aspect = 0.5", 20,
+     "datasets[1].ladder.max_aspect: must be >= 1, got 0.5"),
+    ("tag_dropout = 0.5", "tag_dropout = 1.5", 24,
+     "datasets[1].captions.tag_dropout: must be a number in [0, 1], got 1.5"),
+    ("tag_dropout = 0.5", 'tag_dropout = "0.5"', 24,
+     "datasets[1].captions.tag_dropout: must be a number, got '0.5'"),
+    ("scan_workers = 0", "scan_workers = 0\nworkers = 0", 6, "workers: give scan_workers only"),
+    ("batch_size = 2", "batch_size = 2\ndrop_last = true\nlast_batch = 'pad'", 3,
+     "drop_last: give last_batch only"),
 ])
 def test_errors_name_the_key_and_the_line(project, old, new, line, message):
     path = project / "data.toml"
@@ -191,9 +197,14 @@ def test_file_level_errors(project):
 def test_bucket_report_shows_the_mix_per_dataset(project, repo_root):
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
 
-    figures = mix_figures(project / "data.toml")
+    proc = subprocess.run([sys.executable, "-m", "bucketing.cli.report", "--config",
+                           str(project / "data.toml"), "--json", "-"],
+                          capture_output=True, text=True, timeout=120, cwd=project, env=env)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
     me, reg = figures["datasets"]
     dataset, sampler = from_config(project / "data.toml", model_transform=None)
+    assert figures["plan_fingerprint"] == dataset.plan_fingerprint
     accepted = [int(((dataset.dataset_of == k) & (dataset.bucket_id >= 0)).sum()) for k in (0, 1)]
     assert (me["accepted"], reg["accepted"]) == tuple(accepted)
     assert me["share"] + reg["share"] == pytest.approx(1.0)
@@ -226,7 +237,7 @@ model: flux
 batch_size: 2
 seed: 5
 tokenizers: tokenizers
-workers: 0
+scan_workers: 0
 datasets:
   - name: me
     source: me
@@ -246,7 +257,7 @@ def test_yaml_reads_the_same_as_toml(project):
     assert load_config(project / "data.yaml").datasets == load_config(
         project / "data.toml").datasets
     (project / "data.yml").write_text(YAML.replace("dropout: 0.0", "dropout: 2.0"))
-    with pytest.raises(ConfigError, match=r"data.yml:10: datasets\[0\].captions: dropout must"):
+    with pytest.raises(ConfigError, match=r"data.yml:12: datasets\[0\].captions.dropout: must"):
         load_config(project / "data.yml")
     (project / "data.yml").write_text(YAML.replace("crop: center", "crop: middle"))
     with pytest.raises(ConfigError, match=r"data.yml:14: datasets\[1\].crop"):
@@ -254,3 +265,17 @@ def test_yaml_reads_the_same_as_toml(project):
     (project / "data.yml").write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="a table of keys"):
         load_config(project / "data.yml")
+
+
+def test_the_older_scan_names_still_work_with_a_warning(project):
+    path = project / "data.toml"
+    path.write_text(CONFIG.replace("scan_workers = 0", "workers = 0").replace(
+        'source = "me"', 'source = "me"\ncache = "scan.parquet"'))
+    with pytest.warns(DeprecationWarning, match="'workers' is now 'scan_workers'"):
+        config = load_config(path)
+    assert config.scan_workers == 0
+    assert config.datasets[0].scan_cache == str(project / "scan.parquet")
+    with pytest.warns(DeprecationWarning, match="'workers' is now 'scan_workers'"):
+        text_to_image_dataset(source=project / "me", workers=0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'cahce'"):
+        text_to_image_dataset(source=project / "me", cahce="x")

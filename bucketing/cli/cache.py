@@ -1,34 +1,56 @@
 """``bucket-cache``: scan a source, assign buckets and encode everything once into a cache.
 
     bucket-cache photos/ --model flux --weights /models/FLUX.1-dev --out cache/
+    bucket-cache --config dataset.toml --weights /models/FLUX.1-dev   # every dataset, one cache
     torchrun --nproc_per_node 8 -m bucketing.cli.cache photos/ --weights ... --out cache/
 
-Options shared with ``bucket-report`` (source, ``--model``, ``--max-area``, ``--levels``,
-``--allow-upscale``, ``--cache``, ``--workers``, ``--seed``) mean the same there and here, so
-the cache holds exactly the buckets the report showed. Under ``torchrun`` every rank encodes
-its share on its own GPU (``cuda:LOCAL_RANK``) and rank 0 merges the shards.
+The spec's options (source, ``--model``, ``--max-area``, ``--levels``, ``--max-buckets``,
+``--allow-upscale``, ``--scan-cache``, ``--scan-workers``, ``--seed``, and the caption
+``--template`` / ``--prefix`` / ``--suffix``) mean the same here as in ``bucket-report``, a
+config file and the builders, so the cache holds exactly the buckets and captions the
+trainer will ask for; the cache records the plan's fingerprint, and a dataset built on
+another plan refuses it. With ``--config``, one cache covers every dataset of the file, each
+with its own ladder and caption template, written to ``--out`` or the file's
+``encoder_cache``. Under ``torchrun`` every rank encodes its share on its own GPU
+(``cuda:LOCAL_RANK``) and rank 0 merges the shards.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from bucketing.assign import assign
-from bucketing.cli.report import ConfigError, _area, _positive_int
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.cli.report import escape
+from bucketing.ladder import MODEL_SPECS
+from bucketing.pipeline.config import build_dataset, build_plans, caption_transforms, load_config
 from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
-from bucketing.scan import scan
+from bucketing.pipeline.plan import mix_rows
+from bucketing.pipeline.spec import (
+    CaptionSpec,
+    ConfigError,
+    DatasetSpec,
+    LadderSpec,
+    Spec,
+    add_options,
+    fill_defaults,
+    given_options,
+    positive_int,
+    unit_float,
+)
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MODELS = ("flux", "flux-schnell", "sdxl", "sd3")
+CONFIG_FLAGS = ("model", "seed", "scan_workers")
+"""The spec options ``bucket-cache --config`` takes from the command line over the file's."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,37 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
         "encode only what changed; a killed run resumes.",
         epilog="Exit codes: 0 ok, 2 usage or configuration error, 1 unexpected failure.",
     )
-    p.add_argument("source", help="a folder, a manifest, or anything bucketing.scan accepts")
-    p.add_argument("--model", default="flux", choices=MODELS, help="model (default: flux)")
+    p.add_argument("source", nargs="?",
+                   help="a folder, a manifest, or anything bucketing.scan accepts")
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="instead of SOURCE: one cache covering every dataset of a config file "
+                   "(each with its ladder and caption template); --model, --seed and "
+                   "--scan-workers override the file's values")
+    add_options(p, "cache")
     p.add_argument("--weights", required=True, metavar="DIR",
                    help="local diffusers-layout model folder (vae/, text_encoder/, "
                    "text_encoder_2/, tokenizer/, tokenizer_2/)")
-    p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created)")
-    p.add_argument("--max-area", type=_area, metavar="N",
-                   help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
-    p.add_argument("--levels", type=_positive_int, nargs="+", metavar="SIDE",
-                   help="level sides, e.g. --levels 512 768 1024")
-    p.add_argument("--allow-upscale", action="store_true",
-                   help="give images smaller than every bucket the nearest smallest bucket")
-    p.add_argument("--cache", metavar="PATH", help="scan cache (parquet)")
-    p.add_argument("--workers", type=_positive_int, metavar="N", help="scan worker processes")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="seed of the random crop variants (default: 0)")
+    p.add_argument("--out", metavar="DIR",
+                   help="cache folder (created; default with --config: the file's encoder_cache)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
                    help="encoder dtype (default: bfloat16; the SDXL VAE needs float32)")
     p.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) or cpu")
     p.add_argument("--crop", default="center", choices=CROPS, help="crop (default: center)")
-    p.add_argument("--variants", type=_positive_int, default=1, metavar="K",
+    p.add_argument("--variants", type=positive_int, default=1, metavar="K",
                    help="random crops cached per image (with --crop random)")
-    p.add_argument("--flip-p", type=float, default=0.0, metavar="P",
-                   help="flip probability the dataset will use; > 0 caches flipped latents")
+    p.add_argument("--flip-p", type=unit_float, metavar="P",
+                   help="flip probability the dataset will use; > 0 caches flipped latents "
+                   "(default: 0, or with --config the largest of the file's flip_p)")
     p.add_argument("--resample", default=DEFAULT_RESAMPLE, choices=RESAMPLE_MODES)
     p.add_argument("--t5-padding", default="trimmed", choices=T5_PADDINGS,
                    help="store T5 rows up to each caption's tokens, or the full padded length")
-    p.add_argument("--t5-length", type=_positive_int, metavar="L",
+    p.add_argument("--t5-length", type=positive_int, metavar="L",
                    help="T5 padding length (default: the model's, 512 dev / 256 schnell / 77 sd3)")
-    p.add_argument("--vae-batch-size", type=_positive_int, default=8, metavar="B")
-    p.add_argument("--text-batch-size", type=_positive_int, default=64, metavar="B")
+    p.add_argument("--vae-batch-size", type=positive_int, default=8, metavar="B")
+    p.add_argument("--text-batch-size", type=positive_int, default=64, metavar="B")
     p.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 1),
                    metavar="N", help="processes decoding images (default: min(4, cores))")
     p.add_argument("--prune", action="store_true",
@@ -78,72 +97,105 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cache_spec(args: argparse.Namespace, given: dict[str, Any]) -> Spec:
+    """The spec to cache: the config file's with the command line's overrides (a flag that
+    cannot apply to a file's datasets is refused by name), or SOURCE with the flags."""
+    if args.config is None:
+        captions = {k: given[k] for k in ("template", "prefix", "suffix") if k in given}
+        ladder = {k: given[k] for k in ("max_area", "levels", "max_buckets") if k in given}
+        return Spec(model=args.model, seed=args.seed, scan_workers=args.scan_workers,
+                    datasets=[DatasetSpec(
+                        source=args.source, name=args.source, ladder=LadderSpec(**ladder),
+                        captions=CaptionSpec(**captions) if captions else None,
+                        scan_cache=args.scan_cache, allow_upscale=bool(args.allow_upscale))])
+    refused = [k for k in given if k not in CONFIG_FLAGS]
+    if refused:
+        raise ConfigError(f"--{refused[0].replace('_', '-')} does not apply with --config (a "
+                          "per-dataset option): set it in the file's [[datasets]]")
+    spec = load_config(args.config)
+    return dataclasses.replace(spec, **given)
+
+
 def load_encoders(
-    args: argparse.Namespace, device: str
+    args: argparse.Namespace, model: str, device: str
 ) -> FluxEncoders | SDXLEncoders | SD3Encoders:
-    """The model's encoders from ``--weights`` on ``device`` in ``--dtype``."""
+    """``model``'s encoders from ``--weights`` on ``device`` in ``--dtype``."""
     dtype = DTYPES[args.dtype]
-    if args.model == "sdxl":
+    if model == "sdxl":
         return SDXLEncoders.from_pretrained(args.weights, device=device, dtype=dtype)
-    length = args.t5_length or MODEL_SPECS[args.model].t5_max_length
-    cls = SD3Encoders if args.model == "sd3" else FluxEncoders
+    length = args.t5_length or MODEL_SPECS[model].t5_max_length
+    cls = SD3Encoders if model == "sd3" else FluxEncoders
     return cls.from_pretrained(args.weights, device=device, dtype=dtype,
                                max_sequence_length=length)
 
 
-def run(args: argparse.Namespace) -> list[str]:
-    """Scan, assign and build as the arguments say; returns the summary lines."""
+def run(args: argparse.Namespace, given: dict[str, Any]) -> list[str]:
+    """Plan and build as the arguments say; returns the summary lines."""
     started = time.perf_counter()
-    overrides = {}
-    if args.max_area is not None:
-        overrides["max_area"] = args.max_area
-    if args.levels:
-        overrides["levels"] = [s * s for s in args.levels]
+    spec = cache_spec(args, given)
+    if spec.model not in MODELS:
+        raise ConfigError(f"no encoders for model {spec.model!r} (bucket-cache encodes "
+                          f"{', '.join(MODELS)})", key="--model")
+    out = args.out or spec.encoder_cache
+    if out is None:
+        raise ConfigError("--out: give the cache folder (or encoder_cache in the config file)")
     try:
-        ladder = BucketLadder.for_model(args.model, **overrides)
-        index = scan(args.source, workers=args.workers, cache=args.cache)
+        plans = build_plans(spec)
+        captions = caption_transforms(spec)
+        index, rows = mix_rows(plans, captions)
+        fingerprint = build_dataset(dataclasses.replace(spec, encoder_cache=None), None,
+                                    plans).plan_fingerprint
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-        encoders = load_encoders(args, device)
+        encoders = load_encoders(args, spec.model, device)
     except (ValueError, OSError) as error:
         raise ConfigError(str(error)) from error
-    assignment = assign(index, ladder, allow_upscale=args.allow_upscale)
+    flip_p = args.flip_p if args.flip_p is not None else max(d.flip_p for d in spec.datasets)
     cache = build_cache(
-        index, assignment, encoders, args.out, crop=args.crop, variants=args.variants,
-        flip_p=args.flip_p, resample=args.resample, seed=args.seed, t5_padding=args.t5_padding,
+        index, rows, encoders, out, crop=args.crop, variants=args.variants,
+        flip_p=flip_p, resample=args.resample, seed=spec.seed, t5_padding=args.t5_padding,
         batch_size=args.vae_batch_size, text_batch_size=args.text_batch_size,
-        workers=args.loader_workers,
+        workers=args.loader_workers, plan_fingerprint=fingerprint,
     )
     s = cache.build_stats
     lines = [
         f"{s['latents_encoded']} latents encoded ({s['latents_total']} in the view), "
         f"{s['texts_encoded']} captions encoded ({s['texts_total']} in the view)",
+        "datasets: " + ", ".join(
+            f"{escape(name)} ({int((plan.assignment.bucket_id >= 0).sum())} images)"
+            for name, plan in plans.items()),
+        f"plan fingerprint: {fingerprint}",
     ]
     if s["failed"] or s["missing_files"]:
         lines.append(f"{len(s['failed'])} images failed to decode, {s['missing_files']} files "
                      "missing (the dataset substitutes them):")
-        lines += [f"  {f}" for f in s["failed"][:20]]
+        lines += [f"  {escape(f)}" for f in s["failed"][:20]]
     if args.prune:
         pruned = cache.prune()
         lines.append(f"pruned {pruned['removed']} entries ({pruned['rewritten']} shards rewritten)")
-    lines.append(f"{cache.nbytes() / 2**20:.1f} MiB in {args.out}, "
+    lines.append(f"{cache.nbytes() / 2**20:.1f} MiB in {escape(str(out))}, "
                  f"{time.perf_counter() - started:.1f} s")
     return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bucket-cache``; returns the exit code (0 ok, 2 config error)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.source is None) == (args.config is None):
+        parser.error("give a SOURCE or --config FILE.toml (one of them)")
+    given = given_options(args, "cache")
+    fill_defaults(args, "cache")
     dist = torch.distributed
     started_dist = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if started_dist:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        lines = run(args)
+        lines = run(args, given)
         if not dist.is_initialized() or dist.get_rank() == 0:
             print("\n".join(lines))
     except ConfigError as error:
-        print(f"bucket-cache: error: {error}", file=sys.stderr)
+        print(f"bucket-cache: error: {escape(str(error))}", file=sys.stderr)
         return 2
     finally:
         if started_dist:

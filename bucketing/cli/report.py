@@ -40,11 +40,21 @@ from PIL import Image
 from bucketing.assign import assign
 from bucketing.atomic import atomic_write_bytes
 from bucketing.cli import plots as report_plots
+from bucketing.cli.mix import mix_figures, render_mix
 from bucketing.cli.plots import PreviewTile
-from bucketing.ladder import MODEL_SPECS, BucketLadder
-from bucketing.pipeline.config import report_mix
+from bucketing.ladder import MODEL_SPECS
+from bucketing.pipeline.builders import make_ladder
+from bucketing.pipeline.config import build_dataset, build_plans, build_sampler, load_config
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.pipeline.encoder_cache import estimate_lines
+from bucketing.pipeline.spec import (
+    ConfigError,
+    LadderSpec,
+    add_options,
+    fill_defaults,
+    given_options,
+    positive_int,
+)
 from bucketing.scan import scan
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
@@ -426,44 +436,6 @@ def write_json(figures: dict[str, Any], dest: str, stdout: TextIO) -> None:
 # --------------------------------------------------------------------------- command
 
 
-class ConfigError(Exception):
-    """A usage or configuration problem the user can fix; reported in one line, exit code 2."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _repeats(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of repeats, got {text!r}") from None
-    if not 0 < value < 1e6:
-        raise argparse.ArgumentTypeError(f"expected repeats above 0, got {text!r}")
-    return value
-
-
-def _area(text: str) -> int:
-    """An area in pixels: ``1048576`` or ``1024x1024``."""
-    w, sep, h = text.lower().partition("x")
-    try:
-        value = int(w) * int(h) if sep else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an area in pixels such as 1048576 or 1024x1024, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive area, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``bucket-report`` command line."""
     p = argparse.ArgumentParser(
@@ -475,42 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", help="a folder, a manifest (.jsonl .json .csv .tsv "
                    ".parquet), or anything else bucketing.scan accepts")
     p.add_argument("--config", metavar="FILE.toml", help="instead of SOURCE: the mix of a "
-                   "dataset config file (bucketing.from_config), per dataset")
-    p.add_argument("--model", default="flux", choices=sorted(MODEL_SPECS),
-                   help="model preset for the ladder and T5 length (default: flux)")
-    p.add_argument("--max-area", type=_area, metavar="N",
-                   help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
-    p.add_argument("--levels", type=_positive_int, nargs="+", metavar="SIDE",
-                   help="level sides, e.g. --levels 512 768 1024 (areas 512², 768², 1024²)")
-    p.add_argument("--max-buckets", type=_positive_int, metavar="K",
-                   help="keep the K buckets of the preset that suit this data best "
-                   "(BucketLadder.from_data)")
-    p.add_argument("--min-bucket-size", type=_positive_int, metavar="N",
+                   "dataset config file (bucketing.from_config), per dataset; --model, "
+                   "--batch-size, --max-pixels-per-batch, --world-size, --seed, --last-batch and "
+                   "--scan-workers override the file's values (the report says so)")
+    add_options(p, "report")
+    p.add_argument("--min-bucket-size", type=positive_int, metavar="N",
                    help="merge buckets of fewer than N images into their neighbours")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--batch-size", type=_positive_int, metavar="B",
-                      help="per-rank batch size (default: 1)")
-    size.add_argument("--max-pixels-per-batch", type=_area, metavar="P",
-                      help="per-rank pixel budget: each bucket gets floor(P / (w*h)) images")
-    p.add_argument("--world-size", type=_positive_int, default=1, metavar="W",
-                   help="number of ranks (GPUs) to plan for (default: 1)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed (default: 0)")
-    last = p.add_mutually_exclusive_group()
-    last.add_argument("--last-batch", choices=("short", "pad", "drop"), default="short",
-                      help="each bucket's last partial global step: split short across ranks "
-                      "(default), padded with duplicates, or dropped")
-    last.add_argument("--drop-last", dest="last_batch", action="store_const", const="drop",
-                      help="the same as --last-batch drop")
-    p.add_argument("--repeats", type=_repeats, default=1.0, metavar="R",
-                   help="times each image appears per epoch (a fraction is drawn per epoch)")
-    p.add_argument("--allow-upscale", action="store_true",
-                   help="give images smaller than every bucket the nearest smallest bucket")
-    p.add_argument("--tokenizers", metavar="DIR",
-                   help="a FLUX checkout (or folder) with tokenizer/ (CLIP) and tokenizer_2/ "
-                   "(T5): measure caption token lengths and truncation")
-    p.add_argument("--cache", metavar="PATH", help="scan cache (parquet); rescans are incremental")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
-                   help="scan worker processes (default: all cores)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-': stdout, "
                    "and the text report goes to stderr)")
     p.add_argument("--plot", metavar="FILE.png", help="write occupancy and loss plots")
@@ -760,7 +702,8 @@ def check_outputs(args: argparse.Namespace, listed: Sequence[str] = ()) -> None:
             raise ConfigError(f"{flag}: exists and is not a regular file; refusing to "
                               "write over it")
         name = os.path.basename(real)
-        inputs = [args.source, *(p for p in listed if os.path.basename(p) == name)]
+        inputs = [args.source or args.config,
+                  *(p for p in listed if os.path.basename(p) == name)]
         if any(_same_file(real, p) for p in inputs):
             raise ConfigError(f"{flag}: is an input of this report; refusing to write over it")
 
@@ -786,14 +729,15 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
                 f"{max_area} ({args.model}); pass a larger --max-area or smaller level sides"
             )
         overrides["levels"] = [s * s for s in args.levels]
-    ladder = _config(BucketLadder.for_model, args.model, **overrides)
+    ladder = _config(make_ladder, args.model, overrides)
 
     t0 = time.perf_counter()
-    index = _config(scan, args.source, workers=args.workers, cache=args.cache)
+    index = _config(scan, args.source, workers=args.scan_workers, cache=args.scan_cache)
     check_outputs(args, index.paths)
     t1 = time.perf_counter()
     if args.max_buckets:
-        ladder = _config(BucketLadder.from_data, index, max_buckets=args.max_buckets, base=ladder)
+        ladder = _config(make_ladder, args.model, LadderSpec(**overrides,
+                         max_buckets=args.max_buckets), index)
     assignment = assign(index, ladder, allow_upscale=args.allow_upscale,
                         min_bucket_size=args.min_bucket_size)
     t2 = time.perf_counter()
@@ -834,6 +778,93 @@ def _write_outputs(args: argparse.Namespace, figures: dict, index: Any, assignme
         raise ConfigError(f"cannot write output: {error}") from error
 
 
+MIX_FLAGS = ("model", "batch_size", "max_pixels_per_batch", "world_size", "seed", "last_batch",
+             "scan_workers")
+"""The spec options ``bucket-report --config`` takes from the command line over the file's."""
+
+
+def mix_spec(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The config file's spec with the command line's overrides, and a line per override.
+    A flag that cannot apply to a mix (a per-dataset option, SOURCE's) is refused by name."""
+    refused = [k for k in given if k not in MIX_FLAGS]
+    if args.min_bucket_size is not None:
+        refused.append("min_bucket_size")
+    if args.estimate_cache:
+        refused.append("estimate_cache")
+    if refused:
+        flag = "--" + refused[0].replace("_", "-")
+        raise ConfigError(f"{flag} does not apply with --config (a per-dataset option or one of "
+                          "SOURCE's): set it in the file's [[datasets]] or report one SOURCE")
+    spec = load_config(args.config)
+    notes = []
+    for key, value in given.items():
+        before = getattr(spec, key)
+        if key in ("batch_size", "max_pixels_per_batch"):
+            other = "max_pixels_per_batch" if key == "batch_size" else "batch_size"
+            if getattr(spec, other) is not None:
+                notes.append(f"{other} {getattr(spec, other)} (the file's) replaced by "
+                             f"--{key.replace('_', '-')} {value}")
+                setattr(spec, other, None)
+        if before != value:
+            notes.append(f"{key} {value} from the command line (the file says {before})")
+        setattr(spec, key, value)
+    return spec, notes
+
+
+def report_config(args: argparse.Namespace, given: dict[str, Any], text_out: TextIO) -> None:
+    """``bucket-report --config``: the mix per dataset (text, ``--json``), its plots
+    (``--plot``: every dataset's buckets; ``--preview``: tiles from every dataset)."""
+    spec, notes = mix_spec(args, given)
+    plans = _config(build_plans, spec)
+    listed = [p for plan in plans.values() for p in plan.index.paths]
+    check_outputs(args, [*listed, *(d.scan_cache for d in spec.datasets if d.scan_cache)])
+    dataset = _config(build_dataset, spec, None, plans)
+    sampler = _config(build_sampler, spec, dataset, world_size=spec.world_size, rank=0)
+    figures = mix_figures(spec, plans, dataset, sampler, notes, SCHEMA_VERSION)
+    text_out.write(render_mix(figures))
+    text_out.flush()
+    try:
+        if args.json:
+            write_json(figures, args.json, sys.stdout)
+        if args.plot or args.preview:
+            _mix_plots(args, spec, plans)
+    except OSError as error:
+        raise ConfigError(f"cannot write output: {error}") from error
+
+
+def _mix_plots(args: argparse.Namespace, spec: Any, plans: dict[str, Any]) -> None:
+    """``--plot`` over every dataset's buckets and images; ``--preview`` tiles from each."""
+    merged: dict[str, Any] = {"buckets": [], "images": [], "ladder": {"buckets": []},
+                              "files": {"accepted": 0, "seen": 0}}
+    tiles = []
+    for d in spec.datasets:
+        name, plan = d.name, plans[d.name]
+        settings = argparse.Namespace(
+            batch_size=spec.batch_size, max_pixels_per_batch=spec.max_pixels_per_batch,
+            world_size=spec.world_size, seed=spec.seed, last_batch=spec.last_batch,
+            repeats=d.repeats)
+        part, per_bucket = plan_figures(plan.assignment, settings)
+        figures = gather(source=name, index=plan.index, assignment=plan.assignment, plan=part,
+                         per_bucket=per_bucket, timings={}, tokens=None)
+        merged["buckets"] += figures["buckets"]
+        merged["images"] += figures["images"]
+        merged["ladder"]["buckets"] += figures["ladder"]["buckets"]
+        for key in ("accepted", "seen"):
+            merged["files"][key] += figures["files"][key]
+        if args.preview:
+            for tile in preview_tiles(plan.index, plan.assignment, figures["buckets"],
+                                      seed=spec.seed, count=max(1, 6 // len(plans))):
+                tile.title = f"{_fit(escape(name), 20)}: {tile.title}"
+                tiles.append(tile)
+    merged["buckets"].sort(key=lambda r: (r["aspect"], r["width"] * r["height"]))
+    if args.plot:
+        report_plots.plot_report(merged, args.plot)
+    if args.preview:
+        if not tiles:
+            raise ConfigError("--preview: no accepted image could be loaded to preview")
+        report_plots.plot_preview(tiles, args.preview)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bucket-report``; returns the exit code (0 ok, 2 config error, 1 bug)."""
     parser = build_parser()
@@ -841,9 +872,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.source is None) == (args.config is None):
         parser.error("give a SOURCE or --config FILE.toml (one of them)")
     text_out = sys.stderr if args.json == "-" else sys.stdout
-    if args.config:
-        return report_mix(args.config, args.world_size, text_out)
+    given = given_options(args, "report")
+    fill_defaults(args, "report")
     try:
+        if args.config:
+            check_outputs(args)
+            report_config(args, given, text_out)
+            return 0
         check_outputs(args)
         figures, index, assignment = run(args)
         width = shutil.get_terminal_size((100, 24)).columns

@@ -28,14 +28,23 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from bucketing.assign import assign
+from bucketing.index import ImageIndex
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.pipeline.dataset import TextToImageDataset
+from bucketing.pipeline.plan import Plan, combine
+from bucketing.pipeline.spec import (
+    ConfigError,
+    DatasetSpec,
+    LadderSpec,
+    Spec,
+    check,
+    renamed,
+)
 from bucketing.scan import scan
 from bucketing.sources import caption_lines, read_text
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
-LADDER_KEYS = ("max_area", "levels", "step", "max_aspect")
 CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_.-]+$")
 
 
@@ -45,18 +54,58 @@ def sidecar_captions(image: str, extension: str) -> list[str]:
     return caption_lines(read_text(path)) if os.path.isfile(path) else []
 
 
-def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = None) -> BucketLadder:
-    """``ladder`` itself, or ``BucketLadder.for_model(model, **ladder)`` for a mapping of
-    preset overrides (``max_area``, ``levels``, ``step``, ``max_aspect``)."""
+def make_ladder(
+    model: str,
+    ladder: BucketLadder | LadderSpec | Mapping[str, Any] | None = None,
+    sizes: ImageIndex | np.ndarray | None = None,
+) -> BucketLadder:
+    """Every door's ladder: ``ladder`` itself, or the model's preset with the overrides of a
+    :class:`LadderSpec` (or a mapping of its keys: ``max_area``, ``levels``, ``step``,
+    ``max_aspect``), fitted to the image ``sizes`` with ``BucketLadder.from_data`` when it
+    asks for that (``max_buckets`` or ``fitted``). Without ``sizes`` (a check before the data
+    is read) the preset is returned."""
     if isinstance(ladder, BucketLadder):
         return ladder
     if model not in MODEL_SPECS:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_SPECS)}")
-    overrides = dict(ladder or {})
-    unknown = sorted(set(overrides) - set(LADDER_KEYS))
-    if unknown:
-        raise ValueError(f"unknown ladder keys {unknown}; known: {', '.join(LADDER_KEYS)}")
-    return BucketLadder.for_model(model, **overrides)
+        raise ConfigError(f"unknown model {model!r}; known: {', '.join(MODEL_SPECS)}",
+                          key="model")
+    if not isinstance(ladder, LadderSpec):
+        values = dict(ladder or {})
+        check(LadderSpec, values, "ladder.")
+        ladder = LadderSpec(**values)
+    preset = BucketLadder.for_model(model, **ladder.overrides())
+    if sizes is None or (ladder.max_buckets is None and not ladder.fitted):
+        return preset
+    return BucketLadder.from_data(sizes, max_buckets=ladder.max_buckets, base=preset)
+
+
+def plan_dataset(
+    *,
+    source: Any,
+    model: str = "flux",
+    ladder: BucketLadder | LadderSpec | Mapping[str, Any] | None = None,
+    column_map: Mapping[str, str] | None = None,
+    allow_upscale: bool = False,
+    scan_cache: str | None = None,
+    scan_workers: int | None = None,
+    base_dir: str | None = None,
+    caption_extension: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> Plan:
+    """Scan ``source`` and assign it to ``model``'s ladder (``make_ladder``): the
+    :class:`Plan` (index, assignment, fingerprint with ``settings``) a dataset, a report and
+    an encoder cache share."""
+    make_ladder(model, ladder)  # a bad ladder is refused before the scan
+    if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
+        raise ConfigError(f"must look like '.txt', got {caption_extension!r}",
+                          key="caption_extension")
+    index = scan(source, cache=scan_cache, workers=scan_workers,
+                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir)
+    if caption_extension is not None:
+        index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
+    bucket_ladder = make_ladder(model, ladder, index)
+    assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)
+    return Plan(index, assignment, dict(settings or {}))
 
 
 def text_to_image_dataset(
@@ -65,48 +114,82 @@ def text_to_image_dataset(
     source: Any,
     column_map: Mapping[str, str] | None = None,
     model: str = "flux",
-    ladder: BucketLadder | Mapping[str, Any] | None = None,
+    ladder: BucketLadder | LadderSpec | Mapping[str, Any] | None = None,
     captions: CaptionTransform | Mapping[str, Any] | None = None,
     crop: str = "random",
     flip_p: float = 0.0,
     allow_upscale: bool = False,
     seed: int = 0,
-    cache: str | None = None,
-    workers: int | None = None,
+    scan_cache: str | None = None,
+    scan_workers: int | None = None,
     base_dir: str | None = None,
     caption_extension: str | None = None,
     on_error: str = "substitute",
+    encoder_cache: Any = None,
+    **renamed_options: Any,
 ) -> TextToImageDataset:
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
     captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
 
-    ``ladder``: a ``BucketLadder`` or overrides of the model's preset (``{"max_area":
-    512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
-    0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
-    ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``); ``cache``, ``workers``,
-    ``column_map`` and ``base_dir`` go to ``scan``. ``caption_extension`` (e.g. ``".caption"``)
-    reads every image's captions from ``<stem><extension>`` only (none when that file is
-    missing), instead of the first sidecar found. The dataset's ``index`` and rejections say
-    what was left out and why.
+    The keyword arguments are the spec's (``bucketing.pipeline.spec``: the same names,
+    defaults and checks as a config file's keys). ``ladder``: a ``BucketLadder`` or overrides
+    of the model's preset (``{"max_area": 512 * 512}``), or a budget fitted to the data
+    (``{"max_buckets": 12}``); ``captions``: a ``CaptionTransform`` or its keyword arguments
+    (``{"dropout": 0.1, "template": "a photo of sks person, {caption}"}``); ``crop``,
+    ``flip_p`` and ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``);
+    ``scan_cache``, ``scan_workers``, ``column_map`` and ``base_dir`` go to ``scan`` (the
+    older names ``cache`` and ``workers`` still work, with a ``DeprecationWarning``).
+    ``caption_extension`` (e.g. ``".caption"``) reads every image's captions from
+    ``<stem><extension>`` only (none when that file is missing), instead of the first sidecar
+    found. ``encoder_cache``: an ``EncoderCache`` to serve latents and embeddings from
+    (refused here when it was built for another plan). The dataset's ``index`` and
+    rejections say what was left out and why.
     """
-    bucket_ladder = make_ladder(model, ladder)
+    given = renamed(renamed_options, "text_to_image_dataset")
+    unknown = sorted(set(given) - {"scan_cache", "scan_workers"})
+    if unknown:
+        raise TypeError(f"text_to_image_dataset() got an unexpected keyword argument "
+                        f"{unknown[0]!r}")
+    scan_cache = given.get("scan_cache", scan_cache)
+    scan_workers = given.get("scan_workers", scan_workers)
+    check(DatasetSpec, {"crop": crop, "flip_p": flip_p, "allow_upscale": allow_upscale,
+                        "scan_cache": None if scan_cache is None else str(scan_cache)})
+    check(Spec, {"seed": seed, "on_error": on_error, "scan_workers": scan_workers,
+                 "model": model})
+    plan = plan_dataset(source=source, model=model, ladder=ladder, column_map=column_map,
+                        allow_upscale=allow_upscale, scan_cache=scan_cache,
+                        scan_workers=scan_workers, base_dir=base_dir,
+                        caption_extension=caption_extension)
+    return dataset_from_plan(plan, model_transform, captions=captions, crop=crop, flip_p=flip_p,
+                             allow_upscale=allow_upscale, seed=seed, on_error=on_error,
+                             encoder_cache=encoder_cache)
+
+
+def dataset_from_plan(
+    plan: Plan,
+    model_transform: Callable[[dict], dict] | None = None,
+    *,
+    captions: CaptionTransform | Mapping[str, Any] | None = None,
+    crop: str = "random",
+    flip_p: float = 0.0,
+    allow_upscale: bool = False,
+    seed: int = 0,
+    on_error: str = "substitute",
+    encoder_cache: Any = None,
+) -> TextToImageDataset:
+    """The dataset serving ``plan``'s rows fitted (``BucketResizeCrop``), captioned
+    (``CaptionTransform`` or its keyword arguments) and passed through ``model_transform``."""
     if captions is not None and not isinstance(captions, CaptionTransform):
         captions = CaptionTransform(**dict(captions))
-    if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
-        raise ValueError(f"caption_extension must look like '.txt', got {caption_extension!r}")
-    index = scan(source, cache=cache, workers=workers,
-                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir)
-    if caption_extension is not None:
-        index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
-    assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)
     return TextToImageDataset(
-        index,
-        assignment,
+        plan.index,
+        plan.assignment,
         image_transform=BucketResizeCrop(crop=crop, flip_p=flip_p, allow_upscale=allow_upscale),
         caption_transform=captions,
         model_transform=model_transform,
         seed=seed,
         on_error=on_error,
+        cache=encoder_cache,
     )
 
 
@@ -165,6 +248,13 @@ class MixedDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    @property
+    def plan_fingerprint(self) -> str:
+        """The fingerprint of the mix's plan: each part's, with its name, in order (so the
+        same datasets in another order are another plan)."""
+        return combine([(n, d.plan_fingerprint) for n, d in zip(self.names, self.datasets,
+                                                                 strict=True)])
 
     @property
     def epoch(self) -> int:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bucketing.pipeline.plan import check_encoder_cache, dataset_fingerprint
 from transforms.gpu_decode import EncodedFit
 from transforms.image import (
     DEFAULT_MAX_DECODE_BYTES,
@@ -92,6 +93,8 @@ class TextToImageDataset(Dataset):
     transform that upscales: one with ``allow_upscale=False`` is refused here.
     ``cache``: an encoder cache (``bucketing.build_cache``); samples then carry its
     ``latents`` and caption embeddings instead of pixels, and no image transform is needed.
+    A cache built for another plan (rows in other buckets, rows or captions it lacks) is
+    refused here, before any DataLoader worker starts.
     """
 
     def __init__(
@@ -136,6 +139,8 @@ class TextToImageDataset(Dataset):
                 "(allow_upscale=False): every such row would fail at training time; pass "
                 "image_transform=BucketResizeCrop(allow_upscale=True, ...)"
             )
+        if cache is not None:  # before any worker starts, not at the first mismatching row
+            check_encoder_cache(cache, index, assignment, caption_transform)
         self.index = index
         # views of the assignment's arrays (no per-row copy in the dataset or its workers)
         self.bucket_id = np.asarray(assignment.bucket_id)
@@ -157,6 +162,12 @@ class TextToImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def plan_fingerprint(self) -> str:
+        """The fingerprint of this dataset's plan: rows, buckets, seed, image and caption
+        settings (``bucketing.pipeline.plan``); ``BucketBatchSampler`` records it."""
+        return dataset_fingerprint(self)
 
     @property
     def epoch(self) -> int:

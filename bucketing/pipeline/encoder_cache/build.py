@@ -136,6 +136,7 @@ def build_cache(
     workers: int = 0,
     shard_size: int = 256,
     progress: bool = True,
+    plan_fingerprint: str | None = None,
 ) -> EncoderCache:
     """Encode what ``path`` lacks for ``index`` x ``assignment`` and return the cache.
 
@@ -147,6 +148,8 @@ def build_cache(
     fit settings of the pixel path. ``t5_padding``: ``"trimmed"`` stores each caption's T5
     rows up to its real token count, ``"full"`` the whole padded sequence. ``workers``:
     DataLoader processes decoding images. Under ``torch.distributed`` call it on every rank.
+    ``plan_fingerprint``: the plan's (``bucket-cache`` passes the dataset's), recorded with
+    the per-row buckets so that a dataset built on another plan refuses the cache.
     """
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -218,6 +221,7 @@ def build_cache(
             "text_dtype": text_dtype, "t5_padding": padding, "flip_p": float(flip_p),
             "crop": crop, "variants": int(variants), "fit": settings.key(), "seed": int(seed),
             "empty_caption_key": tkeys[""],
+            "plan": {"fingerprint": plan_fingerprint, "missing": _missing(index, assignment, cols)},
         })
     _barrier()
     cache = EncoderCache.open(root)
@@ -231,6 +235,13 @@ def build_cache(
         - len(cols["row"]),
     }
     return cache
+
+
+def _missing(index: ImageIndex, assignment: Assignment, cols: dict[str, list]) -> list[str]:
+    """Accepted rows whose file was gone at build time (the view has no row for them)."""
+    present = set(cols["row"])
+    return [index.paths[r] for r in np.flatnonzero(np.asarray(assignment.bucket_id) >= 0)
+            if int(r) not in present]
 
 
 def _prepare_folder(root: Path, rank: int) -> None:

@@ -136,6 +136,10 @@ class EncoderCache:
             "flipped": flip,
         }
 
+    def has_caption(self, caption: str) -> bool:
+        """Whether ``caption``'s embeddings are in the cache."""
+        return caption in self._texts
+
     def text(self, caption: str) -> dict[str, torch.Tensor]:
         """The stored embeddings of a caption: ``prompt_embeds`` [L, D] (L the real token
         count when stored trimmed), ``pooled_prompt_embeds`` and ``text_length``."""
