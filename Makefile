@@ -31,9 +31,11 @@ test-fast: $(STAMP) $(TOKENIZERS) lint
 demo: $(STAMP) $(TOKENIZERS)
 	$(BIN)/python examples/demo.py
 
-# Refresh the pictures the README shows (only this target writes into docs/).
+# Refresh the pictures the README shows and the key table of docs/configs.md (only this
+# target writes into docs/).
 docs: $(STAMP) $(TOKENIZERS)
 	$(BIN)/python examples/demo.py --out docs --report-only
+	$(BIN)/python -c "from bucketing.pipeline.spec import update_key_table as u; u('docs/configs.md')"
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py --quick

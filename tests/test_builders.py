@@ -35,7 +35,7 @@ dataset:
     template: "a photo, {{caption}}"
   crop: center
   seed: 7
-  workers: 0
+  scan_workers: 0
 
 sampler:
   _component_: samplers.BucketBatchSampler
@@ -95,7 +95,7 @@ def test_builder_from_a_torchtune_yaml(photos, flux_tokenizer_dir):
     assert isinstance(dataset, TextToImageDataset) and isinstance(sampler, BucketBatchSampler)
 
     # The same objects built by hand, with the library's own parts.
-    index = scan(photos, workers=0)
+    index = scan(photos, scan_workers=0)
     assignment = assign(index, BucketLadder.for_model("flux", max_area=65536))
     by_hand = TextToImageDataset(
         index, assignment, image_transform=BucketResizeCrop(crop="center"),
@@ -115,7 +115,7 @@ def test_builder_from_a_torchtune_yaml(photos, flux_tokenizer_dir):
 
 def test_builder_options_and_errors(photos):
     ds = text_to_image_dataset(source=photos, model="sdxl", ladder={"max_area": 256 * 256},
-                               crop="center", flip_p=0.0, workers=0)
+                               crop="center", flip_p=0.0, scan_workers=0)
     accepted = ds.bucket_id >= 0
     assert accepted.any() and (ds.bucket_wh[accepted] % 64 == 0).all()
     assert (ds.bucket_wh[accepted].prod(axis=1) <= 256 * 256).all()
@@ -123,12 +123,12 @@ def test_builder_options_and_errors(photos):
     assert sample["caption"] and sample["pixel_values"].dtype == torch.uint8
     ladder = BucketLadder.for_model("flux", max_area=128 * 128)
     assert make_ladder("flux", ladder) is ladder
-    with pytest.raises(ValueError, match="unknown ladder keys"):
+    with pytest.raises(ValueError, match="ladder.area: unknown key"):
         make_ladder("flux", {"area": 5})
     with pytest.raises(ValueError, match="unknown model"):
         make_ladder("flux2", None)
     with pytest.raises(ValueError, match="template"):
-        text_to_image_dataset(source=photos, captions={"template": "no placeholder"}, workers=0)
+        text_to_image_dataset(source=photos, captions={"template": "no placeholder"}, scan_workers=0)
 
 
 def test_lazy_exports():
@@ -143,9 +143,9 @@ def _two_parts(photos: Path, tmp_path: Path) -> dict[str, TextToImageDataset]:
         for file in photos.glob(path.stem + ".*"):  # the image and its caption sidecar
             shutil.copy(file, (a if i % 2 else b) / file.name)
     return {
-        "a": text_to_image_dataset(source=a, ladder={"max_area": 128 * 128}, seed=1, workers=0),
+        "a": text_to_image_dataset(source=a, ladder={"max_area": 128 * 128}, seed=1, scan_workers=0),
         "b": text_to_image_dataset(source=b, ladder={"max_area": 192 * 192}, seed=2,
-                                   captions={"template": "B {caption}"}, workers=0),
+                                   captions={"template": "B {caption}"}, scan_workers=0),
     }
 
 
@@ -192,7 +192,7 @@ class _Occ(int):
 def test_mixed_dataset_keeps_the_occurrence(photos, tmp_path):
     """A repeat's draws differ from the first occurrence's, exactly as in the part itself."""
     parts = {"a": text_to_image_dataset(source=photos, ladder={"max_area": 128 * 128},
-                                        flip_p=0.5, captions={"dropout": 0.5}, workers=0)}
+                                        flip_p=0.5, captions={"dropout": 0.5}, scan_workers=0)}
     mixed = MixedDataset(parts)
     rows = np.flatnonzero(mixed.bucket_id >= 0)[:6].tolist()
     for i in rows:
@@ -208,12 +208,12 @@ def test_caption_extension_picks_the_sidecar(tmp_path, examples_dir):
     (tmp_path / "flower.caption").write_text("dahlia, pink, close-up\n")
     (tmp_path / "coffee.caption").write_text("cup\nsaucer\n")
     (tmp_path / "rocket.txt").write_text("a rocket\n")
-    by_default = text_to_image_dataset(source=tmp_path, workers=0)
-    chosen = text_to_image_dataset(source=tmp_path, workers=0, caption_extension=".caption")
+    by_default = text_to_image_dataset(source=tmp_path, scan_workers=0)
+    chosen = text_to_image_dataset(source=tmp_path, scan_workers=0, caption_extension=".caption")
     names = [Path(p).stem for p in chosen.index.paths]
     assert dict(zip(names, by_default.index.captions, strict=True)) == {
         "coffee": ["cup", "saucer"], "flower": ["a flower"], "rocket": ["a rocket"]}
     assert dict(zip(names, chosen.index.captions, strict=True)) == {
         "coffee": ["cup", "saucer"], "flower": ["dahlia, pink, close-up"], "rocket": []}
-    with pytest.raises(ValueError, match="caption_extension must look like"):
-        text_to_image_dataset(source=tmp_path, workers=0, caption_extension="caption")
+    with pytest.raises(ValueError, match="caption_extension: must look like"):
+        text_to_image_dataset(source=tmp_path, scan_workers=0, caption_extension="caption")

@@ -419,7 +419,7 @@ def test_report_estimates_the_cache_before_it_is_built(photos, capsys, flux_toke
     assert "no size table for 'sd15'" in capsys.readouterr().out
 
 
-def test_caption_dropout_works_and_uncacheable_captions_are_named(photos, tmp_path, flux):
+def test_caption_dropout_works_and_uncacheable_captions_are_refused(photos, tmp_path, flux):
     from transforms import CaptionTransform
 
     index, assignment = _index(photos)
@@ -429,10 +429,13 @@ def test_caption_dropout_works_and_uncacheable_captions_are_named(photos, tmp_pa
     assert dropped["caption"] == "" and dropped["text_length"] == 1  # only </s>
     empty = flux.encode_text([""])["prompt_embeds"][0, :1]
     torch.testing.assert_close(dropped["prompt_embeds"], empty)
-    prefixed = TextToImageDataset(index, assignment, cache=cache,
-                                  caption_transform=CaptionTransform(prefix="sks, "))
-    with pytest.raises(ValueError, match="'sks, a photo number 0' is not in the cache"):
-        prefixed[0]
+    # captions the cache lacks are refused when the dataset is built, not in a worker
+    with pytest.raises(ValueError, match=r"3 captions are not in the cache \(e.g. 'sks, a phot"):
+        TextToImageDataset(index, assignment, cache=cache,
+                           caption_transform=CaptionTransform(prefix="sks, "))
+    with pytest.raises(ValueError, match="shuffles parts or drops tags"):
+        TextToImageDataset(index, assignment, cache=cache,
+                           caption_transform=CaptionTransform(shuffle_parts=True))
 
 
 def test_images_embedded_in_a_hf_dataset_are_keyed_by_their_bytes(photos, tmp_path, flux):

@@ -124,20 +124,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory, flux_tokenizer_dir: Path) -> 
     }
     argv = {
         "full": [str(folder), "--batch-size", "2", "--world-size", "2", "--tokenizers",
-                 str(flux_tokenizer_dir), "--cache", str(tmp / "scan.parquet"), "--workers", "1",
+                 str(flux_tokenizer_dir), "--scan-cache", str(tmp / "scan.parquet"), "--scan-workers", "1",
                  "--json", str(out["json"]), "--plot", str(out["plot"]),
                  "--preview", str(out["preview"])],
         "stdout_json": [str(manifest), "--max-pixels-per-batch", "1024x1024", "--drop-last",
-                        "--workers", "1", "--json", "-"],
+                        "--scan-workers", "1", "--json", "-"],
         "missing": [str(tmp / "no_such_folder")],
         "empty": [str(tmp / "empty")],
         "advice": [str(_write_one_image_buckets(tmp / "shapes")), "--batch-size", "4",
-                   "--world-size", "4", "--workers", "1", "--json", str(tmp / "advice.json")],
+                   "--world-size", "4", "--scan-workers", "1", "--json", str(tmp / "advice.json")],
         "advice_fixed": [str(tmp / "shapes"), "--batch-size", "4", "--world-size", "4",
-                         "--workers", "1", "--max-buckets", "1", "--json", "-"],
+                         "--scan-workers", "1", "--max-buckets", "1", "--json", "-"],
         "repeats": [str(tmp / "shapes"), "--batch-size", "4", "--repeats", "3",
-                    "--last-batch", "pad", "--workers", "1", "--json", "-"],
-        "pad_one_gpu": [str(folder), "--batch-size", "8", "--last-batch", "pad", "--workers",
+                    "--last-batch", "pad", "--scan-workers", "1", "--json", "-"],
+        "pad_one_gpu": [str(folder), "--batch-size", "8", "--last-batch", "pad", "--scan-workers",
                         "1", "--json", "-"],
     }
     env = {**os.environ, "COLUMNS": "100"}
@@ -467,7 +467,7 @@ def test_outputs_are_checked_before_the_report_runs(
     _refused(capsys, [src, "--plot", str(link)], "not a regular file")
     _refused(capsys, [str(manifest), "--json", str(manifest)], "an input of this report")
     before = (folder / "a.png").read_bytes()
-    _refused(capsys, [src, "--workers", "1", "--json", str(folder / "a.png")],
+    _refused(capsys, [src, "--scan-workers", "1", "--json", str(folder / "a.png")],
              "an input of this report")
     assert (folder / "a.png").read_bytes() == before
     out = str(tmp_path / "same.png")

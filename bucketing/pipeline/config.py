@@ -165,11 +165,15 @@ def from_config(
 def build_plans(config: Spec) -> dict[str, Plan]:
     """Each dataset's plan (scan, ladder, assignment), by name."""
     plans = {}
-    for d in config.datasets:
-        plans[d.name] = plan_dataset(
-            source=d.source, model=config.model, ladder=d.ladder, column_map=d.column_map,
-            allow_upscale=d.allow_upscale, scan_cache=d.scan_cache,
-            scan_workers=config.scan_workers, caption_extension=d.caption_extension)
+    for k, d in enumerate(config.datasets):
+        try:
+            plans[d.name] = plan_dataset(
+                source=d.source, model=config.model, ladder=d.ladder, column_map=d.column_map,
+                allow_upscale=d.allow_upscale, scan_cache=d.scan_cache,
+                scan_workers=config.scan_workers, caption_extension=d.caption_extension)
+        except ValueError as error:  # e.g. a ladder the model (given on a command line) refuses
+            raise ConfigError(f"{error} (model {config.model})", file=config.path or None,
+                              key=f"datasets[{k}]") from error
     return plans
 
 

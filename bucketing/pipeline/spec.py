@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bucketing.ladder import MODEL_SPECS
@@ -377,7 +379,9 @@ def add_options(parser: argparse.ArgumentParser, door: str) -> None:
         group = f.metadata["flag"].get("group")
         target = parser
         if group:
-            target = groups.setdefault(group, parser.add_mutually_exclusive_group())
+            if group not in groups:
+                groups[group] = parser.add_mutually_exclusive_group()
+            target = groups[group]
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = f" (default: {default})" if default not in (None, "", False) else ""
         target.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
@@ -445,6 +449,25 @@ def key_table() -> str:
         lines.append(f"| `{path}` | {f.metadata['kind']} | {default} | {' | '.join(doors)} | "
                      f"{f.metadata['help'].replace('|', '/')} |")
     return "\n".join(lines) + "\n"
+
+
+TABLE_START = "<!-- key table: generated from bucketing/pipeline/spec.py by `make docs` -->"
+TABLE_END = "<!-- end of the key table -->"
+
+
+def update_key_table(page: str | os.PathLike) -> bool:
+    """Write :func:`key_table` between the markers of the markdown ``page`` (docs/configs.md);
+    returns whether the page changed."""
+    path = Path(page)
+    text = path.read_text(encoding="utf-8")
+    head, start, rest = text.partition(TABLE_START)
+    _, end, tail = rest.partition(TABLE_END)
+    if not start or not end:
+        raise ValueError(f"{path} has no {TABLE_START!r} ... {TABLE_END!r} markers")
+    new = f"{head}{TABLE_START}\n{key_table()}{TABLE_END}{tail}"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
 
 
 def _toml(value: Any) -> str:
