@@ -128,7 +128,8 @@ def test_builder_options_and_errors(photos):
     with pytest.raises(ValueError, match="unknown model"):
         make_ladder("flux2", None)
     with pytest.raises(ValueError, match="template"):
-        text_to_image_dataset(source=photos, captions={"template": "no placeholder"}, scan_workers=0)
+        text_to_image_dataset(source=photos, captions={"template": "no placeholder"},
+                              scan_workers=0)
 
 
 def test_lazy_exports():
@@ -143,7 +144,8 @@ def _two_parts(photos: Path, tmp_path: Path) -> dict[str, TextToImageDataset]:
         for file in photos.glob(path.stem + ".*"):  # the image and its caption sidecar
             shutil.copy(file, (a if i % 2 else b) / file.name)
     return {
-        "a": text_to_image_dataset(source=a, ladder={"max_area": 128 * 128}, seed=1, scan_workers=0),
+        "a": text_to_image_dataset(source=a, ladder={"max_area": 128 * 128}, seed=1,
+                                   scan_workers=0),
         "b": text_to_image_dataset(source=b, ladder={"max_area": 192 * 192}, seed=2,
                                    captions={"template": "B {caption}"}, scan_workers=0),
     }

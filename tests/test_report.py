@@ -124,7 +124,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, flux_tokenizer_dir: Path) -> 
     }
     argv = {
         "full": [str(folder), "--batch-size", "2", "--world-size", "2", "--tokenizers",
-                 str(flux_tokenizer_dir), "--scan-cache", str(tmp / "scan.parquet"), "--scan-workers", "1",
+                 str(flux_tokenizer_dir), "--scan-cache", str(tmp / "scan.parquet"),
+                 "--scan-workers", "1",
                  "--json", str(out["json"]), "--plot", str(out["plot"]),
                  "--preview", str(out["preview"])],
         "stdout_json": [str(manifest), "--max-pixels-per-batch", "1024x1024", "--drop-last",
