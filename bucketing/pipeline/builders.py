@@ -74,6 +74,9 @@ def make_ladder(
         check(LadderSpec, values, "ladder.")
         ladder = LadderSpec(**values)
     preset = BucketLadder.for_model(model, **ladder.overrides())
+    if ladder.fitted and ladder.max_buckets is None:
+        raise ConfigError("a fitted ladder needs max_buckets, its budget of buckets",
+                          key="ladder.fitted")
     if sizes is None or (ladder.max_buckets is None and not ladder.fitted):
         return preset
     return BucketLadder.from_data(sizes, max_buckets=ladder.max_buckets, base=preset)

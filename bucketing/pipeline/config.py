@@ -257,6 +257,8 @@ def _dataset(entry: Any, i: int, model: str, defaults: Mapping[str, Any], path: 
     ladder_spec = LadderSpec(**ladder)
     try:
         make_ladder(model, ladder_spec)
+    except ConfigError as error:
+        raise fail(prefix + (error.key or "ladder"), error.reason) from error
     except ValueError as error:
         where = "resolution" if "resolution" in entry and "ladder" not in entry else "ladder"
         raise fail(prefix + where, str(error)) from error

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -314,7 +315,9 @@ def check(cls: type, values: Mapping[str, Any], prefix: str = "",
         if value is None and f.default is None:
             continue
         types = f.metadata["types"]
-        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        ok = isinstance(value, types) or (int in types and isinstance(value, numbers.Integral)
+                                          or float in types and isinstance(value, numbers.Real))
+        if isinstance(value, bool) and bool not in types or not ok:
             raise fail(name, f"must be {_what(f)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise fail(name, f"must be a finite number, got {value}")
