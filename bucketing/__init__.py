@@ -33,15 +33,16 @@ _LAZY_MODULES = {
     "bucketing.pipeline.encoder_cache": ("EncoderCache", "build_cache"),
     "bucketing.pipeline.builders": ("MixedDataset", "text_to_image_dataset"),
     "bucketing.pipeline.config": ("from_config", "load_config"),
+    "bucketing.pipeline.spec": ("ConfigError", "Spec"),
 }
 _LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 
 __all__ = [
     "Assignment", "BatchingRule", "BucketBatchSampler", "BucketLadder", "BucketResizeCrop",
-    "CaptionTransform", "EncoderCache", "FitParams", "FluxEncoders", "FluxTokenizer",
+    "CaptionTransform", "ConfigError", "EncoderCache", "FitParams", "FluxEncoders", "FluxTokenizer",
     "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection", "SD15Tokenizer",
-    "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleIndex",
+    "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleIndex", "Spec",
     "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
     "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
     "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",

@@ -248,6 +248,7 @@ _TOKENS = {"max_length": int, "captions": int, "p50": (float, None), "p95": (flo
 SCHEMA: dict[str, Any] = {
     "schema": int,
     "source": str,
+    "plan_fingerprint": str,
     "files": {
         "seen": int, "accepted": int, "rejected": int,
         "rejections": ("map", {"count": int, "examples": [{"path": str, "detail": str}]}),

@@ -234,3 +234,15 @@ def test_a_resume_state_from_another_plan_is_refused(tmp_path):
     # bare bucket ids carry no plan: their states resume as before
     ids = BucketBatchSampler(ab.bucket_id, batch_size=2, seed=0)
     ids.load_state_dict(BucketBatchSampler(ab.bucket_id, batch_size=2, seed=0).state_dict())
+
+
+def test_the_report_prints_the_datasets_plan_fingerprint(project, capsys):
+    source = str(project / "me")
+    assert report_cli.main([source, "--max-area", "16384", "--seed", "3", "--json", "-"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    dataset = text_to_image_dataset(source=source, ladder={"max_area": 16384}, seed=3,
+                                    scan_workers=0)
+    assert figures["plan_fingerprint"] == dataset.plan_fingerprint
+    other = text_to_image_dataset(source=source, ladder={"max_area": 16384}, seed=4,
+                                  scan_workers=0)
+    assert other.plan_fingerprint != dataset.plan_fingerprint

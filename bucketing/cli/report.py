@@ -43,10 +43,11 @@ from bucketing.cli import plots as report_plots
 from bucketing.cli.mix import mix_figures, render_mix
 from bucketing.cli.plots import PreviewTile
 from bucketing.ladder import MODEL_SPECS
-from bucketing.pipeline.builders import make_ladder
+from bucketing.pipeline.builders import dataset_from_plan, make_ladder
 from bucketing.pipeline.config import build_dataset, build_plans, build_sampler, load_config
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.pipeline.encoder_cache import estimate_lines
+from bucketing.pipeline.plan import Plan
 from bucketing.pipeline.spec import (
     ConfigError,
     LadderSpec,
@@ -397,6 +398,9 @@ def render_text(figures: dict[str, Any], width: int = 100) -> str:
     ]
     if figures["plan"] is not None and figures["buckets"]:
         parts.append(_plan_lines(figures["plan"]))
+    if "plan_fingerprint" in figures:
+        parts.append([f"Plan       fingerprint {figures['plan_fingerprint']} (the dataset's "
+                      "plan_fingerprint, recorded by bucket-cache and the sampler's state)"])
     if figures["advice"]:
         parts.append(_advice_lines(figures["advice"]))
     parts.append(_caption_lines(figures["captions"]))
@@ -760,6 +764,10 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
         timings=timings,
         tokens=tokens,
     )
+    # the fingerprint text_to_image_dataset(source, same ladder, seed) gives its dataset
+    dataset = dataset_from_plan(Plan(index, assignment, {}), seed=args.seed,
+                                allow_upscale=bool(args.allow_upscale))
+    figures["plan_fingerprint"] = dataset.plan_fingerprint
     return figures, index, assignment
 
 
