@@ -121,7 +121,8 @@ def test_a_file_fits_a_ladder_to_its_data(project):
     mine = dataset.bucket_id[(dataset.dataset_of == 0) & (dataset.bucket_id >= 0)]
     assert len(np.unique(mine)) == 2 and len(mine) == len(SIZES)
     path.write_text(CONFIG.replace("levels = [4096, 16384]", "fitted = true"))
-    with pytest.raises(ConfigError, match=r"data.toml:11: datasets\[0\].ladder.fitted: .*needs max_buckets"):
+    with pytest.raises(ConfigError,
+                       match=r"data.toml:11: datasets\[0\].ladder.fitted: .*needs max_buckets"):
         from_config(path, model_transform=None)
 
 
