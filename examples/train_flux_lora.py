@@ -13,8 +13,10 @@ With ``--cache DIR`` (an encoder cache that ``bucket-cache`` built from the same
 ``--max-area``), the batches carry ``latents``, ``prompt_embeds`` and ``pooled_prompt_embeds``
 instead of pixels and token ids: neither the VAE nor the text encoders are loaded. The crops
 and flips are the cache's (``bucket-cache --crop random --variants K --flip-p P``), the stored
-latent is the VAE posterior's mode, and the captions are the index's as cached (no
-``--template``; caption dropout to "" still works). Trimmed T5 rows (the cache's default) are
+latent is the VAE posterior's mode, and the captions are the index's as cached (a
+``--template`` only with a cache built with the same ``bucket-cache --template``; caption
+dropout to "" still works). A cache built for another ladder or template is refused before
+the first step, saying which buckets differ. Trimmed T5 rows (the cache's default) are
 kept out of attention with the batch's ``t5_attention_mask``; a ``--t5-padding full`` cache
 feeds every padded row, as the on-the-fly path does.
 
@@ -60,8 +62,11 @@ def build_loader(args: argparse.Namespace, cache: EncoderCache | None = None) ->
     overrides = {"max_area": args.max_area} if args.max_area else {}
     assignment = assign(index, BucketLadder.for_model("flux", **overrides))
     if cache is not None:
-        dataset = TextToImageDataset(index, assignment, cache=cache, seed=args.seed,
-                                     caption_transform=CaptionTransform(dropout=0.1))
+        # refused here, before any worker, when the cache was built for another ladder or
+        # without this template
+        dataset = TextToImageDataset(
+            index, assignment, cache=cache, seed=args.seed,
+            caption_transform=CaptionTransform(dropout=0.1, template=args.template))
     else:
         tokenizer = FluxTokenizer.from_flux_dir(args.weights, t5_max_length=args.t5_max_length)
         dataset = TextToImageDataset(
@@ -173,9 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", metavar="DIR", help="encoder cache (bucket-cache) of the same "
                    "--data and --max-area: train from its latents and text embeddings")
     args = p.parse_args(argv)
-    if args.cache and args.template != p.get_default("template"):
-        p.error("--template cannot apply to a cache (its captions are encoded as they are): "
-                "template the captions before bucket-cache")
+    if args.cache and args.template == p.get_default("template"):
+        args.template = None  # the cache's captions as they were encoded
     return args
 
 

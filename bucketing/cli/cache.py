@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 
-from bucketing.cli.report import escape
 from bucketing.ladder import MODEL_SPECS
 from bucketing.pipeline.config import build_dataset, build_plans, caption_transforms, load_config
 from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
@@ -162,18 +161,18 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> list[str]:
         f"{s['latents_encoded']} latents encoded ({s['latents_total']} in the view), "
         f"{s['texts_encoded']} captions encoded ({s['texts_total']} in the view)",
         "datasets: " + ", ".join(
-            f"{escape(name)} ({int((plan.assignment.bucket_id >= 0).sum())} images)"
+            f"{name} ({int((plan.assignment.bucket_id >= 0).sum())} images)"
             for name, plan in plans.items()),
         f"plan fingerprint: {fingerprint}",
     ]
     if s["failed"] or s["missing_files"]:
         lines.append(f"{len(s['failed'])} images failed to decode, {s['missing_files']} files "
                      "missing (the dataset substitutes them):")
-        lines += [f"  {escape(f)}" for f in s["failed"][:20]]
+        lines += [f"  {f}" for f in s["failed"][:20]]
     if args.prune:
         pruned = cache.prune()
         lines.append(f"pruned {pruned['removed']} entries ({pruned['rewritten']} shards rewritten)")
-    lines.append(f"{cache.nbytes() / 2**20:.1f} MiB in {escape(str(out))}, "
+    lines.append(f"{cache.nbytes() / 2**20:.1f} MiB in {out}, "
                  f"{time.perf_counter() - started:.1f} s")
     return lines
 
@@ -195,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print("\n".join(lines))
     except ConfigError as error:
-        print(f"bucket-cache: error: {escape(str(error))}", file=sys.stderr)
+        print(f"bucket-cache: error: {error}", file=sys.stderr)
         return 2
     finally:
         if started_dist:
