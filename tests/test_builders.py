@@ -95,7 +95,7 @@ def test_builder_from_a_torchtune_yaml(photos, flux_tokenizer_dir):
     assert isinstance(dataset, TextToImageDataset) and isinstance(sampler, BucketBatchSampler)
 
     # The same objects built by hand, with the library's own parts.
-    index = scan(photos, scan_workers=0)
+    index = scan(photos, workers=0)
     assignment = assign(index, BucketLadder.for_model("flux", max_area=65536))
     by_hand = TextToImageDataset(
         index, assignment, image_transform=BucketResizeCrop(crop="center"),
