@@ -89,6 +89,16 @@ def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny_flux, tmp_path):
               "--save", str(tmp_path / "lora"))
     check_flux_steps(out)
     assert any("transformer" in name for name in trained_lora(tmp_path / "lora"))
+    # the trainer on another ladder than the cache's is refused before its first step
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    other = subprocess.run(
+        [sys.executable, str(repo_root / "examples" / "train_flux_lora.py"), "--weights",
+         str(tmp_path / "transformer-only"), "--cache", cache, "--data", data, "--steps", "1",
+         "--max-area", str(512 * 512), "--batch-size", "2", "--workers", "2", "--device", "cpu"],
+        cwd=repo_root, capture_output=True, text=True, timeout=400, env=env)
+    assert other.returncode != 0 and "step " not in other.stdout
+    assert "built for another plan" in other.stderr and "rows are cached in another bucket" \
+        in other.stderr
 
 
 def _collate_keeps_unknown_keys() -> bool:
