@@ -5,11 +5,14 @@ another plan is refused, and docs/configs.md's key table is the spec's."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import bucketing.cli.report as report_cli
@@ -21,6 +24,7 @@ from bucketing import (
     assign,
     build_cache,
     from_config,
+    load_config,
     scan,
     text_to_image_dataset,
 )
@@ -247,3 +251,34 @@ def test_the_report_prints_the_datasets_plan_fingerprint(project, capsys):
     other = text_to_image_dataset(source=source, ladder={"max_area": 16384}, seed=4,
                                   scan_workers=0)
     assert other.plan_fingerprint != dataset.plan_fingerprint
+
+
+_VALUES = st.one_of(st.integers(-3, 70000), st.floats(-2, 5, allow_nan=False), st.booleans(),
+                    st.sampled_from(["", "x", "{caption}", "a, {caption}", "center", "pad"]),
+                    st.lists(st.integers(-1, 5000), max_size=3))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(table=st.sampled_from(["", "ladder", "captions"]), data=st.data())
+def test_any_value_of_any_key_loads_or_names_its_key_and_line(tmp_path, table, data):
+    cls = {"": spec_module.DatasetSpec, "ladder": spec_module.LadderSpec,
+           "captions": spec_module.CaptionSpec}[table]
+    keys = [k for k, f in spec_module.options(cls).items()
+            if "file" in f.metadata["doors"] and k not in ("ladder", "captions", "source")]
+    key, value = data.draw(st.sampled_from(keys)), data.draw(_VALUES)
+    header = f"[datasets.{table}]\n" if table else ""
+    text = ('batch_size = 2\n[[datasets]]\nsource = "me"\n' + header +
+            f"{key} = {json.dumps(value)}\n")
+    path = tmp_path / "fuzz.toml"
+    path.write_text(text)
+    try:
+        loaded = load_config(path)
+    except ConfigError as error:
+        # the file, a line, and the key (or, for a ladder the model refuses, its table)
+        where = f"datasets[0]{'.' + table if table else ''}"
+        assert re.match(rf"{re.escape(str(path))}:\d+: {re.escape(where)}", str(error)), error
+        return
+    got = loaded.datasets[0]
+    got = getattr(got, table) if table else got
+    assert got is not None

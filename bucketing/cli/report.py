@@ -801,8 +801,10 @@ def mix_spec(args: argparse.Namespace, given: dict[str, Any]) -> tuple[Any, list
         refused.append("estimate_cache")
     if refused:
         flag = "--" + refused[0].replace("_", "-")
-        raise ConfigError(f"{flag} does not apply with --config (a per-dataset option or one of "
-                          "SOURCE's): set it in the file's [[datasets]] or report one SOURCE")
+        why = ("it measures one SOURCE: report a dataset's source on its own"
+               if refused[0] in ("tokenizers", "estimate_cache")
+               else "a per-dataset option: set it in the file's [[datasets]]")
+        raise ConfigError(f"{flag} does not apply with --config ({why})")
     spec = load_config(args.config)
     notes = []
     for key, value in given.items():
