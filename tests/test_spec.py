@@ -182,6 +182,7 @@ def test_a_cache_built_for_another_ladder_is_refused_at_construction(tmp_path, f
         TextToImageDataset(grown, assign(grown, small), cache=cache)
 
 
+@pytest.mark.slow
 def test_bucket_cache_config_embeds_the_templated_captions(project, tiny_encoders_dirs, flux,
                                                           capsys):
     path = project / "data.toml"
