@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bucketing.models import MODELS, encoder_models
 from transforms.resize_crop import (
     DEFAULT_RESAMPLE,
     BucketResizeCrop,
@@ -28,17 +29,16 @@ CACHE_VERSION = 1
 CROPS = ("center", "random")
 T5_PADDINGS = ("trimmed", "full")
 
-# Output sizes of the real models, for estimates before anything is built: latent channels,
-# the text sequence's width and padded length, and the pooled embedding's width.
+# Output sizes of the models with encoders (from the model registry), for estimates before
+# anything is built: latent channels, the text sequence's width and padded length, and the
+# pooled embedding's width.
 MODEL_SIZES: dict[str, dict[str, int]] = {
-    "flux": {"latent_channels": 16, "text_width": 4096, "text_length": 512, "pooled": 768},
-    "flux-schnell": {"latent_channels": 16, "text_width": 4096, "text_length": 256,
-                     "pooled": 768},
-    "sdxl": {"latent_channels": 4, "text_width": 2048, "text_length": 77, "pooled": 1280},
-    # SD3: both CLIPs' 77 rows (zero-padded to T5's width) then T5's 77 (its training default)
-    "sd3": {"latent_channels": 16, "text_width": 4096, "text_length": 77 + 77, "pooled": 2048},
+    name: {"latent_channels": MODELS[name].latent_channels,
+           "text_width": MODELS[name].text_width, "text_length": MODELS[name].text_length,
+           "pooled": MODELS[name].pooled}
+    for name in encoder_models()
 }
-TRIMMED_MODELS = ("flux", "flux-schnell")  # T5 sequences: worth storing trimmed
+TRIMMED_MODELS = tuple(name for name, spec in MODELS.items() if spec.t5_trimmed)
 SHARD_BYTES = 256 << 20  # a shard is written once its entries reach this size
 OWN_FILES = ("shards", "entries.parquet", "rows.parquet", "texts.parquet", "cache.json")
 
