@@ -1,4 +1,4 @@
-"""resize_crop / BucketResizeCrop: exact bucket shape, no upscaling, exact crop and flip
+"""fit_params + fit / BucketResizeCrop: exact bucket shape, no upscaling, exact crop and flip
 coordinates (checked with markers), seeded randomness, and the two resize back-ends."""
 
 from __future__ import annotations
@@ -13,14 +13,27 @@ from torchvision.transforms.v2 import functional as F
 
 from transforms.image import load_image
 from transforms.resize_crop import (
+    DEFAULT_RESAMPLE,
     RESAMPLE_MODES,
     BucketResizeCrop,
     FitParams,
     fit,
-    resize_crop,
+    fit_params,
+    original_size_wh,
     resized_size,
+    sample_fields,
 )
 from transforms.rng import sample_rng
+
+
+def resize_crop(img, bucket_wh, *, crop="center", flip=False, rng=None,
+                resample=DEFAULT_RESAMPLE, allow_upscale=False):
+    """The two halves every transform composes: fit_params of the image's full oriented
+    size (an explicit (y, x) crop allowed), then the fit kernel."""
+    size = original_size_wh(img)
+    params = fit_params(size, bucket_wh, crop=crop, flip=flip, rng=rng,
+                        allow_upscale=allow_upscale)
+    return sample_fields(params, fit(img, params, resample=resample), size)
 
 
 @st.composite

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bucket-cache",
         description="Encode a data set's images (VAE latents, per bucket) and captions (text "
-        "embeddings) once, into a cache that TextToImageDataset(cache=...) reads. Reruns "
+        "embeddings) once, into a cache that TextToImageDataset(encoder_cache=...) reads. Reruns "
         "encode only what changed; a killed run resumes.",
         epilog="Exit codes: 0 ok, 2 usage or configuration error, 1 unexpected failure.",
     )

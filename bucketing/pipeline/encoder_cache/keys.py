@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bucketing.models import MODELS, encoder_models
+from transforms.image import DEFAULT_DECODE, DecodeSettings
 from transforms.resize_crop import (
     DEFAULT_RESAMPLE,
     BucketResizeCrop,
@@ -55,21 +56,22 @@ def _digest(obj: Any) -> str:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How pixels are produced before the VAE: what every image entry's key includes."""
+    """How pixels are produced before the VAE: the crops, the filter and the decode settings
+    (``decode``: those of the dataset's pixel path); what every image entry's key includes."""
 
     crop: str = "center"
     variants: int = 1
     flip: bool = False
     resample: str = DEFAULT_RESAMPLE
-    background: tuple[int, int, int] = (255, 255, 255)
-    draft: bool = True
+    decode: DecodeSettings = DEFAULT_DECODE
     allow_upscale: bool = False
     seed: int = 0
 
     def key(self) -> dict[str, Any]:
-        """The settings that change an entry's pixels (not how many variants exist)."""
-        return {"resample": self.resample, "background": list(self.background),
-                "draft": self.draft, "allow_upscale": self.allow_upscale, "decode": "pil"}
+        """The settings that change an entry's pixels (not how many variants exist, nor the
+        decode limits, which only refuse files)."""
+        return {"resample": self.resample, "background": list(self.decode.background),
+                "draft": self.decode.draft, "allow_upscale": self.allow_upscale, "decode": "pil"}
 
 
 def file_identity(index: ImageIndex, row: int) -> list[Any] | None:
