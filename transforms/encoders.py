@@ -133,6 +133,8 @@ class _Encoders:
         tokenizer_2: Any,
         max_sequence_length: int | None = None,
     ) -> None:
+        if max_sequence_length is None:  # the model registry's T5 length (None: no T5)
+            max_sequence_length = MODELS[self.model].t5_max_length
         if max_sequence_length is not None and not 1 <= int(max_sequence_length) <= 512:
             raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
         self.max_sequence_length = None if max_sequence_length is None else int(max_sequence_length)
@@ -249,11 +251,6 @@ class _T5Encoders(_Encoders):
     """Models with a T5 sequence (FLUX, SD3): its padding length is a setting."""
 
     @classmethod
-    def default_length(cls) -> int:
-        """The T5 padding length of the model registry."""
-        return int(MODELS[cls.model].t5_max_length)
-
-    @classmethod
     def from_pretrained(
         cls,
         folder: str | os.PathLike,
@@ -276,20 +273,6 @@ class FluxEncoders(_T5Encoders):
     """
 
     model = "flux"
-
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        text_encoder_2: Any,
-        tokenizer: Any,
-        tokenizer_2: Any,
-        *,
-        max_sequence_length: int | None = None,
-    ) -> None:
-        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
-                         self.default_length() if max_sequence_length is None
-                         else max_sequence_length)
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` [B, max_sequence_length, D_t5] (T5, padded, unmasked as the
@@ -382,8 +365,7 @@ class SD3Encoders(_T5Encoders):
         max_sequence_length: int | None = None,
     ) -> None:
         super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
-                         self.default_length() if max_sequence_length is None
-                         else max_sequence_length)
+                         max_sequence_length)
         self.text_encoder_3 = text_encoder_3.train(False).requires_grad_(False)
         self.tokenizer_3 = tokenizer_3
 
