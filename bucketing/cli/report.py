@@ -55,7 +55,7 @@ from bucketing.pipeline.encoder_cache import estimate_lines
 from bucketing.scan import scan
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
-from transforms.image import load_image
+from transforms.image import decode_image
 from transforms.resize_crop import BucketResizeCrop
 from transforms.tokenize import CLIP_MAX_LENGTH, FluxTokenizer, load_clip_tokenizer
 
@@ -637,12 +637,14 @@ def gather(
     }
 
 
-def _first_loadable(dataset: Any, rows: np.ndarray, load_image: Any) -> tuple[dict, Any] | None:
-    """The first of ``rows`` whose sample and original both decode, or None."""
+def _first_loadable(dataset: Any, rows: np.ndarray) -> tuple[dict, Any] | None:
+    """The first of ``rows`` whose sample and original (decoded in full, within the
+    dataset's decode limits) both decode, or None."""
     for row in rows.tolist():
         try:
             sample = dataset[row]
-            return sample, load_image(dataset.index.image_source(sample["index"]))
+            return sample, decode_image(dataset.index.image_source(sample["index"]),
+                                        dataset.decode)
         except Exception:  # noqa: BLE001 - a broken file must not stop the preview
             continue
     return None
@@ -670,7 +672,7 @@ def preview_tiles(
     tiles = []
     for k in picks.astype(int):
         bucket = buckets[k]
-        loaded = _first_loadable(dataset, np.flatnonzero(ids == bucket["id"])[:3], load_image)
+        loaded = _first_loadable(dataset, np.flatnonzero(ids == bucket["id"])[:3])
         if loaded is None:  # no member decodes: the report already says the rest
             continue
         sample, original = loaded
