@@ -24,7 +24,7 @@ from bucketing.cli.cache import main as cache_main
 from bucketing.pipeline.encoder_cache import estimate_bytes
 from samplers import BucketBatchSampler
 from transforms import BucketResizeCrop, FluxEncoders, SD3Encoders, SDXLEncoders, collate
-from transforms.image import load_image
+from transforms.image import DecodeSettings, ImageDecodeError, load_image
 from transforms.resize_crop import fit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -453,3 +453,24 @@ def test_images_embedded_in_a_hf_dataset_are_keyed_by_their_bytes(photos, tmp_pa
     torch.testing.assert_close(sample["latents"],
                                flux.encode_images(pixels["pixel_values"][None])[0])
     assert _build(index, assignment, flux, tmp_path / "c").build_stats["latents_encoded"] == 0
+
+
+def test_the_build_refuses_what_the_dataset_refuses(photos, tmp_path, flux):
+    """The build decodes with the dataset's DecodeSettings: the same limits refuse the same
+    files (recorded as failed, not encoded), the others are encoded."""
+    index, assignment = _index(photos)
+    limits = DecodeSettings(max_pixels=5000)  # the 80x64, 64x80 and 96x64 images are over
+    cache = _build(index, assignment, flux, tmp_path / "c", decode=limits)
+    failed = cache.build_stats["failed"]
+    assert len(failed) == 3 and all("too_many_pixels" in f for f in failed), failed
+    assert cache.build_stats["latents_encoded"] == len(SIZES) - 3
+    pixels = TextToImageDataset(index, assignment, image_transform=BucketResizeCrop(),
+                                max_pixels=5000, on_error="raise")
+    assert pixels.decode == limits
+    refused = set()
+    for i in range(len(index)):
+        try:
+            pixels[i]
+        except ImageDecodeError:
+            refused.add(index.paths[i])
+    assert refused == {f.split(": ")[0] for f in failed}
