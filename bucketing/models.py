@@ -1,7 +1,7 @@
 """The model registry: every number the library knows about each model, in one table.
 
 ``MODELS`` maps a model name ("flux", "flux-schnell", "sdxl", "sd3", "sd15") to its
-:class:`ModelSpec`: the bucket geometry (side ``multiple``, default ``max_area``, level sides,
+:class:`ModelSpec`: the bucket geometry (side ``multiple``, default ``max_area``, levels,
 width ``step``), the T5 length, the VAE's latent channels and default normalisation, the
 transformer's patch size and timestep shift, the sizes of the text embeddings, and the classes
 that tokenize and encode for it (dotted names, so this module needs no torch). Every other
@@ -25,8 +25,8 @@ class ModelSpec:
     """One model's numbers and classes.
 
     Geometry: bucket sides are multiples of ``multiple``; ``max_area`` is the default top
-    level, ``level_sides`` the default level sides (areas ``levels``), ``step`` the width
-    grid, ``max_aspect`` the widest aspect.
+    level, ``levels`` the default level areas, ``step`` the width grid, ``max_aspect`` the
+    widest aspect.
 
     Model side, as in diffusers' configs: ``vae_scale_factor``, the transformer's
     ``patch_size`` (1 for UNets), ``time_shift`` (``(base_seq_len, max_seq_len, base_shift,
@@ -45,7 +45,7 @@ class ModelSpec:
     name: str
     multiple: int
     max_area: int
-    level_sides: tuple[int, ...]
+    levels: tuple[int, ...]
     step: int = 64
     max_aspect: float = 4.0
     t5_max_length: int | None = None
@@ -64,11 +64,6 @@ class ModelSpec:
     components: tuple[tuple[str, str], ...] = ()
 
     @property
-    def levels(self) -> tuple[int, ...]:
-        """The default level areas (``level_sides`` squared, capped at ``max_area``)."""
-        return tuple(min(s * s, self.max_area) for s in self.level_sides)
-
-    @property
     def text_length(self) -> int:
         """Rows of ``prompt_embeds`` at the padded length: CLIP's, then T5's."""
         return self.clip_rows + (self.t5_max_length or 0)
@@ -85,13 +80,17 @@ _T5_TOK = "transformers.T5TokenizerFast"
 # instead of being rejected, and a 16 px width step where the model allows it: see
 # docs/ladders.md "Levels are a quality choice". They equal ladder.default_levels(max_area,
 # multiple) (tests/test_models.py checks it).
-_SIDES_16 = (256, 288, 336, 384, 448, 512, 592, 672, 784, 896, 1024)
+def _areas(*sides: int) -> tuple[int, ...]:
+    return tuple(s * s for s in sides)
+
+
+_LEVELS_16 = _areas(256, 288, 336, 384, 448, 512, 592, 672, 784, 896, 1024)
 
 # FLUX.1: 8x VAE then 2x2 patches -> sides multiple of 16; T5 512 (dev) / 256 (schnell);
 # prompt_embeds are T5's alone. The dev scheduler's shift: base_image_seq_len 256 ->
 # base_shift 0.5, max_image_seq_len 4096 -> max_shift 1.15 (schnell's does not shift).
 _FLUX = ModelSpec(
-    "flux", 16, 1024 * 1024, _SIDES_16, step=16, t5_max_length=512, patch_size=2,
+    "flux", 16, 1024 * 1024, _LEVELS_16, step=16, t5_max_length=512, patch_size=2,
     time_shift=(256, 4096, 0.5, 1.15), latent_channels=16, scaling_factor=0.3611,
     shift_factor=0.1159, clip_rows=0, text_width=4096, pooled=768, t5_trimmed=True,
     tokenizer="transforms.tokenize.FluxTokenizer", encoders="transforms.encoders.FluxEncoders",
@@ -106,7 +105,7 @@ MODELS: dict[str, ModelSpec] = {
     # SD3: 8x VAE then 2x2 patches -> 16; both CLIPs' 77 rows (zero-padded to T5's width)
     # then T5's, 77 long as in diffusers' SD3 training scripts.
     "sd3": ModelSpec(
-        "sd3", 16, 1024 * 1024, _SIDES_16, step=16, t5_max_length=77, patch_size=2,
+        "sd3", 16, 1024 * 1024, _LEVELS_16, step=16, t5_max_length=77, patch_size=2,
         latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, text_width=4096,
         pooled=2048, tokenizer="transforms.tokenize.SD3Tokenizer",
         encoders="transforms.encoders.SD3Encoders",
@@ -117,7 +116,7 @@ MODELS: dict[str, ModelSpec] = {
     # SDXL: the UNet needs latent sides divisible by 4 (pixels by 32), but SDXL was trained on
     # 64-multiple buckets (1152x896, 1216x832, ...) and kohya uses 64: we use 64.
     "sdxl": ModelSpec(
-        "sdxl", 64, 1024 * 1024, (256, 320, 384, 448, 512, 576, 704, 768, 896, 1024),
+        "sdxl", 64, 1024 * 1024, _areas(256, 320, 384, 448, 512, 576, 704, 768, 896, 1024),
         scaling_factor=0.13025, text_width=768 + 1280, pooled=1280,
         tokenizer="transforms.tokenize.SDXLTokenizer",
         encoders="transforms.encoders.SDXLEncoders",
@@ -126,7 +125,7 @@ MODELS: dict[str, ModelSpec] = {
     ),
     # SD1.5: 8x VAE and three 2x downsamplings in the UNet -> 64-multiples; 512x512 native.
     "sd15": ModelSpec(
-        "sd15", 64, 512 * 512, (128, 192, 256, 320, 384, 448, 512),
+        "sd15", 64, 512 * 512, _areas(128, 192, 256, 320, 384, 448, 512),
         tokenizer="transforms.tokenize.SD15Tokenizer",
         components=(_VAE, ("text_encoder", _CLIP), ("tokenizer", _CLIP_TOK)),
     ),
