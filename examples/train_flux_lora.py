@@ -65,7 +65,7 @@ def build_loader(args: argparse.Namespace, cache: EncoderCache | None = None) ->
         # refused here, before any worker, when the cache was built for another ladder or
         # without this template
         dataset = TextToImageDataset(
-            index, assignment, cache=cache, seed=args.seed,
+            index, assignment, encoder_cache=cache, seed=args.seed,
             caption_transform=CaptionTransform(dropout=0.1, template=args.template))
     else:
         tokenizer = FluxTokenizer.from_flux_dir(args.weights, t5_max_length=args.t5_max_length)

@@ -167,9 +167,10 @@ def test_a_cache_built_for_another_ladder_is_refused_at_construction(tmp_path, f
     cache = build_cache(index, assign(index, small), flux, tmp_path / "c", progress=False,
                         plan_fingerprint="feedfacecafebeef")
     assert cache.meta["plan"] == {"fingerprint": "feedfacecafebeef", "missing": []}
-    TextToImageDataset(index, assign(index, small), cache=cache)  # the same plan: accepted
+    TextToImageDataset(index, assign(index, small), encoder_cache=cache)  # the same plan: accepted
     with pytest.raises(ValueError) as error:
-        TextToImageDataset(index, assign(index, other), cache=EncoderCache.open(tmp_path / "c"))
+        TextToImageDataset(index, assign(index, other),
+                           encoder_cache=EncoderCache.open(tmp_path / "c"))
     message = str(error.value)
     assert "built for another plan (feedfacecafebeef)" in message
     assert "rows are cached in another bucket" in message and "96x64 -> 128x96" in message
@@ -179,7 +180,7 @@ def test_a_cache_built_for_another_ladder_is_refused_at_construction(tmp_path, f
     (extra / "im0.png").rename(tmp_path / "photos" / "new.png")
     grown = scan(str(tmp_path / "photos"), workers=0)
     with pytest.raises(ValueError, match=r"1 accepted rows are not in the cache \(e.g. .*new"):
-        TextToImageDataset(grown, assign(grown, small), cache=cache)
+        TextToImageDataset(grown, assign(grown, small), encoder_cache=cache)
 
 
 @pytest.mark.slow

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from bucketing.ladder import MODEL_SPECS
+from bucketing.cli.args import ladder_overrides
+from bucketing.models import MODELS, encoder_models, named_class
 from bucketing.pipeline.config import build_dataset, build_plans, caption_transforms, load_config
 from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
 from bucketing.pipeline.plan import mix_rows
@@ -43,11 +44,10 @@ from bucketing.pipeline.spec import (
     positive_int,
     unit_float,
 )
-from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-MODELS = ("flux", "flux-schnell", "sdxl", "sd3")
+MODEL_NAMES = encoder_models()
 CONFIG_FLAGS = ("model", "seed", "scan_workers")
 """The spec options ``bucket-cache --config`` takes from the command line over the file's."""
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bucket-cache",
         description="Encode a data set's images (VAE latents, per bucket) and captions (text "
-        "embeddings) once, into a cache that TextToImageDataset(cache=...) reads. Reruns "
+        "embeddings) once, into a cache that TextToImageDataset(encoder_cache=...) reads. Reruns "
         "encode only what changed; a killed run resumes.",
         epilog="Exit codes: 0 ok, 2 usage or configuration error, 1 unexpected failure.",
     )
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of SOURCE: one cache covering every dataset of a config file "
                    "(each with its ladder and caption template); --model, --seed and "
                    "--scan-workers override the file's values")
-    add_options(p, "cache")
+    add_options(p, "cache", choices={"model": MODEL_NAMES})
     p.add_argument("--weights", required=True, metavar="DIR",
                    help="local diffusers-layout model folder (vae/, text_encoder/, "
                    "text_encoder_2/, tokenizer/, tokenizer_2/)")
@@ -101,7 +101,9 @@ def cache_spec(args: argparse.Namespace, given: dict[str, Any]) -> Spec:
     cannot apply to a file's datasets is refused by name), or SOURCE with the flags."""
     if args.config is None:
         captions = {k: given[k] for k in ("template", "prefix", "suffix") if k in given}
-        ladder = {k: given[k] for k in ("max_area", "levels", "max_buckets") if k in given}
+        ladder = ladder_overrides(args)  # a level above the largest area is named here
+        if "max_buckets" in given:
+            ladder["max_buckets"] = given["max_buckets"]
         return Spec(model=args.model, seed=args.seed, scan_workers=args.scan_workers,
                     datasets=[DatasetSpec(
                         source=args.source, name=args.source, ladder=LadderSpec(**ladder),
@@ -115,26 +117,24 @@ def cache_spec(args: argparse.Namespace, given: dict[str, Any]) -> Spec:
     return dataclasses.replace(spec, **given)
 
 
-def load_encoders(
-    args: argparse.Namespace, model: str, device: str
-) -> FluxEncoders | SDXLEncoders | SD3Encoders:
-    """``model``'s encoders from ``--weights`` on ``device`` in ``--dtype``."""
-    dtype = DTYPES[args.dtype]
-    if model == "sdxl":
-        return SDXLEncoders.from_pretrained(args.weights, device=device, dtype=dtype)
-    length = args.t5_length or MODEL_SPECS[model].t5_max_length
-    cls = SD3Encoders if model == "sd3" else FluxEncoders
-    return cls.from_pretrained(args.weights, device=device, dtype=dtype,
-                               max_sequence_length=length)
+def load_encoders(args: argparse.Namespace, model: str, device: str) -> Any:
+    """``model``'s encoders (the model registry's class) from ``--weights`` on ``device`` in
+    ``--dtype``, with the T5 length of ``--t5-length`` or the model's."""
+    spec = MODELS[model]
+    settings = {}
+    if spec.t5_max_length is not None:
+        settings["max_sequence_length"] = args.t5_length or spec.t5_max_length
+    return named_class(spec.encoders).from_pretrained(
+        args.weights, device=device, dtype=DTYPES[args.dtype], **settings)
 
 
 def run(args: argparse.Namespace, given: dict[str, Any]) -> list[str]:
     """Plan and build as the arguments say; returns the summary lines."""
     started = time.perf_counter()
     spec = cache_spec(args, given)
-    if spec.model not in MODELS:
+    if spec.model not in MODEL_NAMES:
         raise ConfigError(f"no encoders for model {spec.model!r} (bucket-cache encodes "
-                          f"{', '.join(MODELS)})", key="--model")
+                          f"{', '.join(MODEL_NAMES)})", key="--model")
     out = args.out or spec.encoder_cache
     if out is None:
         raise ConfigError("--out: give the cache folder (or encoder_cache in the config file)")

@@ -40,6 +40,7 @@ from PIL import Image
 from bucketing.assign import assign
 from bucketing.atomic import atomic_write_bytes
 from bucketing.cli import plots as report_plots
+from bucketing.cli.args import ladder_overrides
 from bucketing.cli.mix import mix_figures, render_mix
 from bucketing.cli.plots import PreviewTile
 from bucketing.ladder import MODEL_SPECS
@@ -59,7 +60,7 @@ from bucketing.pipeline.spec import (
 from bucketing.scan import scan
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
-from transforms.image import load_image
+from transforms.image import decode_image
 from transforms.resize_crop import BucketResizeCrop
 from transforms.tokenize import CLIP_MAX_LENGTH, FluxTokenizer, load_clip_tokenizer
 
@@ -609,12 +610,14 @@ def gather(
     }
 
 
-def _first_loadable(dataset: Any, rows: np.ndarray, load_image: Any) -> tuple[dict, Any] | None:
-    """The first of ``rows`` whose sample and original both decode, or None."""
+def _first_loadable(dataset: Any, rows: np.ndarray) -> tuple[dict, Any] | None:
+    """The first of ``rows`` whose sample and original (decoded in full, within the
+    dataset's decode limits) both decode, or None."""
     for row in rows.tolist():
         try:
             sample = dataset[row]
-            return sample, load_image(dataset.index.image_source(sample["index"]))
+            return sample, decode_image(dataset.index.image_source(sample["index"]),
+                                        dataset.decode)
         except Exception:  # noqa: BLE001 - a broken file must not stop the preview
             continue
     return None
@@ -642,7 +645,7 @@ def preview_tiles(
     tiles = []
     for k in picks.astype(int):
         bucket = buckets[k]
-        loaded = _first_loadable(dataset, np.flatnonzero(ids == bucket["id"])[:3], load_image)
+        loaded = _first_loadable(dataset, np.flatnonzero(ids == bucket["id"])[:3])
         if loaded is None:  # no member decodes: the report already says the rest
             continue
         sample, original = loaded
@@ -721,18 +724,7 @@ def _same_file(a: str, b: str) -> bool:
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     """Scan, assign and plan as the arguments say; returns (figures, index, assignment)."""
-    overrides: dict[str, Any] = {}
-    if args.max_area is not None:
-        overrides["max_area"] = args.max_area
-    if args.levels:
-        max_area = args.max_area or MODEL_SPECS[args.model].max_area
-        too_big = [s for s in args.levels if s * s > max_area]
-        if too_big:
-            raise ConfigError(
-                f"--levels {too_big[0]}: a {too_big[0]}² level is above the largest bucket area "
-                f"{max_area} ({args.model}); pass a larger --max-area or smaller level sides"
-            )
-        overrides["levels"] = [s * s for s in args.levels]
+    overrides = ladder_overrides(args)
     ladder = _config(make_ladder, args.model, overrides)
 
     t0 = time.perf_counter()

@@ -41,7 +41,7 @@ from bucketing.pipeline.spec import (
     renamed,
 )
 from bucketing.scan import scan
-from bucketing.sources import caption_lines, read_text
+from bucketing.sources import read_sidecar, sidecar_path
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
@@ -49,9 +49,10 @@ CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_.-]+$")
 
 
 def sidecar_captions(image: str, extension: str) -> list[str]:
-    """The captions of ``<stem of image><extension>``, one per non-empty line; [] without it."""
-    path = os.path.splitext(image)[0] + extension
-    return caption_lines(read_text(path)) if os.path.isfile(path) else []
+    """The captions of ``<stem of image><extension>`` (``bucketing.sources.read_sidecar``);
+    [] without it."""
+    path = sidecar_path(image, extension)
+    return read_sidecar(path) if os.path.lexists(path) else []
 
 
 def make_ladder(
@@ -192,7 +193,7 @@ def dataset_from_plan(
         model_transform=model_transform,
         seed=seed,
         on_error=on_error,
-        cache=encoder_cache,
+        encoder_cache=encoder_cache,
     )
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bucketing.index import ImageIndex
+from bucketing.pipeline.encoder_cache.reader import EncoderCache
 from transforms.caption import CaptionTransform, format_caption
 
 if TYPE_CHECKING:
@@ -202,7 +203,10 @@ def check_encoder_cache(cache: Any, index: ImageIndex, assignment: Assignment,
                         caption_transform: Any = None) -> None:
     """Refuse (ValueError) an encoder cache built for another plan than this dataset's: rows
     the cache holds in another bucket, accepted rows it never saw, captions it lacks. The
-    message says how many rows and which buckets differ, and how to rebuild."""
+    message says how many rows and which buckets differ, and how to rebuild. A cache of
+    another kind (not an :class:`EncoderCache`) is trusted."""
+    if not isinstance(cache, EncoderCache):
+        return
     accepted = np.flatnonzero(np.asarray(assignment.bucket_id) >= 0)
     wh = np.asarray(assignment.bucket_wh).reshape(-1, 2)
     rows = cache.rows

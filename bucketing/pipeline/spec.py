@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bucketing.ladder import MODEL_SPECS
+from bucketing.models import MODELS
 
 DOORS = ("file", "builder", "report", "cache")
 LAST_BATCH = ("short", "pad", "drop")
@@ -246,9 +246,9 @@ class DatasetSpec:
 class Spec:
     """A run's data: its options and datasets (what a config file says)."""
 
-    model: str = opt("flux", "a model preset: " + ", ".join(f"`{m}`" for m in MODEL_SPECS),
-                     _ALL, _STR, kind="str", check=_one_of(tuple(MODEL_SPECS)),
-                     flag={"choices": sorted(MODEL_SPECS)})
+    model: str = opt("flux", "a model preset: " + ", ".join(f"`{m}`" for m in MODELS),
+                     _ALL, _STR, kind="str", check=_one_of(tuple(MODELS)),
+                     flag={"choices": sorted(MODELS)})
     batch_size: int | None = opt(
         None, "per-rank batch size (or `max_pixels_per_batch`; default 1 in the report)", _RUN,
         _INT, kind="int", check=_at_least(1),
@@ -372,13 +372,17 @@ def flag_fields(door: str) -> dict[str, dataclasses.Field]:
             if door in f.metadata["doors"] and f.metadata["flag"]}
 
 
-def add_options(parser: argparse.ArgumentParser, door: str) -> None:
+def add_options(parser: argparse.ArgumentParser, door: str,
+                choices: Mapping[str, Any] | None = None) -> None:
     """Add the spec's options of ``door`` to ``parser``: ``--kebab-name`` flags with the
     spec's help, each defaulting to None so that what the user gave can be told apart
-    (:func:`given_options`); the older scan names as deprecated aliases."""
+    (:func:`given_options`); the older scan names as deprecated aliases. ``choices``
+    narrows an option's choices for this command (``{"model": encoder_models()}``)."""
     groups: dict[str, Any] = {}
     for name, f in flag_fields(door).items():
         kwargs = {k: v for k, v in f.metadata["flag"].items() if k != "group"}
+        if choices and name in choices:
+            kwargs["choices"] = tuple(choices[name])
         group = f.metadata["flag"].get("group")
         target = parser
         if group:
