@@ -36,9 +36,11 @@ from bucketing.headers import (
     worker_read,
 )
 from bucketing.index import CaptionColumn, ImageIndex, Rejection, TextColumn
+from bucketing.members import stat_path
 from bucketing.scan_cache import CacheRow, ScanCache, check_cache_path
 from bucketing.sources import Entry, resolve_source
 from bucketing.sources.shards import read_manifest_columns
+from bucketing.sources.tar import tar_columns, tar_shards
 
 __all__ = ["ScanStats", "scan"]
 
@@ -92,7 +94,9 @@ def scan(
     (``column_map={"width": ..., "height": ...}``), one file or many shards, and touches no
     image file at all (no header, no stat; ``workers`` and ``cache`` are not used): the sizes
     must be the oriented ones, and a missing or changed file is found when the dataset
-    loads it (substituted). Every rank reads the manifest itself.
+    loads it (substituted). Every rank reads the manifest itself. Tar shards (see
+    :mod:`bucketing.sources.tar`) take their sizes from each key's json or the shard's
+    sibling parquet.
     Bad files never raise; they become rejections. The returned index carries
     :class:`ScanStats` as ``index.scan_stats``.
     """
@@ -116,7 +120,11 @@ def _scan_manifest(
     t0 = time.perf_counter()
     limit = default_max_pixels() if max_pixels is None else int(max_pixels)
     base = os.fspath(base_dir) if base_dir is not None else None
-    got = read_manifest_columns(source, dict(column_map or {}), base)
+    tars = tar_shards(source)
+    if tars is not None:
+        got = tar_columns(tars, base)
+    else:
+        got = read_manifest_columns(source, dict(column_map or {}), base)
     rejections = got.rejections
     # as for a header scan: the entries listed, counting those whose size is unusable
     listed = len(got.width) + sum(r.reason == "bad_row" for r in rejections)
@@ -253,7 +261,7 @@ def _scan_shard(
     for i, entry in enumerate(shard):
         if prior is not None and rows[i] is None:
             try:
-                st = os.stat(entry.path)
+                st = os.stat(stat_path(entry.path))  # a tar member: its shard
             except FileNotFoundError:
                 headers[i] = Header(reason="missing_file", detail="no such file", io_error=True)
                 continue

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from bucketing.download import Downloader
 from bucketing.index import Rejection
+from bucketing.sources.braces import brace_list
 from bucketing.sources.entries import (
     ResolvedSource,
     image_extensions,
@@ -46,7 +47,10 @@ _NOT_NORMAL = r"//|/\.\.?(/|$)|/$"  # what os.path.normpath would change in an a
 def parquet_shards(source: Any) -> list[str] | None:
     """The sorted ``.parquet`` files of ``source`` when it is a set of shards (a folder
     holding ``.parquet`` files and no images or subfolders, a glob, a list of ``.parquet``
-    paths), else None. A glob that matches no ``.parquet`` file raises."""
+    paths, a brace range), else None. A glob that matches no ``.parquet`` file raises."""
+    names = brace_list(source)
+    if names is not None:
+        source = names
     if isinstance(source, (list, tuple)):
         names = [os.fspath(s) for s in source if isinstance(s, (str, os.PathLike))]
         if source and len(names) == len(source) and all(_is_parquet(n) for n in names):
