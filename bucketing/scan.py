@@ -39,6 +39,7 @@ from bucketing.index import CaptionColumn, ImageIndex, Rejection, TextColumn
 from bucketing.members import stat_path
 from bucketing.scan_cache import CacheRow, ScanCache, check_cache_path
 from bucketing.sources import Entry, resolve_source
+from bucketing.sources.hf_dataset import load_source
 from bucketing.sources.shards import read_manifest_columns
 from bucketing.sources.tar import tar_columns, tar_shards
 
@@ -80,6 +81,9 @@ def scan(
     base_dir: str | os.PathLike | None = None,
     download_dir: str | os.PathLike | None = None,
     sizes: str = "headers",
+    data_files: Any = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
 ) -> ImageIndex:
     """Scan ``source`` (folder, manifest, list of paths, ``datasets.Dataset``) into an index.
 
@@ -88,7 +92,9 @@ def scan(
     ``progress``: tqdm bar (default: when stderr is a terminal, on rank 0).
     ``max_pixels``: larger images are rejected ``too_many_pixels`` from the header
     (default: Pillow's decompression-bomb error limit, ``2 * Image.MAX_IMAGE_PIXELS``).
-    ``column_map``/``base_dir``/``download_dir`` are passed to ``resolve_source``.
+    ``column_map``/``base_dir``/``download_dir`` are passed to ``resolve_source``;
+    ``data_files``/``data_dir``/``split`` too: with one of the first two, or a source
+    written ``"hf:NAME"``, the source is what ``datasets.load_dataset`` builds.
     ``sizes="headers"`` (default) reads each image's oriented size from its header.
     ``sizes="manifest"`` takes them from a parquet manifest's ``width``/``height`` columns
     (``column_map={"width": ..., "height": ...}``), one file or many shards, and touches no
@@ -102,6 +108,7 @@ def scan(
     """
     if sizes not in ("headers", "manifest"):
         raise ValueError(f"sizes must be 'headers' or 'manifest', got {sizes!r}")
+    source = load_source(source, data_files, data_dir, split)
     with _gc_paused():
         if sizes == "manifest":
             return _scan_manifest(source, max_pixels, column_map, base_dir)

@@ -30,7 +30,7 @@ from bucketing.sources.entries import (
     read_text,
 )
 from bucketing.sources.folder import resolve_folder
-from bucketing.sources.hf_dataset import RowBytes, resolve_dataset
+from bucketing.sources.hf_dataset import RowBytes, load_source, resolve_dataset
 from bucketing.sources.lists import resolve_list
 from bucketing.sources.manifest import ManifestReader, resolve_manifest
 from bucketing.sources.rows import CAPTION_COLUMNS, IMAGE_COLUMNS
@@ -70,20 +70,28 @@ def resolve_source(
     base_dir: str | os.PathLike | None = None,
     download_dir: str | os.PathLike | None = None,
     downloader: Downloader | None = None,
+    data_files: Any = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
 ) -> ResolvedSource:
     """List the images (and captions) of ``source`` without opening any image.
 
     ``source`` is a folder, a manifest (``.jsonl .json .csv .tsv .parquet``), a list or
-    tuple of paths/URLs, or a ``datasets.Dataset``; parquet shards (a folder of
+    tuple of paths/URLs, or a ``datasets.Dataset``. Parquet shards (a folder of
     ``.parquet`` files without images, a glob, a list of ``.parquet`` paths) are one
     manifest (see :mod:`bucketing.sources.shards`); tar shards (a ``.tar``, a folder, glob
     or list of them) are read in place (see :mod:`bucketing.sources.tar`). A string with
     brace groups (``shards/{00000..00099}.tar``) is the list of paths it names.
-    ``column_map={"image": ..., "caption": ...}`` names manifest/dataset columns (defaults: the first of
-    ``IMAGE_COLUMNS`` / ``CAPTION_COLUMNS`` present). Relative paths resolve against
-    the manifest's folder (lists and datasets: ``base_dir``, else the current folder).
-    ``http(s)://`` values are fetched once into ``download_dir`` (default: the user
-    cache, see :mod:`bucketing.download`; pass ``downloader=`` for timeouts/retries).
+    ``"hf:NAME"``, or a name with ``data_files``/``data_dir``, is the ``split`` (default
+    ``"train"``) that ``datasets.load_dataset`` builds (see
+    :func:`~bucketing.sources.hf_dataset.load_source`).
+
+    ``column_map={"image": ..., "caption": ...}`` names manifest/dataset columns
+    (defaults: the first of ``IMAGE_COLUMNS`` / ``CAPTION_COLUMNS`` present). Relative
+    paths resolve against the manifest's folder (lists and datasets: ``base_dir``, else
+    the current folder). ``http(s)://`` values are fetched once into ``download_dir``
+    (default: the user cache, see :mod:`bucketing.download`; pass ``downloader=`` for
+    timeouts/retries).
 
     Per-entry problems are rejections: ``missing_file`` (checked here for manifests,
     lists and datasets; ``scan`` still handles files that vanish later),
@@ -95,6 +103,7 @@ def resolve_source(
     base = os.fspath(base_dir) if base_dir is not None else None
     ddir = os.fspath(download_dir) if download_dir is not None else None
     columns = dict(column_map or {})
+    source = load_source(source, data_files, data_dir, split)
     names = brace_list(source)
     if names is not None:
         source = names
