@@ -3,7 +3,9 @@
 For each size N (each measured step in a fresh process: peak RSS is per process):
 - write an N-row manifest as 16 parquet shards (``file``, ``text``, ``WIDTH``,
   ``HEIGHT``; paths ~40 bytes, captions ~60 bytes, realistic photo sizes), untimed;
-- ``index``: ``scan(folder, sizes="manifest")`` (rows/s, peak RSS), the index's bytes per row
+- ``index``: ``scan(folder, sizes="manifest")`` (rows/s, peak RSS and its growth over the
+  RSS before the scan, per row and as a multiple of the finished index's bytes), the index's
+  bytes per row
   (all, and beyond the text itself), ``assign`` to the flux ladder, and one epoch plan of
   ``BucketBatchSampler`` at world size 64, batch 4 (construction + ``len``); then a forked
   child reads every row (``paths[i]``, ``captions[i]``) and reports how much its private
@@ -156,6 +158,7 @@ def step_index(folder: Path, reps: int) -> dict:
         "rows": n, "scan_s": scan_s, "scan_range": [min(times), max(times)],
         "scan_peak_mb": scan_peak, "base_rss_mb": base_rss,
         "bytes_per_row": mapped.nbytes / n,
+        "growth_per_row": (scan_peak - base_rss) * 2**20 / n,
         "beyond_text": (mapped.nbytes - text) / n, "assign_s": assign_s, "plan_s": plan_s,
         "steps": steps, "fork_mb": grown, "fork_read_s": read_s, "mapped_fork_mb": mapped_grown,
     }  # fmt: skip
@@ -223,6 +226,8 @@ def _row(r: dict) -> dict:
         "rows/s": f"{r['rows'] / r['scan_s']:,.0f}",
         "peak RSS": f"{r['scan_peak_mb']:,.0f} MB",
         "RSS before": f"{r['base_rss_mb']:,.0f} MB",
+        "peak growth/row": f"{r['growth_per_row']:.0f} B",
+        "growth / index": f"{r['growth_per_row'] / r['bytes_per_row']:.2f}x",
         "index bytes/row": f"{r['bytes_per_row']:.0f}",
         "beyond text": f"{r['beyond_text']:.0f}",
         "assign": fmt_seconds(r["assign_s"]),

@@ -39,6 +39,8 @@ from bucketing.sources.entries import (
 from bucketing.sources.rows import Row, collect, pick_columns, source_folder
 
 SIZE_COLUMNS = {"width": ("width", "WIDTH"), "height": ("height", "HEIGHT")}
+_BATCH_ROWS = 1 << 16  # rows of a shard normalised at a time
+_READERS = 4  # shards read at once: each holds one batch's intermediate copies
 _GLOB_CHARS = ("*", "?", "[")
 _URL = r"^(?i:https?://)"
 _NOT_NORMAL = r"//|/\.\.?(/|$)|/$"  # what os.path.normpath would change in an absolute path
@@ -91,9 +93,10 @@ def _is_parquet(name: str) -> bool:
 
 @dataclass
 class _Shard:
-    """One shard, normalised: ``values`` (trimmed image values, absolute for local paths,
-    null where blank), ``captions`` (``large_list<large_string>``), optional sizes, and
-    ``rows`` (the shard's row number of each kept row; blank rows dropped)."""
+    """One shard, or one batch of its rows, normalised: ``values`` (trimmed image values,
+    absolute for local paths, null where blank), ``captions`` (``large_list<large_string>``),
+    optional sizes, and ``rows`` (the shard's row number of each kept row; blank rows
+    dropped)."""
 
     path: str
     values: pa.Array
@@ -106,24 +109,35 @@ class _Shard:
 def _read_shards(
     files: Sequence[str], column_map: dict[str, str], sizes: bool
 ) -> tuple[str, list[_Shard]]:
-    """(image column, every shard normalised), read in parallel in the order of ``files``."""
+    """(image column, every shard normalised as batches of rows), read in parallel in the
+    order of ``files``. Each shard streams in batches of ``_BATCH_ROWS`` rows: what is kept
+    of a batch is its normalised columns, never the whole table's intermediate copies."""
     schema = pq.read_schema(files[0])
     image, caption = pick_columns(schema.names, column_map, files[0])
     size_columns = [_size_column(schema.names, column_map, k, files[0]) for k in SIZE_COLUMNS]
     wanted = [image] + ([caption] if caption else []) + (size_columns if sizes else [])
 
-    def read(path: str) -> _Shard:
-        names = pq.read_schema(path).names
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise ValueError(f"shard {path} has no column {missing[0]!r} (columns {names})")
-        table = pq.read_table(path, columns=wanted)
-        return _normalise(path, os.path.dirname(path), table, image, caption,
-                          size_columns if sizes else None)  # fmt: skip
+    def read(path: str) -> list[_Shard]:
+        with pq.ParquetFile(path) as reader:
+            names = reader.schema_arrow.names
+            missing = [c for c in wanted if c not in names]
+            if missing:
+                raise ValueError(f"shard {path} has no column {missing[0]!r} (columns {names})")
+            pieces, first = [], 0
+            for batch in reader.iter_batches(_BATCH_ROWS, columns=wanted, use_threads=False):
+                table = pa.Table.from_batches([batch])
+                pieces.append(_normalise(path, os.path.dirname(path), table, image, caption,
+                                         size_columns if sizes else None, first))  # fmt: skip
+                first += batch.num_rows
+        if not pieces:  # no rows: one empty piece keeps the column types
+            table = pq.read_table(path, columns=wanted)
+            pieces.append(_normalise(path, os.path.dirname(path), table, image, caption,
+                                     size_columns if sizes else None, 0))  # fmt: skip
+        return pieces
 
-    workers = min(len(files), os.cpu_count() or 1, 16)
+    workers = min(len(files), os.cpu_count() or 1, _READERS)
     with ThreadPoolExecutor(workers) as pool:
-        return image, list(pool.map(read, files))
+        return image, [piece for pieces in pool.map(read, files) for piece in pieces]
 
 
 def _read_dataset(
@@ -193,8 +207,10 @@ def _normalise(
     image_column: str,
     caption_column: str | None,
     size_columns: list[str] | None,
+    first_row: int = 0,
 ) -> _Shard:
-    """``table``'s rows as a shard labelled ``path``; relative paths against ``folder``."""
+    """``table``'s rows (rows ``first_row`` on of the shard) as a shard labelled ``path``;
+    relative paths against ``folder``."""
     width = height = None
     if size_columns is not None:
         width, height = (_sizes(table[c], path) for c in size_columns)
@@ -215,7 +231,7 @@ def _normalise(
     rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
     if width is not None:
         width, height = width[rows], height[rows]
-    return _Shard(path, _absolute(values, folder), captions, width, height, rows)
+    return _Shard(path, _absolute(values, folder), captions, width, height, rows + first_row)
 
 
 def _absolute(values: pa.Array, folder: str) -> pa.Array:
@@ -269,12 +285,12 @@ def read_manifest_columns(
             f".parquet shards, a list of .parquet paths) and datasets.Dataset; got "
             f"{source!r:.80}. Use sizes='headers' for other sources"
         )
-    several = len(shards) > 1
+    several = len({shard.path for shard in shards}) > 1
     rejections: list[Rejection] = []
-    parts = []
-    for shard in shards:
-        for k in np.flatnonzero(pc.is_null(shard.values).to_numpy(zero_copy_only=False)):
-            row = int(shard.rows[k])
+    for k, shard in enumerate(shards):
+        valid = pc.is_valid(shard.values)
+        for j in np.flatnonzero(~valid.to_numpy(zero_copy_only=False)):
+            row = int(shard.rows[j])
             rejections.append(
                 Rejection(
                     f"{shard.path}:row {row}", "no_image", f"no path or URL in column {image!r}"
@@ -287,14 +303,24 @@ def read_manifest_columns(
                 f"{shard.path} lists URLs ({first}); sizes='manifest' reads local files only: "
                 "download them first, or scan with sizes='headers' (which fetches URLs)"
             )
-        ok = pc.is_valid(shard.values).to_numpy(zero_copy_only=False)
-        parts.append((shard, np.flatnonzero(ok)))
-    paths = pa.concat_arrays([pc.take(s.values, k) for s, k in parts])
-    captions = pa.concat_arrays([pc.take(s.captions, k) for s, k in parts])
-    width = np.concatenate([s.width[k] for s, k in parts])
-    height = np.concatenate([s.height[k] for s, k in parts])
-    wheres = [(s.path, s.rows[k]) for s, k in parts]
-    del shards, parts  # the shards' own columns: freed before the next copies
+        if not pc.all(valid).as_py() and len(valid):
+            ok = valid.to_numpy(zero_copy_only=False)
+            shards[k] = _Shard(shard.path, pc.filter(shard.values, valid),
+                               pc.filter(shard.captions, valid), shard.width[ok],
+                               shard.height[ok], shard.rows[ok])  # fmt: skip
+    # one column at a time, each piece dropped once copied: the peak is the index plus the
+    # largest column's pieces, not every intermediate at once
+    paths = _concat([shard.values for shard in shards])
+    width = np.concatenate([shard.width for shard in shards])
+    height = np.concatenate([shard.height for shard in shards])
+    pieces = [shard.captions for shard in shards]
+    wheres = [(shard.path, shard.rows) for shard in shards]
+    del shards
+    _release()
+    first_of = _first_rows(paths)
+    captions = _concat(pieces)
+    del pieces
+    _release()
 
     def label(i: int) -> str:  # "shard:row N", naming a row
         for shard, rows in wheres:
@@ -342,9 +368,28 @@ def read_manifest_columns(
     )
 
 
+def _concat(pieces: list[pa.Array]) -> pa.Array:
+    """``pieces`` as one array; each piece is dropped from the list as soon as it is copied
+    (a lone piece is returned as it is)."""
+    if len(pieces) == 1:
+        return pieces.pop()
+    out = pa.concat_arrays(pieces)
+    pieces.clear()
+    return out
+
+
+def _release() -> None:
+    """Hand memory that Arrow's pool holds but no longer uses back to the system."""
+    pa.default_memory_pool().release_unused()
+
+
 def _first_rows(paths: pa.Array) -> np.ndarray:
     """For each row, the first row holding the same path."""
-    codes = pc.dictionary_encode(paths).indices.to_numpy()
+    encoded = pc.dictionary_encode(paths)
+    if len(encoded.dictionary) == len(paths):  # no repeats: no sort
+        return np.arange(len(paths))
+    codes = encoded.indices.to_numpy()
+    del encoded
     _, first = np.unique(codes, return_index=True)
     return first[codes]
 
