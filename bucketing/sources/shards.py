@@ -39,7 +39,7 @@ from bucketing.sources.entries import (
 from bucketing.sources.rows import Row, collect, pick_columns, source_folder
 
 SIZE_COLUMNS = {"width": ("width", "WIDTH"), "height": ("height", "HEIGHT")}
-_BATCH_ROWS = 1 << 16  # rows of a shard normalised at a time
+_BATCH_ROWS = 1 << 15  # rows of a shard normalised at a time
 _READERS = 4  # shards read at once: each holds one batch's intermediate copies
 _GLOB_CHARS = ("*", "?", "[")
 _URL = r"^(?i:https?://)"
@@ -129,6 +129,8 @@ def _read_shards(
                 pieces.append(_normalise(path, os.path.dirname(path), table, image, caption,
                                          size_columns if sizes else None, first))  # fmt: skip
                 first += batch.num_rows
+                del batch, table
+                _release()  # this thread's freed intermediates, back to the system
         if not pieces:  # no rows: one empty piece keeps the column types
             table = pq.read_table(path, columns=wanted)
             pieces.append(_normalise(path, os.path.dirname(path), table, image, caption,
@@ -308,19 +310,16 @@ def read_manifest_columns(
             shards[k] = _Shard(shard.path, pc.filter(shard.values, valid),
                                pc.filter(shard.captions, valid), shard.width[ok],
                                shard.height[ok], shard.rows[ok])  # fmt: skip
-    # one column at a time, each piece dropped once copied: the peak is the index plus the
-    # largest column's pieces, not every intermediate at once
-    paths = _concat([shard.values for shard in shards])
+    # one column at a time, each piece freed as soon as it is copied into the column (whose
+    # pages are touched only as they are written): the peak stays near the pieces' bytes
     width = np.concatenate([shard.width for shard in shards])
     height = np.concatenate([shard.height for shard in shards])
-    pieces = [shard.captions for shard in shards]
     wheres = [(shard.path, shard.rows) for shard in shards]
+    values, pieces = [shard.values for shard in shards], [shard.captions for shard in shards]
     del shards
-    _release()
+    paths = _concat_text(values)
     first_of = _first_rows(paths)
-    captions = _concat(pieces)
-    del pieces
-    _release()
+    captions = _concat_lists(pieces)
 
     def label(i: int) -> str:  # "shard:row N", naming a row
         for shard, rows in wheres:
@@ -332,7 +331,6 @@ def read_manifest_columns(
     def where(i: int) -> str:  # in details: the shard is said only when there are several
         return label(i) if several else label(i).rsplit(":", 1)[1]
 
-    first_of = _first_rows(paths)
     keep, captions, dup = _merge_duplicates(first_of, captions)
     for i in dup:
         rejections.append(Rejection(paths[int(i)].as_py(), "duplicate",
@@ -368,14 +366,45 @@ def read_manifest_columns(
     )
 
 
-def _concat(pieces: list[pa.Array]) -> pa.Array:
-    """``pieces`` as one array; each piece is dropped from the list as soon as it is copied
-    (a lone piece is returned as it is)."""
-    if len(pieces) == 1:
-        return pieces.pop()
-    out = pa.concat_arrays(pieces)
+def _text_buffers(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets relative to the first, the bytes they index) of a large string/binary array."""
+    if not len(array):
+        return np.zeros(1, np.int64), np.zeros(0, np.uint8)
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, np.int64)[array.offset : array.offset + len(array) + 1]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return offsets - offsets[0], data[offsets[0] : offsets[-1]]
+
+
+def _concat_text(pieces: list[pa.Array]) -> pa.Array:
+    """``large_string`` ``pieces`` (no nulls) as one array, emptying the list: each piece is
+    freed once copied, and the result's pages are touched only as they are written."""
+    n = sum(len(p) for p in pieces)
+    size = sum(int(_text_buffers(p)[0][-1]) for p in pieces)
+    offsets, data = np.empty(n + 1, np.int64), np.empty(size, np.uint8)
+    offsets[0] = row = at = 0
+    for k in range(len(pieces)):
+        piece_offsets, piece_data = _text_buffers(pieces[k])
+        rows = len(piece_offsets) - 1
+        offsets[row + 1 : row + rows + 1] = piece_offsets[1:] + at
+        data[at : at + len(piece_data)] = piece_data
+        row, at = row + rows, at + len(piece_data)
+        pieces[k] = piece_offsets = piece_data = None
+        _release()
     pieces.clear()
-    return out
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _concat_lists(pieces: list[pa.Array]) -> pa.Array:
+    """``large_list<large_string>`` ``pieces`` (no nulls) as one array, emptying the list as
+    :func:`_concat_text` does."""
+    counts = [pc.list_value_length(p).to_numpy() for p in pieces]
+    rows = np.zeros(sum(len(c) for c in counts) + 1, np.int64)
+    np.cumsum(np.concatenate(counts), out=rows[1:])
+    texts = [pc.list_flatten(p) for p in pieces]
+    del counts
+    pieces.clear()
+    return pa.LargeListArray.from_arrays(pa.array(rows), _concat_text(texts))
 
 
 def _release() -> None:
@@ -384,14 +413,58 @@ def _release() -> None:
 
 
 def _first_rows(paths: pa.Array) -> np.ndarray:
-    """For each row, the first row holding the same path."""
-    encoded = pc.dictionary_encode(paths)
-    if len(encoded.dictionary) == len(paths):  # no repeats: no sort
-        return np.arange(len(paths))
-    codes = encoded.indices.to_numpy()
-    del encoded
-    _, first = np.unique(codes, return_index=True)
-    return first[codes]
+    """For each row, the first row holding the same path. Rows are told apart by a 64-bit
+    hash of their bytes (8 bytes a row, where a hash table of the strings would copy them);
+    rows whose hashes collide are compared as strings, so the answer is exact."""
+    n = len(paths)
+    first = np.arange(n)
+    hashes = _hashes(paths)
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    del hashes
+    same = sorted_hashes[1:] == sorted_hashes[:-1]
+    del sorted_hashes
+    if not same.any():
+        return first
+    candidate = np.zeros(n, dtype=bool)
+    candidate[1:] |= same
+    candidate[:-1] |= same
+    seen: dict[bytes, int] = {}
+    for i in np.sort(order[candidate]).tolist():
+        first[i] = seen.setdefault(paths[i].as_buffer().to_pybytes(), i)
+    return first
+
+
+_HASH_BASE = np.uint64(0x100000001B3)  # odd: invertible modulo 2**64
+_HASH_INVERSE = np.uint64(pow(0x100000001B3, -1, 2**64))
+_HASH_ROWS = 8192  # rows hashed at a time: a few MB of temporaries
+
+
+def _hashes(values: pa.Array) -> np.ndarray:
+    """A polynomial hash modulo 2**64 of each string's bytes (uint64), vectorised a block of
+    rows at a time; equal strings hash equal wherever they lie in the buffer."""
+    values = values.cast(pa.large_binary()) if not pa.types.is_large_binary(values.type) else values
+    _, offsets, data = values.buffers()
+    n = len(values)
+    offsets = np.frombuffer(offsets, np.int64)[values.offset : values.offset + n + 1]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    out = np.empty(n, np.uint64)
+    with np.errstate(over="ignore"):
+        for lo in range(0, n, _HASH_ROWS):
+            hi = min(n, lo + _HASH_ROWS)
+            a, b = int(offsets[lo]), int(offsets[hi])
+            powers = np.cumprod(np.full(b - a + 1, _HASH_BASE, np.uint64))
+            powers[1:] = powers[:-1]
+            powers[0] = 1  # base ** j for byte j of the block
+            inverse = np.cumprod(np.full(b - a + 1, _HASH_INVERSE, np.uint64))
+            inverse[1:] = inverse[:-1]
+            inverse[0] = 1
+            prefix = np.zeros(b - a + 1, np.uint64)
+            np.cumsum((data[a:b].astype(np.uint64) + 1) * powers[:-1], out=prefix[1:])
+            starts, ends = offsets[lo:hi] - a, offsets[lo + 1 : hi + 1] - a
+            lengths = (ends - starts).astype(np.uint64)
+            out[lo:hi] = (prefix[ends] - prefix[starts]) * inverse[starts] + lengths
+    return out
 
 
 def _merge_duplicates(
