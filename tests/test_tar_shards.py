@@ -229,6 +229,10 @@ def test_missing_shards(tmp_path: Path) -> None:
         scan(str(folder / "{00007..00009}.tar"))
     with pytest.raises(FileNotFoundError, match="no .tar file matches"):
         scan(str(folder / "nothing*.tar"))
+    (folder / "stray.png").write_bytes(encoded((4, 4), "png", 0))
+    with pytest.raises(ValueError, match="both tar shards"):
+        scan(folder)
+    assert len(scan(str(folder / "*.tar"), workers=0)) == 4
 
 
 @pytest.mark.parametrize(

@@ -93,17 +93,24 @@ def tar_shards(source: Any) -> list[str] | None:
 
 
 def _folder_tars(folder: str) -> list[str] | None:
-    """The ``.tar`` files of ``folder`` if it holds some and no image; else None."""
-    tars = []
+    """The ``.tar`` files directly in ``folder`` (its subfolders are not searched), or None
+    when it holds none. A folder holding both shards and images raises: which is meant?"""
+    tars, images = [], []
     try:
         with os.scandir(folder) as it:
             for child in it:
                 if child.name.lower().endswith(image_extensions()):
-                    return None
-                if _is_tar(child.name) and not child.is_dir():
+                    images.append(child.name)
+                elif _is_tar(child.name) and not child.is_dir():
                     tars.append(os.path.abspath(child.path))
     except OSError:  # a link loop, an unreadable folder: the folder scan reports it
         return None
+    if tars and images:
+        raise ValueError(
+            f"{folder} holds both tar shards ({os.path.basename(tars[0])}, ...) and images "
+            f"({images[0]}, ...); pass the shards (a glob such as '{folder}/*.tar') or move "
+            "them to a folder of their own"
+        )
     return sorted(tars) or None
 
 
