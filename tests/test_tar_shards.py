@@ -9,6 +9,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from bucketing import ImageIndex, scan, text_to_image_dataset
 from bucketing.members import parse_member, read_member
 from bucketing.pipeline.encoder_cache.keys import file_identity
 from bucketing.sources.braces import expand_braces
+from bucketing.sources.tar import _members
 from transforms.image import load_image
 
 FORMATS = ("jpg", "png", "webp")
@@ -248,3 +252,47 @@ def test_missing_shards(tmp_path: Path) -> None:
 )
 def test_brace_ranges(pattern: str, expected: list[str]) -> None:
     assert expand_braces(pattern) == expected
+
+
+member_names = st.lists(
+    st.tuples(
+        st.text(st.sampled_from("ab/é_.-x1"), min_size=1, max_size=8).filter(
+            lambda s: not s.startswith("/") and "//" not in s and not s.endswith("/")
+        ),
+        st.integers(0, 160),  # a long directory prefix: ustar prefix, GNU or pax long names
+        st.sampled_from(["file", "dir", "link"]),
+        st.binary(max_size=1500),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(members=member_names, fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT,
+                                                  tarfile.PAX_FORMAT]))  # fmt: skip
+def test_the_member_walk_agrees_with_tarfile(members, fmt) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for i, (name, long, kind, data) in enumerate(members):
+            info = tarfile.TarInfo(("d" * long + "/" if long else "") + f"{i}{name}")
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "link":
+                info.type, info.linkname = tarfile.SYMTYPE, "elsewhere"
+            else:
+                info.size = len(data)
+            try:
+                tf.addfile(info, io.BytesIO(data) if kind == "file" else None)
+            except ValueError:  # a name this format cannot hold
+                continue
+    raw = buf.getvalue()
+    with tempfile.TemporaryFile() as f:
+        f.write(raw)
+        f.flush()
+        got, end = _members(f.fileno(), len(raw))
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        kinds = {tarfile.DIRTYPE: "dir", tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file"}
+        expected = [(m.name, m.offset_data, m.size, kinds.get(m.type, "other"))
+                    for m in tf.getmembers()]  # fmt: skip
+    assert [(m.name.rstrip("/"), m.offset, m.size, m.kind) for m in got] == expected
+    assert not raw[end:].strip(b"\0")

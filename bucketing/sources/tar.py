@@ -27,10 +27,9 @@ import glob
 import json
 import os
 import re
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +56,9 @@ __all__ = ["resolve_tars", "tar_columns", "tar_shards"]
 _GLOB_CHARS = ("*", "?", "[")
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$", re.S)  # WebDataset's base_plus_ext
 _ZEROS_CHUNK = 1 << 20
+_BLOCK = 512
+_MAX_EXTENDED = 1 << 20  # a long name or pax header larger than this is no header
+_ZERO_BLOCK = bytes(_BLOCK)
 
 
 def _is_tar(name: str) -> bool:
@@ -126,11 +128,11 @@ class _Sample:
     others: list[str] = field(default_factory=list)  # member names without an image
 
 
-def _member_text(fd: int, info: tarfile.TarInfo) -> str | None:
+def _member_text(fd: int, member: _Member) -> str | None:
     """A small member's text; None when it is larger than a caption file may be."""
-    if info.size > MAX_CAPTION_FILE_BYTES:
+    if member.size > MAX_CAPTION_FILE_BYTES:
         return None
-    return decode_text(os.pread(fd, info.size, info.offset_data))
+    return decode_text(os.pread(fd, member.size, member.offset))
 
 
 def _json_fields(text: str | None) -> dict[str, Any]:
@@ -153,83 +155,162 @@ def _list_shard(shard: str, images: frozenset[str]) -> tuple[list[_Sample], list
     samples: dict[str, _Sample] = {}
     rejections: list[Rejection] = []
     try:
-        with open(shard, "rb") as f:
-            if f.read(2) == b"\x1f\x8b":
-                return [], [Rejection(shard, "unreadable", "a compressed (gzip) tar cannot be "
-                                      "read in place: decompress the shard")]  # fmt: skip
-            f.seek(0)
-            size = os.fstat(f.fileno()).st_size
-            try:
-                with tarfile.open(fileobj=f, mode="r:") as tf:
-                    end = _walk(tf, f.fileno(), shard, size, images, samples, rejections)
-                    end = tf.offset if end is None else end
-            except tarfile.ReadError as e:  # raised by the first header only
-                return [], [Rejection(shard, "unreadable", f"not an uncompressed tar ({e})")]
-            if end < size and not _zeros(f.fileno(), end, size):
-                rejections.append(Rejection(shard, "unreadable", f"unreadable tar header at byte "
-                                            f"{end}: the {size - end} bytes after it were not "
-                                            "read"))  # fmt: skip
+        fd = os.open(shard, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         return [], [Rejection(shard, "unreadable", e.strerror or str(e))]
+    try:
+        size = os.fstat(fd).st_size
+        if os.pread(fd, 2, 0) == b"\x1f\x8b":
+            return [], [Rejection(shard, "unreadable", "a compressed (gzip) tar cannot be "
+                                  "read in place: decompress the shard")]  # fmt: skip
+        members, end = _members(fd, size)
+        if not members and end == 0 and not _zeros(fd, 0, min(size, _BLOCK)):
+            return [], [Rejection(shard, "unreadable", "not an uncompressed tar archive (no "
+                                  "valid header at byte 0)")]  # fmt: skip
+        _group(members, fd, shard, size, images, samples, rejections)
+        if end < size and not _zeros(fd, end, size):
+            rejections.append(Rejection(shard, "unreadable", f"unreadable tar header at byte "
+                                        f"{end}: the {size - end} bytes after it were not "
+                                        "read"))  # fmt: skip
+    except OSError as e:
+        return [], [Rejection(shard, "unreadable", e.strerror or str(e))]
+    finally:
+        os.close(fd)
     _add_parquet(shard, samples)
     return list(samples.values()), rejections
 
 
-def _walk(
-    tf: tarfile.TarFile,
+class _Member(NamedTuple):
+    """One tar member: its ``name``, data ``offset`` and ``size`` in the shard, and its
+    ``kind``: ``"file"``, ``"dir"`` or ``"other"`` (links, devices, sparse files)."""
+
+    name: str
+    offset: int
+    size: int
+    kind: str
+
+
+def _number(field: bytes) -> int:
+    """A tar header number: octal digits, or GNU base-256 (high bit of the first byte)."""
+    if field[:1] and field[0] & 0x80:
+        value = int.from_bytes(field[1:], "big")
+        return value - (1 << (8 * len(field) - 8)) if field[0] & 0x40 else value
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _pax(data: bytes) -> dict[bytes, bytes]:
+    """The ``length key=value\\n`` records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        if length <= 0:
+            break
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key] = value
+        pos += length
+    return out
+
+
+def _members(fd: int, size: int) -> tuple[list[_Member], int]:
+    """The members of the tar at ``fd`` (ustar, GNU long names, pax paths and sizes), and
+    the offset where the walk stopped: the end-of-archive block, the end of the file, or a
+    header that is not one (a bad checksum)."""
+    members: list[_Member] = []
+    pos = 0
+    long_name: bytes | None = None
+    pax: dict[bytes, bytes] = {}
+    while pos + _BLOCK <= size:
+        block = os.pread(fd, _BLOCK, pos)
+        if len(block) < _BLOCK or block == _ZERO_BLOCK:
+            return members, pos
+        try:
+            stored = _number(block[148:156])
+            length = _number(block[124:136])
+        except ValueError:
+            return members, pos
+        checksum = sum(block[:148]) + 256 + sum(block[156:])
+        if stored != checksum or length < 0:
+            return members, pos
+        flag = block[156:157]
+        data = pos + _BLOCK
+        after = data + (length + _BLOCK - 1) // _BLOCK * _BLOCK
+        if flag in (b"L", b"x", b"g"):  # a header for the next member (or global: skipped)
+            if length > _MAX_EXTENDED:
+                return members, pos
+            payload = os.pread(fd, length, data)
+            if flag == b"L":
+                long_name = payload.split(b"\0", 1)[0]
+            elif flag == b"x":
+                pax = _pax(payload)
+            pos = after
+            continue
+        name = block[:100].split(b"\0", 1)[0]
+        if block[257:262] == b"ustar":
+            prefix = block[345:500].split(b"\0", 1)[0]
+            name = prefix + b"/" + name if prefix else name
+        name = pax.get(b"path", long_name or name)
+        if b"size" in pax:
+            length = int(pax[b"size"])
+            after = data + (length + _BLOCK - 1) // _BLOCK * _BLOCK
+        kind = "file" if flag in (b"0", b"\0", b"7") else "dir" if flag == b"5" else "other"
+        members.append(_Member(name.decode("utf-8", "surrogateescape"), data, length, kind))
+        long_name, pax = None, {}
+        pos = after
+    return members, pos
+
+
+def _group(
+    members: list[_Member],
     fd: int,
     shard: str,
     size: int,
     images: frozenset[str],
     samples: dict[str, _Sample],
     rejections: list[Rejection],
-) -> int | None:
-    """Group the members of ``tf`` into ``samples``; the offset where a corrupt header
-    stopped the walk, else None."""
-    while True:
-        offset = tf.offset
-        try:
-            info = tf.next()
-        except tarfile.ReadError:
-            return offset
-        if info is None:
-            return None
-        tf.members.clear()  # nothing of a shard's listing is kept but the samples
-        found = _KEY.match(info.name)
-        if info.isdir() or found is None:
+) -> None:
+    """Group ``members`` by key into ``samples``: images, captions, sizes."""
+    for m in members:
+        found = _KEY.match(m.name)
+        if m.kind == "dir" or found is None:
             continue
         key, ext = found[1], found[2].lower()
         sample = samples.setdefault(key, _Sample(key))
-        where = member_path(shard, info.offset_data, info.size, info.name)
         is_image = "." + ext in images
-        if not info.isreg() or info.issparse():
+        if m.kind != "file":
             if is_image:
-                rejections.append(Rejection(where, "not_a_file", "a link or sparse member, "
-                                            "not the image's bytes"))  # fmt: skip
+                rejections.append(Rejection(member_path(shard, m.offset, m.size, m.name),
+                                            "not_a_file", "a link or special member, not the "
+                                            "image's bytes"))  # fmt: skip
             continue
-        if info.offset_data + info.size > size:
-            rejections.append(Rejection(where, "unreadable", f"truncated tar member: the shard "
-                                        f"ends at byte {size}, the member at "
-                                        f"{info.offset_data + info.size}"))  # fmt: skip
+        if m.offset + m.size > size:
+            end = m.offset + m.size
+            rejections.append(Rejection(member_path(shard, m.offset, m.size, m.name),
+                                        "unreadable", f"truncated tar member: the shard ends "
+                                        f"at byte {size}, the member at {end}"))  # fmt: skip
             continue
         if is_image:
             if sample.image is not None:
-                rejections.append(Rejection(where, "duplicate", f"key {key!r} already has the "
-                                            f"image {sample.image[0]}"))  # fmt: skip
+                rejections.append(Rejection(member_path(shard, m.offset, m.size, m.name),
+                                            "duplicate", f"key {key!r} already has the image "
+                                            f"{sample.image[0]}"))  # fmt: skip
             else:
-                sample.image = (info.name, info.offset_data, info.size)
+                sample.image = (m.name, m.offset, m.size)
             continue
         if ext == "txt":
-            text = _member_text(fd, info)
+            text = _member_text(fd, m)
             sample.captions = caption_lines(text) if text is not None else []
         elif ext == "json":
-            meta = _json_fields(_member_text(fd, info))
+            meta = _json_fields(_member_text(fd, m))
             if sample.captions is None and "caption" in meta:
                 sample.captions = captions_of(meta["caption"])
             sample.width, sample.height = _size(meta.get("width")), _size(meta.get("height"))
         else:
             continue
-        sample.others.append(info.name)
+        sample.others.append(m.name)
 
 
 def _zeros(fd: int, start: int, end: int) -> bool:
