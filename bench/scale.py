@@ -3,9 +3,9 @@
 For each size N (each measured step in a fresh process: peak RSS is per process):
 - write an N-row manifest as 16 parquet shards (``file``, ``text``, ``WIDTH``,
   ``HEIGHT``; paths ~40 bytes, captions ~60 bytes, realistic photo sizes), untimed;
-- ``index``: ``scan(folder, sizes="manifest")`` (rows/s, peak RSS and its growth over the
-  RSS before the scan, per row and as a multiple of the finished index's bytes), the index's
-  bytes per row
+- ``index``: ``scan(folder, sizes="manifest")`` (rows/s, peak RSS (``VmHWM``) and its
+  growth over the RSS before the scan, per row and as a multiple of the finished index's
+  bytes), the index's bytes per row
   (all, and beyond the text itself), ``assign`` to the flux ladder, and one epoch plan of
   ``BucketBatchSampler`` at world size 64, batch 4 (construction + ``len``); then a forked
   child reads every row (``paths[i]``, ``captions[i]``) and reports how much its private
@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt_seconds, machine_line, peak_rss_mb, print_table  # noqa: E402
+from bench.common import fmt_seconds, machine_line, print_table  # noqa: E402
 
 SHARDS = 16
 WORLD, BATCH = 64, 4
@@ -90,6 +90,20 @@ def private_mb() -> tuple[float, float]:
     return kb["Private_Dirty"] / 1024, kb["Private_Clean"] / 1024
 
 
+def peak_mb() -> float:
+    """Peak resident set size of this process's memory since :func:`reset_peak`, MiB
+    (``VmHWM``). Not ``ru_maxrss``: Linux carries that over ``fork`` and ``exec``, so a step
+    run in a child would report the parent's peak (the manifest writer's) as its own."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def reset_peak() -> None:
+    """Start :func:`peak_mb` again from the current RSS (``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def rss_mb() -> float:
     """Current resident set size, MiB."""
     with open("/proc/self/statm") as f:
@@ -128,6 +142,7 @@ def step_index(folder: Path, reps: int) -> dict:
     from bucketing import BucketLadder, ImageIndex, assign, scan
 
     base_rss = rss_mb()
+    reset_peak()
     times = []
     for _ in range(reps):
         index = None
@@ -135,7 +150,7 @@ def step_index(folder: Path, reps: int) -> dict:
         index = scan(folder, sizes="manifest", column_map=CMAP)
         times.append(time.perf_counter() - t0)
     scan_s = statistics.median(times)
-    scan_peak = peak_rss_mb()
+    scan_peak = peak_mb()
     n = len(index)
     text = int(index.paths.offsets[-1] - index.paths.offsets[0])
     text += int(index.captions.texts.offsets[-1] - index.captions.texts.offsets[0])
