@@ -27,7 +27,9 @@ from bucketing.sources.entries import (
     ResolvedSource,
     caption_lines,
     image_extensions,
+    read_sidecar,
     read_text,
+    sidecar_path,
 )
 from bucketing.sources.folder import resolve_folder
 from bucketing.sources.hf_dataset import RowBytes, load_source, resolve_dataset
@@ -48,8 +50,10 @@ __all__ = [
     "RowBytes",
     "caption_lines",
     "image_extensions",
+    "read_sidecar",
     "read_text",
     "resolve_source",
+    "sidecar_path",
 ]
 
 # Manifest file extension -> the reader of that format.
