@@ -1,7 +1,7 @@
 """The scan across nodes: two torchrun agents on 127.0.0.1 (``--nnodes=2``), two processes
 each (gloo), scan one folder. Ranks shard by GLOBAL rank (each reads a quarter), gather, and
 every rank returns the index a single-process scan gives; each node's local rank 0 writes
-that node's cache."""
+that node's cache. The same holds for the images packed in tar shards, read in place."""
 
 from __future__ import annotations
 
