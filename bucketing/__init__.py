@@ -21,7 +21,9 @@ from bucketing.sources import resolve_source  # noqa: E402
 
 # Public names of the upper floors: name -> module. Imported on first use.
 _LAZY_MODULES = {
-    "samplers": ("BatchingRule", "BucketBatchSampler", "SampleIndex", "bucket_batch_sampler"),
+    "samplers": (
+        "BatchingRule", "BucketBatchSampler", "SampleBatch", "SampleIndex", "bucket_batch_sampler",
+    ),
     "transforms": (
         "BucketResizeCrop", "CaptionTransform", "FitParams", "FluxEncoders", "FluxTokenizer",
         "PromptTokenizer", "SD3Encoders", "SD3Tokenizer", "SD15Tokenizer", "SDXLEncoders",
@@ -41,7 +43,7 @@ __all__ = [
     "Assignment", "BatchingRule", "BucketBatchSampler", "BucketLadder", "BucketResizeCrop",
     "CaptionTransform", "EncoderCache", "FitParams", "FluxEncoders", "FluxTokenizer",
     "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection", "SD15Tokenizer",
-    "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleIndex",
+    "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleBatch", "SampleIndex",
     "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
     "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
     "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",

@@ -310,7 +310,7 @@ def test_resume_after_any_k_yields_exactly_the_rest(
     running.set_epoch(epoch)
     it = iter(running)
     assert [next(it) for _ in range(k)] == full[:k]
-    state = json.loads(json.dumps(running.state_dict()))
+    state = json.loads(json.dumps(running.state_dict(received=k)))
     fresh = BucketBatchSampler(ids, **kw)
     fresh.load_state_dict(state)
     if k < len(full):
@@ -320,9 +320,13 @@ def test_resume_after_any_k_yields_exactly_the_rest(
         occurrences = [[i.occurrence for i in b] for b in rest]
         assert occurrences == [[i.occurrence for i in b] for b in full[k:]]
         assert list(fresh) == full  # the pass after a resumed one is the whole epoch again
-    else:  # a finished epoch resumes at the start of the next one
+    else:  # a finished epoch has nothing left; set_epoch(epoch + 1) starts the next one
+        assert fresh.epoch == epoch and len(fresh) == 0
+        fresh.set_epoch(epoch)  # the usual loop's set_epoch(saved_epoch) keeps it finished
+        assert list(fresh) == [] and list(fresh) == []
         sampler.set_epoch(epoch + 1)  # (with fractional repeats its length may differ)
-        assert fresh.epoch == epoch + 1 and len(fresh) == len(sampler)
+        fresh.set_epoch(epoch + 1)
+        assert len(fresh) == len(sampler) and list(fresh) == list(sampler)
 
 
 def test_state_is_small_constant_and_survives_json_and_torch_save() -> None:
