@@ -19,7 +19,8 @@ import numbers
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ from samplers.plan import (
     rank_batches,
     remaining_units,
 )
-from samplers.sample_index import SampleBatch, SampleIndex
+from samplers.sample_index import SampleBatch, SampleIndex, batch_class
 from samplers.state import (
     MAX_EPOCH,
     MAX_WORLD_SIZE,
@@ -56,13 +57,21 @@ EMIT = ("rank", "all_ranks")
 
 @dataclass
 class _Pass:
-    """One iteration over (the rest of) an epoch; ``next_step`` advances as batches are yielded."""
+    """One iteration over (the rest of) an epoch. The batches of steps ``t0 .. t0 + size`` are
+    made lazily from ``starts`` (a list iterator over their first positions), so the steps
+    asked for so far are read off it: a step counts once any of its batches has been asked."""
 
     plan: Plan
     epoch: int
     history: tuple[tuple[int, int], ...]
     start: int
-    next_step: int
+    t0: int
+    size: int = 0
+    starts: Any = field(default_factory=lambda: iter(()))
+
+    @property
+    def next_step(self) -> int:
+        return self.t0 + self.size - self.starts.__length_hint__()
 
     @property
     def done(self) -> bool:
@@ -239,23 +248,21 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         if position.consumed < plan.num_steps:  # a finished epoch stays finished until set_epoch
             self._pending = None
         self._asked = None
+        ranks = range(self._world_size) if self._emit == "all_ranks" else (self._rank,)
         p = _Pass(plan, position.epoch, position.history, position.consumed, position.consumed)
         self._active = p
-        ranks = range(self._world_size) if self._emit == "all_ranks" else (self._rank,)
         total, epoch = plan.num_steps, position.epoch
         chunk = max(1, _CHUNK_INDICES // (int(plan.batch_sizes.max()) * len(ranks)))
-        t = p.next_step
-        while t < total:
+        for t in range(position.consumed, total, chunk):
             stop = min(total, t + chunk)
-            per_rank = [_chunk(plan, r, t, stop) for r in ranks]
-            for i in range(stop - t):
-                p.next_step = t + i + 1  # counted before the yield: the caller has it once asked
-                for values, repeated, cuts in per_rank:
-                    # one object per batch, made as it is asked for; its SampleIndex items are
-                    # made when a worker reads it
-                    a, b = cuts[i], cuts[i + 1]
-                    yield SampleBatch(values[a:b], epoch, repeated and repeated[a:b])
-            t = stop
+            # Batches are made one at a time as they are asked for (and dropped by the caller):
+            # thousands alive at once would wake the cyclic garbage collector over and over.
+            per_rank = [_chunk_batches(plan, r, t, stop, epoch) for r in ranks]
+            p.t0, p.size, p.starts = t, stop - t, per_rank[0][0]
+            if len(ranks) == 1:
+                yield from per_rank[0][1]
+            else:  # step by step, rank by rank
+                yield from chain.from_iterable(zip(*(b for _, b in per_rank), strict=True))
 
     def __len__(self) -> int:
         if self._pending is not None:
@@ -452,12 +459,20 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         return self._plans[key]
 
 
-def _chunk(plan: Plan, rank: int, t0: int, t1: int) -> tuple[list, list | None, list]:
-    """Rank ``rank``'s rows, occurrences (None when all are 0) and batch bounds of steps
-    ``t0 <= t < t1``, as Python lists."""
+def _chunk_batches(
+    plan: Plan, rank: int, t0: int, t1: int, epoch: int
+) -> tuple[Iterator[int], Iterator[SampleBatch]]:
+    """Rank ``rank``'s batches of steps ``t0 <= t < t1``, made lazily at C speed (in Python only
+    where a row is a repeat or padding), and the iterator over their start positions they
+    consume one by one."""
     rows, occurrences, bounds = rank_batches(plan, rank, t0, t1)
-    repeated = occurrences.tolist() if occurrences.any() else None
-    return rows.tolist(), repeated, bounds.tolist()
+    values, cuts = rows.tolist(), bounds.tolist()
+    starts = iter(cuts[:-1])
+    slices = map(slice, starts, cuts[1:])
+    if not occurrences.any():
+        return starts, map(batch_class(epoch), map(values.__getitem__, slices))
+    repeated = occurrences.tolist()
+    return starts, (SampleBatch(values[s], epoch, repeated[s]) for s in slices)
 
 
 def _from_torchdata(caller: Any) -> bool:

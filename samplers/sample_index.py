@@ -4,6 +4,7 @@ objects and expanded into ``SampleIndex`` items only as it is read (in a DataLoa
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, SupportsIndex
 
 
@@ -75,3 +76,16 @@ class SampleBatch(list):
 
     def __repr__(self) -> str:
         return f"SampleBatch({list(self)!r})"
+
+
+@lru_cache(maxsize=8)
+def batch_class(epoch: int) -> type[SampleBatch]:
+    """A :class:`SampleBatch` subclass for batches of ``epoch`` whose rows are all first
+    occurrences: ``batch_class(epoch)(rows)`` is made by ``list``'s own constructor, at C speed
+    (the sampler makes one per batch). It pickles as a plain ``SampleBatch``."""
+    return type(
+        "SampleBatch",
+        (SampleBatch,),
+        {"__slots__": (), "__init__": list.__init__, "epoch": epoch, "occurrences": None,
+         "__module__": __name__},  # fmt: skip
+    )
