@@ -23,6 +23,7 @@ from bucketing.sources import resolve_source  # noqa: E402
 _LAZY_MODULES = {
     "samplers": (
         "BatchingRule", "BucketBatchSampler", "SampleBatch", "SampleIndex", "bucket_batch_sampler",
+        "load_loader_state",
     ),
     "transforms": (
         "BucketResizeCrop", "CaptionTransform", "FitParams", "FluxEncoders", "FluxTokenizer",
@@ -46,6 +47,7 @@ __all__ = [
     "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleBatch", "SampleIndex",
     "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
     "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
+    "load_loader_state",
     "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",
     "text_to_image_dataset", "to_model_input", "tokenizer_for_model", "unpack_latents",
 ]

@@ -2,6 +2,7 @@
 
 from samplers.batching import BatchingRule
 from samplers.bucket_batch_sampler import BucketBatchSampler, bucket_batch_sampler
+from samplers.loader_state import load_loader_state
 from samplers.sample_index import SampleBatch, SampleIndex
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "SampleBatch",
     "SampleIndex",
     "bucket_batch_sampler",
+    "load_loader_state",
 ]
