@@ -109,10 +109,10 @@ def child_restore(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     running = build(w)
     construct = time.perf_counter() - t0
-    it = iter(running)
-    for _ in range(len(running) // 2):
+    it, half = iter(running), len(running) // 2
+    for _ in range(half):
         next(it)
-    state = running.state_dict()
+    state = running.state_dict(received=half)
     del it, running
 
     def restore(world_size: int, first_batch: bool) -> list[float]:
