@@ -500,7 +500,8 @@ def _check_driver(sampler: BucketBatchSampler, caller: Any) -> None:
         raise RuntimeError(
             f"accelerate's accelerator.prepare(loader) shards batches over {processes} "
             "processes, but this BucketBatchSampler already yields only its rank's batches: "
-            "each process would get every other batch of its own plan and miss the rest. Build "
+            f"each process would get one in {processes} batches of its own plan and miss the "
+            "rest. Build "
             'it with BucketBatchSampler(..., emit="all_ranks") (every rank\'s batch of each '
             "step, in rank order, so accelerate hands each process exactly its own), or do "
             "not pass the loader to prepare"
