@@ -70,6 +70,7 @@ def torchtune():
     return config, _get_component_from_path
 
 
+@pytest.mark.slow  # importing torchtune (and torchao) takes seconds
 def test_builder_from_a_torchtune_yaml(photos, flux_tokenizer_dir, torchtune):
     """torchtune's own config.instantiate, as a recipe's _setup_data would call it."""
     torchtune_config, _get_component_from_path = torchtune
