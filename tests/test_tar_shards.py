@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from bucketing import ImageIndex, scan, text_to_image_dataset
+from bucketing.cli.caption import caption_folder
 from bucketing.members import parse_member, read_member
 from bucketing.pipeline.encoder_cache.keys import file_identity
 from bucketing.sources.braces import expand_braces
@@ -220,6 +221,14 @@ def test_a_shard_truncated_after_the_scan_is_substituted(tmp_path: Path) -> None
     with pytest.warns(Warning, match="truncated tar member"):
         samples = [dataset[i] for i in range(len(dataset))]
     assert samples[5]["substituted"] and not samples[0]["substituted"]
+
+
+def test_captioning_refuses_shards(tmp_path: Path) -> None:
+    folder = make_shards(tmp_path, shards=1, per=1)
+    before = listing(folder)
+    with pytest.raises(ValueError, match="caption file cannot be written beside a member"):
+        caption_folder(folder, tmp_path)  # refused before any model is loaded
+    assert listing(folder) == before
 
 
 def test_missing_shards(tmp_path: Path) -> None:
