@@ -42,6 +42,7 @@ from bucketing.pipeline.spec import (
 )
 from bucketing.scan import scan
 from bucketing.sources import read_sidecar, sidecar_path
+from samplers.sample_index import SampleIndex
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
@@ -95,6 +96,9 @@ def plan_dataset(
     base_dir: str | None = None,
     caption_extension: str | None = None,
     settings: Mapping[str, Any] | None = None,
+    data_files: Any = None,
+    data_dir: str | None = None,
+    split: str = "train",
 ) -> Plan:
     """Scan ``source`` and assign it to ``model``'s ladder (``make_ladder``): the
     :class:`Plan` (index, assignment, fingerprint with ``settings``) a dataset, a report and
@@ -104,7 +108,8 @@ def plan_dataset(
         raise ConfigError(f"must look like '.txt', got {caption_extension!r}",
                           key="caption_extension")
     index = scan(source, cache=scan_cache, workers=scan_workers,
-                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir)
+                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir,
+                 data_files=data_files, data_dir=data_dir, split=split)
     if caption_extension is not None:
         index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
     bucket_ladder = make_ladder(model, ladder, index)
@@ -130,6 +135,9 @@ def text_to_image_dataset(
     caption_extension: str | None = None,
     on_error: str = "substitute",
     encoder_cache: Any = None,
+    data_files: Any = None,
+    data_dir: str | None = None,
+    split: str = "train",
     **renamed_options: Any,
 ) -> TextToImageDataset:
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
@@ -142,12 +150,14 @@ def text_to_image_dataset(
     (``{"dropout": 0.1, "template": "a photo of sks person, {caption}"}``); ``crop``,
     ``flip_p`` and ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``);
     ``scan_cache``, ``scan_workers``, ``column_map`` and ``base_dir`` go to ``scan`` (the
-    older names ``cache`` and ``workers`` still work, with a ``DeprecationWarning``).
-    ``caption_extension`` (e.g. ``".caption"``) reads every image's captions from
-    ``<stem><extension>`` only (none when that file is missing), instead of the first sidecar
-    found. ``encoder_cache``: an ``EncoderCache`` to serve latents and embeddings from
-    (refused here when it was built for another plan). The dataset's ``index`` and
-    rejections say what was left out and why.
+    older names ``cache`` and ``workers`` still work, with a ``DeprecationWarning``), and so
+    do ``data_files``, ``data_dir`` and ``split``: with one of the first two, or
+    ``source="hf:NAME"``, ``source`` names what ``datasets.load_dataset`` builds
+    (``source="imagefolder", data_dir="photos"``). ``caption_extension`` (e.g.
+    ``".caption"``) reads every image's captions from ``<stem><extension>`` only (none when
+    that file is missing), instead of the first sidecar found. ``encoder_cache``: an
+    ``EncoderCache`` to serve latents and embeddings from (refused here when it was built for
+    another plan). The dataset's ``index`` and rejections say what was left out and why.
     """
     given = renamed(renamed_options, "text_to_image_dataset")
     unknown = sorted(set(given) - {"scan_cache", "scan_workers"})
@@ -163,7 +173,8 @@ def text_to_image_dataset(
     plan = plan_dataset(source=source, model=model, ladder=ladder, column_map=column_map,
                         allow_upscale=allow_upscale, scan_cache=scan_cache,
                         scan_workers=scan_workers, base_dir=base_dir,
-                        caption_extension=caption_extension)
+                        caption_extension=caption_extension, data_files=data_files,
+                        data_dir=data_dir, split=split)
     return dataset_from_plan(plan, model_transform, captions=captions, crop=crop, flip_p=flip_p,
                              allow_upscale=allow_upscale, seed=seed, on_error=on_error,
                              encoder_cache=encoder_cache)
@@ -195,20 +206,6 @@ def dataset_from_plan(
         on_error=on_error,
         encoder_cache=encoder_cache,
     )
-
-
-class _Occurrence(int):
-    """A row number that keeps the sampler's ``occurrence`` on its way to a part dataset."""
-
-    occurrence = 0
-
-    def __new__(cls, value: int, occurrence: int) -> _Occurrence:
-        self = super().__new__(cls, value)
-        self.occurrence = occurrence
-        return self
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Occurrence, (int(self), self.occurrence))
 
 
 @dataclass(frozen=True)
@@ -271,13 +268,13 @@ class MixedDataset(Dataset):
             dataset.set_epoch(epoch)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        occurrence = getattr(i, "occurrence", 0)
+        occurrence, epoch = getattr(i, "occurrence", 0), getattr(i, "epoch", None)
         i = operator.index(i)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for a mixed dataset of {len(self)} rows")
         k = int(self.dataset_of[i])
         offset = int(self.offsets[k])
-        sample = self.datasets[k][_Occurrence(i - offset, occurrence)]
+        sample = self.datasets[k][SampleIndex(i - offset, occurrence, epoch)]
         sample["dataset"] = self.names[k]
         for key in ("index", "original_index"):
             if key in sample:
