@@ -271,8 +271,10 @@ def test_the_older_scan_names_still_work_with_a_warning(project):
     path = project / "data.toml"
     path.write_text(CONFIG.replace("scan_workers = 0", "workers = 0").replace(
         'source = "me"', 'source = "me"\ncache = "scan.parquet"'))
-    with pytest.warns(DeprecationWarning, match="'workers' is now 'scan_workers'"):
+    with pytest.warns(DeprecationWarning) as record:
         config = load_config(path)
+    said = " ".join(str(w.message) for w in record)
+    assert "'workers' is now 'scan_workers'" in said and "'cache' is now 'scan_cache'" in said
     assert config.scan_workers == 0
     assert config.datasets[0].scan_cache == str(project / "scan.parquet")
     with pytest.warns(DeprecationWarning, match="'workers' is now 'scan_workers'"):

@@ -234,7 +234,7 @@ def test_a_resume_state_from_another_plan_is_refused(tmp_path):
     assert ab.plan_fingerprint != ba.plan_fingerprint
     saved = BucketBatchSampler(ab, batch_size=2, seed=0)
     next(iter(saved))
-    state = saved.state_dict()
+    state = saved.state_dict(received=1)
     BucketBatchSampler(mix(a, b), batch_size=2, seed=0).load_state_dict(state)  # same plan
     with pytest.raises(ValueError, match="plan fingerprint"):
         BucketBatchSampler(ba, batch_size=2, seed=0).load_state_dict(state)
