@@ -25,13 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bucketing.assign import assign
+from bucketing.fit_ladder import fit_buckets, own_sizes
+from bucketing.sizes import MAX_SIDE, fit_loss, image_sizes
+
 if TYPE_CHECKING:
     from bucketing.index import ImageIndex
 
-# The largest side assign() accepts (PNG's limit; JPEG stops at 65535): beyond it an image is
-# rejected "too_large", and below it w * h and every loss stay exact in int64 / float64.
-MAX_SIDE = 2**31 - 1
-
+__all__ = ["MAX_SIDE", "MODEL_SPECS", "BucketLadder", "ModelSpec", "default_levels",
+           "fit_loss", "image_sizes"]
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -178,9 +180,11 @@ class BucketLadder:
         model: str | None = None,
     ) -> BucketLadder:
         """A ladder from an explicit list of (w, h). Every side must be a positive multiple of
-        ``multiple``; duplicates are an error. The list need not be symmetric. Levels are the
-        layers of the "both sides larger" order (so that each level is an antichain); each
-        level's area is its largest bucket's area. ``max_area`` (default: the largest bucket's
+        ``multiple``; duplicates are an error. The list need not be symmetric. Levels are
+        area bands (each down to 1/1.32 of its largest area, as far apart as the presets'
+        levels) cut into the layers of the "both sides larger" order, so that each level is an
+        antichain of similar areas (what keeps :func:`bucketing.assign` fast); each level's
+        area is its largest bucket's area. ``max_area`` (default: the largest bucket's
         area, at least that) caps the pixels resolution loss is measured against; ``model``
         is recorded as ``ladder.model``."""
         arr = np.asarray(list(buckets), dtype=np.int64)
@@ -193,7 +197,7 @@ class BucketLadder:
         uniq, counts = np.unique(arr, axis=0, return_counts=True)
         if (counts > 1).any():
             raise ValueError(f"duplicate bucket {uniq[counts > 1][0].tolist()}")
-        layer = _antichain_layers(arr)
+        layer = _banded_layers(arr)
         n_levels = int(layer.max()) + 1
         areas = arr[:, 0] * arr[:, 1]
         levels = [int(areas[layer == j].max()) for j in range(n_levels)]
@@ -217,46 +221,54 @@ class BucketLadder:
         cls,
         sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]],
         *,
-        max_buckets: int,
+        max_buckets: int | None = None,
         base: BucketLadder | str = "flux",
+        native: bool = False,
     ) -> BucketLadder:
-        """At most ``max_buckets`` buckets of ``base`` (a preset name or a ladder), chosen for
-        these image sizes (an index, an (N, 2) array or (w, h) pairs).
+        """Buckets fitted to these image sizes (an index, an (N, 2) array or (w, h) pairs),
+        chosen from ``base``'s whole lattice: every (w, h) with sides multiples of its
+        ``multiple``, an area from its smallest bucket's up to its ``max_area`` and an aspect
+        within its ``max_aspect`` (``base``: a preset name or a ladder).
 
-        Every image is scored against every bucket of ``base`` that fits inside it with
-        :func:`bucketing.assign`'s objective (crop loss + resolution loss). When the images'
-        own best buckets fit the budget, those are the ladder; otherwise buckets are added one
-        at a time, each the one that lowers the total loss most (greedy facility location),
-        and those no image would take are left out. Losing an image costs more than all
-        losses together, so every image ``base`` fits keeps a bucket while the budget allows
-        (the first buckets are small ones that fit many images). Beyond 8192 distinct sizes,
-        sizes are grouped by their floor to ``multiple`` (which keeps the set of fitting
-        buckets), then to coarser multiples. Deterministic. The result keeps ``base``'s
-        ``max_area``, ``multiple`` and ``model``."""
-        if max_buckets < 1:
+        At most ``max_buckets`` buckets; None: as many as the buckets of ``base`` these images
+        use (so the number of steps stays what the preset gives). Starting from every image's
+        own lattice size, the bucket whose images lose least by moving is removed until the
+        budget holds (see :mod:`bucketing.fit_ladder`); the result is compared with the best
+        ``max_buckets`` buckets of ``base`` itself and the better of the two (total crop +
+        resolution loss under :func:`bucketing.assign`, a lost image costing more than every
+        loss together) is returned, so it is never worse than the preset cut to the same
+        budget. ``native=True``: every image's own lattice size, no budget (for batch size 1,
+        where buckets cost nothing). Deterministic; keeps ``base``'s ``max_area``,
+        ``multiple`` and ``model``."""
+        if max_buckets is not None and max_buckets < 1:
             raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
+        if native and max_buckets is not None:
+            raise ValueError("native=True gives every image its own size: no max_buckets")
         if isinstance(base, str):
             base = cls.for_model(base)
         width, height = image_sizes(sizes)
         ok = (width <= MAX_SIDE) & (height <= MAX_SIDE)
-        width, height, q = width[ok], height[ok], 1
-        while True:
-            groups, weight = np.unique(np.stack([width // q, height // q], axis=1) * q,
-                                       axis=0, return_counts=True)
-            if len(groups) <= _FIT_GROUPS:
-                break
-            q = base.multiple if q == 1 else 2 * q
-        w, h = groups[:, :1].astype(np.float64), groups[:, 1:].astype(np.float64)
-        bw, bh = (base.buckets[None, :, i].astype(np.float64) for i in (0, 1))
-        cap = np.minimum(w * h, base.max_area)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            loss = np.where((bw <= w) & (bh <= h), fit_loss(bw, bh, w, h, cap), np.inf)
-        chosen = _budget(loss, weight.astype(np.float64), max_buckets)
+        width, height = width[ok], height[ok]
+        lattice = {"multiple": base.multiple, "max_area": base.max_area,
+                   "max_aspect": base.max_aspect, "min_area": int(base.areas.min())}
+        if native:
+            own = own_sizes(width, height, **lattice)
+            found = np.unique(own[own[:, 0] > 0], axis=0)
+            if not len(found):
+                raise ValueError("from_data needs at least one image that a bucket of the "
+                                 "base ladder's lattice fits")
+            return cls.from_buckets(found, base.multiple, max_area=base.max_area,
+                                    model=base.model)
+        preset = assign(np.stack([width, height], axis=1), base)
+        budget = int((preset.counts > 0).sum()) if max_buckets is None else max_buckets
+        budget = max(budget, 1)
+        used = np.flatnonzero(preset.counts > 0)
+        cut = used if len(used) <= budget else _preset_budget(base, width, height, budget)
+        chosen = fit_buckets(width, height, base.buckets, cut, max_buckets=budget, **lattice)
         if not len(chosen):
             raise ValueError("from_data needs at least one image that a bucket of the base "
                              "ladder fits")
-        return cls.from_buckets(base.buckets[chosen], base.multiple, max_area=base.max_area,
-                                model=base.model)
+        return cls.from_buckets(chosen, base.multiple, max_area=base.max_area, model=base.model)
 
     # -- views --------------------------------------------------------------------------
 
@@ -285,53 +297,28 @@ class BucketLadder:
 
 
 
-def image_sizes(
-    index_or_sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """(width, height) int64 arrays from an :class:`~bucketing.index.ImageIndex`, an (N, 2)
-    array or a sequence of (w, h). Sizes that are not whole numbers (1.5, NaN, text) are a
-    ValueError, and so is the first size that is not positive; sides above ``MAX_SIDE``
-    (whatever their magnitude, clipped to 2**62) are left for the caller to reject."""
-    width = getattr(index_or_sizes, "width", None)
-    height = getattr(index_or_sizes, "height", None)
-    if width is not None and height is not None:
-        width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
-    else:
-        try:
-            arr = np.asarray(index_or_sizes)
-            if arr.dtype == object:  # Python ints beyond int64 (exact below 2**53)
-                arr = arr.astype(np.float64)
-            if arr.dtype.kind == "f":  # whole numbers only; a huge one stays too large
-                if not (np.isfinite(arr) & (arr == np.trunc(arr))).all():
-                    raise ValueError("a size is not a whole number of pixels")
-                arr = np.minimum(arr, 2.0**62)
-            arr = arr.astype(np.int64)
-        except (OverflowError, TypeError, ValueError) as e:
-            raise ValueError(f"sizes must be whole numbers of pixels: {e}") from None
-        if arr.size == 0:
-            arr = arr.reshape(0, 2)
-        if arr.ndim != 2 or arr.shape[1] != 2:
-            raise ValueError(f"sizes must be an (N, 2) array of (width, height), got shape "
-                             f"{arr.shape}")
-        width, height = arr[:, 0], arr[:, 1]
-    if len(width) and (width.min() < 1 or height.min() < 1):
-        i = int(np.flatnonzero((width < 1) | (height < 1))[0])
-        raise ValueError(f"image {i} has size {width[i]}x{height[i]}; sizes must be positive")
-    return np.ascontiguousarray(width), np.ascontiguousarray(height)
+_PRESET_GROUPS = 8192  # distinct size groups scored against every bucket of a preset
 
 
-def fit_loss(
-    bw: np.ndarray, bh: np.ndarray, w: np.ndarray, h: np.ndarray, cap: np.ndarray
-) -> np.ndarray:
-    """crop_loss + resolution_loss of buckets (bw, bh) that fit inside images (w, h), float64
-    and broadcasting; ``cap`` = min(w * h, max_area): the pixels an image could train at."""
-    x = bw * h  # proportional to the bucket's aspect over the image's
-    y = bh * w
-    kept = np.minimum(x, y) / np.maximum(x, y)
-    return 2.0 - kept - (bw * bh) / cap
-
-
-_FIT_GROUPS = 8192  # distinct size groups from_data scores against every bucket
+def _preset_budget(base: BucketLadder, width: np.ndarray, height: np.ndarray,
+                   max_buckets: int) -> np.ndarray:
+    """Ascending ids of at most ``max_buckets`` buckets of ``base`` for these images: every
+    image's best bucket when they fit the budget, else greedy facility location. Beyond 8192
+    distinct sizes, sizes are grouped by their floor to ``multiple`` (which keeps the set of
+    fitting buckets), then to coarser multiples."""
+    q = 1
+    while True:
+        groups, weight = np.unique(np.stack([width // q, height // q], axis=1) * q,
+                                   axis=0, return_counts=True)
+        if len(groups) <= _PRESET_GROUPS:
+            break
+        q = base.multiple if q == 1 else 2 * q
+    w, h = groups[:, :1].astype(np.float64), groups[:, 1:].astype(np.float64)
+    bw, bh = (base.buckets[None, :, i].astype(np.float64) for i in (0, 1))
+    cap = np.minimum(w * h, base.max_area)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loss = np.where((bw <= w) & (bh <= h), fit_loss(bw, bh, w, h, cap), np.inf)
+    return _budget(loss, weight.astype(np.float64), max_buckets)
 
 
 def _budget(loss: np.ndarray, weight: np.ndarray, max_buckets: int) -> np.ndarray:
@@ -389,6 +376,32 @@ def _dedupe_across_levels(per_level: list[np.ndarray]) -> tuple[np.ndarray, np.n
                 rows.append((w, h))
                 level_of.append(j)
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2), np.asarray(level_of, dtype=np.int64)
+
+
+_BAND = 1.32  # area ratio spanned by one band of from_buckets levels (a x1.15 side step)
+
+
+def _banded_layers(arr: np.ndarray) -> np.ndarray:
+    """Level of each bucket: bands of area (from the largest down, each band keeping areas
+    above its largest / ``_BAND``), each band split into its antichain layers."""
+    areas = arr[:, 0] * arr[:, 1]
+    order = np.argsort(-areas, kind="stable")
+    band = np.empty(len(arr), dtype=np.int64)
+    k, top = 0, None
+    for i in order.tolist():
+        if top is not None and areas[i] * _BAND <= top:
+            k, top = k + 1, None
+        if top is None:
+            top = areas[i]
+        band[i] = k
+    level = np.empty(len(arr), dtype=np.int64)
+    offset = 0
+    for k in range(int(band.max()), -1, -1):  # the smallest band first
+        rows = np.flatnonzero(band == k)
+        layer = _antichain_layers(arr[rows])
+        level[rows] = offset + layer
+        offset += int(layer.max()) + 1
+    return level
 
 
 def _antichain_layers(arr: np.ndarray) -> np.ndarray:
