@@ -16,10 +16,13 @@ sort. Everything here works on arrays; :meth:`bucketing.ladder.BucketLadder.from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from bucketing.sizes import fit_loss
 
+_EXACT = 1 << 16  # up to this many images, groups are exact sizes
 _FIT_GROUPS = 4096  # image groups scored against every candidate shape
 _CANDIDATES = 2048  # own sizes kept as candidates (the most used), besides the preset's
 _ROWS = 512  # groups per chunk while filling the loss matrix (bounds the temporaries)
@@ -40,21 +43,25 @@ def own_sizes(
     we = np.minimum(w, np.floor(h * max_aspect))
     he = np.minimum(h, np.floor(w * max_aspect))
     scale = np.minimum(1.0, np.sqrt(max_area / (we * he)))
-    a0 = np.floor(we * scale / m)
-    b0 = np.floor(he * scale / m)
-    a0 = np.minimum(a0, np.floor(b0 * max_aspect))  # rounding must not leave max_aspect
-    b0 = np.minimum(b0, np.floor(a0 * max_aspect))
-    cap = np.minimum(w * h, float(max_area))
-    best_a, best_b = a0, b0
-    best_f = _own_loss(a0, b0, w, h, we, he, cap, m, max_area, max_aspect)
-    for da, db in ((1.0, 0.0), (0.0, 1.0)):
-        a, b = a0 + da, b0 + db
-        f = _own_loss(a, b, w, h, we, he, cap, m, max_area, max_aspect)
-        better = f < best_f
-        best_a, best_b = np.where(better, a, best_a), np.where(better, b, best_b)
-        best_f = np.minimum(best_f, f)
-    out = np.stack([best_a * m, best_b * m], axis=1).astype(np.int64)
-    out[~np.isfinite(best_f) | (out[:, 0] * out[:, 1] < min_area)] = 0
+    a = np.floor(we * scale / m)
+    b = np.floor(he * scale / m)
+    a = np.minimum(a, np.floor(b * max_aspect))  # rounding must not leave max_aspect
+    b = np.minimum(b, np.floor(a * max_aspect))
+    big = np.flatnonzero(scale < 1.0)  # only a scaled size has neighbours that may fit
+    if len(big):
+        wb, hb, web, heb = w[big], h[big], we[big], he[big]
+        cap = np.minimum(wb * hb, float(max_area))
+        best_a, best_b = a[big], b[big]
+        best_f = _own_loss(best_a, best_b, wb, hb, web, heb, cap, m, max_area, max_aspect)
+        for da, db in ((1.0, 0.0), (0.0, 1.0)):
+            na, nb = a[big] + da, b[big] + db
+            f = _own_loss(na, nb, wb, hb, web, heb, cap, m, max_area, max_aspect)
+            better = f < best_f
+            best_a, best_b = np.where(better, na, best_a), np.where(better, nb, best_b)
+            best_f = np.minimum(best_f, f)
+        a[big], b[big] = best_a, best_b
+    out = np.stack([a, b], axis=1).astype(np.int64) * multiple
+    out[(out[:, 0] < multiple) | (out[:, 1] < multiple) | (out[:, 0] * out[:, 1] < min_area)] = 0
     return out
 
 
@@ -82,19 +89,26 @@ def fit_buckets(
     sizes. Empty when no shape fits any image. Deterministic: the rows' order does not
     matter."""
     preset = np.asarray(preset, dtype=np.int64).reshape(-1, 2)
+    lattice = {"multiple": multiple, "max_area": max_area, "max_aspect": max_aspect,
+               "min_area": min_area}
     w, h = np.asarray(width, dtype=np.int64), np.asarray(height, dtype=np.int64)
-    own = own_sizes(w, h, multiple=multiple, max_area=max_area, max_aspect=max_aspect,
-                    min_area=min_area)
-    has_own = own[:, 0] > 0
-    cand_key, cand_weight = np.unique(own[has_own, 0] * _KEY + own[has_own, 1],
-                                      return_counts=True)
-    if len(cand_key) > _CANDIDATES:  # the most used own sizes, ties to the smaller key
-        cand_key = np.sort(cand_key[np.argsort(-cand_weight, kind="stable")[:_CANDIDATES]])
-    cands = np.unique(np.concatenate([np.stack([cand_key // _KEY, cand_key % _KEY], axis=1),
-                                      preset]), axis=0)
-    if not len(cands):
-        return cands
-    fit_w, fit_h, mean_w, mean_h, weight = _groups(w, h, own // multiple)
+    if len(w) <= _EXACT:  # group by exact size: exact losses
+        key, count = np.unique(w * _KEY + h, return_counts=True)
+        w, h = key // _KEY, key % _KEY
+        own = own_sizes(w, h, **lattice)
+        has = own[:, 0] > 0
+        weight = count[has].astype(np.float64)
+        cells = _Cells(own[has] // multiple, weight, w[has] * weight, h[has] * weight, w[has],
+                       h[has])
+    else:  # group by own lattice point: one pass, no sort
+        own = own_sizes(w, h, **lattice)
+        has = own[:, 0] > 0
+        cells = _cells(own[has] // multiple, w[has], h[has])
+    if not len(cells.weight):
+        return np.zeros((0, 2), dtype=np.int64)
+    top = np.argsort(-cells.weight, kind="stable")[:_CANDIDATES]  # the most used own sizes
+    cands = np.unique(np.concatenate([cells.point[top] * multiple, preset]), axis=0)
+    fit_w, fit_h, mean_w, mean_h, weight = _coarsen(cells)
     loss = _loss_matrix(cands, fit_w, fit_h, mean_w, mean_h, max_area)
     lost = 2.0 * weight.sum() + 2.0
     cut_cols = np.flatnonzero((cands[:, None] == preset[cut][None]).all(axis=2).any(axis=1))
@@ -112,30 +126,55 @@ def _cost(loss: np.ndarray, weight: np.ndarray, lost: float) -> float:
     return float(weight @ np.minimum(loss.min(axis=1), lost))
 
 
-def _groups(w: np.ndarray, h: np.ndarray, lattice: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Images grouped by their exact size when at most ``_FIT_GROUPS`` sizes are distinct,
-    else by their own lattice point (coarsened by 2, 4, ... until at most ``_FIT_GROUPS``
-    groups): per group the smallest width and height (a shape fits the group only if it fits
-    them), the mean width and height (what its losses are measured on), and the number of
-    images. Exact sizes give exact losses; grouped ones lose at most a rounding."""
-    q = 0
-    while True:
-        key = w * _KEY + h if q == 0 else lattice[:, 0] // q * _KEY + lattice[:, 1] // q
-        order = np.argsort(key, kind="stable")
-        sk = key[order]
-        starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-        if len(starts) <= _FIT_GROUPS or len(sk) == 0:
-            break
-        q = 1 if q == 0 else 2 * q
-    weight = np.diff(np.r_[starts, len(sk)]).astype(np.float64)
-    if not len(sk):
-        empty = np.zeros(0)
-        return empty, empty, empty, empty, empty
-    ws, hs = w[order], h[order]
-    fit_w = np.minimum.reduceat(ws, starts).astype(np.float64)
-    fit_h = np.minimum.reduceat(hs, starts).astype(np.float64)
-    mean_w = np.add.reduceat(ws.astype(np.float64), starts) / weight
-    mean_h = np.add.reduceat(hs.astype(np.float64), starts) / weight
+@dataclass
+class _Cells:
+    """Images grouped by a lattice ``point`` (in multiples): per group the number of images,
+    the sums of their widths and heights and their smallest width and height."""
+
+    point: np.ndarray
+    weight: np.ndarray
+    sum_w: np.ndarray
+    sum_h: np.ndarray
+    min_w: np.ndarray
+    min_h: np.ndarray
+
+
+def _cells(point: np.ndarray, w: np.ndarray, h: np.ndarray) -> _Cells:
+    """Group images by their own lattice point on a dense 1-D key (bincounts, no sort)."""
+    nb = int(point[:, 1].max()) + 1
+    key = point[:, 0] * nb + point[:, 1]
+    size = int(key.max()) + 1
+    weight = np.bincount(key, minlength=size).astype(np.float64)
+    present = np.flatnonzero(weight)
+    min_w = np.full(size, np.iinfo(np.int64).max)
+    min_h = np.full(size, np.iinfo(np.int64).max)
+    np.minimum.at(min_w, key, w)
+    np.minimum.at(min_h, key, h)
+    sum_w = np.bincount(key, weights=w.astype(np.float64), minlength=size)
+    sum_h = np.bincount(key, weights=h.astype(np.float64), minlength=size)
+    point = np.stack([present // nb, present % nb], axis=1)
+    return _Cells(point, weight[present], sum_w[present], sum_h[present], min_w[present],
+                  min_h[present])
+
+
+def _coarsen(cells: _Cells) -> tuple[np.ndarray, ...]:
+    """At most ``_FIT_GROUPS`` groups of cells (the cells themselves, else their lattice points
+    coarsened by 1, 2, 4, ...):
+    per group the smallest width and height (a shape fits the group only if it fits them),
+    the mean width and height (what its losses are measured on) and the number of images."""
+    inv, n = np.arange(len(cells.weight)), len(cells.weight)
+    q = 1
+    while n > _FIT_GROUPS:
+        key = (cells.point[:, 0] // q) * _KEY + cells.point[:, 1] // q
+        groups, inv = np.unique(key, return_inverse=True)
+        inv, n, q = inv.reshape(-1), len(groups), 2 * q
+    weight = np.bincount(inv, weights=cells.weight)
+    mean_w = np.bincount(inv, weights=cells.sum_w) / weight
+    mean_h = np.bincount(inv, weights=cells.sum_h) / weight
+    fit_w = np.full(n, np.inf)
+    fit_h = np.full(n, np.inf)
+    np.minimum.at(fit_w, inv, cells.min_w.astype(np.float64))
+    np.minimum.at(fit_h, inv, cells.min_h.astype(np.float64))
     return fit_w, fit_h, mean_w, mean_h, weight
 
 

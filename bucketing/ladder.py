@@ -55,6 +55,21 @@ class ModelSpec:
     vae_scale_factor: int = 8
     patch_size: int = 1
     time_shift: tuple[int, int, float, float] | None = None
+    canonical: tuple[tuple[int, int], ...] = ()
+
+
+def _mirrored(sizes: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """``sizes`` and their mirrors, sorted, without duplicates."""
+    return tuple(sorted({s for w, h in sizes for s in ((w, h), (h, w))}))
+
+
+# The sizes people train these models at (and curate their data sets to): each preset holds
+# them exactly, so an image of one of them is neither resized nor cropped.
+_FLUX_CANONICAL = _mirrored([(1024, 1024), (1216, 832), (1344, 768), (1152, 896), (1536, 640),
+                             (1248, 832), (1360, 768), (1024, 768), (768, 768), (512, 512)])
+_SDXL_CANONICAL = _mirrored([(1024, 1024), (1152, 896), (1216, 832), (1344, 768), (1536, 640),
+                             (1024, 768), (768, 768), (512, 512)])
+_SD15_CANONICAL = _mirrored([(512, 512), (512, 384), (576, 448), (640, 384)])
 
 
 _STEPS = 10  # level steps from the floor (a quarter of the top side) to the top side
@@ -78,17 +93,22 @@ _FLUX_LEVELS = tuple(default_levels(1024 * 1024, 16))
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     # FLUX.1: 8x VAE then 2x2 patches -> sides multiple of 16; T5 512 (dev) / 256 (schnell).
-    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=512),
+    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=512,
+                      canonical=_FLUX_CANONICAL),
     "flux-schnell": ModelSpec(
-        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=256
+        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=256,
+        canonical=_FLUX_CANONICAL,
     ),
     # SD3: 8x VAE then 2x2 patches -> 16; diffusers' SD3 training scripts use T5 length 77.
-    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=77),
+    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=77,
+                     canonical=_FLUX_CANONICAL),
     # SDXL: the UNet needs latent sides divisible by 4 (pixels by 32), but SDXL was trained
     # on 64-multiple buckets (1152x896, 1216x832, ...) and kohya uses 64: we use 64.
-    "sdxl": ModelSpec("sdxl", 64, 1024 * 1024, tuple(default_levels(1024 * 1024, 64))),
+    "sdxl": ModelSpec("sdxl", 64, 1024 * 1024, tuple(default_levels(1024 * 1024, 64)),
+                      canonical=_SDXL_CANONICAL),
     # SD1.5: 8x VAE and three 2x downsamplings in the UNet -> 64-multiples; 512x512 native.
-    "sd15": ModelSpec("sd15", 64, 512 * 512, tuple(default_levels(512 * 512, 64))),
+    "sd15": ModelSpec("sd15", 64, 512 * 512, tuple(default_levels(512 * 512, 64)),
+                      canonical=_SD15_CANONICAL),
 }
 
 
@@ -111,6 +131,7 @@ class BucketLadder:
         step: int = 64,
         max_aspect: float = 4.0,
         levels: Sequence[int] | None = None,
+        canonical: Iterable[Sequence[int]] = (),
     ) -> None:
         if multiple < 1 or step < 1:
             raise ValueError(f"multiple and step must be >= 1, got {multiple} and {step}")
@@ -129,6 +150,11 @@ class BucketLadder:
                 f"got {levels}"
             )
         per_level = [_level_buckets(a, multiple, step, max_aspect) for a in levels]
+        extra = _canonical_levels(canonical, per_level, multiple, max_area, max_aspect)
+        areas = [*levels, *(int((b[:, 0] * b[:, 1]).max()) for b in extra)]
+        order = np.argsort(areas, kind="stable").tolist()
+        per_level = [[*per_level, *extra][i] for i in order]
+        levels = [areas[i] for i in order]
         buckets, level_of = _dedupe_across_levels(per_level)
         self.max_area = int(max_area)
         self.multiple = int(multiple)
@@ -162,6 +188,7 @@ class BucketLadder:
             "step": spec.step,
             "max_aspect": spec.max_aspect,
             "levels": spec.levels,
+            "canonical": spec.canonical,
         }
         if "max_area" in overrides and "levels" not in overrides:
             kwargs["levels"] = None  # the preset's levels belong to its own max_area
@@ -363,6 +390,25 @@ def _level_buckets(area: int, multiple: int, step: int, max_aspect: float) -> np
             last_h = h
         w += step
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def _canonical_levels(
+    canonical: Iterable[Sequence[int]], per_level: list[np.ndarray], multiple: int,
+    max_area: int, max_aspect: float,
+) -> list[np.ndarray]:
+    """Extra levels holding the ``canonical`` sizes the generated levels lack (those on the
+    ladder's lattice: sides multiples of ``multiple``, area up to ``max_area``, aspect within
+    ``max_aspect``), one level per antichain layer of them."""
+    have = {tuple(b) for level in per_level for b in level.tolist()}
+    missing = sorted({(int(w), int(h)) for w, h in canonical} - have)
+    missing = [(w, h) for w, h in missing
+               if w % multiple == 0 and h % multiple == 0 and 0 < w * h <= max_area
+               and w <= h * max_aspect and h <= w * max_aspect]
+    if not missing:
+        return []
+    arr = np.asarray(missing, dtype=np.int64)
+    layer = _antichain_layers(arr)
+    return [arr[layer == k] for k in range(int(layer.max()) + 1)]
 
 
 def _dedupe_across_levels(per_level: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
