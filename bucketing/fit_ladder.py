@@ -65,6 +65,22 @@ def own_sizes(
     return out
 
 
+def distinct_own_sizes(
+    width: np.ndarray, height: np.ndarray, *, multiple: int, max_area: int,
+    max_aspect: float, min_area: int,
+) -> np.ndarray:
+    """(K, 2) int64 distinct own sizes of these images (:func:`own_sizes`), sorted; grouped
+    on a dense 1-D key, so millions of sizes cost no sort."""
+    own = own_sizes(width, height, multiple=multiple, max_area=max_area,
+                    max_aspect=max_aspect, min_area=min_area)
+    own = own[own[:, 0] > 0] // multiple
+    if not len(own):
+        return np.zeros((0, 2), dtype=np.int64)
+    nb = int(own[:, 1].max()) + 1
+    present = np.flatnonzero(np.bincount(own[:, 0] * nb + own[:, 1]))
+    return np.stack([present // nb, present % nb], axis=1) * multiple
+
+
 def _own_loss(
     a: np.ndarray, b: np.ndarray, w: np.ndarray, h: np.ndarray, we: np.ndarray,
     he: np.ndarray, cap: np.ndarray, m: float, max_area: int, max_aspect: float,

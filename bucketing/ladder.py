@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bucketing.assign import assign
-from bucketing.fit_ladder import fit_buckets, own_sizes
+from bucketing.fit_ladder import distinct_own_sizes, fit_buckets
 from bucketing.sizes import MAX_SIDE, fit_loss, image_sizes
 
 if TYPE_CHECKING:
     from bucketing.index import ImageIndex
 
-__all__ = ["MAX_SIDE", "MODEL_SPECS", "BucketLadder", "ModelSpec", "default_levels",
-           "fit_loss", "image_sizes"]
+__all__ = ["FIT_MODES", "MAX_SIDE", "MODEL_SPECS", "BucketLadder", "ModelSpec",
+           "default_levels", "fit_loss", "fitted_ladder", "image_sizes"]
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -279,8 +279,7 @@ class BucketLadder:
         lattice = {"multiple": base.multiple, "max_area": base.max_area,
                    "max_aspect": base.max_aspect, "min_area": int(base.areas.min())}
         if native:
-            own = own_sizes(width, height, **lattice)
-            found = np.unique(own[own[:, 0] > 0], axis=0)
+            found = distinct_own_sizes(width, height, **lattice)
             if not len(found):
                 raise ValueError("from_data needs at least one image that a bucket of the "
                                  "base ladder's lattice fits")
@@ -491,6 +490,38 @@ def _search_window(ladder: BucketLadder) -> int:
             m += 1
         m_all = max(m_all, m)
     return m_all
+
+
+FIT_MODES = ("data", "preset", "native")
+
+
+def fitted_ladder(
+    base: BucketLadder | str,
+    sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]] | None = None,
+    *,
+    fit: str = "data",
+    max_buckets: int | None = None,
+) -> BucketLadder:
+    """The ladder a data set trains on by default: ``base`` (a preset name or a ladder) fitted
+    to these sizes. ``fit="data"``: :meth:`BucketLadder.from_data` with ``max_buckets`` (None:
+    as many buckets as the preset uses on this data); ``"native"``: every image its own
+    lattice size (batch size 1); ``"preset"``, or no ``sizes``: ``base`` itself. The settings
+    are checked even without sizes."""
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+    if max_buckets is not None and (isinstance(max_buckets, bool)
+                                    or not isinstance(max_buckets, (int, np.integer))
+                                    or max_buckets < 1):
+        raise ValueError(f"max_buckets must be an integer >= 1, got {max_buckets!r}")
+    if fit != "data" and max_buckets is not None:
+        raise ValueError(f"max_buckets is a budget for fit='data', not fit={fit!r}")
+    if isinstance(base, str):
+        base = BucketLadder.for_model(base)
+    if sizes is None or fit == "preset":
+        return base
+    if fit == "native":
+        return BucketLadder.from_data(sizes, base=base, native=True)
+    return BucketLadder.from_data(sizes, max_buckets=max_buckets, base=base)
 
 
 # Model-side constants from diffusers' model configs: the transformer's 2x2 patches (FLUX, SD3)

@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 8 -m bucketing.cli.cache photos/ --weights ... --out cache/
 
 Options shared with ``bucket-report`` (source, ``--model``, ``--max-area``, ``--levels``,
-``--allow-upscale``, ``--cache``, ``--workers``, ``--seed``) mean the same there and here, so
-the cache holds exactly the buckets the report showed. Under ``torchrun`` every rank encodes
-its share on its own GPU (``cuda:LOCAL_RANK``) and rank 0 merges the shards.
+``--fit``, ``--max-buckets``, ``--allow-upscale``, ``--cache``, ``--workers``, ``--seed``) mean
+the same there and here, so the cache holds exactly the buckets the report showed. Under
+``torchrun`` every rank encodes its share on its own GPU (``cuda:LOCAL_RANK``) and rank 0
+merges the shards.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from bucketing.assign import assign
 from bucketing.cli.report import ConfigError, _area, _positive_int
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.ladder import FIT_MODES, MODEL_SPECS, BucketLadder, fitted_ladder
 from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
 from bucketing.scan import scan
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
     p.add_argument("--levels", type=_positive_int, nargs="+", metavar="SIDE",
                    help="level sides, e.g. --levels 512 768 1024")
+    p.add_argument("--fit", choices=FIT_MODES, default="data",
+                   help="data (default): buckets fitted to these images; preset: the model's "
+                   "preset; native: every image its own size")
+    p.add_argument("--max-buckets", type=_positive_int, metavar="K",
+                   help="with --fit data: at most K buckets (default: as many as the preset "
+                   "uses on this data)")
     p.add_argument("--allow-upscale", action="store_true",
                    help="give images smaller than every bucket the nearest smallest bucket")
     p.add_argument("--cache", metavar="PATH", help="scan cache (parquet)")
@@ -100,8 +107,10 @@ def run(args: argparse.Namespace) -> list[str]:
     if args.levels:
         overrides["levels"] = [s * s for s in args.levels]
     try:
-        ladder = BucketLadder.for_model(args.model, **overrides)
+        ladder = fitted_ladder(BucketLadder.for_model(args.model, **overrides), None,
+                               fit=args.fit, max_buckets=args.max_buckets)
         index = scan(args.source, workers=args.workers, cache=args.cache)
+        ladder = fitted_ladder(ladder, index, fit=args.fit, max_buckets=args.max_buckets)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         encoders = load_encoders(args, device)

@@ -41,7 +41,7 @@ from bucketing.assign import assign
 from bucketing.atomic import atomic_write_bytes
 from bucketing.cli import plots as report_plots
 from bucketing.cli.plots import PreviewTile
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.ladder import FIT_MODES, MODEL_SPECS, BucketLadder, fitted_ladder
 from bucketing.pipeline.config import report_mix
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.pipeline.encoder_cache import estimate_lines
@@ -482,9 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
     p.add_argument("--levels", type=_positive_int, nargs="+", metavar="SIDE",
                    help="level sides, e.g. --levels 512 768 1024 (areas 512², 768², 1024²)")
+    p.add_argument("--fit", choices=FIT_MODES, default="data",
+                   help="data (default): buckets fitted to these images from the model's "
+                   "whole lattice; preset: the model's preset; native: every image its own "
+                   "size (batch size 1)")
     p.add_argument("--max-buckets", type=_positive_int, metavar="K",
-                   help="keep the K buckets of the preset that suit this data best "
-                   "(BucketLadder.from_data)")
+                   help="with --fit data: at most K buckets (default: as many as the preset "
+                   "uses on this data; BucketLadder.from_data)")
     p.add_argument("--min-bucket-size", type=_positive_int, metavar="N",
                    help="merge buckets of fewer than N images into their neighbours")
     size = p.add_mutually_exclusive_group()
@@ -792,8 +796,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     index = _config(scan, args.source, workers=args.workers, cache=args.cache)
     check_outputs(args, index.paths)
     t1 = time.perf_counter()
-    if args.max_buckets:
-        ladder = _config(BucketLadder.from_data, index, max_buckets=args.max_buckets, base=ladder)
+    ladder = _config(fitted_ladder, ladder, index, fit=args.fit, max_buckets=args.max_buckets)
     assignment = assign(index, ladder, allow_upscale=args.allow_upscale,
                         min_bucket_size=args.min_bucket_size)
     t2 = time.perf_counter()

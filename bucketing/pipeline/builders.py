@@ -28,14 +28,14 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from bucketing.assign import assign
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.ladder import MODEL_SPECS, BucketLadder, fitted_ladder
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.scan import scan
 from bucketing.sources import caption_lines, read_text
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
-LADDER_KEYS = ("max_area", "levels", "step", "max_aspect")
+LADDER_KEYS = ("max_area", "levels", "step", "max_aspect", "fit", "max_buckets")
 CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_.-]+$")
 
 
@@ -45,9 +45,16 @@ def sidecar_captions(image: str, extension: str) -> list[str]:
     return caption_lines(read_text(path)) if os.path.isfile(path) else []
 
 
-def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = None) -> BucketLadder:
-    """``ladder`` itself, or ``BucketLadder.for_model(model, **ladder)`` for a mapping of
-    preset overrides (``max_area``, ``levels``, ``step``, ``max_aspect``)."""
+def make_ladder(
+    model: str,
+    ladder: BucketLadder | Mapping[str, Any] | None = None,
+    sizes: Any = None,
+) -> BucketLadder:
+    """``ladder`` itself, or ``model``'s preset with the overrides of a mapping (``max_area``,
+    ``levels``, ``step``, ``max_aspect``) fitted to ``sizes`` (an index or (N, 2) sizes) as
+    ``fit`` says (``"data"``, the default: buckets chosen for these sizes, ``max_buckets`` of
+    them or as many as the preset uses; ``"preset"``; ``"native"``): see
+    :func:`bucketing.ladder.fitted_ladder`. Without sizes, the preset (settings checked)."""
     if isinstance(ladder, BucketLadder):
         return ladder
     if model not in MODEL_SPECS:
@@ -56,7 +63,10 @@ def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = No
     unknown = sorted(set(overrides) - set(LADDER_KEYS))
     if unknown:
         raise ValueError(f"unknown ladder keys {unknown}; known: {', '.join(LADDER_KEYS)}")
-    return BucketLadder.for_model(model, **overrides)
+    fit = overrides.pop("fit", "data")
+    max_buckets = overrides.pop("max_buckets", None)
+    return fitted_ladder(BucketLadder.for_model(model, **overrides), sizes, fit=fit,
+                         max_buckets=max_buckets)
 
 
 def text_to_image_dataset(
@@ -80,16 +90,18 @@ def text_to_image_dataset(
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
     captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
 
-    ``ladder``: a ``BucketLadder`` or overrides of the model's preset (``{"max_area":
-    512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
-    0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
+    ``ladder``: a ``BucketLadder``, or overrides of the model's preset (``{"max_area":
+    512 * 512}``) and how to fit it to the images (``{"fit": "data"}``, the default: buckets
+    chosen for these images, as many as the preset would use; ``"preset"``; ``"native"``;
+    ``"max_buckets": K``); ``captions``: a ``CaptionTransform`` or its keyword arguments
+    (``{"dropout": 0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
     ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``); ``cache``, ``workers``,
     ``column_map`` and ``base_dir`` go to ``scan``. ``caption_extension`` (e.g. ``".caption"``)
     reads every image's captions from ``<stem><extension>`` only (none when that file is
     missing), instead of the first sidecar found. The dataset's ``index`` and rejections say
     what was left out and why.
     """
-    bucket_ladder = make_ladder(model, ladder)
+    make_ladder(model, ladder)  # bad settings fail before the scan
     if captions is not None and not isinstance(captions, CaptionTransform):
         captions = CaptionTransform(**dict(captions))
     if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
@@ -98,7 +110,7 @@ def text_to_image_dataset(
                  column_map=None if column_map is None else dict(column_map), base_dir=base_dir)
     if caption_extension is not None:
         index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
-    assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)
+    assignment = assign(index, make_ladder(model, ladder, index), allow_upscale=allow_upscale)
     return TextToImageDataset(
         index,
         assignment,
