@@ -129,7 +129,8 @@ def fit_buckets(
     lost = 2.0 * weight.sum() + 2.0
     cut_cols = np.flatnonzero((cands[:, None] == preset[cut][None]).all(axis=2).any(axis=1))
     cut_cost = _cost(loss[:, cut_cols], weight, lost)
-    alive = _remove_to_budget(loss.copy(), weight, max_buckets, lost)
+    alive = _polish(loss, weight, _remove_to_budget(loss.copy(), weight, max_buckets, lost),
+                    lost)
     if _cost(loss[:, alive], weight, lost) <= cut_cost:
         return cands[alive]
     return cands[cut_cols]
@@ -227,6 +228,32 @@ def _best_two(loss: np.ndarray) -> tuple[np.ndarray, ...]:
     first = np.where(np.isfinite(f1), first, -1)
     second = np.where(np.isfinite(f2), second, -1)
     return first, second, f1, f2
+
+
+def _polish(loss: np.ndarray, weight: np.ndarray, alive: np.ndarray, lost: float,
+            rounds: int = 3) -> np.ndarray:
+    """Improve the kept columns ``alive`` in place of each other: each column's groups (those
+    it serves best) move together to the column with the least total loss on them that fits
+    them all, while the total loss falls (k-medians updates; never more columns)."""
+    best = alive.copy()
+    best_cost = _cost(loss[:, best], weight, lost)
+    for _ in range(rounds):
+        cols = np.flatnonzero(best)
+        sub = loss[:, cols]
+        served = np.isfinite(sub).any(axis=1)
+        owner = np.argmin(sub, axis=1)
+        new = np.zeros_like(best)
+        for j, c in enumerate(cols.tolist()):
+            rows = np.flatnonzero(served & (owner == j))
+            if not len(rows):
+                continue
+            total = weight[rows] @ loss[rows]  # inf where a column misses one of them
+            new[int(np.argmin(total)) if np.isfinite(total).any() else c] = True
+        cost = _cost(loss[:, new], weight, lost)
+        if not cost < best_cost - 1e-12:
+            break
+        best, best_cost = new, cost
+    return best
 
 
 def _remove_to_budget(
