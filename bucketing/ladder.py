@@ -205,6 +205,7 @@ class BucketLadder:
         *,
         max_area: int | None = None,
         model: str | None = None,
+        max_aspect: float | None = None,
     ) -> BucketLadder:
         """A ladder from an explicit list of (w, h). Every side must be a positive multiple of
         ``multiple``; duplicates are an error. The list need not be symmetric. Levels are
@@ -213,7 +214,8 @@ class BucketLadder:
         antichain of similar areas (what keeps :func:`bucketing.assign` fast); each level's
         area is its largest bucket's area. ``max_area`` (default: the largest bucket's
         area, at least that) caps the pixels resolution loss is measured against; ``model``
-        is recorded as ``ladder.model``."""
+        is recorded as ``ladder.model``; ``max_aspect`` (default: the most elongated bucket's,
+        at least that) is where ``assign`` starts calling an image extreme."""
         arr = np.asarray(list(buckets), dtype=np.int64)
         if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0:
             raise ValueError("from_buckets needs a non-empty list of (width, height) pairs")
@@ -239,7 +241,10 @@ class BucketLadder:
         self.multiple = int(multiple)
         self.step = int(multiple)
         aspects = arr[:, 0] / arr[:, 1]
-        self.max_aspect = float(max(aspects.max(), 1 / aspects.min()))
+        widest = float(max(aspects.max(), 1 / aspects.min()))
+        if max_aspect is not None and max_aspect < widest:
+            raise ValueError(f"max_aspect {max_aspect} is below a bucket's aspect {widest:g}")
+        self.max_aspect = widest if max_aspect is None else float(max_aspect)
         self._set(arr, rank[layer], sorted(levels))
         return self
 
@@ -266,7 +271,7 @@ class BucketLadder:
         loss together) is returned, so it is never worse than the preset cut to the same
         budget. ``native=True``: every image's own lattice size, no budget (for batch size 1,
         where buckets cost nothing). Deterministic; keeps ``base``'s ``max_area``,
-        ``multiple`` and ``model``."""
+        ``multiple``, ``max_aspect`` and ``model``."""
         if max_buckets is not None and max_buckets < 1:
             raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
         if native and max_buckets is not None:
@@ -284,7 +289,7 @@ class BucketLadder:
                 raise ValueError("from_data needs at least one image that a bucket of the "
                                  "base ladder's lattice fits")
             return cls.from_buckets(found, base.multiple, max_area=base.max_area,
-                                    model=base.model)
+                                    model=base.model, max_aspect=base.max_aspect)
         preset = assign(np.stack([width, height], axis=1), base)
         budget = int((preset.counts > 0).sum()) if max_buckets is None else max_buckets
         budget = max(budget, 1)
@@ -294,7 +299,8 @@ class BucketLadder:
         if not len(chosen):
             raise ValueError("from_data needs at least one image that a bucket of the base "
                              "ladder fits")
-        return cls.from_buckets(chosen, base.multiple, max_area=base.max_area, model=base.model)
+        return cls.from_buckets(chosen, base.multiple, max_area=base.max_area, model=base.model,
+                                max_aspect=base.max_aspect)
 
     # -- views --------------------------------------------------------------------------
 

@@ -178,6 +178,7 @@ def test_from_data_properties(sizes: np.ndarray, budget: int, base: str) -> None
     assert 1 <= len(ladder) <= budget
     assert ladder.model == base and ladder.max_area == preset.max_area
     assert ladder.multiple == preset.multiple and on_lattice(ladder, preset)
+    assert ladder.max_aspect == preset.max_aspect  # extreme means what it meant
     again = BucketLadder.from_data(sizes[::-1].copy(), max_buckets=budget, base=preset)
     assert again.buckets.tolist() == ladder.buckets.tolist(), "depends on the row order"
     a = assign(sizes, ladder)
