@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from bench.assign import realistic_sizes
 from bucketing.assign import assign
+from bucketing.cli import args
 from bucketing.fit_ladder import own_sizes
-from bucketing.ladder import MODEL_SPECS, BucketLadder, _preset_budget, fit_loss
+from bucketing.ladder import FIT_MODES, MODEL_SPECS, BucketLadder, _preset_budget, fit_loss
 
 
 def check_invariants(ladder: BucketLadder) -> None:
@@ -74,6 +75,10 @@ def test_presets_keep_the_canonical_sizes(name: str) -> None:
     # A few pixels more on either side still trains at the canonical size.
     b = assign(sizes + 7, ladder)
     assert b.bucket_wh.tolist() == sizes.tolist()
+
+
+def test_the_commands_offer_every_fit_mode() -> None:
+    assert args.FIT_MODES == FIT_MODES
 
 
 def test_flux_constraints_match_model() -> None:
