@@ -31,7 +31,7 @@ from bucketing.sizes import MAX_SIDE, fit_loss, image_sizes
 if TYPE_CHECKING:
     from bucketing.index import ImageIndex
 
-__all__ = ["FIT_MODES", "MAX_SIDE", "MODEL_SPECS", "BucketLadder", "ModelSpec",
+__all__ = ["FIT_MODES", "MAX_SIDE", "MODEL_SPECS", "BucketLadder", "ModelSpec", "NoImageFits",
            "default_levels", "fit_loss", "fitted_ladder", "image_sizes"]
 
 _STEPS = 10  # level steps from the floor (a quarter of the top side) to the top side
@@ -50,6 +50,10 @@ def default_levels(max_area: int, multiple: int) -> list[int]:
 
 # The presets: the model registry's entries (bucketing.models holds every model's numbers).
 MODEL_SPECS: dict[str, ModelSpec] = MODELS
+
+
+class NoImageFits(ValueError):
+    """``from_data`` found no image that a bucket of the base ladder's lattice fits."""
 
 
 class BucketLadder:
@@ -226,7 +230,7 @@ class BucketLadder:
         if native:
             found = distinct_own_sizes(width, height, **lattice)
             if not len(found):
-                raise ValueError("from_data needs at least one image that a bucket of the "
+                raise NoImageFits("from_data needs at least one image that a bucket of the "
                                  "base ladder's lattice fits")
             return cls.from_buckets(found, base.multiple, max_area=base.max_area,
                                     model=base.model, max_aspect=base.max_aspect)
@@ -237,7 +241,7 @@ class BucketLadder:
         cut = used if len(used) <= budget else _preset_budget(base, width, height, budget)
         chosen = fit_buckets(width, height, base.buckets, cut, max_buckets=budget, **lattice)
         if not len(chosen):
-            raise ValueError("from_data needs at least one image that a bucket of the base "
+            raise NoImageFits("from_data needs at least one image that a bucket of the base "
                              "ladder fits")
         return cls.from_buckets(chosen, base.multiple, max_area=base.max_area, model=base.model,
                                 max_aspect=base.max_aspect)
@@ -451,8 +455,9 @@ def fitted_ladder(
     """The ladder a data set trains on by default: ``base`` (a preset name or a ladder) fitted
     to these sizes. ``fit="data"``: :meth:`BucketLadder.from_data` with ``max_buckets`` (None:
     as many buckets as the preset uses on this data); ``"native"``: every image its own
-    lattice size (batch size 1); ``"preset"``, or no ``sizes``: ``base`` itself. The settings
-    are checked even without sizes."""
+    lattice size (batch size 1); ``"preset"``, no ``sizes``, or sizes none of which the lattice
+    fits: ``base`` itself (assign then rejects them "too_small"). The settings are checked even
+    without sizes."""
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
     if max_buckets is not None and (isinstance(max_buckets, bool)
@@ -465,6 +470,9 @@ def fitted_ladder(
         base = BucketLadder.for_model(base)
     if sizes is None or fit == "preset":
         return base
-    if fit == "native":
-        return BucketLadder.from_data(sizes, base=base, native=True)
-    return BucketLadder.from_data(sizes, max_buckets=max_buckets, base=base)
+    try:
+        if fit == "native":
+            return BucketLadder.from_data(sizes, base=base, native=True)
+        return BucketLadder.from_data(sizes, max_buckets=max_buckets, base=base)
+    except NoImageFits:  # nothing to fit: the preset, which rejects them "too_small"
+        return base

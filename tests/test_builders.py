@@ -188,6 +188,12 @@ def test_make_ladder_fit_modes():
     assert len(make_ladder("flux", {"max_buckets": 3}, sizes)) <= 3
     native = make_ladder("flux", {"fit": "native"}, sizes)
     assert assign(sizes, native).resolution_loss.max() < 0.03
+    # Nothing the lattice fits: the preset, which rejects the images "too_small".
+    tiny = np.array([[40, 30], [100, 60]])
+    for fit in ("data", "native"):
+        ladder = make_ladder("flux", {"fit": fit}, tiny)
+        assert ladder.buckets.tolist() == preset.buckets.tolist()
+        assert set(assign(tiny, ladder).reasons.tolist()) == {"too_small"}
     for bad, match in (({"fit": "best"}, "fit must be"), ({"max_buckets": 0}, "max_buckets"),
                        ({"fit": "native", "max_buckets": 4}, "max_buckets")):
         with pytest.raises(ValueError, match=match):
