@@ -166,12 +166,11 @@ def bench_quality(n: int) -> None:
     flux = BucketLadder.for_model("flux")
     rows = []
     a = assign(sizes, flux)
-    rows.append(_quality("ours: flux preset", a.bucket_wh, sizes, flux.max_area,
-                         int((a.counts > 0).sum()), a.accepted))
-    for label, ladder in (("ours: fitted (from_data, the default)", BucketLadder.from_data(sizes)),
-                          ("own sizes (kohya no-upscale at 16 px)",
-                           BucketLadder.from_data(sizes, native=True))):
-        f = assign(sizes, ladder)
+    fitted = assign(sizes, BucketLadder.from_data(sizes))
+    own = assign(sizes, BucketLadder.from_data(sizes, native=True))
+    for label, f in (("ours: fitted (from_data, the default)", fitted),
+                     ("ours: flux preset", a),
+                     ("ours: own sizes (native=True, kohya no-upscale at 16 px)", own)):
         rows.append(_quality(label, f.bucket_wh, sizes, flux.max_area,
                              int((f.counts > 0).sum()), a.accepted))
     bs = _bucketsampler()
