@@ -60,7 +60,9 @@ def build_loader(args: argparse.Namespace, cache: EncoderCache | None = None) ->
     latents and text embeddings."""
     index = scan(args.data, workers=1)
     overrides = {"max_area": args.max_area} if args.max_area else {}
-    assignment = assign(index, BucketLadder.for_model("flux", **overrides))
+    # Buckets fitted to the data, as bucket-cache and the builders fit them by default.
+    assignment = assign(index, BucketLadder.from_data(
+        index, base=BucketLadder.for_model("flux", **overrides)))
     if cache is not None:
         # refused here, before any worker, when the cache was built for another ladder or
         # without this template

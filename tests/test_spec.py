@@ -124,9 +124,9 @@ def test_a_file_fits_a_ladder_to_its_data(project):
     dataset, _ = from_config(path, model_transform=None)
     mine = dataset.bucket_id[(dataset.dataset_of == 0) & (dataset.bucket_id >= 0)]
     assert len(np.unique(mine)) == 2 and len(mine) == len(SIZES)
-    path.write_text(CONFIG.replace("levels = [4096, 16384]", "fitted = true"))
-    with pytest.raises(ConfigError,
-                       match=r"data.toml:11: datasets\[0\].ladder.fitted: .*needs max_buckets"):
+    path.write_text(CONFIG.replace("levels = [4096, 16384]", 'fit = "best"'))
+    with pytest.raises(ConfigError, match=r"data.toml:11: datasets\[0\].ladder.fit: must be one"
+                       r" of data, preset, native, got 'best'"):
         from_config(path, model_transform=None)
 
 

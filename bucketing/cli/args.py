@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from bucketing.ladder import FIT_MODES  # noqa: F401 - the commands' --fit choices
 from bucketing.models import MODELS
 from bucketing.pipeline.spec import ConfigError
 

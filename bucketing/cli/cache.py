@@ -4,13 +4,13 @@
     bucket-cache --config dataset.toml --weights /models/FLUX.1-dev   # every dataset, one cache
     torchrun --nproc_per_node 8 -m bucketing.cli.cache photos/ --weights ... --out cache/
 
-The spec's options (source, ``--model``, ``--max-area``, ``--levels``, ``--max-buckets``,
-``--allow-upscale``, ``--scan-cache``, ``--scan-workers``, ``--seed``, and the caption
-``--template`` / ``--prefix`` / ``--suffix``) mean the same here as in ``bucket-report``, a
-config file and the builders, so the cache holds exactly the buckets and captions the
-trainer will ask for; the cache records the plan's fingerprint, and a dataset built on
-another plan refuses it. With ``--config``, one cache covers every dataset of the file, each
-with its own ladder and caption template, written to ``--out`` or the file's
+The spec's options (source, ``--model``, ``--max-area``, ``--levels``, ``--fit``,
+``--max-buckets``, ``--allow-upscale``, ``--scan-cache``, ``--scan-workers``, ``--seed``, and
+the caption ``--template`` / ``--prefix`` / ``--suffix``) mean the same here as in
+``bucket-report``, a config file and the builders, so the cache holds exactly the buckets and
+captions the trainer will ask for; the cache records the plan's fingerprint, and a dataset
+built on another plan refuses it. With ``--config``, one cache covers every dataset of the
+file, each with its own ladder and caption template, written to ``--out`` or the file's
 ``encoder_cache``. Under ``torchrun`` every rank encodes its share on its own GPU
 (``cuda:LOCAL_RANK``) and rank 0 merges the shards.
 """
@@ -102,8 +102,9 @@ def cache_spec(args: argparse.Namespace, given: dict[str, Any]) -> Spec:
     if args.config is None:
         captions = {k: given[k] for k in ("template", "prefix", "suffix") if k in given}
         ladder = ladder_overrides(args)  # a level above the largest area is named here
-        if "max_buckets" in given:
-            ladder["max_buckets"] = given["max_buckets"]
+        for key in ("fit", "max_buckets"):
+            if key in given:
+                ladder[key] = given[key]
         return Spec(model=args.model, seed=args.seed, scan_workers=args.scan_workers,
                     datasets=[DatasetSpec(
                         source=args.source, name=args.source, ladder=LadderSpec(**ladder),

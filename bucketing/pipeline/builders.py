@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from bucketing.assign import assign
 from bucketing.index import ImageIndex
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.ladder import MODEL_SPECS, BucketLadder, fitted_ladder
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.pipeline.plan import Plan, combine
 from bucketing.pipeline.spec import (
@@ -63,9 +63,10 @@ def make_ladder(
 ) -> BucketLadder:
     """Every door's ladder: ``ladder`` itself, or the model's preset with the overrides of a
     :class:`LadderSpec` (or a mapping of its keys: ``max_area``, ``levels``, ``step``,
-    ``max_aspect``), fitted to the image ``sizes`` with ``BucketLadder.from_data`` when it
-    asks for that (``max_buckets`` or ``fitted``). Without ``sizes`` (a check before the data
-    is read) the preset is returned."""
+    ``max_aspect``) fitted to the image ``sizes`` (an index or (N, 2) sizes) as its ``fit``
+    says (``"data"``, the default: buckets chosen for these sizes, ``max_buckets`` of them or
+    as many as the preset uses; ``"preset"``; ``"native"``): see
+    :func:`bucketing.ladder.fitted_ladder`. Without sizes, the preset (settings checked)."""
     if isinstance(ladder, BucketLadder):
         return ladder
     if model not in MODEL_SPECS:
@@ -75,13 +76,8 @@ def make_ladder(
         values = dict(ladder or {})
         check(LadderSpec, values, "ladder.")
         ladder = LadderSpec(**values)
-    preset = BucketLadder.for_model(model, **ladder.overrides())
-    if ladder.fitted and ladder.max_buckets is None:
-        raise ConfigError("a fitted ladder needs max_buckets, its budget of buckets",
-                          key="ladder.fitted")
-    if sizes is None or (ladder.max_buckets is None and not ladder.fitted):
-        return preset
-    return BucketLadder.from_data(sizes, max_buckets=ladder.max_buckets, base=preset)
+    return fitted_ladder(BucketLadder.for_model(model, **ladder.overrides()), sizes,
+                         fit=ladder.fit, max_buckets=ladder.max_buckets)
 
 
 def plan_dataset(
@@ -145,9 +141,11 @@ def text_to_image_dataset(
 
     The keyword arguments are the spec's (``bucketing.pipeline.spec``: the same names,
     defaults and checks as a config file's keys). ``ladder``: a ``BucketLadder`` or overrides
-    of the model's preset (``{"max_area": 512 * 512}``), or a budget fitted to the data
-    (``{"max_buckets": 12}``); ``captions``: a ``CaptionTransform`` or its keyword arguments
-    (``{"dropout": 0.1, "template": "a photo of sks person, {caption}"}``); ``crop``,
+    of the model's preset (``{"max_area": 512 * 512}``) and how to fit it to the images
+    (``{"fit": "data"}``, the default: buckets chosen for these images, as many as the preset
+    would use; ``"preset"``; ``"native"``; ``"max_buckets": K``); ``captions``: a
+    ``CaptionTransform`` or its keyword arguments (``{"dropout": 0.1, "template": "a photo of
+    sks person, {caption}"}``); ``crop``,
     ``flip_p`` and ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``);
     ``scan_cache``, ``scan_workers``, ``column_map`` and ``base_dir`` go to ``scan`` (the
     older names ``cache`` and ``workers`` still work, with a ``DeprecationWarning``), and so

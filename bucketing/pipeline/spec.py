@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bucketing.ladder import FIT_MODES
 from bucketing.models import MODELS
 
 DOORS = ("file", "builder", "report", "cache")
@@ -168,12 +169,15 @@ class LadderSpec:
                            ("file", "builder"), _INT, kind="int", check=_at_least(1))
     max_aspect: float | None = opt(None, "widest aspect ratio (w:h or h:w)", ("file", "builder"),
                                    _NUM, kind="float", check=_at_least(1))
+    fit: str = opt(
+        "data", "how the ladder meets the images: `data` (buckets fitted to them from the "
+        "model's whole lattice), `preset` (the model's preset) or `native` (every image its "
+        "own size, batch size 1)", _ALL, _STR, kind="str", check=_one_of(FIT_MODES),
+        flag={"choices": FIT_MODES})
     max_buckets: int | None = opt(
-        None, "fit the ladder to the data: at most K buckets of the preset "
-        "(`BucketLadder.from_data`)", _ALL, _INT, kind="int", check=_at_least(1),
+        None, "with fit `data`: at most K buckets (default: as many as the preset uses on "
+        "this data; `BucketLadder.from_data`)", _ALL, _INT, kind="int", check=_at_least(1),
         flag={"type": positive_int, "metavar": "K"})
-    fitted: bool = opt(False, "fit the ladder to the data (`max_buckets` implies it)",
-                       ("file", "builder"), _BOOL, kind="bool")
 
     def overrides(self) -> dict[str, Any]:
         """The preset overrides given (``BucketLadder.for_model`` keywords)."""
