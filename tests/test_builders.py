@@ -184,7 +184,8 @@ def test_make_ladder_fit_modes():
         ladder = make_ladder("flux", {"fit": fit}, tiny)
         assert ladder.buckets.tolist() == preset.buckets.tolist()
         assert set(assign(tiny, ladder).reasons.tolist()) == {"too_small"}
-    for bad, match in (({"fit": "best"}, "fit must be"), ({"max_buckets": 0}, "max_buckets"),
+    for bad, match in (({"fit": "best"}, "ladder.fit: must be one of data, preset, native"),
+                       ({"max_buckets": 0}, "max_buckets"),
                        ({"fit": "native", "max_buckets": 4}, "max_buckets")):
         with pytest.raises(ValueError, match=match):
             make_ladder("flux", bad)
