@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from bucketing.assign import assign
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.pipeline.dataset import TextToImageDataset
+from bucketing.pipeline.stream import StreamingBucketDataset
 from bucketing.scan import scan
 from bucketing.sources import read_sidecar, sidecar_path
 from transforms.caption import CaptionTransform
@@ -77,9 +78,22 @@ def text_to_image_dataset(
     base_dir: str | None = None,
     caption_extension: str | None = None,
     on_error: str = "substitute",
-) -> TextToImageDataset:
+    streaming: bool = False,
+    batch_size: int | None = None,
+    max_buffered_rows: int | None = None,
+    max_buffered_bytes: int | None = None,
+    last_batch: str = "short",
+) -> TextToImageDataset | StreamingBucketDataset:
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
     captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
+
+    ``streaming=True`` scans nothing: it returns a ``StreamingBucketDataset`` reading
+    ``source`` (tar shards, a ``datasets.IterableDataset`` or a list of rows) front to back
+    into batches of ``batch_size`` (required), with the buffers' bounds
+    ``max_buffered_rows`` / ``max_buffered_bytes`` and ``last_batch`` ("short" or "drop");
+    iterate it with ``DataLoader(dataset, batch_size=None)`` (docs/streaming.md).
+    ``cache``, ``workers``, ``caption_extension`` and ``on_error`` are the scan's and the
+    map-style dataset's and are refused with it.
 
     ``ladder``: a ``BucketLadder`` or overrides of the model's preset (``{"max_area":
     512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
@@ -93,6 +107,23 @@ def text_to_image_dataset(
     bucket_ladder = make_ladder(model, ladder)
     if captions is not None and not isinstance(captions, CaptionTransform):
         captions = CaptionTransform(**dict(captions))
+    image_transform = BucketResizeCrop(crop=crop, flip_p=flip_p, allow_upscale=allow_upscale)
+    if streaming:
+        if batch_size is None:
+            raise ValueError("streaming=True needs batch_size (the streamed dataset yields "
+                             "whole batches)")
+        given = {"cache": cache, "workers": workers, "caption_extension": caption_extension,
+                 "on_error": None if on_error == "substitute" else on_error}
+        refused = sorted(k for k, v in given.items() if v is not None)
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: not used with streaming=True (nothing is "
+                             "scanned; a row that fails is rejected, never substituted)")
+        limits = {} if max_buffered_bytes is None else {"max_buffered_bytes": max_buffered_bytes}
+        return StreamingBucketDataset(
+            source, batch_size=batch_size, ladder=bucket_ladder, image_transform=image_transform,
+            caption_transform=captions, model_transform=model_transform, seed=seed,
+            max_buffered_rows=max_buffered_rows, last_batch=last_batch,
+            column_map=column_map, base_dir=base_dir, **limits)
     if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
         raise ValueError(f"caption_extension must look like '.txt', got {caption_extension!r}")
     index = scan(source, cache=cache, workers=workers,
@@ -103,7 +134,7 @@ def text_to_image_dataset(
     return TextToImageDataset(
         index,
         assignment,
-        image_transform=BucketResizeCrop(crop=crop, flip_p=flip_p, allow_upscale=allow_upscale),
+        image_transform=image_transform,
         caption_transform=captions,
         model_transform=model_transform,
         seed=seed,
