@@ -324,3 +324,9 @@ def test_two_gloo_ranks_with_unequal_shards_end_together(shards, tmp_path: Path)
     assert result["keys"] == sorted(keys)  # split with no overlap, nothing lost
     assert result["free"][0] != result["free"][1]
     assert result["locked"] == [min(result["free"])] * 2
+
+
+def test_scanning_a_streaming_dataset_points_here() -> None:
+    stream = datasets.Dataset.from_dict({"text": ["a"]}).to_iterable_dataset()
+    with pytest.raises(TypeError, match="StreamingBucketDataset"):
+        scan(stream)
