@@ -330,3 +330,10 @@ def test_scanning_a_streaming_dataset_points_here() -> None:
     stream = datasets.Dataset.from_dict({"text": ["a"]}).to_iterable_dataset()
     with pytest.raises(TypeError, match="StreamingBucketDataset"):
         scan(stream)
+
+
+def test_rows_without_a_key_are_named_by_their_image_path(tmp_path: Path) -> None:
+    (tmp_path / "p.jpg").write_bytes(_jpeg(80, 80))
+    rows = [{"image": str(tmp_path / "p.jpg")}, {"image": {"bytes": _jpeg(80, 80)}}]
+    data = StreamingBucketDataset(rows, batch_size=2, ladder=LADDER)
+    assert [b["key"] for b in data] == [[str(tmp_path / "p.jpg"), "rows:1"]]

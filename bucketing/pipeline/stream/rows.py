@@ -4,9 +4,10 @@ captions and, when the row says it, its (w, h); or the reason it cannot be used.
 Columns: ``column_map`` names the ``image``, ``caption``, ``width``, ``height`` and ``key``
 columns; otherwise the first present of the usual names (``image``, ``file_name``, ``path``,
 ... ; ``caption``, ``captions``, ``text``, ``prompt``; ``width`` / ``height``; ``__key__``,
-``key``, ``id``). An image cell may be bytes, a path (relative paths against ``base_dir``),
-or a ``datasets`` image cell (``{"bytes": ..., "path": ...}``). A caption cell may hold one
-caption or a list (a row with several prompts: one is picked per occurrence).
+``key``, ``id``; without a key column, the image's path, else ``shard:ordinal``). An image
+cell may be bytes, a path (relative paths against ``base_dir``), or a ``datasets`` image cell
+(``{"bytes": ..., "path": ...}``). A caption cell may hold one caption or a list (a row with
+several prompts: one is picked per occurrence).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ COLUMN_ROLES = ("image", "caption", "width", "height", "key")
 
 @dataclass(frozen=True)
 class StreamRow:
-    """One usable row: ``key`` (names it in rejections and seeds its randomness), ``image``
+    """One usable row: ``key`` (names it in rejections and seeds its randomness: the row's key
+    column, else its image's path, else ``shard:ordinal``), ``image``
     (encoded bytes or a local path), ``captions`` and ``size`` (w, h) when the row carries
     it (img2dataset's ``width`` / ``height``), else None (read from the image's header)."""
 
@@ -33,6 +35,13 @@ class StreamRow:
     image: bytes | str
     captions: list[str]
     size: tuple[int, int] | None
+
+
+def _path_of(cell: Any) -> str | None:
+    """The path an image cell names (a str, or a ``datasets`` cell's ``path``), else None."""
+    if isinstance(cell, Mapping):
+        cell = cell.get("path")
+    return cell if isinstance(cell, str) and cell else None
 
 
 class RowReader:
@@ -57,7 +66,8 @@ class RowReader:
         """The row, or ``(key, reason)`` when it cannot be used."""
         key_column = self._column(data, "key", KEY_COLUMNS)
         key = str(data[key_column]) if key_column and data.get(key_column) is not None else None
-        key = key or default_key
+        key = key or _path_of(data.get(self._column(data, "image", IMAGE_COLUMNS) or "")) \
+            or default_key
         if data.get("json_error"):
             return key, f"unreadable_metadata: {data['json_error']}"
         image_column = self._column(data, "image", IMAGE_COLUMNS)
