@@ -337,3 +337,18 @@ def test_rows_without_a_key_are_named_by_their_image_path(tmp_path: Path) -> Non
     rows = [{"image": str(tmp_path / "p.jpg")}, {"image": {"bytes": _jpeg(80, 80)}}]
     data = StreamingBucketDataset(rows, batch_size=2, ladder=LADDER)
     assert [b["key"] for b in data] == [[str(tmp_path / "p.jpg"), "rows:1"]]
+
+
+def test_a_cut_tar_shard_serves_what_it_has_and_rejects_the_rest(shards, tmp_path) -> None:
+    root, keys = shards
+    whole = (root / "00003.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole[: len(whole) // 2 + 700])  # inside a member's data
+    data = StreamingBucketDataset([str(cut)], batch_size=2, ladder=LADDER)
+    batches = list(data)  # no exception mid-stream
+    served = _keys(batches)
+    rejected = [r for b in batches for r in b["rejected"]]
+    ours = [k for k in keys if k.startswith("03")]
+    assert served and set(served) < set(ours)
+    assert len(rejected) == 1 and rejected[0][1].startswith("unreadable_shard")
+    assert rejected[0][0] in ours and rejected[0][0] not in served  # the row it cut

@@ -68,6 +68,8 @@ class RowReader:
         key = str(data[key_column]) if key_column and data.get(key_column) is not None else None
         key = key or _path_of(data.get(self._column(data, "image", IMAGE_COLUMNS) or "")) \
             or default_key
+        if data.get("shard_error"):
+            return key, data["shard_error"]
         if data.get("json_error"):
             return key, f"unreadable_metadata: {data['json_error']}"
         image_column = self._column(data, "image", IMAGE_COLUMNS)

@@ -9,9 +9,10 @@ at some tokens (a restore refills its buffers so). Three kinds:
 - :class:`TarShard`: a WebDataset / img2dataset tar, read with ``tarfile``'s streaming mode;
   consecutive members sharing a key (``dir/name`` up to the first dot of the file name) are
   one row: the image (``jpg``, ``jpeg``, ``png``, ``webp``), its caption (``txt`` or
-  ``caption``, else the
-  ``caption`` of the ``json``) and the ``json``'s ``width`` / ``height``. A resume seeks to
-  the byte offset of the next row's first member.
+  ``caption``, else the ``caption`` of the ``json``) and the ``json``'s ``width`` /
+  ``height``. A resume seeks to the byte offset of the next row's first member. A shard that
+  is cut short or corrupt (or gone) ends with one row carrying ``shard_error``: the rows read
+  before it are served, the rest is rejected with that reason.
 - :class:`HFShard`: one shard of a ``datasets.IterableDataset`` (``dataset.shard``), its
   image column read with ``decode=False``; a resume skips rows (``dataset.skip``).
 - :class:`RowsShard`: an in-memory sequence of row mappings (``row[i]`` is row ``i``).
@@ -126,27 +127,35 @@ class TarShard:
     def rows(self, ordinal: int = 0, token: int | None = None) -> Iterator[RawRow]:
         """Rows from ``ordinal``, the one starting at byte ``token`` (0: the file's start)."""
         start = int(token or 0)
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            group: list[tuple[str, bytes]] = []
-            key = None
-            row_start = start
-            i = ordinal
-            with tarfile.open(fileobj=f, mode="r|") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    member_key, ext = tar_key(member.name)
-                    if key is not None and member_key != key:
-                        here = start + member.offset
-                        yield RawRow(i, row_start, here, _tar_row(key, group))
-                        i += 1
-                        group, row_start = [], here
-                    key = member_key
-                    reader = tar.extractfile(member)
-                    group.append((ext, reader.read() if reader is not None else b""))
-            if key is not None:
-                yield RawRow(i, row_start, None, _tar_row(key, group))
+        group: list[tuple[str, bytes]] = []
+        key = None
+        row_start = start
+        i = ordinal
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                with tarfile.open(fileobj=f, mode="r|") as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        member_key, ext = tar_key(member.name)
+                        if key is not None and member_key != key:
+                            here = start + member.offset
+                            yield RawRow(i, row_start, here, _tar_row(key, group))
+                            i += 1
+                            group, row_start = [], here
+                        key = member_key
+                        reader = tar.extractfile(member)
+                        group.append((ext, reader.read() if reader is not None else b""))
+        except (OSError, tarfile.TarError, EOFError) as error:
+            # a cut or corrupt shard: what was read is served, the rest is one rejection
+            where = f"{self.name}@{row_start}"
+            yield RawRow(i, row_start, None, {"__key__": key or where, "shard_error": (
+                f"unreadable_shard: {self.path} from byte {row_start}: "
+                f"{type(error).__name__}: {error}")})
+            return
+        if key is not None:
+            yield RawRow(i, row_start, None, _tar_row(key, group))
 
     def fetch(self, tokens: Iterable[int]) -> dict[int, Mapping[str, Any]]:
         """The rows starting at the byte offsets ``tokens`` (one seek each)."""
