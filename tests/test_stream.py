@@ -159,6 +159,7 @@ def test_resume_in_a_fresh_process_continues_exactly(shards, tmp_path: Path, wor
     assert seen == reference[:stop]
     text = json.dumps(state, default=str)
     assert "pixel" not in text and len(text) < 6000  # positions and keys, no pixels
+    assert '"buffers": [[' in text  # stopped with rows waiting in a buffer: they come back
     torch.save(state, tmp_path / "state.pt")
     out = tmp_path / "rest.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -232,9 +232,12 @@ class StreamingBucketDataset(IterableDataset):
                 "rejected": rejected}
 
     def _fingerprint(self) -> dict[str, Any]:
+        """What a state must have been saved by: whatever decides the batches."""
+        ladder = hashlib.blake2b(self.ladder.buckets.tobytes(), digest_size=8).hexdigest()
         return {"seed": self.seed, "shards": [s.name for s in self.shards],
                 "batch_size": self.batch_size, "rank": self.rank,
-                "world_size": self.world_size, "buckets": len(self.ladder.buckets)}
+                "world_size": self.world_size, "ladder": ladder, "max_rows": self.max_rows,
+                "max_bytes": self.max_bytes}
 
     def _stream(self) -> tuple[int, int]:
         info = get_worker_info()
