@@ -256,12 +256,19 @@ def test_rejections_after_the_last_batch_warn(tmp_path: Path) -> None:
         assert _keys(list(StreamingBucketDataset(rows, batch_size=1, ladder=LADDER))) == ["a"]
 
 
+def test_tar_shards_are_named_as_the_map_style_source_names_them(shards) -> None:
+    root, keys = shards
+    for source in (root, str(root / "*.tar"), str(root / "{00000..00004}.tar")):
+        assert [s.name for s in StreamingBucketDataset(source, batch_size=2).shards] == [
+            f"{k:05d}.tar" for k in range(5)]
+
+
 def test_tar_rows_resume_from_their_byte_offset(shards) -> None:
     root, keys = shards
     shard = TarShard(root / "00001.tar")
     rows = list(shard.rows())
     assert [r.data["__key__"] for r in rows] == [k for k in keys if k.startswith("01")]
-    assert rows[0].data["width"] and rows[0].data["caption"].startswith("a photo")
+    assert rows[0].data["width"] and rows[0].data["caption"][0].startswith("a photo")
     later = list(shard.rows(rows[4].ordinal, rows[4].token))
     assert [r.data for r in later] == [r.data for r in rows[4:]]
     assert shard.fetch([rows[2].token])[rows[2].token] == rows[2].data
@@ -272,7 +279,7 @@ def test_bad_configuration_raises_at_construction(shards, tmp_path: Path) -> Non
     root, _ = shards
     with pytest.raises(ValueError, match="batch_size"):
         StreamingBucketDataset(root, batch_size=0)
-    with pytest.raises(ValueError, match="no .tar shards"):
+    with pytest.raises(ValueError, match="not a .tar file"):
         StreamingBucketDataset(tmp_path, batch_size=2)
     with pytest.raises(TypeError, match="to_iterable_dataset"):
         StreamingBucketDataset(datasets.Dataset.from_dict({"a": [1]}), batch_size=2)
@@ -353,3 +360,12 @@ def test_a_cut_tar_shard_serves_what_it_has_and_rejects_the_rest(shards, tmp_pat
     assert served and set(served) < set(ours)
     assert len(rejected) == 1 and rejected[0][1].startswith("unreadable_shard")
     assert rejected[0][0] in ours and rejected[0][0] not in served  # the row it cut
+
+
+def test_builder_streams_what_load_dataset_builds(tmp_path: Path) -> None:
+    for k, (w, h) in enumerate([(96, 64), (64, 96), (80, 80)]):
+        (tmp_path / f"{k}.jpg").write_bytes(_jpeg(w, h, seed=k))
+    data = text_to_image_dataset(source="imagefolder", data_dir=str(tmp_path), streaming=True,
+                                 batch_size=1, ladder={"max_area": 64 * 64})
+    assert isinstance(data.shards[0].dataset, datasets.IterableDataset)
+    assert sorted(Path(k).name for b in data for k in b["key"]) == ["0.jpg", "1.jpg", "2.jpg"]

@@ -33,6 +33,7 @@ from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.pipeline.stream import StreamingBucketDataset
 from bucketing.scan import scan
 from bucketing.sources import read_sidecar, sidecar_path
+from bucketing.sources.hf_dataset import load_source
 from samplers.sample_index import SampleIndex
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
@@ -79,6 +80,9 @@ def text_to_image_dataset(
     base_dir: str | None = None,
     caption_extension: str | None = None,
     on_error: str = "substitute",
+    data_files: Any = None,
+    data_dir: str | None = None,
+    split: str = "train",
     streaming: bool = False,
     batch_size: int | None = None,
     max_buffered_rows: int | None = None,
@@ -89,8 +93,10 @@ def text_to_image_dataset(
     captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
 
     ``streaming=True`` scans nothing: it returns a ``StreamingBucketDataset`` reading
-    ``source`` (tar shards, a ``datasets.IterableDataset`` or a list of rows) front to back
-    into batches of ``batch_size`` (required), with the buffers' bounds
+    ``source`` (tar shards, a ``datasets.IterableDataset``, a list of rows, or with
+    ``data_files`` / ``data_dir`` / ``"hf:NAME"`` what ``datasets.load_dataset(...,
+    streaming=True)`` builds) front to back into batches of ``batch_size`` (required), with
+    the buffers' bounds
     ``max_buffered_rows`` / ``max_buffered_bytes`` and ``last_batch`` ("short" or "drop");
     iterate it with ``DataLoader(dataset, batch_size=None)`` (docs/streaming.md).
     ``cache``, ``workers``, ``caption_extension`` and ``on_error`` are the scan's and the
@@ -100,9 +106,12 @@ def text_to_image_dataset(
     512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
     0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
     ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``); ``cache``, ``workers``,
-    ``column_map`` and ``base_dir`` go to ``scan``. ``caption_extension`` (e.g. ``".caption"``)
-    reads every image's captions from ``<stem><extension>`` only (none when that file is
-    missing), instead of the first sidecar found. The dataset's ``index`` and rejections say
+    ``column_map`` and ``base_dir`` go to ``scan``, and so do ``data_files``, ``data_dir``
+    and ``split``: with one of the first two, or ``source="hf:NAME"``, ``source`` names what
+    ``datasets.load_dataset`` builds (``source="imagefolder", data_dir="photos"``).
+    ``caption_extension`` (e.g. ``".caption"``) reads every image's captions from
+    ``<stem><extension>`` only (none when that file is missing), instead of the first
+    sidecar found. The dataset's ``index`` and rejections say
     what was left out and why.
     """
     bucket_ladder = make_ladder(model, ladder)
@@ -121,14 +130,16 @@ def text_to_image_dataset(
                              "scanned; a row that fails is rejected, never substituted)")
         limits = {} if max_buffered_bytes is None else {"max_buffered_bytes": max_buffered_bytes}
         return StreamingBucketDataset(
-            source, batch_size=batch_size, ladder=bucket_ladder, image_transform=image_transform,
+            load_source(source, data_files, data_dir, split, streaming=True),
+            batch_size=batch_size, ladder=bucket_ladder, image_transform=image_transform,
             caption_transform=captions, model_transform=model_transform, seed=seed,
             max_buffered_rows=max_buffered_rows, last_batch=last_batch,
             column_map=column_map, base_dir=base_dir, **limits)
     if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
         raise ValueError(f"caption_extension must look like '.txt', got {caption_extension!r}")
     index = scan(source, cache=cache, workers=workers,
-                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir)
+                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir,
+                 data_files=data_files, data_dir=data_dir, split=split)
     if caption_extension is not None:
         index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
     assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)

@@ -31,7 +31,6 @@ import operator
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +43,7 @@ from bucketing.ladder import BucketLadder
 from bucketing.pipeline.stream.buffers import BucketBuffers
 from bucketing.pipeline.stream.rows import RowReader, StreamRow
 from bucketing.pipeline.stream.shards import HFShard, RawRow, RowsShard, TarShard
+from bucketing.sources.tar import tar_shards
 from transforms.collate import collate
 from transforms.image import DecodeSettings, ImageDecodeError
 from transforms.resize_crop import BucketResizeCrop, decode_and_fit
@@ -66,30 +66,25 @@ def row_index(key: str) -> int:
 
 
 def make_shards(source: Any) -> list[Any]:
-    """The shards of ``source``: a ``datasets.IterableDataset`` (one per ``num_shards``), a
-    tar file, a folder of tar files (sorted, recursive), a list of tar paths, a list of row
-    mappings (one shard), or a list of such lists (one shard each)."""
+    """The shards of ``source``: a ``datasets.IterableDataset`` (one per ``num_shards``), tar
+    shards as the map-style source names them (``bucketing.sources.tar.tar_shards``: a file,
+    a folder of them, a glob, a brace range such as ``"s/{00000..00099}.tar"``, a list), a
+    list of row mappings (one shard), or a list of such lists (one shard each)."""
     if hasattr(source, "num_shards") and hasattr(source, "shard") and hasattr(source, "skip"):
         return _hf_shards(source)
     if hasattr(source, "features") and hasattr(source, "to_iterable_dataset"):
         raise TypeError("a map-style datasets.Dataset: stream it with "
                         "dataset.to_iterable_dataset(num_shards=N), or use TextToImageDataset")
+    tars = tar_shards(source)
+    if tars is not None:
+        missing = [p for p in tars if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"tar shards not found: {missing[:3]}")
+        return [TarShard(p) for p in tars]
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if path.is_dir():
-            tars = sorted(str(p) for p in path.rglob("*.tar"))
-            if not tars:
-                raise ValueError(f"{path}: no .tar shards in this folder")
-            return [TarShard(p) for p in tars]
-        if path.suffix == ".tar" and path.is_file():
-            return [TarShard(path)]
-        raise ValueError(f"{path}: not a .tar file or a folder of .tar shards")
+        raise ValueError(f"{os.fspath(source)}: not a .tar file, a folder of .tar shards, a "
+                         "glob or a brace range of them")
     if isinstance(source, Sequence) and not isinstance(source, (bytes, str)) and source:
-        if all(isinstance(s, (str, os.PathLike)) for s in source):
-            missing = [os.fspath(s) for s in source if not os.path.isfile(s)]
-            if missing:
-                raise ValueError(f"tar shards not found: {missing[:3]}")
-            return [TarShard(s) for s in source]
         if all(isinstance(r, Mapping) for r in source):
             return [RowsShard(source)]
         if all(isinstance(s, Sequence) and all(isinstance(r, Mapping) for r in s)

@@ -8,8 +8,9 @@ at some tokens (a restore refills its buffers so). Three kinds:
 
 - :class:`TarShard`: a WebDataset / img2dataset tar, read with ``tarfile``'s streaming mode;
   consecutive members sharing a key (``dir/name`` up to the first dot of the file name) are
-  one row: the image (``jpg``, ``jpeg``, ``png``, ``webp``), its caption (``txt`` or
-  ``caption``, else the ``caption`` of the ``json``) and the ``json``'s ``width`` /
+  one row: the image (any extension a folder scan takes: ``jpg``, ``png``, ``webp``, ...),
+  its captions (``txt`` or ``caption``, one per non-empty line, as the map-style tar source
+  reads them; else the ``caption`` of the ``json``) and the ``json``'s ``width`` /
   ``height``. A resume seeks to the byte offset of the next row's first member. A shard that
   is cut short or corrupt (or gone) ends with one row carrying ``shard_error``: the rows read
   before it are served, the rest is rejected with that reason.
@@ -28,7 +29,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+from bucketing.sources.entries import caption_lines, image_extensions
+
 _HF_READ = 64  # rows fetched from a streaming dataset per read
 
 
@@ -174,10 +176,10 @@ def _tar_row(key: str, members: list[tuple[str, bytes]]) -> dict[str, Any]:
     row: dict[str, Any] = {"__key__": key}
     meta: Any = None
     for ext, data in members:
-        if ext in IMAGE_EXTENSIONS and "image" not in row:
+        if "." + ext in image_extensions() and "image" not in row:
             row["image"], row["image_ext"] = data, ext
         elif ext in ("txt", "caption"):
-            row["caption"] = data.decode("utf-8", errors="replace")
+            row["caption"] = caption_lines(data.decode("utf-8", errors="replace"))
         elif ext == "json":
             try:
                 meta = json.load(io.BytesIO(data))
