@@ -25,7 +25,8 @@ def test_stream_bench_runs_tiny() -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     speed, memory = parse_tables(proc.stdout)
     assert [r["side"] for r in speed["rows"]] == [
-        "map-style (folder)", "streaming (tar shards)", "streaming (file rows)"]
+        "map-style (folder)", "map-style (tar shards)", "streaming (tar shards)",
+        "streaming (file rows)"]
     assert all(float(r["images/s"]) > 0 for r in speed["rows"])
     loose, tight = memory["rows"][0], memory["rows"][-1]
     for row in memory["rows"]:
