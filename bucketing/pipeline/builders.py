@@ -28,7 +28,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from bucketing.assign import assign
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.ladder import MODEL_SPECS, BucketLadder, fitted_ladder
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.pipeline.stream import StreamingBucketDataset
 from bucketing.scan import scan
@@ -38,7 +38,7 @@ from samplers.sample_index import SampleIndex
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
-LADDER_KEYS = ("max_area", "levels", "step", "max_aspect")
+LADDER_KEYS = ("max_area", "levels", "step", "max_aspect", "fit", "max_buckets")
 CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_.-]+$")
 
 
@@ -49,9 +49,16 @@ def sidecar_captions(image: str, extension: str) -> list[str]:
     return read_sidecar(path) if os.path.lexists(path) else []
 
 
-def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = None) -> BucketLadder:
-    """``ladder`` itself, or ``BucketLadder.for_model(model, **ladder)`` for a mapping of
-    preset overrides (``max_area``, ``levels``, ``step``, ``max_aspect``)."""
+def make_ladder(
+    model: str,
+    ladder: BucketLadder | Mapping[str, Any] | None = None,
+    sizes: Any = None,
+) -> BucketLadder:
+    """``ladder`` itself, or ``model``'s preset with the overrides of a mapping (``max_area``,
+    ``levels``, ``step``, ``max_aspect``) fitted to ``sizes`` (an index or (N, 2) sizes) as
+    ``fit`` says (``"data"``, the default: buckets chosen for these sizes, ``max_buckets`` of
+    them or as many as the preset uses; ``"preset"``; ``"native"``): see
+    :func:`bucketing.ladder.fitted_ladder`. Without sizes, the preset (settings checked)."""
     if isinstance(ladder, BucketLadder):
         return ladder
     if model not in MODEL_SPECS:
@@ -60,7 +67,10 @@ def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = No
     unknown = sorted(set(overrides) - set(LADDER_KEYS))
     if unknown:
         raise ValueError(f"unknown ladder keys {unknown}; known: {', '.join(LADDER_KEYS)}")
-    return BucketLadder.for_model(model, **overrides)
+    fit = overrides.pop("fit", "data")
+    max_buckets = overrides.pop("max_buckets", None)
+    return fitted_ladder(BucketLadder.for_model(model, **overrides), sizes, fit=fit,
+                         max_buckets=max_buckets)
 
 
 def text_to_image_dataset(
@@ -96,15 +106,17 @@ def text_to_image_dataset(
     ``source`` (tar shards, a ``datasets.IterableDataset``, a list of rows, or with
     ``data_files`` / ``data_dir`` / ``"hf:NAME"`` what ``datasets.load_dataset(...,
     streaming=True)`` builds) front to back into batches of ``batch_size`` (required), with
-    the buffers' bounds
-    ``max_buffered_rows`` / ``max_buffered_bytes`` and ``last_batch`` ("short" or "drop");
-    iterate it with ``DataLoader(dataset, batch_size=None)`` (docs/streaming.md).
-    ``cache``, ``workers``, ``caption_extension`` and ``on_error`` are the scan's and the
-    map-style dataset's and are refused with it.
+    the buffers' bounds ``max_buffered_rows`` / ``max_buffered_bytes`` and ``last_batch``
+    ("short" or "drop"); iterate it with ``DataLoader(dataset, batch_size=None)``
+    (docs/streaming.md). With no scan there are no sizes to fit: it uses the preset (with
+    the mapping's overrides). ``cache``, ``workers``, ``caption_extension`` and ``on_error``
+    are the scan's and the map-style dataset's and are refused with it.
 
-    ``ladder``: a ``BucketLadder`` or overrides of the model's preset (``{"max_area":
-    512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
-    0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
+    ``ladder``: a ``BucketLadder``, or overrides of the model's preset (``{"max_area":
+    512 * 512}``) and how to fit it to the images (``{"fit": "data"}``, the default: buckets
+    chosen for these images, as many as the preset would use; ``"preset"``; ``"native"``;
+    ``"max_buckets": K``); ``captions``: a ``CaptionTransform`` or its keyword arguments
+    (``{"dropout": 0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
     ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``); ``cache``, ``workers``,
     ``column_map`` and ``base_dir`` go to ``scan``, and so do ``data_files``, ``data_dir``
     and ``split``: with one of the first two, or ``source="hf:NAME"``, ``source`` names what
@@ -114,7 +126,7 @@ def text_to_image_dataset(
     sidecar found. The dataset's ``index`` and rejections say
     what was left out and why.
     """
-    bucket_ladder = make_ladder(model, ladder)
+    preset = make_ladder(model, ladder)  # bad settings fail before the scan
     if captions is not None and not isinstance(captions, CaptionTransform):
         captions = CaptionTransform(**dict(captions))
     image_transform = BucketResizeCrop(crop=crop, flip_p=flip_p, allow_upscale=allow_upscale)
@@ -131,7 +143,7 @@ def text_to_image_dataset(
         limits = {} if max_buffered_bytes is None else {"max_buffered_bytes": max_buffered_bytes}
         return StreamingBucketDataset(
             load_source(source, data_files, data_dir, split, streaming=True),
-            batch_size=batch_size, ladder=bucket_ladder, image_transform=image_transform,
+            batch_size=batch_size, ladder=preset, image_transform=image_transform,
             caption_transform=captions, model_transform=model_transform, seed=seed,
             max_buffered_rows=max_buffered_rows, last_batch=last_batch,
             column_map=column_map, base_dir=base_dir, **limits)
@@ -142,7 +154,7 @@ def text_to_image_dataset(
                  data_files=data_files, data_dir=data_dir, split=split)
     if caption_extension is not None:
         index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
-    assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)
+    assignment = assign(index, make_ladder(model, ladder, index), allow_upscale=allow_upscale)
     return TextToImageDataset(
         index,
         assignment,
