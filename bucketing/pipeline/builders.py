@@ -40,8 +40,10 @@ from bucketing.pipeline.spec import (
     check,
     renamed,
 )
+from bucketing.pipeline.stream import StreamingBucketDataset
 from bucketing.scan import scan
 from bucketing.sources import read_sidecar, sidecar_path
+from bucketing.sources.hf_dataset import load_source
 from samplers.sample_index import SampleIndex
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
@@ -134,8 +136,13 @@ def text_to_image_dataset(
     data_files: Any = None,
     data_dir: str | None = None,
     split: str = "train",
+    streaming: bool = False,
+    batch_size: int | None = None,
+    max_buffered_rows: int | None = None,
+    max_buffered_bytes: int | None = None,
+    last_batch: str = "short",
     **renamed_options: Any,
-) -> TextToImageDataset:
+) -> TextToImageDataset | StreamingBucketDataset:
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
     captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
 
@@ -156,6 +163,17 @@ def text_to_image_dataset(
     that file is missing), instead of the first sidecar found. ``encoder_cache``: an
     ``EncoderCache`` to serve latents and embeddings from (refused here when it was built for
     another plan). The dataset's ``index`` and rejections say what was left out and why.
+
+    ``streaming=True`` scans nothing: it returns a ``StreamingBucketDataset`` reading
+    ``source`` (tar shards, a ``datasets.IterableDataset``, a list of rows, or with
+    ``data_files`` / ``data_dir`` / ``"hf:NAME"`` what ``datasets.load_dataset(...,
+    streaming=True)`` builds) front to back into batches of ``batch_size`` (required), with
+    the buffers' bounds ``max_buffered_rows`` / ``max_buffered_bytes`` and ``last_batch``
+    ("short" or "drop"); iterate it with ``DataLoader(dataset, batch_size=None)``
+    (docs/streaming.md). With no scan there are no sizes to fit: it uses the preset (with
+    the mapping's overrides). ``scan_cache``, ``scan_workers``, ``caption_extension``,
+    ``on_error`` and ``encoder_cache`` are the scan's and the map-style dataset's and are
+    refused with it.
     """
     given = renamed(renamed_options, "text_to_image_dataset")
     unknown = sorted(set(given) - {"scan_cache", "scan_workers"})
@@ -168,6 +186,16 @@ def text_to_image_dataset(
                         "scan_cache": None if scan_cache is None else str(scan_cache)})
     check(Spec, {"seed": seed, "on_error": on_error, "scan_workers": scan_workers,
                  "model": model})
+    if streaming:
+        return _streamed(
+            source, model_transform, model=model, ladder=ladder, captions=captions, crop=crop,
+            flip_p=flip_p, allow_upscale=allow_upscale, seed=seed, column_map=column_map,
+            base_dir=base_dir, data_files=data_files, data_dir=data_dir, split=split,
+            batch_size=batch_size, max_buffered_rows=max_buffered_rows,
+            max_buffered_bytes=max_buffered_bytes, last_batch=last_batch,
+            refused={"scan_cache": scan_cache, "scan_workers": scan_workers,
+                     "caption_extension": caption_extension, "encoder_cache": encoder_cache,
+                     "on_error": None if on_error == "substitute" else on_error})
     plan = plan_dataset(source=source, model=model, ladder=ladder, column_map=column_map,
                         allow_upscale=allow_upscale, scan_cache=scan_cache,
                         scan_workers=scan_workers, base_dir=base_dir,
@@ -176,6 +204,32 @@ def text_to_image_dataset(
     return dataset_from_plan(plan, model_transform, captions=captions, crop=crop, flip_p=flip_p,
                              allow_upscale=allow_upscale, seed=seed, on_error=on_error,
                              encoder_cache=encoder_cache)
+
+
+def _streamed(source: Any, model_transform: Callable[[dict], dict] | None, *, model: str,
+              ladder: Any, captions: Any, crop: str, flip_p: float, allow_upscale: bool,
+              seed: int, column_map: Mapping[str, str] | None, base_dir: str | None,
+              data_files: Any, data_dir: str | None, split: str, batch_size: int | None,
+              max_buffered_rows: int | None, max_buffered_bytes: int | None, last_batch: str,
+              refused: Mapping[str, Any]) -> StreamingBucketDataset:
+    """``text_to_image_dataset(..., streaming=True)``: the streamed dataset on the preset."""
+    if batch_size is None:
+        raise ValueError("streaming=True needs batch_size (the streamed dataset yields "
+                         "whole batches)")
+    given = sorted(k for k, v in refused.items() if v is not None)
+    if given:
+        raise ValueError(f"{', '.join(given)}: not used with streaming=True (nothing is "
+                         "scanned; a row that fails is rejected, never substituted)")
+    if captions is not None and not isinstance(captions, CaptionTransform):
+        captions = CaptionTransform(**dict(captions))
+    limits = {} if max_buffered_bytes is None else {"max_buffered_bytes": max_buffered_bytes}
+    return StreamingBucketDataset(
+        load_source(source, data_files, data_dir, split, streaming=True),
+        batch_size=batch_size, ladder=make_ladder(model, ladder),
+        image_transform=BucketResizeCrop(crop=crop, flip_p=flip_p, allow_upscale=allow_upscale),
+        caption_transform=captions, model_transform=model_transform, seed=seed,
+        max_buffered_rows=max_buffered_rows, last_batch=last_batch, column_map=column_map,
+        base_dir=base_dir, **limits)
 
 
 def dataset_from_plan(
