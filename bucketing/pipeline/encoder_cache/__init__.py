@@ -8,7 +8,9 @@ stores the results under ``path``; ``EncoderCache.open(path)`` reads them back, 
 
 Layout of a cache folder (no pickle anywhere; every file written atomically)::
 
-    cache.json        format, version, model, encoder fingerprints, dtype, settings
+    cache.json        format, version, model, encoder fingerprints, dtype, settings and
+                      the build id its tables carry (written first as a mark, last whole)
+    build.lock        held (flock) by the one build or prune at work
     rows.parquet      the last build's view: per image, its identity, bucket, crop boxes
                       and entry keys; per caption, its entry key
     entries.parquet   table of contents: entry key -> shard file

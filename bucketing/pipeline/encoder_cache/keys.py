@@ -40,7 +40,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 TRIMMED_MODELS = ("flux", "flux-schnell")  # T5 sequences: worth storing trimmed
 SHARD_BYTES = 256 << 20  # a shard is written once its entries reach this size
-OWN_FILES = ("shards", "entries.parquet", "rows.parquet", "texts.parquet", "cache.json")
 
 
 

@@ -1,0 +1,87 @@
+"""docs/robustness.md's second table (caches, memory-mapped indexes, config files, commands,
+the sampler): each row names the tests that check it, and a test keeps the two in step."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+SURFACE_CASES = [  # (bad input, what happens, the tests that check it)
+    (
+        "an image changed after the encoder cache was built (same size, new pixels, new "
+        "`mtime`), rescanned or not",
+        "its stored identity (path, size, `mtime_ns`) differs from `stat` on read: "
+        "substituted like a failed decode (`SubstitutionWarning`: \"changed after the cache "
+        "was built\"), never its old latents; a rebuild re-encodes exactly it",
+        ["test_hostile_cache.py::test_a_file_changed_after_the_build_is_never_served_its_old_"
+         "latents"],
+    ),
+    (
+        "a cache rebuild (other settings) killed between writing `rows.parquet` and "
+        "`cache.json`",
+        "`cache.json` is written last and names the build its tables carry: the mixed folder "
+        "is refused on open (\"belongs to another build\"); rerunning the build finishes it",
+        ["test_hostile_cache.py::test_a_rebuild_killed_between_the_tables_and_cache_json_is_"
+         "refused"],
+    ),
+    (
+        "`build_cache`/`bucket-cache --out P` where P holds files with the cache's names "
+        "(`rows.parquet`, `shards/*.safetensors`) but no `cache.json`",
+        "`FileExistsError` before anything is written; only an empty folder or one marked by "
+        "a build (`cache.json`, written first as a mark and last naming the tables) is used",
+        ["test_hostile_cache.py::test_a_folder_that_only_looks_like_a_cache_is_never_adopted"],
+    ),
+    (
+        "two builds (or a build and `prune`) of one cache folder at once",
+        "the second is refused (`RuntimeError`: \"another build is writing\", a `flock` on "
+        "`build.lock`); the first build's shard in progress is never deleted",
+        ["test_hostile_cache.py::test_a_second_build_of_one_folder_is_refused_and_leaves_the_"
+         "first_alone"],
+    ),
+    (
+        "a cache shard whose safetensors header is edited to another dtype or shape; a shard "
+        "cut short",
+        "refused when read (`ValueError`: \"damaged or edited\", naming the shard): "
+        "substituted, or raised with `on_error=\"raise\"`; a shard whose header does not read "
+        "holds no entries and a rebuild encodes them again",
+        ["test_hostile_cache.py::test_a_shard_header_edited_to_another_dtype_or_shape_is_"
+         "refused"],
+    ),
+    (
+        "`prune()` of a cache whose shards mix kept and unreferenced entries",
+        "survivors are copied shard by shard into new shards of at most the shard byte cap; "
+        "old shards are deleted only after the new ones are written",
+        ["test_hostile_cache.py::test_prune_writes_shards_under_the_byte_cap"],
+    ),
+    (
+        "random cache folder states and kill points (hypothesis: files dropped, truncated, "
+        "swapped between builds, garbage `cache.json`, stray temporary files)",
+        "opens and serves each row (its latents or a flagged substitute of its bucket) or is "
+        "refused with a clear error; a rebuild gives the clean cache's view or refuses a "
+        "folder that is no longer marked as ours",
+        ["test_hostile_cache.py::test_sweep_random_cache_states_open_clean_or_refuse"],
+    ),
+]
+
+SURFACE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(
+    f"| {what} | {result} |\n" for what, result, _ in SURFACE_CASES
+)
+
+
+def test_docs_table_is_this_one(repo_root):
+    text = (repo_root / "docs" / "robustness.md").read_text()
+    block = text.split("<!-- section:robustness-surfaces -->", 1)[1].split("<!--", 1)[0]
+    assert SURFACE_TABLE in block
+
+
+@pytest.mark.parametrize("what,tests", [(w, t) for w, _, t in SURFACE_CASES])
+def test_every_row_names_tests_that_exist(what, tests):
+    for name in tests:
+        file, func = name.split("::")
+        tree = ast.parse((TESTS / file).read_text())
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert func in defined, f"{what!r}: {name} does not exist"
