@@ -65,6 +65,35 @@ SURFACE_CASES = [  # (bad input, what happens, the tests that check it)
         "folder that is no longer marked as ours",
         ["test_hostile_cache.py::test_sweep_random_cache_states_open_clean_or_refuse"],
     ),
+    (
+        "`bucket-report --json P` (or `--plot`, `--preview`) where P is a caption sidecar, a "
+        "folder's `metadata.jsonl`, the scan cache, the manifest or an image it read",
+        "exit 2, \"is an input of this report; refusing to write over it\", before anything "
+        "is written; P left as it was",
+        ["test_hostile_cli.py::test_report_never_writes_over_a_sidecar_a_metadata_file_or_its_"
+         "scan_cache"],
+    ),
+    (
+        "`bucket-caption` over a folder whose `.txt` sidecar is a symlink (to a file outside, "
+        "or dangling into folders that do not exist) or whose image is reached through a "
+        "symlinked folder, with or without `--overwrite`",
+        "that sidecar is not written (\"not written: ... is a symlink (not followed)\" / "
+        "\"would be written outside\"); no file or folder is created or replaced outside "
+        "the folder; the other images are captioned",
+        ["test_caption_cli.py::test_symlinked_sidecars_are_never_followed_or_written_through"],
+    ),
+    (
+        "file names (and error details) holding terminal escapes, control characters or bidi "
+        "overrides, printed by `bucket-report`, `bucket-cache`, `bucket-caption` or the "
+        "dataset's `SubstitutionWarning`; random file names (hypothesis)",
+        "every one goes through `bucketing.printable.escape` (`\\x1b`, `\\n`, `\\u202e`); "
+        "the JSON report keeps the exact name",
+        ["test_hostile_cli.py::test_every_command_uses_the_one_escaping_function",
+         "test_hostile_cli.py::test_the_substitution_warning_escapes_the_file_name",
+         "test_hostile_cli.py::test_bucket_cache_escapes_what_it_prints",
+         "test_caption_cli.py::test_symlinked_sidecars_are_never_followed_or_written_through",
+         "test_hostile_cli.py::test_sweep_random_file_names_through_bucket_report"],
+    ),
 ]
 
 SURFACE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(

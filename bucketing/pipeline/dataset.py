@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bucketing.printable import escape
 from transforms.gpu_decode import EncodedFit
 from transforms.image import (
     DEFAULT_MAX_DECODE_BYTES,
@@ -294,9 +295,9 @@ class TextToImageDataset(Dataset):
             return sample
         w, h = self.bucket_wh[i]
         raise RuntimeError(
-            f"row {i} ({self._name(i)}) failed ({_reason(error)}) and no substitute from its "
-            f"bucket {w}x{h} loaded ({len(tried)} tried of {len(members)} other members"
-            f"{': ' + '; '.join(tried) if tried else ''})"
+            f"row {i} ({escape(self._name(i))}) failed ({escape(_reason(error))}) and no "
+            f"substitute from its bucket {w}x{h} loaded ({len(tried)} tried of {len(members)} "
+            f"other members{': ' + escape('; '.join(tried)) if tried else ''})"
         ) from error
 
     def _bucket_members(self, bucket: int) -> np.ndarray:
@@ -321,8 +322,9 @@ class TextToImageDataset(Dataset):
             return
         _WARNED.add(name)
         warnings.warn(
-            f"could not load {name} ({_reason(error)}); row {i} is replaced by row {j} of the "
-            "same bucket (substituted=True in the sample). Not repeated for this file.",
+            f"could not load {escape(name)} ({escape(_reason(error))}); row {i} is replaced by "
+            f"row {j} of the same bucket (substituted=True in the sample). Not repeated for "
+            "this file.",
             SubstitutionWarning,
             stacklevel=3,
         )
