@@ -94,6 +94,21 @@ SURFACE_CASES = [  # (bad input, what happens, the tests that check it)
          "test_caption_cli.py::test_symlinked_sidecars_are_never_followed_or_written_through",
          "test_hostile_cli.py::test_sweep_random_file_names_through_bucket_report"],
     ),
+    (
+        "`batch_size x world_size` (or a per-bucket batch size from a pixel budget) beyond "
+        "int64; `batch_size=10**29`",
+        "`ValueError` naming the product (\"batch size x world size = 2**62 x 4 ... "
+        "overflows\") or the value (`must be at most 2**62`), never `len(sampler) == 0`",
+        ["test_hostile_sampler.py::test_a_global_step_beyond_int64_is_refused_by_name",
+         "test_hostile_sampler.py::test_sizes_beyond_int64_are_refused_by_name",
+         "test_hostile_sampler.py::test_sweep_every_accepted_size_samples_every_image"],
+    ),
+    (
+        "bare bucket ids holding 10**8 (sparse ids)",
+        "`ValueError` naming the id and its index (ids must be below 2**20: number them "
+        "densely); no array sized by the largest id is allocated",
+        ["test_hostile_sampler.py::test_bare_bucket_ids_are_never_sized_by_a_huge_id"],
+    ),
 ]
 
 SURFACE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(
