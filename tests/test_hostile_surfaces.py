@@ -109,6 +109,18 @@ SURFACE_CASES = [  # (bad input, what happens, the tests that check it)
         "densely); no array sized by the largest id is allocated",
         ["test_hostile_sampler.py::test_bare_bucket_ids_are_never_sized_by_a_huge_id"],
     ),
+    (
+        "a memory-mapped `.arrow` index damaged on disk: path or caption offsets out of order "
+        "or past their buffer, a column of another type, random byte changes (hypothesis)",
+        "validated when opened (every buffer's offsets, lengths and UTF-8, each column's type, "
+        "no null path or size): `ValueError` (\"damaged\", naming the file and column), never "
+        "a segfault, bytes from outside a buffer or an emptied caption list",
+        ["test_hostile_index.py::test_path_offsets_out_of_order_or_out_of_the_buffer_are_"
+         "refused",
+         "test_hostile_index.py::test_caption_list_offsets_that_would_empty_a_row_are_refused",
+         "test_hostile_index.py::test_a_column_of_another_type_is_refused",
+         "test_hostile_index.py::test_sweep_random_corruptions_load_whole_or_are_refused"],
+    ),
 ]
 
 SURFACE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(
