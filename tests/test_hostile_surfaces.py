@@ -121,6 +121,38 @@ SURFACE_CASES = [  # (bad input, what happens, the tests that check it)
          "test_hostile_index.py::test_a_column_of_another_type_is_refused",
          "test_hostile_index.py::test_sweep_random_corruptions_load_whole_or_are_refused"],
     ),
+    (
+        "a config file over 1 MiB; a 600-byte YAML alias bomb; a recursive YAML alias; a TOML "
+        "line of `[[` and 20,000 spaces; brackets nested 5,000 deep (TOML or YAML)",
+        "`ConfigError` naming the file (and line) in well under a second: the size is checked "
+        "before reading, YAML is parsed once (libyaml's `CSafeLoader` where present) and its "
+        "node tree walked once with alias expansion bounded (100,000 nodes) and cycles "
+        "refused, nesting beyond 32 levels is refused before any parser recurses, and the TOML "
+        "line lookup is linear",
+        ["test_hostile_config.py::test_a_file_over_one_mib_is_refused_unread",
+         "test_hostile_config.py::test_a_yaml_alias_bomb_is_refused_fast",
+         "test_hostile_config.py::test_a_recursive_yaml_alias_is_refused",
+         "test_hostile_config.py::test_a_pathological_toml_line_is_read_in_linear_time",
+         "test_hostile_config.py::test_deep_nesting_is_refused_before_any_parser_recurses"],
+    ),
+    (
+        "config values: integer or duplicate YAML keys, `inf`/`nan`, a batch size of 10**29 or "
+        "above 2**62, repeats above 65536, a `resolution` or `max_area` beyond `MAX_SIDE`, a "
+        "ladder of more than 4096 buckets, `column_map` with unknown keys or non-string values; "
+        "`BucketLadder.from_data(max_buckets=1.5)`",
+        "`ConfigError` naming the file, the key and its line (for a key inside an inline "
+        "table, the table's line), never a `RecursionError`, `TypeError`, `OverflowError` or "
+        "an out-of-memory ladder; `from_data`: `TypeError`",
+        ["test_hostile_config.py::test_odd_keys_and_numbers_are_config_errors_naming_key_and_"
+         "line",
+         "test_hostile_config.py::test_from_data_refuses_a_fractional_bucket_budget"],
+    ),
+    (
+        "random TOML and YAML documents built from config fragments and junk (hypothesis)",
+        "a `Config` or a `ConfigError` naming the file, within 2 s each; never another "
+        "exception",
+        ["test_hostile_config.py::test_sweep_random_toml_and_yaml_documents"],
+    ),
 ]
 
 SURFACE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(
