@@ -153,6 +153,12 @@ SURFACE_CASES = [  # (bad input, what happens, the tests that check it)
         "exception",
         ["test_hostile_config.py::test_sweep_random_toml_and_yaml_documents"],
     ),
+    (
+        "a large JPEG fitted by `decode_batch` into a much smaller bucket",
+        "resized as uint8 and only the bucket's crop converted to float32: no full-size float "
+        "copy of the decoded image (checked on the CPU device by recording every float tensor)",
+        ["test_hostile_decode.py::test_decode_batch_makes_no_full_size_float_copy"],
+    ),
 ]
 
 SURFACE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(

@@ -322,17 +322,17 @@ def _orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
 def _fit_on_device(
     img: torch.Tensor, encoded: EncodedImage, mode: F.InterpolationMode
 ) -> torch.Tensor:
-    """Float32 (3, h, w) in [0, 255], rounded like the CPU path's uint8 pixels."""
+    """Float32 (3, h, w) in [0, 255], rounded like the CPU path's uint8 pixels. The decoded
+    picture is resized as uint8 (rounded and clamped by the resize) and only the bucket's
+    crop becomes float32: no full-size float copy of the decoded image."""
     if encoded.data is None:  # fitted on the CPU already
         return img.to(torch.float32)
     params = encoded.fit
-    oriented = _orient(img, encoded.orientation)
+    pixels = _orient(img, encoded.orientation)
     (rw, rh), (y, x, h, w) = params.resized, params.crop
-    pixels = oriented.to(torch.float32)
-    if tuple(oriented.shape[-2:]) != (rh, rw):
+    if tuple(pixels.shape[-2:]) != (rh, rw):
         pixels = F.resize(pixels, [rh, rw], interpolation=mode, antialias=True)
-        pixels = pixels.clamp_(0, 255).round_()
-    pixels = pixels[:, y : y + h, x : x + w]
+    pixels = pixels[:, y : y + h, x : x + w].to(torch.float32)
     return pixels.flip(-1) if params.flip else pixels
 
 
