@@ -159,6 +159,19 @@ SURFACE_CASES = [  # (bad input, what happens, the tests that check it)
         "copy of the decoded image (checked on the CPU device by recording every float tensor)",
         ["test_hostile_decode.py::test_decode_batch_makes_no_full_size_float_copy"],
     ),
+    (
+        "a photo that breaks at training time and is alone in its bucket (or whose "
+        "bucket-mates fail too)",
+        "an image of the nearest bucket whose scanned size covers this shape stands in, "
+        "fitted to it without upscaling (`substituted=True`); where none can, the sample "
+        "leaves its batch (`collate`: a short batch, `dropped` [D]) with a "
+        "`SubstitutionWarning` naming the file; the epoch runs to its end",
+        ["test_hostile_dataset.py::test_a_lone_broken_photo_takes_an_image_of_the_nearest_"
+         "covering_bucket",
+         "test_hostile_dataset.py::test_where_nothing_covers_the_sample_leaves_its_batch_and_"
+         "the_epoch_runs",
+         "test_dataset.py::test_a_bucket_with_nothing_loadable_leaves_the_batch_with_a_warning"],
+    ),
 ]
 
 SURFACE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(
