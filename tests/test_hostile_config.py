@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from bucketing.ladder import MAX_BUCKETS, BucketLadder
-from bucketing.pipeline.config import ConfigError, load_config
+from bucketing.pipeline.config import ConfigError, load_config, mix_figures, render_mix
 from bucketing.pipeline.config_files import MAX_CONFIG_BYTES
 
 GOOD = 'model = "flux"\nbatch_size = 2\n\n[[datasets]]\nsource = "photos"\nresolution = 256\n'
@@ -137,3 +138,21 @@ def test_sweep_random_toml_and_yaml_documents(tmp_path, parts, yaml_file):
     file, within bounded time; never another exception."""
     _never_worse_than_a_config_error(tmp_path, "".join(parts), "c.yaml" if yaml_file else
                                      "c.toml")
+
+
+def test_the_mix_names_each_rejection_reason_and_its_files(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, size in (("ok.png", (320, 256)), ("tiny.png", (8, 8)), ("strip.png", (900, 20))):
+        Image.new("RGB", size).save(photos / name)
+    (photos / "junk.jpg").write_bytes(b"not an image")
+    (tmp_path / "c.toml").write_text(GOOD.replace("photos", str(photos)))
+    figures = mix_figures(tmp_path / "c.toml")
+    (row,) = figures["datasets"]
+    assert "not_assigned" not in row["reasons"]
+    assert row["reasons"] == {"not_an_image": 1, "too_small": 2}
+    assert sorted(Path(p).name for p in row["examples"]["too_small"]) == ["strip.png",
+                                                                          "tiny.png"]
+    text = render_mix(figures)
+    assert "rejected: too_small 2, not_an_image 1" in text
+    assert "too_small: " in text and "tiny.png" in text and "junk.jpg" in text

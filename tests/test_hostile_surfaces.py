@@ -172,6 +172,13 @@ SURFACE_CASES = [  # (bad input, what happens, the tests that check it)
          "the_epoch_runs",
          "test_dataset.py::test_a_bucket_with_nothing_loadable_leaves_the_batch_with_a_warning"],
     ),
+    (
+        "`bucket-report --config` over datasets holding images smaller than every bucket, "
+        "strips and files that are no images",
+        "each reason counted by its own name (`too_small`, `not_an_image`, ...; no "
+        "undocumented `not_assigned`) with up to three of its files named",
+        ["test_hostile_config.py::test_the_mix_names_each_rejection_reason_and_its_files"],
+    ),
 ]
 
 SURFACE_TABLE = "| Bad input | What happens |\n|---|---|\n" + "".join(

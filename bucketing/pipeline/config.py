@@ -47,6 +47,7 @@ from bucketing.pipeline.builders import (
     text_to_image_dataset,
 )
 from bucketing.pipeline.config_files import ConfigError, line_of, read_config_file
+from bucketing.printable import escape
 from samplers import BucketBatchSampler
 from samplers.batching import MAX_SIZE
 from samplers.plan import MAX_REPEATS
@@ -268,15 +269,13 @@ def mix_figures(path: str | os.PathLike, world_size: int = 1) -> dict[str, Any]:
     for k, d in enumerate(config.datasets):
         part, mine = dataset.datasets[k], dataset.dataset_of == k
         ids = dataset.bucket_id[mine]
-        reasons = part.index.rejection_counts()
-        unassigned = int((ids < 0).sum())
-        if unassigned:
-            reasons["not_assigned"] = unassigned
+        reasons, examples = _rejected(part, ids)
         accepted = int((ids >= 0).sum())
         rows.append({
             "name": d.name, "source": d.source, "accepted": accepted,
-            "rejected": sum(reasons.values()), "reasons": reasons, "repeats": d.repeats,
-            "samples": accepted * d.repeats, "buckets": len(np.unique(ids[ids >= 0])),
+            "rejected": sum(reasons.values()), "reasons": reasons, "examples": examples,
+            "repeats": d.repeats, "samples": accepted * d.repeats,
+            "buckets": len(np.unique(ids[ids >= 0])),
         })
     total = sum(r["samples"] for r in rows) or 1.0
     for r in rows:
@@ -284,6 +283,21 @@ def mix_figures(path: str | os.PathLike, world_size: int = 1) -> dict[str, Any]:
     return {"config": str(path), "model": config.model, "batch_size": config.batch_size,
             "max_pixels_per_batch": config.max_pixels_per_batch, "seed": config.seed,
             "world_size": world_size, "steps_per_rank": len(sampler), "datasets": rows}
+
+
+def _rejected(part: Any, ids: np.ndarray) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Counts of every file the scan or ``assign`` rejected, by reason (``too_small``,
+    ``extreme_aspect``, ``too_large``, ...), and up to three files of each."""
+    reasons: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    found = [(r.reason, r.path) for r in part.index.rejections]
+    found += [(str(part.reasons[i]) if part.reasons is not None and part.reasons[i] else
+               "not_assigned", part.index.paths[i]) for i in np.flatnonzero(ids < 0).tolist()]
+    for reason, path in found:
+        reasons[reason] = reasons.get(reason, 0) + 1
+        if len(examples.setdefault(reason, [])) < 3:
+            examples[reason].append(path)
+    return dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))), examples
 
 
 def render_mix(figures: Mapping[str, Any]) -> str:
@@ -300,6 +314,10 @@ def render_mix(figures: Mapping[str, Any]) -> str:
                      f"{r['buckets']:>7}")
         if r["reasons"]:
             lines.append("    rejected: " + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()))
+            for reason, paths in r.get("examples", {}).items():
+                more = r["reasons"][reason] - len(paths)
+                lines.append(f"      {reason}: " + ", ".join(escape(p) for p in paths)
+                             + (f" (+{more} more)" if more > 0 else ""))
     lines.append(f"steps per epoch per rank: {figures['steps_per_rank']}")
     return "\n".join(lines) + "\n"
 
