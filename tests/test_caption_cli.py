@@ -62,7 +62,7 @@ def test_captions_only_the_uncaptioned(folder, tiny_blip, repo_root):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     proc = subprocess.run([sys.executable, "-m", "bucketing.cli.caption", str(folder),
-                           "--model", str(tiny_blip), "--batch-size", "2",
+                           "--captioner", str(tiny_blip), "--batch-size", "2",
                            "--max-new-tokens", "6", "--device", "cpu"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -112,7 +112,7 @@ def test_symlinked_sidecars_are_never_followed_or_written_through(tmp_path, exam
     shutil.copy(examples_dir / "coffee.png", outside / "elsewhere.png")
     (folder / "sub").symlink_to(outside, target_is_directory=True)  # a folder link out
     (folder / "\x1b]0;x\x07broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-    argv = [str(folder), "--model", str(tiny_blip), "--max-new-tokens", "6", "--device", "cpu"]
+    argv = [str(folder), "--captioner", str(tiny_blip), "--max-new-tokens", "6", "--device", "cpu"]
     assert main([*argv, "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert (outside / "victim.txt").read_text() == "keep me\n"

@@ -80,17 +80,18 @@ def test_a_file_changed_after_the_build_is_never_served_its_old_latents(tmp_path
     os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
     for index, assignment in (_index(photos),):  # rescanned: the index agrees with the file
         row = index.paths.index(str(victim))
-        ds = TextToImageDataset(index, assignment, cache=EncoderCache.open(out))
+        ds = TextToImageDataset(index, assignment, encoder_cache=EncoderCache.open(out))
         with pytest.warns(SubstitutionWarning, match="changed after the cache was built"):
             sample = ds[row]
         assert sample["substituted"] and sample["index"] != row
-        strict = TextToImageDataset(index, assignment, cache=ds.cache, on_error="raise")
+        strict = TextToImageDataset(index, assignment, encoder_cache=ds.encoder_cache,
+                                    on_error="raise")
         with pytest.raises(Exception, match="stale"):
             strict[row]
     index, assignment = _index(photos)
     cache = build_cache(index, assignment, flux, out, progress=False)  # a rebuild re-encodes it
     assert cache.build_stats["latents_encoded"] == 1
-    assert TextToImageDataset(index, assignment, cache=cache)[row]["substituted"] is False
+    assert TextToImageDataset(index, assignment, encoder_cache=cache)[row]["substituted"] is False
 
 
 def test_a_rebuild_killed_between_the_tables_and_cache_json_is_refused(built, tmp_path, flux):
@@ -163,7 +164,8 @@ def test_a_shard_header_edited_to_another_dtype_or_shape_is_refused(built, tmp_p
             header[name]["shape"] = [c, w, h] if h != w else [c * h, 1, w]
 
     _edit_header(out / "shards" / cache._entries[key], change)
-    ds = TextToImageDataset(index, assignment, cache=EncoderCache.open(out), on_error="raise")
+    ds = TextToImageDataset(index, assignment, encoder_cache=EncoderCache.open(out),
+                            on_error="raise")
     with pytest.raises(Exception, match="damaged or edited"):
         ds[0]
 
@@ -184,7 +186,8 @@ def test_prune_writes_shards_under_the_byte_cap(built, tmp_path, flux, monkeypat
         with safe_open(str(shard), "pt") as f:
             sizes = [f.get_tensor(n).nbytes for n in f.keys()]  # noqa: SIM118 - not a dict
         assert sum(sizes) - max(sizes) < 2 * one  # flushed once the cap was reached
-    ds = TextToImageDataset(index, assignment, cache=EncoderCache.open(out), on_error="raise")
+    ds = TextToImageDataset(index, assignment, encoder_cache=EncoderCache.open(out),
+                            on_error="raise")
     assert all(not ds[i]["substituted"] for i in range(len(ds)))
 
 
@@ -245,7 +248,7 @@ def test_sweep_random_cache_states_open_clean_or_refuse(built, tmp_path_factory,
     except (FileNotFoundError, ValueError):
         cache = None
     if cache is not None:
-        ds = TextToImageDataset(index, assignment, cache=cache)
+        ds = TextToImageDataset(index, assignment, encoder_cache=cache)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SubstitutionWarning)
             for i in range(len(ds)):
