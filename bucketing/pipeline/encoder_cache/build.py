@@ -164,7 +164,8 @@ def build_cache(
     root = Path(path)
     rank, world = _rank_world()
     _prepare_folder(root, rank)
-    with build_lock(root) if rank == 0 else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
+        _lock(root, rank, held)
         _clear_temporary(root, rank)
         dtype = str(encoders.dtype).removeprefix("torch.")
         text_dtype = str(encoders.text_dtype()).removeprefix("torch.")
@@ -250,6 +251,20 @@ def _prepare_folder(root: Path, rank: int) -> None:
             write_meta(root, start_mark())
         (root / "shards").mkdir(exist_ok=True)
     _barrier()
+
+
+def _lock(root: Path, rank: int, held: contextlib.ExitStack) -> None:
+    """Rank 0 takes the folder's build lock into ``held``; when another build holds it,
+    every rank raises the same error (none is left waiting at a barrier)."""
+    refused = None
+    if rank == 0:
+        try:
+            held.enter_context(build_lock(root))
+        except RuntimeError as error:
+            refused = str(error)
+    refused = next((r for r in _gather(refused) if r), None)
+    if refused:
+        raise RuntimeError(refused)
 
 
 def _clear_temporary(root: Path, rank: int) -> None:
