@@ -18,6 +18,7 @@ from bucketing import BucketLadder, TextToImageDataset, assign, scan
 from bucketing.pipeline.dataset import SubstitutionWarning
 from samplers import BucketBatchSampler
 from transforms import BucketResizeCrop, collate
+from transforms.gpu_decode import EncodedFit, collate_encoded, decode_batch
 
 LADDER = BucketLadder.from_buckets([(32, 32), (48, 32), (64, 32), (32, 48)], multiple=16)
 
@@ -69,3 +70,21 @@ def test_where_nothing_covers_the_sample_leaves_its_batch_and_the_epoch_runs(tmp
     served = {i for b in batches for i in b["index"].tolist()}
     assert served == set(np.flatnonzero(a.bucket_id >= 0).tolist()) - {lone}
     assert all(b["pixel_values"].dtype == torch.uint8 for b in batches)
+
+
+def test_the_device_decode_path_takes_short_and_empty_batches(tmp_path):
+    index, a = _folder(tmp_path, [(130, 66), (40, 40), (36, 36), (33, 50)])
+    lone = index.paths.index(str(tmp_path / "p0.png"))
+    _break(index.paths[lone])
+    ds = TextToImageDataset(index, a, image_transform=EncodedFit(BucketResizeCrop()))
+    sampler = BucketBatchSampler(a, batch_size=2, seed=0)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SubstitutionWarning)
+        for batch in DataLoader(ds, batch_sampler=sampler, collate_fn=collate_encoded):
+            out = decode_batch(batch, "cpu", torch.float32)
+            assert out["pixel_values"].shape[0] == len(out["index"])
+            if "dropped" in out:
+                assert out["dropped"].tolist() and lone not in out["index"].tolist()
+            seen += out["index"].tolist()
+    assert set(seen) == set(np.flatnonzero(a.bucket_id >= 0).tolist()) - {lone}

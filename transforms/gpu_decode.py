@@ -221,7 +221,19 @@ class EncodedFit:
 
 def collate_encoded(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``collate`` for :class:`EncodedFit` samples: ``encoded`` stays a list of
-    :class:`EncodedImage` (one per sample), every other key is batched as ``collate`` does."""
+    :class:`EncodedImage` (one per sample), every other key is batched as ``collate`` does.
+    Samples marked ``dropped`` leave the batch as in ``collate`` (``dropped`` [D] names them;
+    all dropped: an empty batch whose ``pixel_values`` [0, 3, H, W] ``decode_batch`` passes
+    through)."""
+    dropped = [s for s in samples if s.get("dropped")]
+    if dropped:
+        kept = [s for s in samples if not s.get("dropped")]
+        batch = collate_encoded(kept) if kept else collate(dropped)
+        if kept:
+            batch["dropped"] = collate(dropped)["dropped"]
+        else:
+            batch["encoded"] = []
+        return batch
     missing = [i for i, s in enumerate(samples) if "encoded" not in s]
     if missing:
         raise ValueError(
@@ -254,6 +266,8 @@ def decode_batch(
             f"resample must be one of {tuple(_FILTERS)} on the device, got {resample!r}"
         )
     encoded: list[EncodedImage] = list(batch["encoded"])
+    if not encoded and "dropped" in batch:  # every sample left it: an empty batch
+        return to_model_input({k: v for k, v in batch.items() if k != "encoded"}, device, dtype)
     if not encoded:
         raise ValueError("decode_batch got an empty batch")
     decoded = _decode_all(encoded, torch.device(device))
