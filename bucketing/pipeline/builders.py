@@ -32,6 +32,7 @@ from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.scan import scan
 from bucketing.sources import read_sidecar, sidecar_path
+from samplers.sample_index import SampleIndex
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
@@ -77,6 +78,9 @@ def text_to_image_dataset(
     base_dir: str | None = None,
     caption_extension: str | None = None,
     on_error: str = "substitute",
+    data_files: Any = None,
+    data_dir: str | None = None,
+    split: str = "train",
 ) -> TextToImageDataset:
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
     captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
@@ -85,9 +89,12 @@ def text_to_image_dataset(
     512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
     0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
     ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``); ``cache``, ``workers``,
-    ``column_map`` and ``base_dir`` go to ``scan``. ``caption_extension`` (e.g. ``".caption"``)
-    reads every image's captions from ``<stem><extension>`` only (none when that file is
-    missing), instead of the first sidecar found. The dataset's ``index`` and rejections say
+    ``column_map`` and ``base_dir`` go to ``scan``, and so do ``data_files``, ``data_dir``
+    and ``split``: with one of the first two, or ``source="hf:NAME"``, ``source`` names what
+    ``datasets.load_dataset`` builds (``source="imagefolder", data_dir="photos"``).
+    ``caption_extension`` (e.g. ``".caption"``) reads every image's captions from
+    ``<stem><extension>`` only (none when that file is missing), instead of the first
+    sidecar found. The dataset's ``index`` and rejections say
     what was left out and why.
     """
     bucket_ladder = make_ladder(model, ladder)
@@ -96,7 +103,8 @@ def text_to_image_dataset(
     if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
         raise ValueError(f"caption_extension must look like '.txt', got {caption_extension!r}")
     index = scan(source, cache=cache, workers=workers,
-                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir)
+                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir,
+                 data_files=data_files, data_dir=data_dir, split=split)
     if caption_extension is not None:
         index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
     assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)
@@ -109,20 +117,6 @@ def text_to_image_dataset(
         seed=seed,
         on_error=on_error,
     )
-
-
-class _Occurrence(int):
-    """A row number that keeps the sampler's ``occurrence`` on its way to a part dataset."""
-
-    occurrence = 0
-
-    def __new__(cls, value: int, occurrence: int) -> _Occurrence:
-        self = super().__new__(cls, value)
-        self.occurrence = occurrence
-        return self
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Occurrence, (int(self), self.occurrence))
 
 
 @dataclass(frozen=True)
@@ -178,13 +172,13 @@ class MixedDataset(Dataset):
             dataset.set_epoch(epoch)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        occurrence = getattr(i, "occurrence", 0)
+        occurrence, epoch = getattr(i, "occurrence", 0), getattr(i, "epoch", None)
         i = operator.index(i)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for a mixed dataset of {len(self)} rows")
         k = int(self.dataset_of[i])
         offset = int(self.offsets[k])
-        sample = self.datasets[k][_Occurrence(i - offset, occurrence)]
+        sample = self.datasets[k][SampleIndex(i - offset, occurrence, epoch)]
         sample["dataset"] = self.names[k]
         for key in ("index", "original_index"):
             if key in sample:
