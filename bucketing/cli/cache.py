@@ -44,6 +44,7 @@ from bucketing.pipeline.spec import (
     positive_int,
     unit_float,
 )
+from bucketing.printable import escape
 from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -169,11 +170,11 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> list[str]:
     if s["failed"] or s["missing_files"]:
         lines.append(f"{len(s['failed'])} images failed to decode, {s['missing_files']} files "
                      "missing (the dataset substitutes them):")
-        lines += [f"  {f}" for f in s["failed"][:20]]
+        lines += [f"  {escape(f)}" for f in s["failed"][:20]]
     if args.prune:
         pruned = cache.prune()
         lines.append(f"pruned {pruned['removed']} entries ({pruned['rewritten']} shards rewritten)")
-    lines.append(f"{cache.nbytes() / 2**20:.1f} MiB in {out}, "
+    lines.append(f"{cache.nbytes() / 2**20:.1f} MiB in {escape(str(out))}, "
                  f"{time.perf_counter() - started:.1f} s")
     return lines
 
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print("\n".join(lines))
     except ConfigError as error:
-        print(f"bucket-cache: error: {error}", file=sys.stderr)
+        print(f"bucket-cache: error: {escape(str(error))}", file=sys.stderr)
         return 2
     finally:
         if started_dist:

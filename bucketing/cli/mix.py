@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from bucketing.printable import escape
+
 
 def mix_figures(spec: Any, plans: Mapping[str, Any], dataset: Any, sampler: Any,
                 notes: list[str], schema: int) -> dict[str, Any]:
@@ -17,14 +19,13 @@ def mix_figures(spec: Any, plans: Mapping[str, Any], dataset: Any, sampler: Any,
     for k, d in enumerate(spec.datasets):
         plan, mine = plans[d.name], dataset.dataset_of == k
         ids = dataset.bucket_id[mine]
-        reasons = plan.index.rejection_counts()
-        for reason in plan.assignment.reasons[np.asarray(plan.assignment.bucket_id) < 0]:
-            reasons[str(reason)] = reasons.get(str(reason), 0) + 1
+        reasons, examples = _rejected(plan)
         accepted = int((ids >= 0).sum())
         rows.append({
             "name": d.name, "source": d.source, "accepted": accepted,
-            "rejected": sum(reasons.values()), "reasons": reasons, "repeats": d.repeats,
-            "samples": accepted * d.repeats, "buckets": len(np.unique(ids[ids >= 0])),
+            "rejected": sum(reasons.values()), "reasons": reasons, "examples": examples,
+            "repeats": d.repeats, "samples": accepted * d.repeats,
+            "buckets": len(np.unique(ids[ids >= 0])),
         })
     total = sum(r["samples"] for r in rows) or 1.0
     for r in rows:
@@ -34,6 +35,22 @@ def mix_figures(spec: Any, plans: Mapping[str, Any], dataset: Any, sampler: Any,
             "seed": spec.seed, "world_size": spec.world_size, "last_batch": spec.last_batch,
             "steps_per_rank": len(sampler), "plan_fingerprint": dataset.plan_fingerprint,
             "overrides": notes, "datasets": rows}
+
+
+def _rejected(plan: Any) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Counts of every file the scan or ``assign`` rejected, by reason (``too_small``,
+    ``extreme_aspect``, ``too_large``, ...), and up to three files of each."""
+    reasons: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    found = [(r.reason, r.path) for r in plan.index.rejections]
+    rejected = np.flatnonzero(np.asarray(plan.assignment.bucket_id) < 0).tolist()
+    found += [(str(plan.assignment.reasons[i] or "rejected"), plan.index.paths[i])
+              for i in rejected]
+    for reason, path in found:
+        reasons[reason] = reasons.get(reason, 0) + 1
+        if len(examples.setdefault(reason, [])) < 3:
+            examples[reason].append(path)
+    return dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))), examples
 
 
 def render_mix(figures: Mapping[str, Any]) -> str:
@@ -52,6 +69,10 @@ def render_mix(figures: Mapping[str, Any]) -> str:
                      f"{r['buckets']:>7}")
         if r["reasons"]:
             lines.append("    rejected: " + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()))
+            for reason, paths in r.get("examples", {}).items():
+                more = r["reasons"][reason] - len(paths)
+                lines.append(f"      {reason}: " + ", ".join(escape(p) for p in paths)
+                             + (f" (+{more} more)" if more > 0 else ""))
     lines.append(f"steps per epoch per rank: {figures['steps_per_rank']}")
     lines.append(f"plan fingerprint: {figures['plan_fingerprint']}")
     return "\n".join(lines) + "\n"

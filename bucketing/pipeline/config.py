@@ -30,12 +30,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from bucketing.pipeline.builders import (
     CAPTION_EXTENSION,
@@ -44,6 +41,7 @@ from bucketing.pipeline.builders import (
     make_ladder,
     plan_dataset,
 )
+from bucketing.pipeline.config_files import line_of, read_config_file
 from bucketing.pipeline.encoder_cache import EncoderCache
 from bucketing.pipeline.plan import Plan
 from bucketing.pipeline.spec import (
@@ -60,11 +58,6 @@ from bucketing.pipeline.spec import (
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
 from transforms.tokenize import tokenizer_for_model
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 Config = Spec
 """The validated contents of a config file: a :class:`~bucketing.pipeline.spec.Spec`."""
@@ -84,23 +77,7 @@ def load_config(path: str | os.PathLike) -> Spec:
     """Read and validate a dataset config: TOML, or YAML for a ``.yaml`` / ``.yml`` file (the
     same keys; see the module docstring)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"not valid YAML: {error}", file=str(path)) from error
-        lines = _yaml_lines(node) if node is not None else {}
-    else:
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"not valid TOML: {error}", file=str(path)) from error
-        lines = _key_lines(text)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"a config file is a table of keys, got {type(raw).__name__}",
-                          file=str(path))
+    raw, lines = read_config_file(path)
     return parse_config(raw, path, lines)
 
 
@@ -114,7 +91,7 @@ def parse_config(
     lines = lines or {}
 
     def fail(key: str, message: str) -> ConfigError:
-        return ConfigError(message, file=str(path), key=key, line=lines.get(key))
+        return ConfigError(message, file=str(path), key=key, line=line_of(lines, key))
 
     raw = _renamed(raw, "", path, fail)
     check(Spec, raw, "", fail, known=TOP_FIELDS)
@@ -293,49 +270,3 @@ def _resolve(value: str, base: Path) -> str:
     if re.match(r"^[a-z][a-z0-9+.-]*://", value, flags=re.I) or os.path.isabs(value):
         return value
     return str(base / value)
-
-
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\"' -]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
-
-
-def _yaml_lines(node: Any, prefix: str = "") -> dict[str, int]:
-    """The same key paths -> 1-based lines, from a composed YAML node tree."""
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            name = f"{prefix}.{key.value}" if prefix else str(key.value)
-            lines[name] = key.start_mark.line + 1
-            lines.update(_yaml_lines(value, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[f"{prefix}[{i}]"] = item.start_mark.line + 1
-            lines.update(_yaml_lines(item, f"{prefix}[{i}]"))
-    return lines
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """``"datasets[1].captions.dropout"``-style key paths of a TOML text -> 1-based line
-    numbers (tables, arrays of tables and ``key =`` lines; enough to point at a mistake)."""
-    lines: dict[str, int] = {}
-    counts: dict[str, int] = {}
-    table = ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        header = _HEADER.match(line)
-        if header:
-            brackets, name = header.group(1), header.group(2).replace('"', "").replace("'", "")
-            parts = name.split(".")
-            if brackets == "[[":
-                counts[name] = counts.get(name, -1) + 1
-                table = f"{name}[{counts[name]}]"
-            else:  # a sub-table of the latest array entry, e.g. [datasets.captions]
-                head = parts[0]
-                table = (f"{head}[{counts[head]}]" if head in counts else head)
-                table = ".".join([table, *parts[1:]])
-            lines.setdefault(table, number)
-            continue
-        key = _KEY.match(line)
-        if key:
-            name = key.group(1).strip("\"'")
-            lines.setdefault(f"{table}.{name}" if table else name, number)
-    return lines

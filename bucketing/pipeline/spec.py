@@ -33,13 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bucketing.ladder import FIT_MODES
+from bucketing.ladder import FIT_MODES, MAX_SIDE
 from bucketing.models import MODELS
 
 DOORS = ("file", "builder", "report", "cache")
 LAST_BATCH = ("short", "pad", "drop")
 CROPS = ("random", "center")
 ON_ERROR = ("substitute", "raise")
+COLUMN_MAP_KEYS = ("image", "caption", "width", "height")
+MAX_SIZE = 2**62  # batch sizes and pixel budgets (the sampler's bound)
 RENAMED = {"cache": "scan_cache", "workers": "scan_workers"}
 """Older spellings (one release) of the builders', files' and commands' scan options."""
 
@@ -65,6 +67,26 @@ def _at_least(low: float) -> Callable[[Any], str | None]:
 
 def _fraction(value: float) -> str | None:
     return None if 0.0 <= value <= 1.0 else f"must be a number in [0, 1], got {value}"
+
+
+def _size(value: int) -> str | None:
+    if value < 1:
+        return f"must be >= 1, got {value}"
+    return None if value <= MAX_SIZE else f"must be at most 2**62, got {value}"
+
+
+def _side(value: int) -> str | None:
+    if value < 16:
+        return f"must be >= 16, got {value}"
+    return None if value <= MAX_SIDE else f"must be at most MAX_SIDE = {MAX_SIDE}, got {value}"
+
+
+def _columns(value: dict) -> str | None:
+    for key, column in value.items():
+        if key not in COLUMN_MAP_KEYS or not isinstance(column, str):
+            return (f"keys are {', '.join(COLUMN_MAP_KEYS)}, each naming a column (a string); "
+                    f"got {key!r} = {column!r}")
+    return None
 
 
 def _finite_repeats(value: float) -> str | None:
@@ -222,10 +244,11 @@ class DatasetSpec:
     repeats: float = opt(1.0, "times each image appears per epoch (fractional allowed)",
                          ("file", "report"), _NUM, kind="float", check=_finite_repeats,
                          flag={"type": repeats_arg, "metavar": "R"})
-    column_map: dict[str, str] | None = opt(None, "manifest column names (image, caption, ...)",
-                                            ("file", "builder"), (dict,), kind="table")
+    column_map: dict[str, str] | None = opt(None, "manifest column names (image, caption, "
+                                            "width, height)", ("file", "builder"), (dict,),
+                                            kind="table", check=_columns)
     resolution: int | None = opt(None, "buckets up to resolution² (instead of ladder.max_area)",
-                                 ("file",), _INT, kind="int", check=_at_least(16))
+                                 ("file",), _INT, kind="int", check=_side)
     ladder: LadderSpec = opt(None, "preset overrides or a fitted budget", ("file", "builder"),
                              (dict,), kind="table", factory=LadderSpec)
     captions: CaptionSpec | None = opt(None, "`CaptionTransform`'s options (none: each "
@@ -255,13 +278,13 @@ class Spec:
                      flag={"choices": sorted(MODELS)})
     batch_size: int | None = opt(
         None, "per-rank batch size (or `max_pixels_per_batch`; default 1 in the report)", _RUN,
-        _INT, kind="int", check=_at_least(1),
+        _INT, kind="int", check=_size,
         flag={"type": positive_int, "metavar": "B", "group": "size"})
     max_pixels_per_batch: int | None = opt(
         None, "per-rank pixel budget: each bucket gets floor(P / (w*h)) images", _RUN, _INT,
-        kind="int", check=_at_least(1), flag={"type": area_arg, "metavar": "P", "group": "size"})
+        kind="int", check=_size, flag={"type": area_arg, "metavar": "P", "group": "size"})
     max_batch_size: int | None = opt(None, "cap on the pixel budget's batch sizes", ("file",),
-                                     _INT, kind="int", check=_at_least(1))
+                                     _INT, kind="int", check=_size)
     world_size: int = opt(
         1, "ranks to plan for (training reads torch.distributed)", ("report",),
         _INT, kind="int", check=_at_least(1), flag={"type": positive_int, "metavar": "W"})
