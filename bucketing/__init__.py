@@ -26,8 +26,8 @@ _LAZY_MODULES = {
         "BucketResizeCrop", "CaptionTransform", "FitParams", "FluxEncoders", "FluxTokenizer",
         "PromptTokenizer", "SD3Encoders", "SD3Tokenizer", "SD15Tokenizer", "SDXLEncoders",
         "SDXLTokenizer", "collate", "flux_image_ids", "flux_time_shift_mu", "load_image",
-        "pack_latents", "sdxl_add_time_ids", "shift_timesteps", "to_model_input",
-        "tokenizer_for_model", "unpack_latents",
+        "loss_weight_for", "pack_latents", "sdxl_add_time_ids", "shift_timesteps",
+        "to_model_input", "tokenizer_for_model", "unpack_latents",
     ),
     "bucketing.pipeline.dataset": ("TextToImageDataset",),
     "bucketing.pipeline.encoder_cache": ("EncoderCache", "build_cache"),
@@ -44,8 +44,9 @@ __all__ = [
     "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleIndex",
     "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
     "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
-    "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",
-    "text_to_image_dataset", "to_model_input", "tokenizer_for_model", "unpack_latents",
+    "loss_weight_for", "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids",
+    "shift_timesteps", "text_to_image_dataset", "to_model_input", "tokenizer_for_model",
+    "unpack_latents",
 ]
 
 

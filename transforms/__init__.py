@@ -4,6 +4,7 @@ from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import load_image
+from transforms.paired import loss_weight_for
 from transforms.resize_crop import BucketResizeCrop, FitParams
 from transforms.tokenize import (
     FluxTokenizer,
@@ -36,6 +37,7 @@ __all__ = [
     "flux_image_ids",
     "flux_time_shift_mu",
     "load_image",
+    "loss_weight_for",
     "pack_latents",
     "sdxl_add_time_ids",
     "shift_timesteps",

@@ -47,6 +47,8 @@ from transforms.image import (
     ImageDecodeError,
     load_image,
 )
+from transforms.paired import paired_fields
+from transforms.resize_crop import DEFAULT_RESAMPLE, FitParams
 from transforms.rng import sample_rng
 
 if TYPE_CHECKING:
@@ -92,6 +94,12 @@ class TextToImageDataset(Dataset):
     transform that upscales: one with ``allow_upscale=False`` is refused here.
     ``cache``: an encoder cache (``bucketing.build_cache``); samples then carry its
     ``latents`` and caption embeddings instead of pixels, and no image transform is needed.
+
+    An index with paired files (``index.conditioning``, ``index.loss_mask``) adds
+    ``conditioning_pixel_values`` uint8 [K, 3, h, w] and ``loss_mask`` uint8 [1, h, w],
+    fitted with the image's own ``sample["fit"]`` (see :mod:`transforms.paired`); the image
+    transform must add that ``fit`` (``BucketResizeCrop`` does). The GPU decode path does
+    not fit paired files yet and is refused for such an index.
     """
 
     def __init__(
@@ -127,6 +135,12 @@ class TextToImageDataset(Dataset):
         ):
             if transform is not None:
                 _check_transform(name, transform)
+        if getattr(index, "has_pairs", False) and isinstance(image_transform, EncodedFit):
+            raise ValueError(
+                "this index has conditioning images or loss masks, which the GPU decode path "
+                "(EncodedFit) does not fit yet; use image_transform=BucketResizeCrop(...) "
+                "(decoding on the CPU in DataLoader workers)"
+            )
         upscaled = int(np.count_nonzero(getattr(assignment, "upscaled", ())))
         refuses = isinstance(image_transform, DeclaresUpscale) and not image_transform.allow_upscale
         if upscaled and refuses:
@@ -253,7 +267,24 @@ class TextToImageDataset(Dataset):
                 f"image_transform returned pixel_values of shape {shape} for bucket "
                 f"{wh[0]}x{wh[1]} (w x h)"
             )
+        if self.index.has_pairs:
+            sample.update(self._paired(row, sample.get("fit")))
         return sample
+
+    def _paired(self, row: int, params: Any) -> dict[str, Any]:
+        """``row``'s conditioning images and mask, cut with its image's ``params``."""
+        if not isinstance(params, FitParams):
+            raise TypeError(
+                "the index has conditioning images or loss masks, which are fitted with the "
+                "image's own FitParams: image_transform must add sample['fit'] "
+                "(BucketResizeCrop does)"
+            )
+        return paired_fields(
+            self.index, row, params,
+            resample=getattr(self.image_transform, "resample", DEFAULT_RESAMPLE),
+            background=self.background, max_pixels=self.max_pixels,
+            max_decode_bytes=self.max_decode_bytes, draft=self.draft,
+        )  # fmt: skip
 
     def _cached(
         self, row: int, requested: int, occurrence: int, wh: tuple[int, ...]

@@ -77,6 +77,12 @@ def resolve_source(
     "caption": ...}`` names manifest/dataset columns (defaults: the first of
     ``IMAGE_COLUMNS`` / ``CAPTION_COLUMNS`` present). Relative paths resolve against
     the manifest's folder (lists and datasets: ``base_dir``, else the current folder).
+    Paired files: ``column_map`` also names a row's conditioning images
+    (``conditioning_image``, or ``conditioning_image_0`` .. ``_{K-1}``) and loss mask
+    (``loss_mask``; ``"alpha"``: the image's alpha); columns of those names are picked up
+    without it. For a folder, its values are templates such as ``"{stem}_mask.png"``
+    (opt-in; see :mod:`bucketing.sources.folder`). An unusable paired file rejects the
+    row (``missing_pair``, ``unreadable_pair``).
     ``http(s)://`` values are fetched once into ``download_dir`` (default: the user
     cache, see :mod:`bucketing.download`; pass ``downloader=`` for timeouts/retries).
 
@@ -98,7 +104,7 @@ def resolve_source(
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            return resolve_folder(path, base)
+            return resolve_folder(path, base, columns)
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"source {path!r} does not exist; pass a folder of images, a manifest file "
