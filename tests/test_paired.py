@@ -199,3 +199,41 @@ def test_gpu_decode_path_refuses_pairs(paired_manifest: Path):
     with pytest.raises(ValueError, match="GPU decode path"):
         TextToImageDataset(index, assign(index, BucketLadder.for_model("sdxl", max_area=64 * 64)),
                            image_transform=EncodedFit())
+
+
+@pytest.mark.slow  # the tiny VAE runs a dozen times: ~15 s on a loaded 2-core machine
+def test_cache_round_trips_conditioning_latents_and_masks(paired_manifest, tmp_path,
+                                                          tiny_encoders_dirs):
+    from bucketing import build_cache
+    from bucketing.pipeline.encoder_cache.pairs import latent_mask
+    from transforms import BucketResizeCrop, FluxEncoders
+
+    flux = FluxEncoders.from_pretrained(tiny_encoders_dirs["flux"], dtype=torch.float32,
+                                        max_sequence_length=16)  # fmt: skip
+    index = scan(paired_manifest, workers=0)
+    assignment = assign(index, BucketLadder.for_model("flux", max_area=64 * 64))
+    cache = build_cache(index, assignment, flux, tmp_path / "c", flip_p=0.5, progress=False)
+    assert cache.build_stats["failed"] == []
+    cached = TextToImageDataset(index, assignment, cache=cache, seed=5)
+    pixels = TextToImageDataset(index, assignment, seed=5,
+                                image_transform=BucketResizeCrop(flip_p=0.5))
+    flips = set()
+    for epoch in range(2):
+        cached.set_epoch(epoch)
+        pixels.set_epoch(epoch)
+        for i in range(len(index)):
+            a, b = cached[i], pixels[i]
+            assert a["fit"] == b["fit"]
+            flips.add(a["flipped"])
+            expected = flux.encode_images(b["conditioning_pixel_values"])
+            assert a["conditioning_latents"].shape == (1, 16, *a["latents"].shape[-2:])
+            torch.testing.assert_close(a["conditioning_latents"], expected, rtol=1e-5,
+                                       atol=1e-5)  # fmt: skip
+            mask = latent_mask(b["loss_mask"], tuple(a["latents"].shape[-2:]))
+            assert torch.equal(a["loss_mask"], mask) and a["loss_mask"].dtype == torch.uint8
+    assert flips == {True, False}
+    batch = collate([cached[0], cached[2]])
+    assert batch["conditioning_latents"].shape[:2] == (2, 1)
+    weights = loss_weight_for(to_model_input(batch, "cpu", torch.float32)["loss_mask"], "flux",
+                              latent_hw=batch["latents"].shape[-2:])  # fmt: skip
+    assert weights.shape[1] == batch["latents"].shape[-2] * batch["latents"].shape[-1] // 4

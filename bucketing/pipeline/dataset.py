@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bucketing.pipeline.encoder_cache.pairs import cached_pairs
 from transforms.gpu_decode import EncodedFit
 from transforms.image import (
     DEFAULT_MAX_DECODE_BYTES,
@@ -293,6 +294,8 @@ class TextToImageDataset(Dataset):
         rng = sample_rng(self.seed, self.epoch, requested, "image", occurrence)
         size = (int(self.index.width[row]), int(self.index.height[row]))
         sample = self.cache.latent_sample(self.index.paths[row], size, wh, rng)
+        if self.index.has_pairs:
+            sample.update(cached_pairs(self.cache, self.index, row, sample["fit"]))
         return {**sample, "index": row, "original_index": requested,
                 "substituted": row != requested, "occurrence": occurrence}
 
