@@ -237,3 +237,26 @@ def test_cache_round_trips_conditioning_latents_and_masks(paired_manifest, tmp_p
     weights = loss_weight_for(to_model_input(batch, "cpu", torch.float32)["loss_mask"], "flux",
                               latent_hw=batch["latents"].shape[-2:])  # fmt: skip
     assert weights.shape[1] == batch["latents"].shape[-2] * batch["latents"].shape[-1] // 4
+
+
+def test_report_counts_pairs_and_the_preview_shows_them(paired_manifest, tmp_path, capsys):
+    from bucketing.cli.report import main, preview_tiles
+
+    out, png = tmp_path / "r.json", tmp_path / "p.png"
+    code = main([str(paired_manifest), "--model", "sdxl", "--max-area", "4096", "--workers", "1",
+                 "--json", str(out), "--preview", str(png)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    pairs = json.loads(out.read_text())["pairs"]
+    assert pairs == {"conditioning_images": 1, "rows_with_conditioning": 4,
+                     "rows_with_mask": 4, "alpha_masks": 0,
+                     "rejected": {"missing_pair": 1, "pair_aspect": 1}}  # fmt: skip
+    assert "rows rejected for their pairs: 1 missing_pair" in capsys.readouterr().out
+    assert Image.open(png).size[0] > 0
+    index = scan(paired_manifest, workers=0)
+    assignment = assign(index, BucketLadder.for_model("sdxl", max_area=64 * 64))
+    buckets = [{"id": int(b)} for b in np.unique(assignment.bucket_id)]
+    tiles = preview_tiles(index, assignment, buckets, seed=1)
+    for tile in tiles:  # the conditioning image is cut like the model input: its negative
+        assert tile.mask.shape == tile.model_input.shape[:2]
+        diff = np.abs(255 - tile.model_input.astype(int) - tile.conditioning[0].astype(int))
+        assert diff.mean() < 6

@@ -269,6 +269,8 @@ SCHEMA: dict[str, Any] = {
     "captions": {"missing": int, "several": int,
                  "tokens": (("map", _TOKENS), None)},
     "notices": ("map", int),
+    "pairs": {"conditioning_images": int, "rows_with_conditioning": int, "rows_with_mask": int,
+              "alpha_masks": int, "rejected": ("map", int)},
     "images": [{"path": str, "width": (int, None), "height": (int, None),
                 "bucket": ([int], None), "scale": (float, None), "crop_loss": (float, None),
                 "resolution_loss": (float, None), "reason": (str, None)}],
