@@ -23,6 +23,11 @@ feeds every padded row, as the on-the-fly path does.
     python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --steps 1000
     bucket-cache my_photos/ --weights FLUX.1-dev --out cache/ --max-area 1048576
     python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --cache cache/
+
+With ``--loss-mask`` the data's loss masks weight the loss (a manifest's ``loss_mask`` column;
+``--loss-mask alpha`` the images' alpha; ``--loss-mask '{stem}_mask.png'`` a folder's mask
+files): each latent token counts by the share of its pixels the mask covers
+(``loss_weight_for``), so a masked-out background does not train.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from transforms import (
     collate,
     flux_image_ids,
     flux_time_shift_mu,
+    loss_weight_for,
     pack_latents,
     shift_timesteps,
     to_model_input,
@@ -56,7 +62,8 @@ from transforms import (
 def build_loader(args: argparse.Namespace, cache: EncoderCache | None = None) -> DataLoader:
     """The data side, as a FLUX user wires it: pixels and token ids, or ``cache``'s
     latents and text embeddings."""
-    index = scan(args.data, workers=1)
+    index = scan(args.data, workers=1,
+                 column_map={"loss_mask": args.loss_mask} if args.loss_mask else None)
     overrides = {"max_area": args.max_area} if args.max_area else {}
     assignment = assign(index, BucketLadder.for_model("flux", **overrides))
     if cache is not None:
@@ -153,7 +160,12 @@ def train(args: argparse.Namespace) -> float:
             joint_attention_kwargs=attention,
             return_dict=False,
         )[0]
-        loss = F.mse_loss(unpack_latents(pred, lh, lw).float(), (noise - latents).float())
+        if args.loss_mask:  # per-token weights: the share of each 2x2 token's pixels masked in
+            weight = loss_weight_for(inputs["loss_mask"], "flux", latent_hw=(lh, lw))
+            error = (pred.float() - pack_latents(noise - latents).float()) ** 2 * weight
+            loss = error.sum() / (weight.sum() * pred.shape[-1]).clamp_min(1.0)
+        else:
+            loss = F.mse_loss(unpack_latents(pred, lh, lw).float(), (noise - latents).float())
         return loss, (f"bucket {width}x{height}  batch {b}  "
                       f"tokens {(height // 16) * (width // 16)}  mu {mu:.3f}")
 
@@ -172,6 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance value")
     p.add_argument("--cache", metavar="DIR", help="encoder cache (bucket-cache) of the same "
                    "--data and --max-area: train from its latents and text embeddings")
+    p.add_argument("--loss-mask", nargs="?", const="loss_mask", metavar="RULE",
+                   help="weight the loss by the data's masks: a manifest column (default "
+                   "loss_mask), 'alpha', or a folder template such as '{stem}_mask.png'")
     args = p.parse_args(argv)
     if args.cache and args.template != p.get_default("template"):
         p.error("--template cannot apply to a cache (its captions are encoded as they are): "

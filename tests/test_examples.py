@@ -113,3 +113,27 @@ def test_train_sdxl_lora(repo_root, tokenizer_dirs, tmp_path):
         assert oh >= th and ow >= tw  # never upscaled: the original covers the bucket
         assert 0 <= y <= oh - th and 0 <= x <= ow - tw and float(loss) > 0
     trained_lora(tmp_path / "lora")
+
+
+@pytest.mark.slow
+def test_train_flux_lora_with_a_loss_mask(repo_root, tiny_flux, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (w, h) in enumerate([(256, 192), (192, 256), (256, 256), (320, 192)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255  # the subject; the rest not trained
+        Image.fromarray(mask).save(tmp_path / f"{i}_mask.png")
+        rows.append({"image": f"{i}.png", "loss_mask": f"{i}_mask.png", "caption": f"photo {i}"})
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = run(repo_root, "train_flux_lora.py", "--weights", str(tiny_flux), "--steps", str(STEPS),
+              "--data", str(tmp_path / "rows.jsonl"), "--loss-mask", "--max-area",
+              str(256 * 256), "--t5-max-length", "64", "--batch-size", "2", "--workers", "2",
+              "--device", "cpu", "--save", str(tmp_path / "lora"))
+    check_flux_steps(out)
+    assert any("transformer" in name for name in trained_lora(tmp_path / "lora"))
