@@ -260,3 +260,35 @@ def test_report_counts_pairs_and_the_preview_shows_them(paired_manifest, tmp_pat
         assert tile.mask.shape == tile.model_input.shape[:2]
         diff = np.abs(255 - tile.model_input.astype(int) - tile.conditioning[0].astype(int))
         assert diff.mean() < 6
+
+
+def test_hf_datasets_carry_pairs_and_bad_pairs_are_rejections(tmp_path: Path):
+    datasets = pytest.importorskip("datasets")
+    pixels = _picture(5)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(255 - pixels).save(tmp_path / "c.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    Image.fromarray(_mask()).save(tmp_path / "m.png")
+    paths = [str(tmp_path / n) for n in ("a.png", "a.png", "a.png")]
+    ds = datasets.Dataset.from_dict(
+        {"image": paths, "control": [str(tmp_path / "c.png"), str(tmp_path / "broken.png"),
+                                     str(tmp_path / "c.png")],
+         "mask": [str(tmp_path / "m.png"), str(tmp_path / "m.png"), str(tmp_path / "gone.png")],
+         "text": ["ok", "broken control", "missing mask"]},
+    ).cast_column("image", datasets.Image()).cast_column("control", datasets.Image())
+    index = scan(ds, workers=0, column_map={"conditioning_image": "control", "loss_mask": "mask"})
+    assert len(index) == 1 and list(index.captions) == [["ok"]]
+    assert sorted(r.reason for r in index.rejections) == ["missing_pair", "unreadable_pair"]
+    sample = TextToImageDataset(index, assign(index, BucketLadder.for_model(
+        "sdxl", max_area=64 * 64)), image_transform=_crop())[0]  # fmt: skip
+    diff = (255 - sample["pixel_values"].int() - sample["conditioning_pixel_values"][0].int())
+    assert diff.abs().float().mean() < 1.5
+
+
+def test_column_map_mistakes_are_clear_errors(paired_manifest: Path):
+    with pytest.raises(ValueError, match="numbered 0..K-1"):
+        scan(paired_manifest, workers=0,
+             column_map={"conditioning_image_0": "conditioning_image",
+                         "conditioning_image_2": "conditioning_image"})
+    with pytest.raises(ValueError, match="no column 'controls'"):
+        scan(paired_manifest, workers=0, column_map={"conditioning_image": "controls"})
