@@ -11,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from bucketing import (
@@ -25,6 +27,8 @@ from bucketing import (
 )
 from bucketing.ladder import BucketLadder
 from transforms.gpu_decode import EncodedFit
+from transforms.paired import fit_mask
+from transforms.resize_crop import fit, fit_params
 
 W, H = 160, 120  # 4:3; the mask's rectangle is in the red channel of the image
 BOX = (30, 20, 110, 80)  # x0, y0, x1, y1
@@ -292,3 +296,17 @@ def test_column_map_mistakes_are_clear_errors(paired_manifest: Path):
                          "conditioning_image_2": "conditioning_image"})
     with pytest.raises(ValueError, match="no column 'controls'"):
         scan(paired_manifest, workers=0, column_map={"conditioning_image": "controls"})
+
+
+@settings(max_examples=30, deadline=None)
+@given(w=st.integers(16, 90), h=st.integers(16, 90), bw=st.integers(4, 16),
+       bh=st.integers(4, 16), flip=st.booleans(), seed=st.integers(0, 2**16))
+def test_masks_are_cut_with_the_images_geometry(w, h, bw, bh, flip, seed):
+    """A mask and an image holding the same picture land on the same pixels: fit_mask's box
+    filter over the crop box equals the image kernel run with the box filter."""
+    rng = np.random.default_rng(seed)
+    mask = (rng.random((h, w)) < 0.5).astype(np.uint8) * 255
+    params = fit_params((w, h), (bw, bh), crop="random", flip=flip, rng=rng)
+    image = fit(Image.fromarray(mask).convert("RGB"), params, resample="box")
+    got = fit_mask(Image.fromarray(mask), params)
+    assert got.shape == (1, bh, bw) and torch.equal(got[0], image[0])
