@@ -310,3 +310,13 @@ def test_masks_are_cut_with_the_images_geometry(w, h, bw, bh, flip, seed):
     image = fit(Image.fromarray(mask).convert("RGB"), params, resample="box")
     got = fit_mask(Image.fromarray(mask), params)
     assert got.shape == (1, bh, bw) and torch.equal(got[0], image[0])
+
+
+def test_header_less_lists_take_alpha_masks(tmp_path: Path):
+    rgba = np.dstack([_picture(6), _mask()])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cut.png")
+    (tmp_path / "list.tsv").write_text("cut.png\ta cut-out\n")
+    index = scan(tmp_path / "list.tsv", workers=0, column_map={"loss_mask": "alpha"})
+    assert len(index) == 1 and index.loss_mask is not None
+    with pytest.raises(ValueError, match="no column 'controls'"):
+        scan(tmp_path / "list.tsv", workers=0, column_map={"conditioning_image": "controls"})

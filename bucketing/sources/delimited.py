@@ -81,6 +81,8 @@ def _read_delimited(
     if first is None:
         raise ValueError(f"{path} is empty; it needs one row per image")
     if _looks_like_image_ref(first[1][0]):
+        # only the image's own alpha can pair with a header-less row; a named column is an error
+        paired = pick_paired(["image", "caption"], column_map, path)
         if "image" not in column_map.values():
             column_map = {}
         image, caption = pick_columns(["image", "caption"], column_map, path)
@@ -90,7 +92,7 @@ def _read_delimited(
                 rest = delimiter.join(cells[1:])
                 yield f"line {line}", {"image": cells[0], "caption": rest}
 
-        return image, caption, header_less(), pick_paired([], {}, path)
+        return image, caption, header_less(), paired
     columns = [c.strip() for c in first[1]]
     other = next((sep for sep in ";|\t," if sep != delimiter and sep in first[1][0]), None)
     if len(columns) == 1 and other is not None:
