@@ -200,7 +200,11 @@ def _scan(
 
     paths, widths, heights, captions, rows = [], [], [], [], []
     rejections = list(resolved.rejections)
-    problems = _pair_problems(entries, headers, _resolve_workers(workers), resolved.blobs)
+    # paired files are read by shard too: each rank checks its own rows' pairs
+    problems = _pair_problems(entries[lo:hi], headers[lo:hi], _resolve_workers(workers),
+                              resolved.blobs)  # fmt: skip
+    if world > 1:
+        problems = [p for shard in _all_gather(problems) for p in shard]
     k = max((len(e.conditioning) for e in entries), default=0)
     conditioning: list[list[str]] = [[] for _ in range(k)]
     masks: list[str] = []
