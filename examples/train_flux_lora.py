@@ -67,7 +67,7 @@ def build_loader(args: argparse.Namespace, cache: EncoderCache | None = None) ->
     overrides = {"max_area": args.max_area} if args.max_area else {}
     assignment = assign(index, BucketLadder.for_model("flux", **overrides))
     if cache is not None:
-        dataset = TextToImageDataset(index, assignment, cache=cache, seed=args.seed,
+        dataset = TextToImageDataset(index, assignment, encoder_cache=cache, seed=args.seed,
                                      caption_transform=CaptionTransform(dropout=0.1))
     else:
         tokenizer = FluxTokenizer.from_flux_dir(args.weights, t5_max_length=args.t5_max_length)

@@ -62,7 +62,7 @@ def test_captions_only_the_uncaptioned(folder, tiny_blip, repo_root):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     proc = subprocess.run([sys.executable, "-m", "bucketing.cli.caption", str(folder),
-                           "--model", str(tiny_blip), "--batch-size", "2",
+                           "--captioner", str(tiny_blip), "--batch-size", "2",
                            "--max-new-tokens", "6", "--device", "cpu"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -218,7 +218,7 @@ def test_cache_round_trips_conditioning_latents_and_masks(paired_manifest, tmp_p
     assignment = assign(index, BucketLadder.for_model("flux", max_area=64 * 64))
     cache = build_cache(index, assignment, flux, tmp_path / "c", flip_p=0.5, progress=False)
     assert cache.build_stats["failed"] == []
-    cached = TextToImageDataset(index, assignment, cache=cache, seed=5)
+    cached = TextToImageDataset(index, assignment, encoder_cache=cache, seed=5)
     pixels = TextToImageDataset(index, assignment, seed=5,
                                 image_transform=BucketResizeCrop(flip_p=0.5))
     flips = set()

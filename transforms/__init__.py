@@ -3,9 +3,9 @@
 from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
-from transforms.image import load_image
+from transforms.image import DecodeSettings, decode_image, load_image
 from transforms.paired import loss_weight_for
-from transforms.resize_crop import BucketResizeCrop, FitParams
+from transforms.resize_crop import BucketResizeCrop, FitParams, decode_and_fit
 from transforms.tokenize import (
     FluxTokenizer,
     PromptTokenizer,
@@ -24,6 +24,7 @@ from transforms.tokenize import (
 __all__ = [
     "BucketResizeCrop",
     "CaptionTransform",
+    "DecodeSettings",
     "FitParams",
     "FluxEncoders",
     "FluxTokenizer",
@@ -34,6 +35,8 @@ __all__ = [
     "SD15Tokenizer",
     "SDXLTokenizer",
     "collate",
+    "decode_and_fit",
+    "decode_image",
     "flux_image_ids",
     "flux_time_shift_mu",
     "load_image",

@@ -17,6 +17,7 @@ the image's own alpha channel (255: opaque).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Sequence
@@ -32,15 +33,16 @@ from bucketing.pairs import aspect_problem
 from bucketing.sources.rows import ALPHA_MASK
 from transforms.image import (
     _TRANSPOSE,
-    DEFAULT_MAX_DECODE_BYTES,
+    DEFAULT_DECODE,
     ORIGINAL_SIZE_KEY,
+    DecodeSettings,
     ImageDecodeError,
     _check_decode_bytes,
     _exif_orientation,
+    decode_image,
     describe_source,
-    load_image,
 )
-from transforms.resize_crop import DEFAULT_RESAMPLE, FitParams, fit
+from transforms.resize_crop import DEFAULT_RESAMPLE, FitParams, decode_and_fit
 
 __all__ = ["fit_mask", "load_alpha", "load_mask", "loss_weight_for", "paired_fields"]
 
@@ -49,14 +51,13 @@ _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 def load_alpha(
-    source: str | os.PathLike | bytes,
-    *,
-    max_pixels: int | None = None,
-    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
+    source: str | os.PathLike | bytes, settings: DecodeSettings = DEFAULT_DECODE
 ) -> Image.Image:
     """The oriented alpha channel of the image at ``source`` as an ``L`` image (a colour key
-    counts: its pixels are 0). Raises :class:`ImageDecodeError` when it has none."""
+    counts: its pixels are 0), under the limits of ``settings``. Raises
+    :class:`ImageDecodeError` when it has none."""
     name = describe_source(source)
+    max_pixels, max_decode_bytes = settings.max_pixels, settings.max_decode_bytes
     try:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         with Image.open(fp) as img:
@@ -82,17 +83,16 @@ def load_alpha(
 
 
 def load_mask(
-    source: str | os.PathLike | bytes,
-    *,
-    max_pixels: int | None = None,
-    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
+    source: str | os.PathLike | bytes, settings: DecodeSettings = DEFAULT_DECODE
 ) -> Image.Image:
-    """A mask file as an oriented ``L`` image: its grey levels (any mode: 16-bit scaled,
-    colour by luma, transparency composited on black)."""
-    rgb = load_image(
-        source, background=_BLACK, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes
-    )
-    return rgb.convert("L")
+    """A mask file as an oriented ``L`` image, decoded like every image (``decode_image``
+    with the limits of ``settings``): its grey levels (any mode: 16-bit scaled, colour by
+    luma, transparency composited on black, no JPEG draft)."""
+    mask_settings = dataclasses.replace(settings, background=_BLACK, draft=False)
+    rgb = decode_image(source, mask_settings)
+    mask = rgb.convert("L")
+    mask.info = dict(rgb.info)
+    return mask
 
 
 def fit_mask(mask: Image.Image, params: FitParams) -> torch.Tensor:
@@ -109,9 +109,10 @@ def fit_mask(mask: Image.Image, params: FitParams) -> torch.Tensor:
     return torch.from_numpy(np.asarray(region).copy()).unsqueeze(0)
 
 
-def _check_aspect(img: Image.Image, target_wh: Sequence[int], what: str, source: Any) -> None:
+def _check_aspect(original_hw: Sequence[int], target_wh: Sequence[int], what: str,
+                  source: str | os.PathLike | bytes) -> None:
     """Refuse a paired image whose aspect changed since the scan (the file was replaced)."""
-    h, w = img.info.get(ORIGINAL_SIZE_KEY, (img.height, img.width))
+    h, w = original_hw
     problem = aspect_problem(target_wh, (w, h))
     if problem is not None:
         raise ValueError(f"{what} {describe_source(source)} {problem} (changed since the scan?)")
@@ -121,28 +122,24 @@ def paired_fields(
     index: Any,
     row: int,
     params: FitParams,
+    settings: DecodeSettings = DEFAULT_DECODE,
     *,
     resample: str = DEFAULT_RESAMPLE,
-    background: Sequence[int] = (255, 255, 255),
-    max_pixels: int | None = None,
-    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
-    draft: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Row ``row``'s paired files fitted with its image's ``params``:
-    ``conditioning_pixel_values`` uint8 [K, 3, h, w] (when the index has K > 0) and
+    ``conditioning_pixel_values`` uint8 [K, 3, h, w] (when the index has K > 0), each through
+    ``decode_and_fit`` with the image's decode ``settings`` and ``resample``, and
     ``loss_mask`` uint8 [1, h, w] (when it has masks; a row without one is all 255)."""
     target = (int(index.width[row]), int(index.height[row]))
     bw, bh = params.bucket
     out: dict[str, torch.Tensor] = {}
-    limits = {"max_pixels": max_pixels, "max_decode_bytes": max_decode_bytes}
     if index.conditioning:
         images = []
         for k, column in enumerate(index.conditioning):
-            source = column[row]
-            img = load_image(source, background=background,
-                             draft_size=(bw, bh) if draft else None, **limits)  # fmt: skip
-            _check_aspect(img, target, f"conditioning image {k}", source)
-            images.append(fit(img, params, resample=resample))
+            source = column[row]  # same aspect, any size: checked, not the target's size
+            fitted = decode_and_fit(source, params, settings, resample=resample)
+            _check_aspect(fitted["original_size"], target, f"conditioning image {k}", source)
+            images.append(fitted["pixel_values"])
         out["conditioning_pixel_values"] = torch.stack(images)
     if index.loss_mask is not None:
         value = index.loss_mask[row]
@@ -150,11 +147,10 @@ def paired_fields(
             out["loss_mask"] = torch.full((1, bh, bw), 255, dtype=torch.uint8)
         else:
             if value == ALPHA_MASK:
-                mask = load_alpha(index.image_source(row), **limits)
+                mask = load_alpha(index.image_source(row), settings)
             else:
-                mask = load_mask(value, **limits)
-                mask.info = {ORIGINAL_SIZE_KEY: (mask.height, mask.width)}
-                _check_aspect(mask, target, "loss mask", value)
+                mask = load_mask(value, settings)
+                _check_aspect(mask.info[ORIGINAL_SIZE_KEY], target, "loss mask", value)
             out["loss_mask"] = fit_mask(mask, params)
     return out
 

@@ -84,8 +84,8 @@ def encode_pairs(
         if all(k is None or k in stored for k in keys):
             continue
         try:
-            fields = paired_fields(index, job.row, job.params, resample=settings.resample,
-                                   background=settings.background, draft=settings.draft)
+            fields = paired_fields(index, job.row, job.params, settings.decode,
+                                   resample=settings.resample)
         except Exception as error:  # noqa: BLE001 - recorded; the dataset substitutes it
             failed.append(f"{index.paths[job.row]}: {type(error).__name__}: {error}")
             continue
