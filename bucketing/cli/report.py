@@ -42,6 +42,7 @@ from bucketing.atomic import atomic_write_bytes
 from bucketing.cli import plots as report_plots
 from bucketing.cli.args import (
     ConfigError,
+    add_column_option,
     add_ladder_options,
     area,
     ladder_overrides,
@@ -480,13 +481,6 @@ def _repeats(text: str) -> float:
     return value
 
 
-def _column(text: str) -> tuple[str, str]:
-    key, sep, name = text.partition("=")
-    if not sep or not key or not name:
-        raise argparse.ArgumentTypeError(f"expected KEY=NAME (e.g. loss_mask=alpha), got {text!r}")
-    return key, name
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``bucket-report`` command line."""
     p = argparse.ArgumentParser(
@@ -527,9 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a FLUX checkout (or folder) with tokenizer/ (CLIP) and tokenizer_2/ "
                    "(T5): measure caption token lengths and truncation")
     p.add_argument("--cache", metavar="PATH", help="scan cache (parquet); rescans are incremental")
-    p.add_argument("--column", action="append", default=[], type=_column, metavar="KEY=NAME",
-                   help="a column_map entry (repeat it): e.g. caption=text, loss_mask=alpha, "
-                   "or for a folder conditioning_image={stem}_control.png")
+    add_column_option(p)
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="scan worker processes (default: all cores)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-': stdout, "
