@@ -320,3 +320,21 @@ def test_header_less_lists_take_alpha_masks(tmp_path: Path):
     assert len(index) == 1 and index.loss_mask is not None
     with pytest.raises(ValueError, match="no column 'controls'"):
         scan(tmp_path / "list.tsv", workers=0, column_map={"conditioning_image": "controls"})
+
+
+def test_a_pair_changed_after_the_scan_is_substituted_or_named(paired_manifest: Path):
+    from bucketing.pipeline.dataset import SubstitutionWarning
+    from transforms.image import ImageDecodeError
+
+    index = scan(paired_manifest, workers=0)
+    assignment = assign(index, BucketLadder.for_model("sdxl", max_area=64 * 64))
+    Image.fromarray(_picture(7, (W, W))).save(paired_manifest.parent / "cond0.png")  # square now
+    row = [Path(c).name for c in index.conditioning[0]].index("cond0.png")
+    strict = TextToImageDataset(index, assignment, image_transform=_crop(), on_error="raise")
+    with pytest.raises(ImageDecodeError, match="conditioning image 0"):
+        strict[row]
+    lenient = TextToImageDataset(index, assignment, image_transform=_crop())
+    with pytest.warns(SubstitutionWarning):
+        sample = lenient[row]
+    assert sample["substituted"] and sample["index"] != row
+    assert sample["conditioning_pixel_values"].shape[0] == 1
