@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as torch_f
 from PIL import Image
 
-from bucketing.ladder import MODEL_SPECS
+from bucketing.models import MODELS
 from bucketing.pairs import aspect_problem
 from bucketing.sources.rows import ALPHA_MASK
 from transforms.image import (
@@ -164,13 +164,13 @@ def loss_weight_for(
     grid, as an encoder cache stores it, is kept), so a latent's weight is the share of its
     pixels the mask covers. FLUX packs latents into 2x2 tokens: its weights come back
     packed the same way, [B, (h/2)(w/2), 1], to multiply a loss of shape [B, N, C*4]; other
-    models get [B, 1, h, w] for a loss of shape [B, C, h, w]."""
-    if model not in MODEL_SPECS:
-        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_SPECS)}")
+    models get [B, 1, h, w] for a loss of shape [B, C, h, w]. The weights are float32."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
     if mask.ndim != 4 or mask.shape[1] != 1:
         raise ValueError(f"loss_mask must be [B, 1, H, W], got {tuple(mask.shape)}")
-    spec = MODEL_SPECS[model]
-    weights = mask.to(torch.float32) / 255.0 if mask.dtype == torch.uint8 else mask.float()
+    spec = MODELS[model]
+    weights = mask.float() / 255.0 if mask.dtype == torch.uint8 else mask.float()
     h, w = mask.shape[-2:]
     lh, lw = (h // spec.vae_scale_factor, w // spec.vae_scale_factor) if latent_hw is None \
         else (int(latent_hw[0]), int(latent_hw[1]))
@@ -182,4 +182,4 @@ def loss_weight_for(
         p = spec.patch_size
         tokens = torch_f.avg_pool2d(weights, p)  # [B, 1, h/2, w/2]
         return tokens.flatten(2).transpose(1, 2)  # [B, N, 1], pack_latents' token order
-    return weights.to(mask.dtype if mask.is_floating_point() else torch.float32)
+    return weights
