@@ -338,3 +338,9 @@ def test_a_pair_changed_after_the_scan_is_substituted_or_named(paired_manifest: 
         sample = lenient[row]
     assert sample["substituted"] and sample["index"] != row
     assert sample["conditioning_pixel_values"].shape[0] == 1
+
+
+def test_sources_without_pairs_refuse_paired_column_maps(tmp_path: Path):
+    Image.fromarray(_picture(3)).save(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="lists of paths do not carry"):
+        scan([str(tmp_path / "a.png")], workers=0, column_map={"loss_mask": "alpha"})

@@ -104,6 +104,17 @@ def pick_paired(columns: Sequence[str], column_map: dict[str, str], what: str) -
     return PairedColumns(conditioning, None if alpha else mask, alpha)
 
 
+def refuse_pairs(column_map: dict[str, str], what: str) -> None:
+    """Raise ValueError when ``column_map`` names paired files for a source that cannot carry
+    them (``what``: e.g. "tar shards"), instead of dropping them."""
+    named = sorted(k for k in column_map if k in (CONDITIONING_KEY, MASK_KEY) or _NUMBERED.match(k))
+    if named:
+        raise ValueError(
+            f"{what} do not carry conditioning images or loss masks (yet), but column_map names "
+            f"{named}; list the rows in a manifest file (.jsonl .csv .parquet ...) instead"
+        )
+
+
 def pick_columns(
     columns: Sequence[str], column_map: dict[str, str], what: str
 ) -> tuple[str, str | None]:
