@@ -344,3 +344,21 @@ def test_sources_without_pairs_refuse_paired_column_maps(tmp_path: Path):
     Image.fromarray(_picture(3)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="lists of paths do not carry"):
         scan([str(tmp_path / "a.png")], workers=0, column_map={"loss_mask": "alpha"})
+
+
+def test_paired_sizes_are_the_oriented_ones(tmp_path: Path):
+    """A conditioning JPEG stored a quarter turn with an EXIF orientation is read upright."""
+    pixels = _picture(11)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    stored = Image.fromarray(255 - pixels).transpose(Image.Transpose.ROTATE_90)  # 120x160
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90° clockwise: 160x120 again
+    stored.save(tmp_path / "c.jpg", quality=95, exif=exif)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "caption": "upright",
+                                                  "conditioning_image": "c.jpg"}))
+    index = scan(tmp_path / "m.jsonl", workers=0)
+    assert len(index) == 1, index.rejections
+    sample = TextToImageDataset(index, assign(index, BucketLadder.for_model(
+        "sdxl", max_area=64 * 64)), image_transform=_crop())[0]  # fmt: skip
+    diff = (255 - sample["pixel_values"].int() - sample["conditioning_pixel_values"][0].int())
+    assert diff.abs().float().mean() < 4
