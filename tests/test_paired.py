@@ -247,7 +247,7 @@ def test_report_counts_pairs_and_the_preview_shows_them(paired_manifest, tmp_pat
     from bucketing.cli.report import main, preview_tiles
 
     out, png = tmp_path / "r.json", tmp_path / "p.png"
-    code = main([str(paired_manifest), "--model", "sdxl", "--max-area", "4096", "--workers", "1",
+    code = main([str(paired_manifest), "--model", "sdxl", "--max-area", "16384", "--workers", "1",
                  "--json", str(out), "--preview", str(png)])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     pairs = json.loads(out.read_text())["pairs"]
