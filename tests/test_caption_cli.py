@@ -95,3 +95,23 @@ def test_errors(folder, tmp_path):
         caption_folder(folder, tmp_path / "no-model")
     with pytest.raises(ValueError, match="batch_size"):
         caption_folder(folder, tmp_path, batch_size=0)
+
+
+def test_trigger_word_written_into_created_captions(folder, tiny_blip, repo_root):
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    proc = subprocess.run([sys.executable, "-m", "bucketing.cli.caption", str(folder),
+                           "--model", str(tiny_blip), "--max-new-tokens", "6", "--device", "cpu",
+                           "--template", "photo of sks dog, {caption}"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    for stem in ("coffee", "rocket", "china"):
+        text = (folder / f"{stem}.txt").read_text().strip()
+        assert text.startswith("photo of sks dog, ")
+        assert set(text.removeprefix("photo of sks dog, ").split()) <= set(WORDS)
+    assert "sks" not in (folder / "flower.txt").read_text()  # an existing caption is untouched
+    run = caption_folder(folder, tiny_blip, overwrite=True, max_new_tokens=6, device="cpu",
+                         prefix="sks dog, ")
+    assert len(run.written) == 5
+    assert (folder / "flower.txt").read_text().startswith("sks dog, ")
+    with pytest.raises(ValueError, match=r"\{caption\}"):
+        caption_folder(folder, tiny_blip, template="photo of sks dog")

@@ -57,7 +57,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 CAPTION_KEYS = ("template", "prefix", "suffix", "dropout", "shuffle_parts", "keep_parts",
-                "separator", "tag_dropout")
+                "separator", "tag_dropout", "fallback")
 # key -> (accepted types, what its value must be)
 TOP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "model": ((str,), f"one of {', '.join(MODEL_SPECS)}"),
