@@ -2,6 +2,7 @@
 
 from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
+from transforms.diffusers_scripts import DiffusersCollate, diffusers_batch
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import load_image
 from transforms.resize_crop import BucketResizeCrop, FitParams
@@ -23,6 +24,7 @@ from transforms.tokenize import (
 __all__ = [
     "BucketResizeCrop",
     "CaptionTransform",
+    "DiffusersCollate",
     "FitParams",
     "FluxEncoders",
     "FluxTokenizer",
@@ -33,6 +35,7 @@ __all__ = [
     "SD15Tokenizer",
     "SDXLTokenizer",
     "collate",
+    "diffusers_batch",
     "flux_image_ids",
     "flux_time_shift_mu",
     "load_image",
