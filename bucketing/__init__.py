@@ -39,14 +39,14 @@ _LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in nam
 
 __all__ = [
     "Assignment", "BatchingRule", "BucketBatchSampler", "BucketLadder", "BucketResizeCrop",
-    "CaptionTransform", "DiffusersCollate", "EncoderCache", "FitParams", "FluxEncoders",
-    "FluxTokenizer", "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection",
-    "SD15Tokenizer", "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer",
-    "SampleIndex", "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache",
-    "collate", "diffusers_batch", "flux_image_ids", "flux_time_shift_mu", "from_config",
-    "load_config", "load_image", "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids",
-    "shift_timesteps", "text_to_image_dataset", "to_model_input", "tokenizer_for_model",
-    "unpack_latents",
+    "CaptionTransform", "EncoderCache", "FitParams", "FluxEncoders", "FluxTokenizer",
+    "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection", "SD15Tokenizer",
+    "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleIndex",
+    "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
+    "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
+    "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",
+    "text_to_image_dataset", "to_model_input", "tokenizer_for_model", "unpack_latents",
+    "DiffusersCollate", "diffusers_batch",
 ]
 
 
