@@ -9,7 +9,7 @@ untrained. No weights are downloaded.
 
     python examples/tiny_models.py flux .cache/tiny-flux --tokenizers .cache/flux-tokenizers
     python examples/tiny_models.py sdxl .cache/tiny-sdxl --tokenizers .cache/sdxl-tokenizers
-    python examples/train_flux_lora.py --weights .cache/tiny-flux --steps 3
+    python examples/train_flux_lora.py --weights .cache/tiny-flux --max-steps 3 --output runs/tiny
 
 ``--tokenizers`` is a folder with the model's ``tokenizer/`` (and ``tokenizer_2/``), e.g. from
 ``python tests/fetch_flux_tokenizers.py``.

@@ -18,6 +18,11 @@ import torch
 from diffusers import FluxPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.append(str(EXAMPLES))  # the examples import their shared lora_loop as users run them
+import train_flux_lora  # noqa: E402
+import train_sdxl_lora  # noqa: E402
+
 pytestmark = pytest.mark.slow
 BATCH = re.compile(r"^batch +\d+ +epoch (\d+) +bucket (\d+)x(\d+) +batch (\d+) +(.*?) +"
                    r"loss ([\d.]+)$", re.M)
@@ -30,6 +35,13 @@ def run(repo_root: Path, script: str, *args: str) -> str:
                           cwd=repo_root, capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
+
+
+def run_here(script, capsys, *args: str) -> str:
+    """The example's ``train`` in this process (its stdout): the uninterrupted reference run."""
+    capsys.readouterr()
+    script.train(script.parse_args(list(args)))
+    return capsys.readouterr().out
 
 
 def steps(out: str) -> list[tuple[int, float, float]]:
@@ -54,10 +66,15 @@ def lora_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def loaded_lora(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The LoRA weights a pipeline's ``load_lora_weights`` put into ``module``, in name order."""
+def loaded_lora(pipe, module: torch.nn.Module, folder: Path) -> list[list[torch.Tensor]]:
+    """The LoRA weights ``pipe.load_lora_weights`` puts into ``module`` from the diffusers file
+    and from the kohya file of ``folder`` (two adapters), each in name order."""
+    files = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
+    for name, file in zip(("diffusers", "kohya"), files, strict=True):
+        pipe.load_lora_weights(folder, weight_name=file, adapter_name=name)
     state = module.state_dict()
-    return [state[k] for k in sorted(state) if ".lora_A." in k or ".lora_B." in k]
+    return [[state[k] for k in sorted(state) if re.search(rf"\.lora_[AB]\.{name}\.", k)]
+            for name in ("diffusers", "kohya")]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +108,8 @@ def test_tiny_checkouts_are_complete_diffusers_checkouts(tiny):
     assert image.shape == (1, 32, 48, 3)
 
 
-def test_flux_trains_from_a_config_stops_and_resumes_exactly(repo_root, tiny, photos, tmp_path):
+def test_flux_trains_from_a_config_stops_and_resumes_exactly(repo_root, tiny, photos, tmp_path,
+                                                             capsys):
     config = tmp_path / "data.toml"
     config.write_text(f'model = "flux"\nbatch_size = 4\nseed = 1\n[[datasets]]\n'
                       f'source = "{photos}"\n[datasets.captions]\n'
@@ -99,8 +117,8 @@ def test_flux_trains_from_a_config_stops_and_resumes_exactly(repo_root, tiny, ph
     args = ["--weights", str(tiny["flux"]), "--config", str(config), "--batch-size", "2",
             "--max-area", str(64 * 64), "--t5-max-length", "16", "--epochs", "2",
             "--lr", "1e-3", "--lr-scheduler", "cosine", "--device", "cpu"]
-    full = run(repo_root, "train_flux_lora.py", *args, "--workers", "0",
-               "--output", str(tmp_path / "full"))
+    full = run_here(train_flux_lora, capsys, *args, "--workers", "0",
+                    "--output", str(tmp_path / "full"))
     batches, taken = BATCH.findall(full), steps(full)
     # --batch-size 2 overrides the file's 4: three photos are a batch of 2 and a short one
     assert "4 batches, 4 optimizer steps over 2 epochs" in full and len(batches) == 4
@@ -132,11 +150,8 @@ def test_flux_trains_from_a_config_stops_and_resumes_exactly(repo_root, tiny, ph
     kohya = load_file(tmp_path / "full" / "pytorch_lora_weights_kohya.safetensors")
     assert all(k.startswith("lora_transformer_") for k in kohya)
     assert len(kohya) == 3 * len(final) // 2  # lora_down, lora_up, alpha per module
-    loaded = []
-    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
-        pipe = FluxPipeline.from_pretrained(tiny["flux"])
-        pipe.load_lora_weights(tmp_path / "full", weight_name=name)
-        loaded.append(loaded_lora(pipe.transformer))
+    pipe = FluxPipeline.from_pretrained(tiny["flux"])
+    loaded = loaded_lora(pipe, pipe.transformer, tmp_path / "full")
     trained = [final[k] for k in sorted(final)]
     for weights in loaded:
         assert len(weights) == len(trained)
@@ -144,12 +159,12 @@ def test_flux_trains_from_a_config_stops_and_resumes_exactly(repo_root, tiny, ph
 
 
 def test_sdxl_trains_accumulates_stops_at_an_epoch_end_and_resumes(repo_root, tiny, photos,
-                                                                     tmp_path):
+                                                                     tmp_path, capsys):
     args = ["--weights", str(tiny["sdxl"]), "--data", str(photos), "--max-area", str(128 * 128),
             "--batch-size", "2", "--epochs", "2", "--grad-accum", "2", "--seed", "1",
             "--device", "cpu"]
-    full = run(repo_root, "train_sdxl_lora.py", *args, "--workers", "0",
-               "--output", str(tmp_path / "full"))
+    full = run_here(train_sdxl_lora, capsys, *args, "--workers", "0",
+                    "--output", str(tmp_path / "full"))
     batches, taken = BATCH.findall(full), steps(full)
     assert "4 batches, 2 optimizer steps over 2 epochs" in full and len(taken) == 2
     for _, w, h, _, detail, _ in batches:
@@ -177,11 +192,8 @@ def test_sdxl_trains_accumulates_stops_at_an_epoch_end_and_resumes(repo_root, ti
     kohya = load_file(tmp_path / "full" / "pytorch_lora_weights_kohya.safetensors")
     assert kohya and all(k.startswith("lora_unet_") for k in kohya)
     assert {k.split(".", 1)[1] for k in kohya} == {"lora_down.weight", "lora_up.weight", "alpha"}
-    loaded = []
-    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"):
-        pipe = StableDiffusionXLPipeline.from_pretrained(tiny["sdxl"])
-        pipe.load_lora_weights(tmp_path / "full", weight_name=name)
-        loaded.append(loaded_lora(pipe.unet))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny["sdxl"])
+    loaded = loaded_lora(pipe, pipe.unet, tmp_path / "full")
     assert loaded[0] and len(loaded[0]) == len(loaded[1]) == len(final)
     assert all(torch.equal(a, b) for a, b in zip(*loaded, strict=True))
     assert any(t.abs().sum() > 0 for t in loaded[0])
@@ -207,11 +219,13 @@ def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny, photos, tmp_pat
     assert any(k.startswith("transformer.") for k in lora_tensors(tmp_path / "lora"))
 
 
-def test_contradictory_options_are_refused(repo_root, tiny, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(repo_root)}
-    script = str(repo_root / "examples" / "train_sdxl_lora.py")
+def test_contradictory_options_are_refused(capsys):
     for extra, message in ((["--data", "x", "--config", "y"], "give one"),
-                           (["--max-steps", "2"], "need --output")):
-        proc = subprocess.run([sys.executable, script, "--weights", str(tiny["sdxl"]), *extra],
-                              capture_output=True, text=True, timeout=120, env=env)
-        assert proc.returncode == 2 and message in proc.stderr
+                           (["--max-steps", "2"], "need --output"),
+                           (["--epochs", "0"], "--epochs must be >= 1")):
+        with pytest.raises(SystemExit) as exit_:
+            train_sdxl_lora.parse_args(["--weights", "w", *extra])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_flux_lora.parse_args(["--weights", "w", "--cache", "c", "--template", "{caption}"])
+    assert "--template cannot apply to a cache" in capsys.readouterr().err
