@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from safetensors.torch import load_file
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.append(str(EXAMPLES))  # the examples import their shared lora_loop as users run them
+import tiny_models  # noqa: E402
 import train_flux_lora  # noqa: E402
 import train_sdxl_lora  # noqa: E402
 
@@ -71,7 +73,9 @@ def loaded_lora(pipe, module: torch.nn.Module, folder: Path) -> list[list[torch.
     and from the kohya file of ``folder`` (two adapters), each in name order."""
     files = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors")
     for name, file in zip(("diffusers", "kohya"), files, strict=True):
-        pipe.load_lora_weights(folder, weight_name=file, adapter_name=name)
+        with warnings.catch_warnings():  # peft notes the second adapter: that is the point
+            warnings.filterwarnings("ignore", "Already found a `peft_config`")
+            pipe.load_lora_weights(folder, weight_name=file, adapter_name=name)
     state = module.state_dict()
     return [[state[k] for k in sorted(state) if re.search(rf"\.lora_[AB]\.{name}\.", k)]
             for name in ("diffusers", "kohya")]
@@ -82,8 +86,7 @@ def tiny(repo_root, tokenizer_dirs, tmp_path_factory) -> dict[str, Path]:
     """examples/tiny_models.py's FLUX and SDXL checkouts, written once for this module."""
     root = tmp_path_factory.mktemp("tiny")
     for model in ("flux", "sdxl"):
-        run(repo_root, "tiny_models.py", model, str(root / model), "--tokenizers",
-            str(tokenizer_dirs[model]))
+        tiny_models.main([model, str(root / model), "--tokenizers", str(tokenizer_dirs[model])])
     return {"flux": root / "flux", "sdxl": root / "sdxl"}
 
 
@@ -199,7 +202,7 @@ def test_sdxl_trains_accumulates_stops_at_an_epoch_end_and_resumes(repo_root, ti
     assert any(t.abs().sum() > 0 for t in loaded[0])
 
 
-def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny, photos, tmp_path):
+def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny, photos, tmp_path, capsys):
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     cache = str(tmp_path / "cache")
     built = subprocess.run(
@@ -211,10 +214,10 @@ def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny, photos, tmp_pat
     # No VAE or text encoder on the training side: a checkout holding only the transformer.
     (tmp_path / "transformer-only").mkdir()
     (tmp_path / "transformer-only" / "transformer").symlink_to(tiny["flux"] / "transformer")
-    out = run(repo_root, "train_flux_lora.py", "--weights", str(tmp_path / "transformer-only"),
-              "--cache", cache, "--data", str(photos), "--max-area", str(64 * 64),
-              "--batch-size", "2", "--workers", "2", "--device", "cpu",
-              "--output", str(tmp_path / "lora"))
+    out = run_here(train_flux_lora, capsys, "--weights", str(tmp_path / "transformer-only"),
+                   "--cache", cache, "--data", str(photos), "--max-area", str(64 * 64),
+                   "--batch-size", "2", "--workers", "2", "--device", "cpu",
+                   "--output", str(tmp_path / "lora"))
     assert len(BATCH.findall(out)) == 2 and len(steps(out)) == 2
     assert any(k.startswith("transformer.") for k in lora_tensors(tmp_path / "lora"))
 
