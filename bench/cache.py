@@ -4,7 +4,7 @@
    with 16 latent channels, transformers CLIP + T5, tests/conftest.py ``write_tiny_encoders``):
    - on the fly: ``TextToImageDataset`` + ``BucketResizeCrop`` + ``collate``, then
      ``encode_images`` and ``encode_text`` on every batch (what a trainer without a cache does);
-   - cached: ``TextToImageDataset(cache=...)`` + ``collate`` (memory-mapped shards);
+   - cached: ``TextToImageDataset(encoder_cache=...)`` + ``collate`` (memory-mapped shards);
    - cached, resident: the same after ``cache.to("cpu")`` (the tiny-dataset option).
    All in one process (``num_workers=0``): per-core figures, the same sampler plan.
 2. Bytes per sample for FLUX.1 at 1024² (bf16, the real 4096-wide T5-XXL, 768-wide pooled
@@ -130,9 +130,9 @@ def bench_epochs(root: Path, images: int, reps: int) -> tuple[list[dict], float]
     cache = build_cache(index, assignment, enc, root / "cache", progress=False)
     build_s = time.perf_counter() - t0
     fly = TextToImageDataset(index, assignment, image_transform=BucketResizeCrop())
-    cached = TextToImageDataset(index, assignment, cache=cache)
+    cached = TextToImageDataset(index, assignment, encoder_cache=cache)
     resident = TextToImageDataset(index, assignment,
-                                  cache=type(cache).open(root / "cache").to("cpu"))
+                                  encoder_cache=type(cache).open(root / "cache").to("cpu"))
     with torch.inference_mode():
         t_fly = timeit(lambda: epoch(fly, sampler, enc), reps=reps)
     t_cached = timeit(lambda: epoch(cached, sampler), reps=reps)
@@ -224,7 +224,7 @@ def bench_read(root: Path, reads: int) -> tuple[list[dict], float]:
     assignment = assign(index, BucketLadder.from_buckets([(1024, 1024)], multiple=16))
     cache = build_cache(index, assignment, RealShapes(lengths), root / "big-cache",
                         progress=False, batch_size=1)
-    ds = TextToImageDataset(index, assignment, cache=cache)
+    ds = TextToImageDataset(index, assignment, encoder_cache=cache)
     torch.set_num_threads(1)
     for i in range(len(index)):
         ds[i]  # open the shards (each worker does this once)

@@ -37,7 +37,7 @@ from bucketing.assign import assign  # noqa: E402
 from bucketing.index import ImageIndex  # noqa: E402
 from bucketing.ladder import BucketLadder  # noqa: E402
 from transforms.image import load_image  # noqa: E402
-from transforms.resize_crop import BucketResizeCrop, resize_crop, resized_size  # noqa: E402
+from transforms.resize_crop import BucketResizeCrop, fit, fit_params, resized_size  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 Box = tuple[int, int, int, int]  # (y, x, h, w) in the resized image
@@ -77,8 +77,9 @@ def kernel(resample: str | None) -> Method:
     mode = BucketResizeCrop().resample if resample is None else resample
 
     def run(img: Image.Image, bucket: tuple[int, int], box: Box) -> np.ndarray:
-        out = resize_crop(img, bucket, crop=(box[0], box[1]), resample=mode)
-        return out["pixel_values"].permute(1, 2, 0).numpy().astype(np.float64)
+        params = fit_params(img.size, bucket, crop=(box[0], box[1]))
+        out = fit(img, params, resample=mode)
+        return out.permute(1, 2, 0).numpy().astype(np.float64)
 
     return run
 

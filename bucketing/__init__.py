@@ -23,7 +23,8 @@ from bucketing.sources import resolve_source  # noqa: E402
 _LAZY_MODULES = {
     "samplers": ("BatchingRule", "BucketBatchSampler", "SampleIndex", "bucket_batch_sampler"),
     "transforms": (
-        "BucketResizeCrop", "CaptionTransform", "FitParams", "FluxEncoders", "FluxTokenizer",
+        "BucketResizeCrop", "CaptionTransform", "DecodeSettings", "FitParams", "FluxEncoders",
+        "FluxTokenizer", "decode_and_fit", "decode_image",
         "PromptTokenizer", "SD3Encoders", "SD3Tokenizer", "SD15Tokenizer", "SDXLEncoders",
         "SDXLTokenizer", "collate", "flux_image_ids", "flux_time_shift_mu", "load_image",
         "pack_latents", "sdxl_add_time_ids", "shift_timesteps", "to_model_input",
@@ -39,10 +40,12 @@ _LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in nam
 
 __all__ = [
     "Assignment", "BatchingRule", "BucketBatchSampler", "BucketLadder", "BucketResizeCrop",
-    "CaptionTransform", "EncoderCache", "FitParams", "FluxEncoders", "FluxTokenizer",
+    "CaptionTransform", "DecodeSettings", "EncoderCache", "FitParams", "FluxEncoders",
+    "FluxTokenizer",
     "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection", "SD15Tokenizer",
     "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleIndex",
     "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
+    "decode_and_fit", "decode_image",
     "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
     "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",
     "text_to_image_dataset", "to_model_input", "tokenizer_for_model", "unpack_latents",

@@ -130,10 +130,8 @@ def read_many(
 
 
 # Worker-process entry points for ``bucketing.scan``, next to the reader they run. A worker
-# started by spawn/forkserver still imports the whole ``bucketing`` package (its __init__
-# imports scan, assign, dataset... eagerly, on purpose: with lazy exports the submodule
-# ``bucketing.scan``, once imported, would shadow the function ``scan``), so pyarrow and
-# torch load there too. Linux uses fork, where workers start with all that already loaded.
+# started by spawn/forkserver imports the ``bucketing`` package, whose __init__ loads the core
+# (numpy, pyarrow, Pillow) and nothing of torch: the upper floors are imported on first use.
 _WORKER_BLOBS: Callable[[int], bytes] | None = None
 
 

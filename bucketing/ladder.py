@@ -9,21 +9,21 @@ Small images land in a smaller level instead of being upscaled.
 Within a level no bucket is larger than another in both sides (an *antichain*), so the
 buckets that fit inside an image form one contiguous run in aspect order; that is what
 lets :func:`bucketing.assign` search a few log-aspect neighbours per level with
-``searchsorted`` instead of scoring every bucket. ``MODEL_SPECS`` is the single source of
-truth for each model's divisibility, default area, levels and T5 length.
+``searchsorted`` instead of scoring every bucket. ``MODEL_SPECS`` is the model registry
+(:mod:`bucketing.models`): each model's divisibility, default area, levels and T5 length.
 :meth:`BucketLadder.from_data` keeps, out of a preset, the buckets that serve one dataset best
 within a bucket budget.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from bucketing.models import MODELS, ModelSpec
 
 if TYPE_CHECKING:
     from bucketing.index import ImageIndex
@@ -31,28 +31,6 @@ if TYPE_CHECKING:
 # The largest side assign() accepts (PNG's limit; JPEG stops at 65535): beyond it an image is
 # rejected "too_large", and below it w * h and every loss stay exact in int64 / float64.
 MAX_SIDE = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model's shape constraints: side ``multiple``, default ``max_area`` and ``levels``
-    (areas), bucket ``step`` and ``max_aspect``, and the T5 token length (None: no T5).
-
-    Model-side constants: the VAE's ``vae_scale_factor``, the transformer's ``patch_size``
-    (latent pixels per token side; 1 for UNets) and ``time_shift``, the scheduler's
-    resolution-dependent shift ``(base_seq_len, max_seq_len, base_shift, max_shift)`` (None:
-    no dynamic shift), as in diffusers' scheduler config of the model."""
-
-    name: str
-    multiple: int
-    max_area: int
-    levels: tuple[int, ...]
-    step: int = 64
-    max_aspect: float = 4.0
-    t5_max_length: int | None = None
-    vae_scale_factor: int = 8
-    patch_size: int = 1
-    time_shift: tuple[int, int, float, float] | None = None
 
 
 _STEPS = 10  # level steps from the floor (a quarter of the top side) to the top side
@@ -69,25 +47,8 @@ def default_levels(max_area: int, multiple: int) -> list[int]:
     return sorted({min(s * s, int(max_area)) for s in sides})
 
 
-# Levels from 256² to 1024² (128² to 512² for SD1.5) so that small photos train at their
-# size instead of being rejected, and a 16 px width step where the model allows it: see
-# docs/ladders.md "Levels are a quality choice" for the measured trade-off that chose them.
-_FLUX_LEVELS = tuple(default_levels(1024 * 1024, 16))
-
-MODEL_SPECS: dict[str, ModelSpec] = {
-    # FLUX.1: 8x VAE then 2x2 patches -> sides multiple of 16; T5 512 (dev) / 256 (schnell).
-    "flux": ModelSpec("flux", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=512),
-    "flux-schnell": ModelSpec(
-        "flux-schnell", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=256
-    ),
-    # SD3: 8x VAE then 2x2 patches -> 16; diffusers' SD3 training scripts use T5 length 77.
-    "sd3": ModelSpec("sd3", 16, 1024 * 1024, _FLUX_LEVELS, step=16, t5_max_length=77),
-    # SDXL: the UNet needs latent sides divisible by 4 (pixels by 32), but SDXL was trained
-    # on 64-multiple buckets (1152x896, 1216x832, ...) and kohya uses 64: we use 64.
-    "sdxl": ModelSpec("sdxl", 64, 1024 * 1024, tuple(default_levels(1024 * 1024, 64))),
-    # SD1.5: 8x VAE and three 2x downsamplings in the UNet -> 64-multiples; 512x512 native.
-    "sd15": ModelSpec("sd15", 64, 512 * 512, tuple(default_levels(512 * 512, 64))),
-}
+# The presets: the model registry's entries (bucketing.models holds every model's numbers).
+MODEL_SPECS: dict[str, ModelSpec] = MODELS
 
 
 class BucketLadder:
@@ -433,15 +394,3 @@ def _search_window(ladder: BucketLadder) -> int:
         m_all = max(m_all, m)
     return m_all
 
-
-# Model-side constants from diffusers' model configs: the transformer's 2x2 patches (FLUX, SD3)
-# and FLUX.1-dev's resolution-dependent timestep shift (its scheduler_config.json:
-# base_image_seq_len 256 -> base_shift 0.5, max_image_seq_len 4096 -> max_shift 1.15).
-_MODEL_SIDE: dict[str, dict[str, Any]] = {
-    "flux": {"patch_size": 2, "time_shift": (256, 4096, 0.5, 1.15)},
-    "flux-schnell": {"patch_size": 2},  # schnell's scheduler does not shift
-    "sd3": {"patch_size": 2},
-}
-MODEL_SPECS.update(
-    {name: dataclasses.replace(MODEL_SPECS[name], **f) for name, f in _MODEL_SIDE.items()}
-)

@@ -69,7 +69,7 @@ def data_loader(args: argparse.Namespace, cache: EncoderCache | None = None) -> 
         return build_loader(args, MODELS, tokenizer)
 
     def cached(index, assignment, seed):
-        return TextToImageDataset(index, assignment, cache=cache, seed=seed,
+        return TextToImageDataset(index, assignment, encoder_cache=cache, seed=seed,
                                   caption_transform=CaptionTransform(dropout=0.1))
 
     return build_loader(args, MODELS, None, cached)

@@ -24,7 +24,7 @@ from bucketing.cli.cache import main as cache_main
 from bucketing.pipeline.encoder_cache import estimate_bytes
 from samplers import BucketBatchSampler
 from transforms import BucketResizeCrop, FluxEncoders, SD3Encoders, SDXLEncoders, collate
-from transforms.image import load_image
+from transforms.image import DecodeSettings, ImageDecodeError, load_image
 from transforms.resize_crop import fit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def test_cached_samples_equal_encoding_the_datasets_own_crops(photos, tmp_path, 
     cache = _build(index, assignment, flux, tmp_path / "c", flip_p=0.5, shard_size=3)
     assert cache.build_stats["latents_encoded"] == 2 * len(SIZES)  # and each flipped
     assert cache.build_stats["texts_encoded"] == 4  # 3 distinct captions + the empty one
-    cached = TextToImageDataset(index, assignment, cache=cache, seed=5)
+    cached = TextToImageDataset(index, assignment, encoder_cache=cache, seed=5)
     pixels = TextToImageDataset(index, assignment, seed=5,
                                 image_transform=BucketResizeCrop(flip_p=0.5))
     flips = set()
@@ -118,7 +118,7 @@ def test_full_t5_padding_is_bit_identical_to_the_pipeline(photos, tmp_path, flux
 def test_random_crops_cache_k_variants_the_dataset_picks_from(photos, tmp_path, flux):
     index, assignment = _index(photos)
     cache = _build(index, assignment, flux, tmp_path / "c", crop="random", variants=3, seed=1)
-    ds = TextToImageDataset(index, assignment, cache=cache)
+    ds = TextToImageDataset(index, assignment, encoder_cache=cache)
     r = cache.rows  # images that fill their bucket exactly once resized have one crop
     fixed = [r["row"][k] for k in range(len(cache)) if (r["resized_w"][k], r["resized_h"][k])
              == (r["bucket_w"][k], r["bucket_h"][k])]
@@ -183,7 +183,7 @@ def test_other_weights_are_never_used(photos, tmp_path, flux, tiny_encoders_dirs
     assert (stats["latents_encoded"], stats["texts_encoded"]) == (len(SIZES), 0)
     again = EncoderCache.open(out)
     again.check(other)
-    sample = TextToImageDataset(index, assignment, cache=again)[0]
+    sample = TextToImageDataset(index, assignment, encoder_cache=again)[0]
     pixels = TextToImageDataset(index, assignment, image_transform=BucketResizeCrop())[0]
     torch.testing.assert_close(sample["latents"],
                                other.encode_images(pixels["pixel_values"][None])[0])
@@ -217,14 +217,15 @@ def test_missing_entries_are_substituted_like_failed_decodes(photos, tmp_path, f
     victim = cache.rows["latent_keys"][0][0]
     shard = cache._entries[victim]
     (tmp_path / "c" / "shards" / shard).unlink()
-    ds = TextToImageDataset(index, assignment, cache=EncoderCache.open(tmp_path / "c"))
+    ds = TextToImageDataset(index, assignment, encoder_cache=EncoderCache.open(tmp_path / "c"))
     with pytest.warns(UserWarning, match="replaced by row"):
         sample = ds[0]
     assert sample["substituted"] and sample["index"] != 0
     assert tuple(assignment.bucket_wh[sample["index"]]) == tuple(assignment.bucket_wh[0])
     bw, bh = assignment.bucket_wh[0]
     assert sample["latents"].shape == (16, bh // 8, bw // 8)
-    strict = TextToImageDataset(index, assignment, cache=ds.cache, on_error="raise")
+    strict = TextToImageDataset(index, assignment, encoder_cache=ds.encoder_cache,
+                                on_error="raise")
     with pytest.raises(Exception, match="not in the cache"):
         strict[0]
 
@@ -232,7 +233,7 @@ def test_missing_entries_are_substituted_like_failed_decodes(photos, tmp_path, f
 def test_a_dataloader_batches_cached_samples(photos, tmp_path, flux):
     index, assignment = _index(photos)
     cache = _build(index, assignment, flux, tmp_path / "c")
-    ds = TextToImageDataset(index, assignment, cache=cache)
+    ds = TextToImageDataset(index, assignment, encoder_cache=cache)
     sampler = BucketBatchSampler(assignment, batch_size=2, seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2,
                                          collate_fn=collate)
@@ -246,7 +247,7 @@ def test_a_dataloader_batches_cached_samples(photos, tmp_path, flux):
         seen += batch["index"].tolist()
     assert set(seen) == set(range(len(index)))
     resident = EncoderCache.open(tmp_path / "c").to("cpu")
-    on_device = TextToImageDataset(index, assignment, cache=resident)
+    on_device = TextToImageDataset(index, assignment, encoder_cache=resident)
     assert torch.equal(on_device[3]["latents"], ds[3]["latents"])
     assert resident._resident and all(t.device.type == "cpu" for t in resident._resident.values())
 
@@ -265,7 +266,7 @@ def test_prune_removes_only_what_the_view_does_not_use(photos, tmp_path, flux):
     assert before - len(cache._entries) == 1
     reopened = EncoderCache.open(out)
     assert set(reopened._entries) == reopened.referenced()
-    ds = TextToImageDataset(index, assignment, cache=reopened, on_error="raise")
+    ds = TextToImageDataset(index, assignment, encoder_cache=reopened, on_error="raise")
     assert all(not ds[i]["substituted"] for i in range(len(index)))
 
 
@@ -277,7 +278,7 @@ def test_sdxl_and_sd3_caches_keep_every_text_row(photos, tmp_path, tiny_encoders
                                        max_sequence_length=20))
     index, assignment = _index(photos)
     cache = _build(index, assignment, enc, tmp_path / "c")
-    sample = TextToImageDataset(index, assignment, cache=cache)[1]
+    sample = TextToImageDataset(index, assignment, encoder_cache=cache)[1]
     expected = enc.encode_text([sample["caption"]])
     assert sample["latents"].shape[0] == channels
     assert sample["prompt_embeds"].shape == expected["prompt_embeds"].shape[1:]
@@ -361,8 +362,8 @@ def test_sigkill_during_a_build_then_rebuild(photos, tmp_path, flux, tiny_encode
 
 def _assert_same_cache(a: EncoderCache, b: EncoderCache, index, assignment) -> None:
     assert a.rows["latent_keys"] == b.rows["latent_keys"] and a._texts == b._texts
-    da = TextToImageDataset(index, assignment, cache=a, on_error="raise")
-    db = TextToImageDataset(index, assignment, cache=b, on_error="raise")
+    da = TextToImageDataset(index, assignment, encoder_cache=a, on_error="raise")
+    db = TextToImageDataset(index, assignment, encoder_cache=b, on_error="raise")
     for i in range(len(index)):
         sa, sb = da[i], db[i]
         for key in ("latents", "prompt_embeds", "pooled_prompt_embeds"):
@@ -424,12 +425,12 @@ def test_caption_dropout_works_and_uncacheable_captions_are_named(photos, tmp_pa
 
     index, assignment = _index(photos)
     cache = _build(index, assignment, flux, tmp_path / "c")
-    dropped = TextToImageDataset(index, assignment, cache=cache,
+    dropped = TextToImageDataset(index, assignment, encoder_cache=cache,
                                  caption_transform=CaptionTransform(dropout=1.0))[0]
     assert dropped["caption"] == "" and dropped["text_length"] == 1  # only </s>
     empty = flux.encode_text([""])["prompt_embeds"][0, :1]
     torch.testing.assert_close(dropped["prompt_embeds"], empty)
-    prefixed = TextToImageDataset(index, assignment, cache=cache,
+    prefixed = TextToImageDataset(index, assignment, encoder_cache=cache,
                                   caption_transform=CaptionTransform(prefix="sks, "))
     with pytest.raises(ValueError, match="'sks, a photo number 0' is not in the cache"):
         prefixed[0]
@@ -447,8 +448,29 @@ def test_images_embedded_in_a_hf_dataset_are_keyed_by_their_bytes(photos, tmp_pa
     assignment = assign(index, LADDER)
     cache = _build(index, assignment, flux, tmp_path / "c")
     assert cache.build_stats["latents_encoded"] == 3
-    sample = TextToImageDataset(index, assignment, cache=cache, on_error="raise")[1]
+    sample = TextToImageDataset(index, assignment, encoder_cache=cache, on_error="raise")[1]
     pixels = TextToImageDataset(index, assignment, image_transform=BucketResizeCrop())[1]
     torch.testing.assert_close(sample["latents"],
                                flux.encode_images(pixels["pixel_values"][None])[0])
     assert _build(index, assignment, flux, tmp_path / "c").build_stats["latents_encoded"] == 0
+
+
+def test_the_build_refuses_what_the_dataset_refuses(photos, tmp_path, flux):
+    """The build decodes with the dataset's DecodeSettings: the same limits refuse the same
+    files (recorded as failed, not encoded), the others are encoded."""
+    index, assignment = _index(photos)
+    limits = DecodeSettings(max_pixels=5000)  # the 80x64, 64x80 and 96x64 images are over
+    cache = _build(index, assignment, flux, tmp_path / "c", decode=limits)
+    failed = cache.build_stats["failed"]
+    assert len(failed) == 3 and all("too_many_pixels" in f for f in failed), failed
+    assert cache.build_stats["latents_encoded"] == len(SIZES) - 3
+    pixels = TextToImageDataset(index, assignment, image_transform=BucketResizeCrop(),
+                                max_pixels=5000, on_error="raise")
+    assert pixels.decode == limits
+    refused = set()
+    for i in range(len(index)):
+        try:
+            pixels[i]
+        except ImageDecodeError:
+            refused.add(index.paths[i])
+    assert refused == {f.split(": ")[0] for f in failed}

@@ -62,7 +62,7 @@ def test_captions_only_the_uncaptioned(folder, tiny_blip, repo_root):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     proc = subprocess.run([sys.executable, "-m", "bucketing.cli.caption", str(folder),
-                           "--model", str(tiny_blip), "--batch-size", "2",
+                           "--captioner", str(tiny_blip), "--batch-size", "2",
                            "--max-new-tokens", "6", "--device", "cpu"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -100,7 +100,8 @@ def test_errors(folder, tmp_path):
 def test_trigger_word_written_into_created_captions(folder, tiny_blip, repo_root):
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
     proc = subprocess.run([sys.executable, "-m", "bucketing.cli.caption", str(folder),
-                           "--model", str(tiny_blip), "--max-new-tokens", "6", "--device", "cpu",
+                           "--captioner", str(tiny_blip), "--max-new-tokens", "6",
+                           "--device", "cpu",
                            "--template", "photo of sks dog, {caption}"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr

@@ -30,7 +30,7 @@ from transforms.gpu_decode import (
     decode_batch,
     device_decodable,
 )
-from transforms.image import ORIGINAL_SIZE_KEY, ImageDecodeError, load_image
+from transforms.image import ORIGINAL_SIZE_KEY, DecodeSettings, ImageDecodeError, load_image
 from transforms.resize_crop import BucketResizeCrop
 
 FALLBACKS = ("png", "cmyk", "progressive", "truncated")
@@ -198,7 +198,7 @@ def test_worker_read_refuses_what_load_image_refuses(limit: dict, reason: str) -
     handed_over = EncodedFit.read(data)  # within the default limits: bytes for the device
     assert isinstance(handed_over, JpegSource) and handed_over.size == (48, 32)
     with pytest.raises(ImageDecodeError, match=reason):
-        EncodedFit.read(data, **limit)
+        EncodedFit.read(data, DecodeSettings(**limit))
 
 
 @pytest.mark.filterwarnings("ignore")  # Pillow's warnings about the odd files themselves

@@ -18,7 +18,7 @@ from PIL import Image, ImageCms, ImageOps
 
 from bucketing.headers import read_header
 from transforms.image import DEFAULT_MAX_DECODE_BYTES, ImageDecodeError, decode_bytes, load_image
-from transforms.resize_crop import BucketResizeCrop, resize_crop
+from transforms.resize_crop import BucketResizeCrop
 
 
 def _px(img: Image.Image) -> np.ndarray:
@@ -217,8 +217,8 @@ def test_draft_decodes_less_and_gives_the_same_picture(examples_dir, bucket):
     draft = load_image(path, draft_size=bucket)
     assert draft.width < full.width and draft.width >= bucket[0] and draft.height >= bucket[1]
     assert draft.info["original_size"] == full.info["original_size"] == (1200, 1800)
-    a = resize_crop(full, bucket)
-    b = resize_crop(draft, bucket)
+    a = BucketResizeCrop()(full, bucket, None)
+    b = BucketResizeCrop()(draft, bucket, None)
     assert a["original_size"] == b["original_size"] == (1200, 1800)
     assert abs(a["crop_top_left"][0] - b["crop_top_left"][0]) <= 1
     assert abs(a["crop_top_left"][1] - b["crop_top_left"][1]) <= 1

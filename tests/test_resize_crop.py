@@ -1,4 +1,4 @@
-"""resize_crop / BucketResizeCrop: exact bucket shape, no upscaling, exact crop and flip
+"""fit_params + fit / BucketResizeCrop: exact bucket shape, no upscaling, exact crop and flip
 coordinates (checked with markers), seeded randomness, and the two resize back-ends."""
 
 from __future__ import annotations
@@ -11,16 +11,30 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as F
 
-from transforms.image import load_image
+from transforms.image import DecodeSettings, ImageDecodeError, load_image
 from transforms.resize_crop import (
+    DEFAULT_RESAMPLE,
     RESAMPLE_MODES,
     BucketResizeCrop,
     FitParams,
+    decode_and_fit,
     fit,
-    resize_crop,
+    fit_params,
+    original_size_wh,
     resized_size,
+    sample_fields,
 )
 from transforms.rng import sample_rng
+
+
+def resize_crop(img, bucket_wh, *, crop="center", flip=False, rng=None,
+                resample=DEFAULT_RESAMPLE, allow_upscale=False):
+    """The two halves every transform composes: fit_params of the image's full oriented
+    size (an explicit (y, x) crop allowed), then the fit kernel."""
+    size = original_size_wh(img)
+    params = fit_params(size, bucket_wh, crop=crop, flip=flip, rng=rng,
+                        allow_upscale=allow_upscale)
+    return sample_fields(params, fit(img, params, resample=resample), size)
 
 
 @st.composite
@@ -265,3 +279,25 @@ def test_fit_params_refuse_a_box_that_is_not_the_bucket_inside_the_image():
         FitParams(bucket=(4, 3), scale=0.5, resized=(6, 3), crop=(0, 3, 3, 4), flip=False)
     params = FitParams(bucket=(4, 3), scale=0.5, resized=(6, 3), crop=(0, 0, 3, 4), flip=True)
     assert params.crop_top_left == (0, 2)  # mirrored, SDXL's convention
+
+
+def test_decode_and_fit_is_decode_then_the_kernel(tmp_path):
+    """decode_and_fit with params drawn beforehand: the kernel's pixels on the decoded file;
+    two files of one size given one FitParams (a pair) get the same box; a file whose size
+    is not the scan's, or over the limits, is refused with the reason."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    params = BucketResizeCrop(crop="random", flip_p=0.5).make_params(
+        (200, 120), (96, 64), sample_rng(3, 0, 0, "image"))
+    a = decode_and_fit(paths[0], params, expected_size=(200, 120))
+    b = decode_and_fit(paths[1], params)
+    assert torch.equal(a["pixel_values"], fit(load_image(paths[0]), params))
+    assert a["fit"] == b["fit"] == params and a["crop_top_left"] == b["crop_top_left"]
+    assert not torch.equal(a["pixel_values"], b["pixel_values"])
+    with pytest.raises(ImageDecodeError, match="changed after the scan"):
+        decode_and_fit(paths[0], params, expected_size=(120, 200))
+    with pytest.raises(ImageDecodeError, match="too_many_pixels"):
+        decode_and_fit(paths[0], params, DecodeSettings(max_pixels=1000))

@@ -4,8 +4,8 @@ from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
 from transforms.diffusers_scripts import DiffusersCollate, diffusers_batch
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
-from transforms.image import load_image
-from transforms.resize_crop import BucketResizeCrop, FitParams
+from transforms.image import DecodeSettings, decode_image, load_image
+from transforms.resize_crop import BucketResizeCrop, FitParams, decode_and_fit
 from transforms.tokenize import (
     FluxTokenizer,
     PromptTokenizer,
@@ -24,6 +24,7 @@ from transforms.tokenize import (
 __all__ = [
     "BucketResizeCrop",
     "CaptionTransform",
+    "DecodeSettings",
     "DiffusersCollate",
     "FitParams",
     "FluxEncoders",
@@ -35,6 +36,8 @@ __all__ = [
     "SD15Tokenizer",
     "SDXLTokenizer",
     "collate",
+    "decode_and_fit",
+    "decode_image",
     "diffusers_batch",
     "flux_image_ids",
     "flux_time_shift_mu",

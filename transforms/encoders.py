@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from bucketing.models import MODELS
+
 _SAMPLES_PER_TENSOR = 1024  # values of each weight tensor that enter the fingerprint
 _VOLATILE_CONFIG = ("transformers_version", "torch_dtype", "dtype", "architectures")
 
@@ -109,10 +111,18 @@ class _Encoders:
     dtypes and fingerprints."""
 
     model = ""
-    latent_channels = 0
     text_parts = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-    # folder -> the diffusers / transformers class that loads it
-    classes: dict[str, str] = {}
+
+    @classmethod
+    def classes(cls) -> dict[str, str]:
+        """Folder -> the diffusers / transformers class (``package.Name``) that loads it, from
+        the model registry."""
+        return dict(MODELS[cls.model].components)
+
+    @property
+    def latent_channels(self) -> int:
+        """The VAE's latent channels the model expects (the model registry's)."""
+        return MODELS[self.model].latent_channels
 
     def __init__(
         self,
@@ -123,6 +133,8 @@ class _Encoders:
         tokenizer_2: Any,
         max_sequence_length: int | None = None,
     ) -> None:
+        if max_sequence_length is None:  # the model registry's T5 length (None: no T5)
+            max_sequence_length = MODELS[self.model].t5_max_length
         if max_sequence_length is not None and not 1 <= int(max_sequence_length) <= 512:
             raise ValueError(f"max_sequence_length must be in [1, 512], got {max_sequence_length}")
         self.max_sequence_length = None if max_sequence_length is None else int(max_sequence_length)
@@ -133,9 +145,11 @@ class _Encoders:
                 f"channels, got {channels} (is this the right model's vae/?)"
             )
         self.vae = vae.train(False).requires_grad_(False)
-        self.scaling_factor = float(vae.config.scaling_factor)
+        spec = MODELS[self.model]  # the registry's defaults; the checkpoint's config wins
+        scaling = getattr(vae.config, "scaling_factor", None)
+        self.scaling_factor = float(scaling) if scaling is not None else spec.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)
-        self.shift_factor = float(shift) if shift is not None else 0.0
+        self.shift_factor = float(shift) if shift is not None else spec.shift_factor
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.text_encoder = text_encoder.train(False).requires_grad_(False)
         self.text_encoder_2 = text_encoder_2.train(False).requires_grad_(False)
@@ -179,17 +193,19 @@ class _Encoders:
         import diffusers
         import transformers
 
-        path = _require_folder(folder, tuple(cls.classes))
+        classes = cls.classes()
+        path = _require_folder(folder, tuple(classes))
         modules: dict[str, Any] = {}
-        for part, name in cls.classes.items():
+        for part, dotted in classes.items():
+            library, _, name = dotted.partition(".")
+            loader = getattr({"diffusers": diffusers, "transformers": transformers}[library], name)
             if part.startswith("tokenizer"):
-                loaded = getattr(transformers, name).from_pretrained(path / part,
-                                                                     local_files_only=True)
+                loaded = loader.from_pretrained(path / part, local_files_only=True)
             elif part == "vae":
-                loaded = getattr(diffusers, name).from_pretrained(
+                loaded = loader.from_pretrained(
                     path / part, torch_dtype=dtype, local_files_only=True).to(device)
             else:
-                loaded = getattr(transformers, name).from_pretrained(
+                loaded = loader.from_pretrained(
                     path / part, dtype=dtype, local_files_only=True).to(device)
             modules[part] = loaded
         return cls(**modules, **settings)
@@ -234,8 +250,6 @@ class _Encoders:
 class _T5Encoders(_Encoders):
     """Models with a T5 sequence (FLUX, SD3): its padding length is a setting."""
 
-    default_length = 512
-
     @classmethod
     def from_pretrained(
         cls,
@@ -246,9 +260,9 @@ class _T5Encoders(_Encoders):
         max_sequence_length: int | None = None,
     ) -> Any:
         """Load from a local diffusers folder (only its encoders and tokenizers);
-        ``max_sequence_length`` defaults to the pipeline's (FLUX 512, SD3 256)."""
-        length = cls.default_length if max_sequence_length is None else max_sequence_length
-        return cls._load(folder, device, dtype, max_sequence_length=length)
+        ``max_sequence_length`` defaults to the model registry's T5 length (FLUX 512, SD3
+        77)."""
+        return cls._load(folder, device, dtype, max_sequence_length=max_sequence_length)
 
 
 class FluxEncoders(_T5Encoders):
@@ -259,23 +273,6 @@ class FluxEncoders(_T5Encoders):
     """
 
     model = "flux"
-    latent_channels = 16
-    classes = {"vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
-               "text_encoder_2": "T5EncoderModel", "tokenizer": "CLIPTokenizer",
-               "tokenizer_2": "T5TokenizerFast"}
-
-    def __init__(
-        self,
-        vae: Any,
-        text_encoder: Any,
-        text_encoder_2: Any,
-        tokenizer: Any,
-        tokenizer_2: Any,
-        *,
-        max_sequence_length: int = 512,
-    ) -> None:
-        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
-                         max_sequence_length)
 
     def encode_text(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` [B, max_sequence_length, D_t5] (T5, padded, unmasked as the
@@ -309,10 +306,6 @@ class SDXLEncoders(_Encoders):
     """SDXL's VAE (4 channels) and two CLIP text encoders (penultimate states, 77 tokens)."""
 
     model = "sdxl"
-    latent_channels = 4
-    classes = {"vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
-               "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer": "CLIPTokenizer",
-               "tokenizer_2": "CLIPTokenizer"}
 
     @classmethod
     def from_pretrained(
@@ -357,13 +350,7 @@ class SD3Encoders(_T5Encoders):
     to T5's width and followed by T5's; ``pooled_prompt_embeds`` both CLIPs' concatenated."""
 
     model = "sd3"
-    latent_channels = 16
-    default_length = 256
     text_parts = (*_Encoders.text_parts, "tokenizer_3", "text_encoder_3")
-    classes = {"vae": "AutoencoderKL", "text_encoder": "CLIPTextModelWithProjection",
-               "text_encoder_2": "CLIPTextModelWithProjection",
-               "text_encoder_3": "T5EncoderModel", "tokenizer": "CLIPTokenizer",
-               "tokenizer_2": "CLIPTokenizer", "tokenizer_3": "T5TokenizerFast"}
 
     def __init__(
         self,
@@ -375,7 +362,7 @@ class SD3Encoders(_T5Encoders):
         tokenizer_2: Any,
         tokenizer_3: Any,
         *,
-        max_sequence_length: int = 256,
+        max_sequence_length: int | None = None,
     ) -> None:
         super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2,
                          max_sequence_length)
@@ -411,5 +398,3 @@ class SD3Encoders(_T5Encoders):
             "text_lengths": torch.full((len(captions),), embeds.shape[1], dtype=torch.int64),
         }
 
-
-ENCODERS = {"flux": FluxEncoders, "sdxl": SDXLEncoders, "sd3": SD3Encoders}

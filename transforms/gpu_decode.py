@@ -42,13 +42,15 @@ from torchvision.transforms.v2 import functional as F
 from bucketing.headers import SWAPS_AXES, orientation_code
 from transforms.collate import collate, to_model_input
 from transforms.image import (
-    DEFAULT_MAX_DECODE_BYTES,
+    DEFAULT_DECODE,
     ORIGINAL_SIZE_KEY,
+    DecodeSettings,
     ImageDecodeError,
     _exif_orientation,
+    check_size,
     decode_bytes,
+    decode_image,
     describe_source,
-    load_image,
 )
 from transforms.resize_crop import BucketResizeCrop, FitParams, sample_fields
 
@@ -127,34 +129,32 @@ def device_decodable(data: bytes | bytearray | memoryview) -> bool:
 
 def read_encoded(
     source: str | os.PathLike | bytes,
+    settings: DecodeSettings = DEFAULT_DECODE,
     *,
-    background: Sequence[int] = (255, 255, 255),
-    max_pixels: int | None = None,
-    draft_size: Sequence[int] | None = None,
-    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
+    bucket_wh: Sequence[int] | None = None,
+    expected_size: Sequence[int] | None = None,
 ) -> JpegSource | Image.Image:
     """A worker's read: the JPEG's bytes, orientation and oriented size when the device can
-    decode it within the limits, else the CPU path's :func:`~transforms.image.load_image`
-    (same arguments, same errors)."""
-    limits = {"background": background, "max_pixels": max_pixels, "draft_size": draft_size}
+    decode it within ``settings``' limits, else the CPU path's
+    :func:`~transforms.image.decode_image` (same arguments, same errors)."""
     data = _read_regular(source)
     header = None if data is None or not device_decodable(data) else _jpeg_header(data)
-    if header is None or _over_limits(header, max_pixels, max_decode_bytes):
-        return load_image(source, max_decode_bytes=max_decode_bytes, **limits)
+    if header is None or _over_limits(header, settings):
+        return decode_image(source, settings, bucket_wh=bucket_wh, expected_size=expected_size)
     width, height, orientation, _ = header
     size = (height, width) if orientation in SWAPS_AXES else (width, height)
+    check_size(describe_source(source), size[::-1], expected_size)
     tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return JpegSource(tensor, orientation, size, describe_source(source))
 
 
-def _over_limits(
-    header: tuple[int, int, int, str], max_pixels: int | None, max_decode_bytes: int | None
-) -> bool:
+def _over_limits(header: tuple[int, int, int, str], settings: DecodeSettings) -> bool:
     """Whether ``load_image`` would refuse this image before decoding (it then says why)."""
     width, height, _, mode = header
-    if max_pixels is not None and width * height > max_pixels:
+    if settings.max_pixels is not None and width * height > settings.max_pixels:
         return True
-    return max_decode_bytes is not None and decode_bytes(mode, (width, height)) > max_decode_bytes
+    limit = settings.max_decode_bytes
+    return limit is not None and decode_bytes(mode, (width, height)) > limit
 
 
 def _read_regular(source: str | os.PathLike | bytes) -> bytes | None:
@@ -188,8 +188,9 @@ class EncodedFit:
     Draws the same :class:`FitParams` as ``fit`` (a ``BucketResizeCrop``) from the same
     generator and adds ``encoded`` (an :class:`EncodedImage`) instead of ``pixel_values``,
     plus the params' sample fields (``fit``, ``original_size``, ``crop_top_left``,
-    ``target_size``, ``flipped``). ``TextToImageDataset`` calls :meth:`read` instead of
-    decoding; a file it could not hand over as a JPEG arrives decoded and is fitted here on
+    ``target_size``, ``flipped``). ``TextToImageDataset`` reads files with the transform's
+    :meth:`read` (:func:`read_encoded`) instead of decoding them; a file it could not hand
+    over as a JPEG arrives decoded and is fitted here on
     the CPU (``encoded.pixels``) with ``fit``'s filter; on the device the filter is
     :func:`decode_batch`'s ``resample`` (antialiased bicubic by default).
     """

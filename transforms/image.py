@@ -23,6 +23,11 @@ What reaches the model must be the picture the user meant, whatever the file sto
   8 bits in bands of rows with integer math where possible: no full-size float copies.
 
 Every failure raises :class:`ImageDecodeError` naming the file and the reason.
+
+:class:`DecodeSettings` holds those choices (``max_pixels``, ``max_decode_bytes``, ``draft``,
+``background``) on one object, and :func:`decode_image` is the one decode every reader uses
+(the dataset, the encoder cache's build, the GPU path's CPU fallback): it also refuses a file
+whose size is no longer the one the scan recorded.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import math
 import os
 import stat
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -179,6 +185,67 @@ def _background(background: Sequence[int]) -> tuple[int, int, int]:
     if len(bg) != 3 or not all(0 <= c <= 255 for c in bg):
         raise ValueError(f"background must be three ints in 0..255, got {background!r}")
     return bg  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a file becomes pixels, the same in every reader.
+
+    ``max_pixels``: refuse images with more pixels (from the header; None: Pillow's own
+    bomb limit only). ``max_decode_bytes``: refuse images whose decoding would hold more
+    memory (:func:`decode_bytes`; None: no limit). ``draft``: let a JPEG decode at a reduced
+    DCT scale when its bucket is at most half its size (right only for transforms that scale
+    the image to cover the bucket). ``background``: the RGB colour behind transparency.
+    """
+
+    max_pixels: int | None = None
+    max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES
+    draft: bool = True
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "background", _background(self.background))
+        object.__setattr__(self, "draft", bool(self.draft))
+
+    def load_kwargs(self, bucket_wh: Sequence[int] | None = None) -> dict[str, Any]:
+        """The keyword arguments of :func:`load_image` for an image fitted to ``bucket_wh``."""
+        return {"background": self.background, "max_pixels": self.max_pixels,
+                "max_decode_bytes": self.max_decode_bytes,
+                "draft_size": bucket_wh if self.draft and bucket_wh is not None else None}
+
+
+DEFAULT_DECODE = DecodeSettings()
+
+
+def decode_image(
+    source: str | os.PathLike | bytes,
+    settings: DecodeSettings = DEFAULT_DECODE,
+    *,
+    bucket_wh: Sequence[int] | None = None,
+    expected_size: Sequence[int] | None = None,
+) -> Image.Image:
+    """:func:`load_image` of ``source`` with ``settings``, for a picture that will be fitted to
+    ``bucket_wh`` (w, h; the JPEG draft's target). ``expected_size``: the (w, h) the scan
+    recorded; a file of another oriented size raises :class:`ImageDecodeError` (it changed
+    after the scan, so its bucket was chosen for another picture)."""
+    img = load_image(source, **settings.load_kwargs(bucket_wh))
+    check_size(describe_source(source), img.info[ORIGINAL_SIZE_KEY], expected_size)
+    return img
+
+
+def check_size(
+    name: str, original_hw: Sequence[int], expected_size: Sequence[int] | None
+) -> None:
+    """Raise :class:`ImageDecodeError` when a decoded picture's oriented (h, w)
+    ``original_hw`` is not the scan's (w, h) ``expected_size`` (None: no check)."""
+    if expected_size is None:
+        return
+    h, w = (int(v) for v in original_hw)
+    ew, eh = (int(v) for v in expected_size)
+    if (w, h) != (ew, eh):
+        raise ImageDecodeError(
+            name, f"the file is {w}x{h} but was {ew}x{eh} when scanned: it changed after the "
+            "scan (rescan to train on it)")
 
 
 def _exif_orientation(img: Image.Image) -> Any:

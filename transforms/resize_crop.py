@@ -18,11 +18,15 @@ Resampling: ``"bicubic"`` (the default) and ``"bilinear"`` run torchvision's ant
 uint8 kernels (equal to Pillow's within one grey level, several times faster), reading
 Pillow's pixel buffer in place where Pillow exports it; ``"lanczos"``, ``"box"``,
 ``"hamming"`` and ``"nearest"`` run Pillow, resizing only the cropped region.
+
+:func:`decode_and_fit` is decode plus fit for a file and params drawn beforehand: what the
+encoder cache builds its latents from.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from transforms.image import ORIGINAL_SIZE_KEY
+from transforms.image import DEFAULT_DECODE, ORIGINAL_SIZE_KEY, DecodeSettings, decode_image
 
 _TORCH_FILTERS = {
     "bicubic": F.InterpolationMode.BICUBIC,
@@ -177,26 +181,26 @@ def sample_fields(params: FitParams, pixels: torch.Tensor, size_wh: Sequence[int
     }
 
 
-def resize_crop(
-    img: Image.Image,
-    bucket_wh: Sequence[int],
+def decode_and_fit(
+    source: str | os.PathLike | bytes,
+    params: FitParams,
+    settings: DecodeSettings = DEFAULT_DECODE,
     *,
-    crop: str | tuple[int, int] = "center",
-    flip: bool = False,
-    rng: np.random.Generator | None = None,
     resample: str = DEFAULT_RESAMPLE,
-    allow_upscale: bool = False,
+    expected_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Scale ``img`` to cover the bucket, crop to exactly (bh, bw), optionally flip:
-    :func:`fit_params` of its original size, then :func:`fit`; returns
-    :func:`sample_fields`."""
-    if resample not in RESAMPLE_MODES:
-        raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
-    size = original_size_wh(img)
-    params = fit_params(
-        size, bucket_wh, crop=crop, flip=flip, rng=rng, allow_upscale=allow_upscale
-    )
-    return sample_fields(params, fit(img, params, resample=resample), size)
+    """Decode ``source`` and fit it with ``params``: :func:`sample_fields` (``pixel_values``
+    uint8 (3, h, w) of ``params.bucket``, ``fit``, SDXL's sizes).
+
+    The decode is :func:`~transforms.image.decode_image` with ``settings`` (limits, JPEG
+    draft toward the bucket, background) and ``expected_size``, the scan's (w, h), checked;
+    the fit is :func:`fit` with ``resample``. The params come first (from the scanned size:
+    ``BucketResizeCrop.make_params`` or :func:`fit_params`), so images that must share one
+    crop, such as a pair, pass the same params. Raises
+    :class:`~transforms.image.ImageDecodeError` or ValueError on a file that cannot be served.
+    """
+    img = decode_image(source, settings, bucket_wh=params.bucket, expected_size=expected_size)
+    return sample_fields(params, fit(img, params, resample=resample), original_size_wh(img))
 
 
 class BucketResizeCrop:

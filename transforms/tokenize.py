@@ -15,9 +15,9 @@ what the tokenizers' own truncation does (tests/test_tokenize.py checks it on th
 Padding uses each tokenizer's own pad token: SDXL's and SD3's OpenCLIP ``tokenizer_2`` pads
 with "!" (id 0), OpenAI CLIP with its end token.
 
-The model's constraints (divisibility, VAE scale, patch size, T5 length, timestep shift) come
-from `bucketing.ladder.MODEL_SPECS`, the same table `BucketLadder.for_model` reads, so the
-ladder and the tokenizer cannot disagree.
+The model's constraints (divisibility, VAE scale, patch size, T5 length, timestep shift) and
+which tokenizer class serves it come from the model registry `bucketing.models.MODELS`, the
+same table `BucketLadder.for_model` reads, so the ladder and the tokenizer cannot disagree.
 
 Model-side helpers, matching diffusers:
 - `flux_image_ids(height, width)`: takes the **pixel** size; equals
@@ -43,14 +43,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bucketing.ladder import MODEL_SPECS, ModelSpec
+from bucketing.models import MODELS as MODEL_SPECS
+from bucketing.models import ModelSpec, named_class
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizerFast, T5TokenizerFast
 
 CLIP_MAX_LENGTH = 77  # CLIP text encoders' position limit
 T5_LIMIT = 512  # T5 length diffusers accepts (FluxPipeline.check_inputs rejects more)
-FLUX_MODELS = ("flux", "flux-schnell")
+FLUX_MODELS = tuple(n for n, s in MODEL_SPECS.items() if s.tokenizer.endswith(".FluxTokenizer"))
 
 _CLIP_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 _T5_FILES = (("tokenizer.json",), ("spiece.model",))
@@ -60,7 +61,7 @@ _T5_FILES = (("tokenizer.json",), ("spiece.model",))
 
 
 def model_spec(model: str = "flux") -> ModelSpec:
-    """The entry of `bucketing.ladder.MODEL_SPECS` for a FLUX model ("flux" or "flux-schnell")."""
+    """The model registry's entry for a FLUX model ("flux" or "flux-schnell")."""
     if model not in FLUX_MODELS:
         raise ValueError(f"FluxTokenizer supports models {FLUX_MODELS}, got {model!r}")
     return MODEL_SPECS[model]
@@ -288,6 +289,11 @@ class PromptTokenizer:
     def __init__(self, slots: Sequence[tuple[TokenSlot, Any]]) -> None:
         self.slots = [(slot, tok, _n_suffix(tok)) for slot, tok in slots]
 
+    @classmethod
+    def for_model(cls, name: str, path: str | os.PathLike) -> PromptTokenizer:
+        """The tokenizer for model ``name`` from its checkout folder ``path``."""
+        return cls.from_pretrained_dir(path)
+
     @property
     def multiple(self) -> int:
         """Pixel divisibility of every bucket side of this tokenizer's model."""
@@ -496,12 +502,8 @@ class SD3Tokenizer(PromptTokenizer):
 
 
 def tokenizer_for_model(model: str, path: str | os.PathLike) -> PromptTokenizer:
-    """The tokenizer of ``model`` (a ``MODEL_SPECS`` name) from its checkout folder ``path``
-    (the folder holding ``tokenizer/``, ``tokenizer_2/``, ...)."""
-    if model in FLUX_MODELS:
-        return FluxTokenizer.for_model(model, path)
-    by_model = {"sd15": SD15Tokenizer, "sdxl": SDXLTokenizer, "sd3": SD3Tokenizer}
-    if model not in by_model:
-        raise ValueError(f"no tokenizer for model {model!r}; known: "
-                         f"{', '.join(FLUX_MODELS + tuple(by_model))}")
-    return by_model[model].from_pretrained_dir(path)
+    """The tokenizer of ``model`` (a model registry name) from its checkout folder ``path``
+    (the folder holding ``tokenizer/``, ``tokenizer_2/``, ...): the registry's class."""
+    if model not in MODEL_SPECS:
+        raise ValueError(f"no tokenizer for model {model!r}; known: {', '.join(MODEL_SPECS)}")
+    return named_class(MODEL_SPECS[model].tokenizer).for_model(model, path)

@@ -16,19 +16,20 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from bucketing.assign import assign
-from bucketing.cli.report import ConfigError, _area, _positive_int
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.cli.args import ConfigError, add_ladder_options, ladder_overrides, positive_int
+from bucketing.ladder import BucketLadder
+from bucketing.models import MODELS, encoder_models, named_class
 from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
 from bucketing.scan import scan
-from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-MODELS = ("flux", "flux-schnell", "sdxl", "sd3")
+MODEL_NAMES = encoder_models()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,41 +37,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bucket-cache",
         description="Encode a data set's images (VAE latents, per bucket) and captions (text "
-        "embeddings) once, into a cache that TextToImageDataset(cache=...) reads. Reruns "
+        "embeddings) once, into a cache that TextToImageDataset(encoder_cache=...) reads. Reruns "
         "encode only what changed; a killed run resumes.",
         epilog="Exit codes: 0 ok, 2 usage or configuration error, 1 unexpected failure.",
     )
     p.add_argument("source", help="a folder, a manifest, or anything bucketing.scan accepts")
-    p.add_argument("--model", default="flux", choices=MODELS, help="model (default: flux)")
+    p.add_argument("--model", default="flux", choices=MODEL_NAMES, help="model (default: flux)")
     p.add_argument("--weights", required=True, metavar="DIR",
                    help="local diffusers-layout model folder (vae/, text_encoder/, "
                    "text_encoder_2/, tokenizer/, tokenizer_2/)")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created)")
-    p.add_argument("--max-area", type=_area, metavar="N",
-                   help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
-    p.add_argument("--levels", type=_positive_int, nargs="+", metavar="SIDE",
-                   help="level sides, e.g. --levels 512 768 1024")
-    p.add_argument("--allow-upscale", action="store_true",
-                   help="give images smaller than every bucket the nearest smallest bucket")
+    add_ladder_options(p)
     p.add_argument("--cache", metavar="PATH", help="scan cache (parquet)")
-    p.add_argument("--workers", type=_positive_int, metavar="N", help="scan worker processes")
+    p.add_argument("--workers", type=positive_int, metavar="N", help="scan worker processes")
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seed of the random crop variants (default: 0)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
                    help="encoder dtype (default: bfloat16; the SDXL VAE needs float32)")
     p.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) or cpu")
     p.add_argument("--crop", default="center", choices=CROPS, help="crop (default: center)")
-    p.add_argument("--variants", type=_positive_int, default=1, metavar="K",
+    p.add_argument("--variants", type=positive_int, default=1, metavar="K",
                    help="random crops cached per image (with --crop random)")
     p.add_argument("--flip-p", type=float, default=0.0, metavar="P",
                    help="flip probability the dataset will use; > 0 caches flipped latents")
     p.add_argument("--resample", default=DEFAULT_RESAMPLE, choices=RESAMPLE_MODES)
     p.add_argument("--t5-padding", default="trimmed", choices=T5_PADDINGS,
                    help="store T5 rows up to each caption's tokens, or the full padded length")
-    p.add_argument("--t5-length", type=_positive_int, metavar="L",
+    p.add_argument("--t5-length", type=positive_int, metavar="L",
                    help="T5 padding length (default: the model's, 512 dev / 256 schnell / 77 sd3)")
-    p.add_argument("--vae-batch-size", type=_positive_int, default=8, metavar="B")
-    p.add_argument("--text-batch-size", type=_positive_int, default=64, metavar="B")
+    p.add_argument("--vae-batch-size", type=positive_int, default=8, metavar="B")
+    p.add_argument("--text-batch-size", type=positive_int, default=64, metavar="B")
     p.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 1),
                    metavar="N", help="processes decoding images (default: min(4, cores))")
     p.add_argument("--prune", action="store_true",
@@ -78,29 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_encoders(
-    args: argparse.Namespace, device: str
-) -> FluxEncoders | SDXLEncoders | SD3Encoders:
-    """The model's encoders from ``--weights`` on ``device`` in ``--dtype``."""
-    dtype = DTYPES[args.dtype]
-    if args.model == "sdxl":
-        return SDXLEncoders.from_pretrained(args.weights, device=device, dtype=dtype)
-    length = args.t5_length or MODEL_SPECS[args.model].t5_max_length
-    cls = SD3Encoders if args.model == "sd3" else FluxEncoders
-    return cls.from_pretrained(args.weights, device=device, dtype=dtype,
-                               max_sequence_length=length)
+def load_encoders(args: argparse.Namespace, device: str) -> Any:
+    """The model's encoders (the model registry's class) from ``--weights`` on ``device`` in
+    ``--dtype``, with the T5 length of ``--t5-length`` or the model's."""
+    spec = MODELS[args.model]
+    settings = {}
+    if spec.t5_max_length is not None:
+        settings["max_sequence_length"] = args.t5_length or spec.t5_max_length
+    return named_class(spec.encoders).from_pretrained(
+        args.weights, device=device, dtype=DTYPES[args.dtype], **settings)
 
 
 def run(args: argparse.Namespace) -> list[str]:
     """Scan, assign and build as the arguments say; returns the summary lines."""
     started = time.perf_counter()
-    overrides = {}
-    if args.max_area is not None:
-        overrides["max_area"] = args.max_area
-    if args.levels:
-        overrides["levels"] = [s * s for s in args.levels]
     try:
-        ladder = BucketLadder.for_model(args.model, **overrides)
+        ladder = BucketLadder.for_model(args.model, **ladder_overrides(args))
         index = scan(args.source, workers=args.workers, cache=args.cache)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,4 @@
-"""``bucket-caption FOLDER --model DIR``: caption the images of a folder that have none.
+"""``bucket-caption FOLDER --captioner DIR``: caption the images of a folder that have none.
 
 A local transformers image-to-text model (any folder ``AutoProcessor`` and
 ``AutoModelForImageTextToText`` load: BLIP, GIT, a vision-encoder-decoder, ...) writes a
@@ -9,8 +9,8 @@ An image that cannot be read is reported and skipped, never the end of the run.
 ``--prefix`` / ``--template`` write a trigger word into every caption created ("sks dog, " +
 the generated text, or "photo of sks dog, {caption}"); captions already there are untouched.
 
-    bucket-caption my_photos/ --model blip-image-captioning-base --batch-size 16
-    bucket-caption my_photos/ --model blip-base --template "photo of sks dog, {caption}"
+    bucket-caption my_photos/ --captioner blip-image-captioning-base --batch-size 16
+    bucket-caption my_photos/ --captioner blip-base --template "photo of sks dog, {caption}"
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from bucketing.atomic import atomic_write_bytes
-from bucketing.sources import resolve_source
+from bucketing.sources import resolve_source, sidecar_path
 from transforms.caption import PLACEHOLDER, format_caption
 from transforms.image import ImageDecodeError, load_image
 
@@ -38,11 +39,6 @@ class CaptionRun:
     kept: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
-
-
-def sidecar_path(image: str) -> str:
-    """The ``.txt`` caption file of ``image`` (the sidecar scan reads first)."""
-    return os.path.splitext(image)[0] + ".txt"
 
 
 def caption_folder(
@@ -116,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``bucket-caption`` command line."""
     p = argparse.ArgumentParser(prog="bucket-caption", description=__doc__.split("\n\n")[0])
     p.add_argument("folder", help="folder of images (recursive)")
-    p.add_argument("--model", required=True, metavar="DIR",
-                   help="local transformers image-to-text model folder")
+    p.add_argument("--captioner", metavar="DIR",
+                   help="local transformers image-to-text model folder (required)")
+    p.add_argument("--model", dest="old_captioner", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=8, metavar="B")
     p.add_argument("--max-new-tokens", type=int, default=40, metavar="N")
     p.add_argument("--prompt", help="text prompt for conditional captioning models")
@@ -133,9 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bucket-caption``; 0 ok, 2 usage or configuration error."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.old_captioner is not None:
+        message = "--model is now --captioner; the old name goes in the next release"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        print(f"bucket-caption: warning: {message}", file=sys.stderr)
+        if args.captioner is not None:
+            parser.error("give --captioner only (--model is its old name)")
+        args.captioner = args.old_captioner
+    if args.captioner is None:
+        parser.error("the following arguments are required: --captioner")
     try:
-        run = caption_folder(args.folder, args.model, batch_size=args.batch_size,
+        run = caption_folder(args.folder, args.captioner, batch_size=args.batch_size,
                              overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
                              prompt=args.prompt, device=args.device, prefix=args.prefix,
                              template=args.template)

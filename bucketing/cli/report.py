@@ -40,6 +40,13 @@ from PIL import Image
 from bucketing.assign import assign
 from bucketing.atomic import atomic_write_bytes
 from bucketing.cli import plots as report_plots
+from bucketing.cli.args import (
+    ConfigError,
+    add_ladder_options,
+    area,
+    ladder_overrides,
+    positive_int,
+)
 from bucketing.cli.plots import PreviewTile
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.pipeline.config import report_mix
@@ -48,7 +55,7 @@ from bucketing.pipeline.encoder_cache import estimate_lines
 from bucketing.scan import scan
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
-from transforms.image import load_image
+from transforms.image import decode_image
 from transforms.resize_crop import BucketResizeCrop
 from transforms.tokenize import CLIP_MAX_LENGTH, FluxTokenizer, load_clip_tokenizer
 
@@ -426,20 +433,6 @@ def write_json(figures: dict[str, Any], dest: str, stdout: TextIO) -> None:
 # --------------------------------------------------------------------------- command
 
 
-class ConfigError(Exception):
-    """A usage or configuration problem the user can fix; reported in one line, exit code 2."""
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _repeats(text: str) -> float:
     try:
         value = float(text)
@@ -447,20 +440,6 @@ def _repeats(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of repeats, got {text!r}") from None
     if not 0 < value < 1e6:
         raise argparse.ArgumentTypeError(f"expected repeats above 0, got {text!r}")
-    return value
-
-
-def _area(text: str) -> int:
-    """An area in pixels: ``1048576`` or ``1024x1024``."""
-    w, sep, h = text.lower().partition("x")
-    try:
-        value = int(w) * int(h) if sep else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected an area in pixels such as 1048576 or 1024x1024, got {text!r}"
-        ) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive area, got {text!r}")
     return value
 
 
@@ -478,21 +457,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "dataset config file (bucketing.from_config), per dataset")
     p.add_argument("--model", default="flux", choices=sorted(MODEL_SPECS),
                    help="model preset for the ladder and T5 length (default: flux)")
-    p.add_argument("--max-area", type=_area, metavar="N",
-                   help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
-    p.add_argument("--levels", type=_positive_int, nargs="+", metavar="SIDE",
-                   help="level sides, e.g. --levels 512 768 1024 (areas 512², 768², 1024²)")
-    p.add_argument("--max-buckets", type=_positive_int, metavar="K",
+    add_ladder_options(p)
+    p.add_argument("--max-buckets", type=positive_int, metavar="K",
                    help="keep the K buckets of the preset that suit this data best "
                    "(BucketLadder.from_data)")
-    p.add_argument("--min-bucket-size", type=_positive_int, metavar="N",
+    p.add_argument("--min-bucket-size", type=positive_int, metavar="N",
                    help="merge buckets of fewer than N images into their neighbours")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--batch-size", type=_positive_int, metavar="B",
+    size.add_argument("--batch-size", type=positive_int, metavar="B",
                       help="per-rank batch size (default: 1)")
-    size.add_argument("--max-pixels-per-batch", type=_area, metavar="P",
+    size.add_argument("--max-pixels-per-batch", type=area, metavar="P",
                       help="per-rank pixel budget: each bucket gets floor(P / (w*h)) images")
-    p.add_argument("--world-size", type=_positive_int, default=1, metavar="W",
+    p.add_argument("--world-size", type=positive_int, default=1, metavar="W",
                    help="number of ranks (GPUs) to plan for (default: 1)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampler seed (default: 0)")
     last = p.add_mutually_exclusive_group()
@@ -503,13 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the same as --last-batch drop")
     p.add_argument("--repeats", type=_repeats, default=1.0, metavar="R",
                    help="times each image appears per epoch (a fraction is drawn per epoch)")
-    p.add_argument("--allow-upscale", action="store_true",
-                   help="give images smaller than every bucket the nearest smallest bucket")
     p.add_argument("--tokenizers", metavar="DIR",
                    help="a FLUX checkout (or folder) with tokenizer/ (CLIP) and tokenizer_2/ "
                    "(T5): measure caption token lengths and truncation")
     p.add_argument("--cache", metavar="PATH", help="scan cache (parquet); rescans are incremental")
-    p.add_argument("--workers", type=_positive_int, metavar="N",
+    p.add_argument("--workers", type=positive_int, metavar="N",
                    help="scan worker processes (default: all cores)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-': stdout, "
                    "and the text report goes to stderr)")
@@ -663,12 +637,14 @@ def gather(
     }
 
 
-def _first_loadable(dataset: Any, rows: np.ndarray, load_image: Any) -> tuple[dict, Any] | None:
-    """The first of ``rows`` whose sample and original both decode, or None."""
+def _first_loadable(dataset: Any, rows: np.ndarray) -> tuple[dict, Any] | None:
+    """The first of ``rows`` whose sample and original (decoded in full, within the
+    dataset's decode limits) both decode, or None."""
     for row in rows.tolist():
         try:
             sample = dataset[row]
-            return sample, load_image(dataset.index.image_source(sample["index"]))
+            return sample, decode_image(dataset.index.image_source(sample["index"]),
+                                        dataset.decode)
         except Exception:  # noqa: BLE001 - a broken file must not stop the preview
             continue
     return None
@@ -696,7 +672,7 @@ def preview_tiles(
     tiles = []
     for k in picks.astype(int):
         bucket = buckets[k]
-        loaded = _first_loadable(dataset, np.flatnonzero(ids == bucket["id"])[:3], load_image)
+        loaded = _first_loadable(dataset, np.flatnonzero(ids == bucket["id"])[:3])
         if loaded is None:  # no member decodes: the report already says the rest
             continue
         sample, original = loaded
@@ -774,19 +750,7 @@ def _same_file(a: str, b: str) -> bool:
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     """Scan, assign and plan as the arguments say; returns (figures, index, assignment)."""
-    overrides: dict[str, Any] = {}
-    if args.max_area is not None:
-        overrides["max_area"] = args.max_area
-    if args.levels:
-        max_area = args.max_area or MODEL_SPECS[args.model].max_area
-        too_big = [s for s in args.levels if s * s > max_area]
-        if too_big:
-            raise ConfigError(
-                f"--levels {too_big[0]}: a {too_big[0]}² level is above the largest bucket area "
-                f"{max_area} ({args.model}); pass a larger --max-area or smaller level sides"
-            )
-        overrides["levels"] = [s * s for s in args.levels]
-    ladder = _config(BucketLadder.for_model, args.model, **overrides)
+    ladder = _config(BucketLadder.for_model, args.model, **ladder_overrides(args))
 
     t0 = time.perf_counter()
     index = _config(scan, args.source, workers=args.workers, cache=args.cache)

@@ -31,7 +31,7 @@ from bucketing.assign import assign
 from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.scan import scan
-from bucketing.sources import caption_lines, read_text
+from bucketing.sources import read_sidecar, sidecar_path
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
@@ -40,9 +40,10 @@ CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_.-]+$")
 
 
 def sidecar_captions(image: str, extension: str) -> list[str]:
-    """The captions of ``<stem of image><extension>``, one per non-empty line; [] without it."""
-    path = os.path.splitext(image)[0] + extension
-    return caption_lines(read_text(path)) if os.path.isfile(path) else []
+    """The captions of ``<stem of image><extension>`` (``bucketing.sources.read_sidecar``);
+    [] without it."""
+    path = sidecar_path(image, extension)
+    return read_sidecar(path) if os.path.lexists(path) else []
 
 
 def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = None) -> BucketLadder:

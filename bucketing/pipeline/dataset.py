@@ -13,7 +13,10 @@ the image transform gets ``image`` (the decoded, oriented 8-bit RGB ``PIL.Image`
 caption transform gets ``captions`` (the image's list of captions) and ``rng`` and must set
 ``caption`` (a str); the model transform gets the finished sample. Every sample also holds
 ``index``, ``original_index``, ``substituted`` and ``occurrence``. The inputs ``image``,
-``captions`` and ``rng`` are removed once their transform has run.
+``captions`` and ``rng`` are removed once their transform has run. An image transform with a
+``read(source, settings, *, bucket_wh, expected_size)`` method (:class:`ReadsFiles`, such as
+the GPU path's ``EncodedFit``) says how its ``image`` is read; otherwise it is
+``transforms.image.decode_image``, the decode every reader of the library shares.
 
 A file that fails to decode (or to fit its bucket, or no longer has the size the scan
 recorded) at training time does not end the epoch:
@@ -40,12 +43,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from transforms.gpu_decode import EncodedFit
 from transforms.image import (
     DEFAULT_MAX_DECODE_BYTES,
-    ORIGINAL_SIZE_KEY,
+    DecodeSettings,
     ImageDecodeError,
-    load_image,
+    decode_image,
 )
 from transforms.rng import sample_rng
 
@@ -66,6 +68,20 @@ class DeclaresUpscale(Protocol):
     allow_upscale: bool
 
 
+@runtime_checkable
+class ReadsFiles(Protocol):
+    """An image transform that reads its files itself: ``read(source, settings, *,
+    bucket_wh, expected_size)`` returns what it wants as ``sample["image"]`` (the GPU path's
+    ``EncodedFit`` hands over a JPEG's bytes), with the limits and errors of
+    ``transforms.image.decode_image``."""
+
+    def read(
+        self, source: Any, settings: DecodeSettings, *, bucket_wh: Sequence[int],
+        expected_size: Sequence[int],
+    ) -> Any:
+        """The image input of ``source`` for a picture fitted to ``bucket_wh``."""
+
+
 _ON_ERROR = ("substitute", "raise")
 _TRANSIENT = ("image", "captions", "rng", "path")  # transform inputs, not sample contents
 _MAX_EPOCH = 2**63 - 1  # the epoch is shared with workers as one int64
@@ -82,16 +98,16 @@ class TextToImageDataset(Dataset):
     Transforms take the sample dict and return it (see the module docstring):
     ``image_transform`` (e.g. ``BucketResizeCrop``), ``caption_transform`` (e.g.
     ``CaptionTransform``; default: the first caption, or ""), ``model_transform`` (e.g.
-    ``FluxTokenizer``); anything else is a TypeError here, not in a worker. ``draft`` lets JPEGs
-    decode at a reduced DCT scale when the bucket is at most half their size (only right
-    for transforms that scale the image to cover the bucket). ``max_pixels`` refuses
-    decompression bombs at decode time, ``max_decode_bytes`` images whose decoding would
-    hold more memory than that (both from the header, before decoding); ``background`` is
-    the colour behind transparency.
+    ``FluxTokenizer``); anything else is a TypeError here, not in a worker. ``draft``,
+    ``max_pixels``, ``max_decode_bytes`` and ``background`` are the decode settings
+    (``transforms.image.DecodeSettings``, kept as ``self.decode``): JPEG draft decoding, the
+    decompression-bomb and decode-memory limits (from the header, before decoding) and the
+    colour behind transparency.
     An assignment with upscaled rows (``assign(..., allow_upscale=True)``) needs an image
     transform that upscales: one with ``allow_upscale=False`` is refused here.
-    ``cache``: an encoder cache (``bucketing.build_cache``); samples then carry its
-    ``latents`` and caption embeddings instead of pixels, and no image transform is needed.
+    ``encoder_cache``: an encoder cache (``bucketing.build_cache``); samples then carry its
+    ``latents`` and caption embeddings instead of pixels, and no image transform is needed
+    (``cache=`` is its old name: accepted with a DeprecationWarning).
     """
 
     def __init__(
@@ -109,8 +125,15 @@ class TextToImageDataset(Dataset):
         max_pixels: int | None = None,
         max_decode_bytes: int | None = DEFAULT_MAX_DECODE_BYTES,
         background: Sequence[int] = (255, 255, 255),
+        encoder_cache: Any = None,
         cache: Any = None,
     ) -> None:
+        if cache is not None:
+            warnings.warn("TextToImageDataset(cache=...) is now encoder_cache=...; the old name "
+                          "goes in the next release", DeprecationWarning, stacklevel=2)
+            if encoder_cache is not None:
+                raise TypeError("give encoder_cache= only (cache= is its old name)")
+            encoder_cache = cache
         if on_error not in _ON_ERROR:
             raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
         if len(assignment) != len(index):
@@ -120,7 +143,7 @@ class TextToImageDataset(Dataset):
             )
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        if cache is None or image_transform is not None:  # a cache needs no image transform
+        if encoder_cache is None or image_transform is not None:  # a cache needs no image transform
             _check_transform("image_transform", image_transform)
         for name, transform in (
             ("caption_transform", caption_transform), ("model_transform", model_transform)
@@ -147,11 +170,9 @@ class TextToImageDataset(Dataset):
         self.seed = int(seed)
         self.on_error = on_error
         self.max_substitutes = int(max_substitutes)
-        self.draft = draft
-        self.max_pixels = max_pixels
-        self.max_decode_bytes = max_decode_bytes
-        self.background = tuple(background)
-        self.cache = cache
+        self.decode = DecodeSettings(max_pixels=max_pixels, max_decode_bytes=max_decode_bytes,
+                                     draft=draft, background=tuple(background))
+        self.encoder_cache = encoder_cache
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._members: tuple[np.ndarray, np.ndarray] | None = None  # built on first need
 
@@ -208,8 +229,8 @@ class TextToImageDataset(Dataset):
                     "caption_transform must set sample['caption'] to a str, got "
                     f"{sample.get('caption')!r}"
                 )
-        if self.cache is not None:
-            sample.update(self.cache.text_sample(sample["caption"]))
+        if self.encoder_cache is not None:
+            sample.update(self.encoder_cache.text_sample(sample["caption"]))
         if self.model_transform is not None:
             sample = self.model_transform(sample)
         return sample
@@ -217,26 +238,13 @@ class TextToImageDataset(Dataset):
     def _fit(self, row: int, requested: int, occurrence: int) -> dict[str, Any]:
         """Decode ``row`` and fit it to ``requested``'s bucket with ``requested``'s generator."""
         wh = tuple(int(v) for v in self.bucket_wh[requested])
-        if self.cache is not None:
+        if self.encoder_cache is not None:
             return self._cached(row, requested, occurrence, wh)
-        # the GPU path's transform reads the JPEG's bytes itself, to decode on the device
-        read = load_image
-        if isinstance(self.image_transform, EncodedFit):
-            read = self.image_transform.read
-        img = read(
-            self.index.image_source(row),
-            background=self.background,
-            max_pixels=self.max_pixels,
-            max_decode_bytes=self.max_decode_bytes,
-            draft_size=wh if self.draft else None,
-        )
-        h, w = img.info[ORIGINAL_SIZE_KEY]
+        read = (self.image_transform.read if isinstance(self.image_transform, ReadsFiles)
+                else decode_image)
         scanned = (int(self.index.width[row]), int(self.index.height[row]))
-        if (w, h) != scanned:  # its bucket was chosen for another picture
-            raise ValueError(
-                f"the file is {w}x{h} but was {scanned[0]}x{scanned[1]} when scanned: it "
-                "changed after the scan (rescan to train on it)"
-            )
+        img = read(self.index.image_source(row), self.decode, bucket_wh=wh,
+                   expected_size=scanned)  # a changed file's bucket was chosen for another
         identity = {
             "index": row,
             "original_index": requested,
@@ -262,7 +270,7 @@ class TextToImageDataset(Dataset):
         """``row``'s cached latents for ``requested``'s bucket, drawn with its generator."""
         rng = sample_rng(self.seed, self.epoch, requested, "image", occurrence)
         size = (int(self.index.width[row]), int(self.index.height[row]))
-        sample = self.cache.latent_sample(self.index.paths[row], size, wh, rng)
+        sample = self.encoder_cache.latent_sample(self.index.paths[row], size, wh, rng)
         return {**sample, "index": row, "original_index": requested,
                 "substituted": row != requested, "occurrence": occurrence}
 

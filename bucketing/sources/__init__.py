@@ -25,7 +25,9 @@ from bucketing.sources.entries import (
     ResolvedSource,
     caption_lines,
     image_extensions,
+    read_sidecar,
     read_text,
+    sidecar_path,
 )
 from bucketing.sources.folder import resolve_folder
 from bucketing.sources.hf_dataset import RowBytes, resolve_dataset
@@ -45,8 +47,10 @@ __all__ = [
     "RowBytes",
     "caption_lines",
     "image_extensions",
+    "read_sidecar",
     "read_text",
     "resolve_source",
+    "sidecar_path",
 ]
 
 # Manifest file extension -> the reader of that format.

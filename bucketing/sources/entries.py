@@ -117,6 +117,19 @@ def caption_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def sidecar_path(image: str, suffix: str = CAPTION_SUFFIXES[0]) -> str:
+    """The sidecar caption file ``<stem of image><suffix>`` (default ``.txt``, the one a
+    folder scan reads first and ``bucket-caption`` writes)."""
+    return os.path.splitext(image)[0] + suffix
+
+
+def read_sidecar(path: str) -> list[str]:
+    """The captions of a sidecar caption file, one per non-empty line (:func:`read_text`'s
+    encodings); OSError for a file that is not regular or is over
+    ``MAX_CAPTION_FILE_BYTES``. Every reader of sidecar files goes through here."""
+    return caption_lines(read_text(path, MAX_CAPTION_FILE_BYTES))
+
+
 def captions_of(value: Any) -> list[str]:
     """Normalise a caption cell (string, list of strings, None/NaN) to a list of strings.
     Nested lists are flattened in order, however deep (no recursion). A lone surrogate (an

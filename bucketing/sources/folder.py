@@ -9,15 +9,14 @@ from collections.abc import Iterator
 from bucketing.index import Rejection
 from bucketing.sources.entries import (
     CAPTION_SUFFIXES,
-    MAX_CAPTION_FILE_BYTES,
     Entry,
     ResolvedSource,
-    caption_lines,
     captions_of,
     image_extensions,
     local_problem,
-    read_text,
+    read_sidecar,
     real_base,
+    sidecar_path,
 )
 from bucketing.sources.json_rows import read_jsonl
 
@@ -115,12 +114,11 @@ def _sidecar_captions(
     image: str, sidecars: set[str], rejections: list[Rejection]
 ) -> list[str] | None:
     """Captions from ``<stem>.txt`` (first choice) or ``<stem>.caption``; None if neither."""
-    stem = os.path.splitext(image)[0]
     for suffix in CAPTION_SUFFIXES:
-        for candidate in (stem + suffix, stem + suffix.upper()):
+        for candidate in (sidecar_path(image, suffix), sidecar_path(image, suffix.upper())):
             if candidate in sidecars:
                 try:
-                    return caption_lines(read_text(candidate, MAX_CAPTION_FILE_BYTES))
+                    return read_sidecar(candidate)
                 except OSError as e:
                     rejections.append(Rejection(candidate, "unreadable_caption", str(e)))
                     return []

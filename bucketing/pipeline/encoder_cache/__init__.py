@@ -8,15 +8,18 @@ stores the results under ``path``; ``EncoderCache.open(path)`` reads them back, 
 
 Layout of a cache folder (no pickle anywhere; every file written atomically)::
 
-    cache.json        format, version, model, encoder fingerprints, dtype, settings
-    rows.parquet      the last build's view: per image, its identity, bucket, crop boxes
-                      and entry keys; per caption, its entry key
-    entries.parquet   table of contents: entry key -> shard file
+    cache.json             format, version, model, encoder fingerprints, dtype, settings
+    rows.parquet           the last build's view: per image, its identity, size, bucket,
+                           crop boxes and entry keys
+    texts.parquet          per caption, its entry key
+    entries.parquet        table of contents: entry key -> shard file
     shards/*.safetensors   the tensors, memory-mapped when read
 
 Entries are content-keyed (SHA-256) by everything that determines them: an image entry by
 the file's identity (path, size, mtime_ns), its bucket, resized size, crop box and flip,
-every fit setting (resample filter, background, JPEG draft decoding, upscaling), the VAE's
+every fit setting (resample filter, upscaling) and decode setting that changes pixels
+(background, JPEG draft decoding: ``transforms.image.DecodeSettings``, whose limits the build
+applies as the dataset does), the VAE's
 fingerprint (class, config, weights) and the dtype; a text entry by the caption, the text
 encoders' fingerprint, the T5 length and the padding mode. A build encodes only the keys the
 store lacks, so adding images, changing the ladder or a caption re-encodes exactly what

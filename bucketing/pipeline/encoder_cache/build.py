@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,12 +35,8 @@ from bucketing.pipeline.encoder_cache.store import (
     read_meta,
     write_entries,
 )
-from transforms.image import ORIGINAL_SIZE_KEY, load_image
-from transforms.resize_crop import (
-    DEFAULT_RESAMPLE,
-    RESAMPLE_MODES,
-    fit,
-)
+from transforms.image import DEFAULT_DECODE, DecodeSettings
+from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES, decode_and_fit
 
 if TYPE_CHECKING:
     from bucketing.assign import Assignment
@@ -90,15 +85,10 @@ class _FitJobs(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         job, s = self.jobs[i], self.settings
+        scanned = (int(self.index.width[job.row]), int(self.index.height[job.row]))
         try:
-            img = load_image(self.index.image_source(job.row), background=s.background,
-                             draft_size=job.bucket if s.draft else None)
-            h, w = img.info[ORIGINAL_SIZE_KEY]
-            scanned = (int(self.index.width[job.row]), int(self.index.height[job.row]))
-            if (w, h) != scanned:
-                raise ValueError(f"the file is {w}x{h} but was {scanned[0]}x{scanned[1]} when "
-                                 "scanned (rescan it)")
-            pixels = fit(img, job.params, resample=s.resample)
+            pixels = decode_and_fit(self.index.image_source(job.row), job.params, s.decode,
+                                    resample=s.resample, expected_size=scanned)["pixel_values"]
         except Exception as error:  # noqa: BLE001 - recorded; the dataset substitutes it
             return i, None, f"{type(error).__name__}: {error}"
         return i, pixels, ""
@@ -127,8 +117,7 @@ def build_cache(
     variants: int = 1,
     flip_p: float = 0.0,
     resample: str = DEFAULT_RESAMPLE,
-    background: Sequence[int] = (255, 255, 255),
-    draft: bool = True,
+    decode: DecodeSettings = DEFAULT_DECODE,
     seed: int = 0,
     t5_padding: str = "trimmed",
     batch_size: int = 8,
@@ -143,10 +132,12 @@ def build_cache(
     ``encode_images``, ``encode_text``, ``fingerprint``, ``model`` and ``dtype``).
     ``crop="center"`` caches one crop per image; ``"random"`` caches ``variants`` random
     crops (the dataset picks one per epoch). ``flip_p > 0`` also caches each crop flipped
-    (the dataset flips with that probability). ``resample``, ``background``, ``draft``: the
-    fit settings of the pixel path. ``t5_padding``: ``"trimmed"`` stores each caption's T5
-    rows up to its real token count, ``"full"`` the whole padded sequence. ``workers``:
-    DataLoader processes decoding images. Under ``torch.distributed`` call it on every rank.
+    (the dataset flips with that probability). ``resample`` and ``decode`` (a
+    ``transforms.image.DecodeSettings``: limits, JPEG draft, background): the settings of
+    the pixel path, ``TextToImageDataset.decode`` for the dataset that will read the cache.
+    ``t5_padding``: ``"trimmed"`` stores each caption's T5 rows up to its real token count,
+    ``"full"`` the whole padded sequence. ``workers``: DataLoader processes decoding images. Under
+    ``torch.distributed`` call it on every rank.
     """
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -164,7 +155,7 @@ def build_cache(
         raise ValueError(f"assignment has {len(assignment)} rows but the index has {len(index)}")
     settings = FitSettings(
         crop=crop, variants=int(variants), flip=flip_p > 0, resample=resample,
-        background=tuple(int(v) for v in background), draft=bool(draft),
+        decode=decode,
         allow_upscale=bool(np.any(getattr(assignment, "upscaled", False))), seed=int(seed),
     )
     root = Path(path)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bucketing.models import MODELS, encoder_models
+from transforms.image import DEFAULT_DECODE, DecodeSettings
 from transforms.resize_crop import (
     DEFAULT_RESAMPLE,
     BucketResizeCrop,
@@ -28,17 +30,16 @@ CACHE_VERSION = 1
 CROPS = ("center", "random")
 T5_PADDINGS = ("trimmed", "full")
 
-# Output sizes of the real models, for estimates before anything is built: latent channels,
-# the text sequence's width and padded length, and the pooled embedding's width.
+# Output sizes of the models with encoders (from the model registry), for estimates before
+# anything is built: latent channels, the text sequence's width and padded length, and the
+# pooled embedding's width.
 MODEL_SIZES: dict[str, dict[str, int]] = {
-    "flux": {"latent_channels": 16, "text_width": 4096, "text_length": 512, "pooled": 768},
-    "flux-schnell": {"latent_channels": 16, "text_width": 4096, "text_length": 256,
-                     "pooled": 768},
-    "sdxl": {"latent_channels": 4, "text_width": 2048, "text_length": 77, "pooled": 1280},
-    # SD3: both CLIPs' 77 rows (zero-padded to T5's width) then T5's 77 (its training default)
-    "sd3": {"latent_channels": 16, "text_width": 4096, "text_length": 77 + 77, "pooled": 2048},
+    name: {"latent_channels": MODELS[name].latent_channels,
+           "text_width": MODELS[name].text_width, "text_length": MODELS[name].text_length,
+           "pooled": MODELS[name].pooled}
+    for name in encoder_models()
 }
-TRIMMED_MODELS = ("flux", "flux-schnell")  # T5 sequences: worth storing trimmed
+TRIMMED_MODELS = tuple(name for name, spec in MODELS.items() if spec.t5_trimmed)
 SHARD_BYTES = 256 << 20  # a shard is written once its entries reach this size
 OWN_FILES = ("shards", "entries.parquet", "rows.parquet", "texts.parquet", "cache.json")
 
@@ -55,21 +56,22 @@ def _digest(obj: Any) -> str:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How pixels are produced before the VAE: what every image entry's key includes."""
+    """How pixels are produced before the VAE: the crops, the filter and the decode settings
+    (``decode``: those of the dataset's pixel path); what every image entry's key includes."""
 
     crop: str = "center"
     variants: int = 1
     flip: bool = False
     resample: str = DEFAULT_RESAMPLE
-    background: tuple[int, int, int] = (255, 255, 255)
-    draft: bool = True
+    decode: DecodeSettings = DEFAULT_DECODE
     allow_upscale: bool = False
     seed: int = 0
 
     def key(self) -> dict[str, Any]:
-        """The settings that change an entry's pixels (not how many variants exist)."""
-        return {"resample": self.resample, "background": list(self.background),
-                "draft": self.draft, "allow_upscale": self.allow_upscale, "decode": "pil"}
+        """The settings that change an entry's pixels (not how many variants exist, nor the
+        decode limits, which only refuse files)."""
+        return {"resample": self.resample, "background": list(self.decode.background),
+                "draft": self.decode.draft, "allow_upscale": self.allow_upscale, "decode": "pil"}
 
 
 def file_identity(index: ImageIndex, row: int) -> list[Any] | None:

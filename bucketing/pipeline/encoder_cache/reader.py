@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 class EncoderCache:
     """A built cache: per image its latents (per crop variant and flip), per caption its
     embeddings. Read with :meth:`latent_sample` / :meth:`text_sample` (what
-    ``TextToImageDataset(..., cache=cache)`` calls) or :meth:`latents` / :meth:`text`.
+    ``TextToImageDataset(..., encoder_cache=cache)`` calls) or :meth:`latents` / :meth:`text`.
     Picklable: DataLoader workers reopen the shards, memory-mapped, on first use."""
 
     def __init__(self, root: Path, meta: dict[str, Any], rows: dict[str, list],

@@ -1,0 +1,70 @@
+"""What the commands share: argument types, the ladder options and the user-error type.
+
+Light on purpose (argparse and the model registry only): ``bucket-cache --help`` must not
+load what ``bucket-report`` plots with.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from bucketing.models import MODELS
+
+
+class ConfigError(Exception):
+    """A usage or configuration problem the user can fix; reported in one line, exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def area(text: str) -> int:
+    """An argparse type: an area in pixels, ``1048576`` or ``1024x1024``."""
+    w, sep, h = text.lower().partition("x")
+    try:
+        value = int(w) * int(h) if sep else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an area in pixels such as 1048576 or 1024x1024, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive area, got {text!r}")
+    return value
+
+
+def add_ladder_options(p: argparse.ArgumentParser) -> None:
+    """``--max-area``, ``--levels`` and ``--allow-upscale``: the same meaning in every command,
+    so that a cache holds exactly the buckets a report showed."""
+    p.add_argument("--max-area", type=area, metavar="N",
+                   help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
+    p.add_argument("--levels", type=positive_int, nargs="+", metavar="SIDE",
+                   help="level sides, e.g. --levels 512 768 1024 (areas 512², 768², 1024²)")
+    p.add_argument("--allow-upscale", action="store_true",
+                   help="give images smaller than every bucket the nearest smallest bucket")
+
+
+def ladder_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``BucketLadder.for_model(args.model, **overrides)``'s overrides from the ladder options;
+    a :class:`ConfigError` for a level above the largest bucket area."""
+    overrides: dict[str, Any] = {}
+    if args.max_area is not None:
+        overrides["max_area"] = args.max_area
+    if args.levels:
+        max_area = args.max_area or MODELS[args.model].max_area
+        too_big = [s for s in args.levels if s * s > max_area]
+        if too_big:
+            raise ConfigError(
+                f"--levels {too_big[0]}: a {too_big[0]}² level is above the largest bucket area "
+                f"{max_area} ({args.model}); pass a larger --max-area or smaller level sides"
+            )
+        overrides["levels"] = [s * s for s in args.levels]
+    return overrides
