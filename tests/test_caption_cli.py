@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bucketing import scan
-from bucketing.cli.caption import caption_folder
+from bucketing.cli.caption import caption_folder, main
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "tree", "sky", "person", "car"]
 
@@ -97,14 +97,10 @@ def test_errors(folder, tmp_path):
         caption_folder(folder, tmp_path, batch_size=0)
 
 
-def test_trigger_word_written_into_created_captions(folder, tiny_blip, repo_root):
-    env = {**os.environ, "PYTHONPATH": str(repo_root)}
-    proc = subprocess.run([sys.executable, "-m", "bucketing.cli.caption", str(folder),
-                           "--captioner", str(tiny_blip), "--max-new-tokens", "6",
-                           "--device", "cpu",
-                           "--template", "photo of sks dog, {caption}"],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr
+def test_trigger_word_written_into_created_captions(folder, tiny_blip, capsys):
+    assert main([str(folder), "--captioner", str(tiny_blip), "--max-new-tokens", "6",
+                 "--device", "cpu", "--template", "photo of sks dog, {caption}"]) == 0
+    assert "3 captions written" in capsys.readouterr().out
     for stem in ("coffee", "rocket", "china"):
         text = (folder / f"{stem}.txt").read_text().strip()
         assert text.startswith("photo of sks dog, ")
