@@ -1,8 +1,10 @@
 """Benchmark 3: the bucket batch sampler — plan + iterate rank 0's epoch, ours vs bucketsampler.
 
 Both sides get the same bucket ids (N indices in 40 buckets of realistic, uneven occupancy),
-batch size and world size, and do the same job: build the sampler, then iterate every batch
-rank 0 yields in one epoch. Each (side, N, world size) runs in its own fresh subprocess, so
+batch size and world size, and do the same job: build the sampler, set the epoch (1 by default:
+a later epoch, as in training; ours with its defaults, short last batches and indices that
+carry their epoch and occurrence), then iterate every batch rank 0 yields in that epoch. Each
+(side, N, world size) runs in its own fresh subprocess, so
 its peak RSS is its own: the first run is the memory measurement (peak RSS minus the RSS with
 the ids already loaded) and the warm-up, then ``reps`` timed runs give median and spread.
 Ours also reports restore times at mid-epoch (bucketsampler has no resumable state):
@@ -64,9 +66,13 @@ def make_sampler(side: str, ids: np.ndarray, batch_size: int, world_size: int) -
     )
 
 
-def epoch(side: str, ids: np.ndarray, batch_size: int, world_size: int) -> tuple[int, int]:
-    """The measured job: build the sampler and iterate rank 0's epoch. (batches, indices)."""
+def epoch(
+    side: str, ids: np.ndarray, batch_size: int, world_size: int, epoch_number: int = 1
+) -> tuple[int, int]:
+    """The measured job: build the sampler and iterate rank 0's epoch ``epoch_number``.
+    Returns (batches, indices)."""
     sampler = make_sampler(side, ids, batch_size, world_size)
+    sampler.set_epoch(epoch_number)
     batches = indices = 0
     for batch in sampler:
         batches += 1
@@ -83,9 +89,9 @@ def child_epoch(args: argparse.Namespace) -> dict[str, Any]:
     ids = np.load(args.ids)
     make_sampler(args.side, ids[:10], 1, 1)  # imports (torch included) before the baseline
     before = rss_mb()
-    batches, indices = epoch(args.side, ids, args.batch_size, args.world_size)
+    batches, indices = epoch(args.side, ids, args.batch_size, args.world_size, args.epoch)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10 - before
-    timing = timeit(lambda: epoch(args.side, ids, args.batch_size, args.world_size),
+    timing = timeit(lambda: epoch(args.side, ids, args.batch_size, args.world_size, args.epoch),
                     reps=args.reps, warmup=0)  # fmt: skip
     return {"timing": list(timing.values), "peak_mb": peak, "batches": batches,
             "indices": indices}  # fmt: skip
@@ -103,10 +109,10 @@ def child_restore(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     running = build(w)
     construct = time.perf_counter() - t0
-    it = iter(running)
-    for _ in range(len(running) // 2):
+    it, half = iter(running), len(running) // 2
+    for _ in range(half):
         next(it)
-    state = running.state_dict()
+    state = running.state_dict(received=half)
     del it, running
 
     def restore(world_size: int, first_batch: bool) -> list[float]:
@@ -128,7 +134,7 @@ def child_restore(args: argparse.Namespace) -> dict[str, Any]:
 def run_child(mode: str, side: str, ids: Path, world_size: int, args) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", mode, "--side", side, "--ids", str(ids),
            "--world-size", str(world_size), "--batch-size", str(args.batch_size),
-           "--reps", str(args.reps)]  # fmt: skip
+           "--reps", str(args.reps), "--epoch", str(args.epoch)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -148,6 +154,7 @@ def main() -> None:
     ap.add_argument("--buckets", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--epoch", type=int, default=1, help="the epoch iterated (default 1)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--child", choices=["epoch", "restore"], help=argparse.SUPPRESS)
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
@@ -164,7 +171,8 @@ def main() -> None:
         args.reps = 1
 
     print(f"# bench/sampler.py | {machine_line()}")
-    print(f"# batch size {args.batch_size} per rank, {args.buckets} buckets, reps {args.reps}; "
+    print(f"# batch size {args.batch_size} per rank, {args.buckets} buckets, epoch {args.epoch}, "
+          f"reps {args.reps}; "
           "each side in a fresh process per row")  # fmt: skip
     rows, restores, results = [], [], []
     for n in args.sizes:

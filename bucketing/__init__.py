@@ -21,7 +21,10 @@ from bucketing.sources import resolve_source  # noqa: E402
 
 # Public names of the upper floors: name -> module. Imported on first use.
 _LAZY_MODULES = {
-    "samplers": ("BatchingRule", "BucketBatchSampler", "SampleIndex", "bucket_batch_sampler"),
+    "samplers": (
+        "BatchingRule", "BucketBatchSampler", "SampleBatch", "SampleIndex", "bucket_batch_sampler",
+        "load_loader_state",
+    ),
     "transforms": (
         "BucketResizeCrop", "CaptionTransform", "DecodeSettings", "FitParams", "FluxEncoders",
         "FluxTokenizer", "decode_and_fit", "decode_image",
@@ -43,10 +46,11 @@ __all__ = [
     "CaptionTransform", "DecodeSettings", "EncoderCache", "FitParams", "FluxEncoders",
     "FluxTokenizer",
     "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection", "SD15Tokenizer",
-    "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleIndex",
+    "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleBatch", "SampleIndex",
     "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
     "decode_and_fit", "decode_image",
     "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
+    "load_loader_state",
     "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",
     "text_to_image_dataset", "to_model_input", "tokenizer_for_model", "unpack_latents",
     "DiffusersCollate", "diffusers_batch",

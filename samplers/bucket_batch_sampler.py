@@ -16,9 +16,11 @@ the not-yet-seen samples of that epoch are planned again for the new world size.
 from __future__ import annotations
 
 import numbers
+import sys
+import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import asdict, dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,7 @@ from samplers.plan import (
     rank_batches,
     remaining_units,
 )
-from samplers.sample_index import SampleIndex
+from samplers.sample_index import SampleBatch, SampleIndex, batch_class
 from samplers.state import (
     MAX_EPOCH,
     MAX_WORLD_SIZE,
@@ -50,18 +52,26 @@ from samplers.state import (
 )
 
 _CHUNK_INDICES = 1 << 15  # indices computed per vectorised call while iterating
-_FIRST = partial(int.__new__, SampleIndex)  # a first occurrence, made at C speed
+EMIT = ("rank", "all_ranks")
 
 
 @dataclass
 class _Pass:
-    """One iteration over (the rest of) an epoch; ``next_step`` advances as batches are yielded."""
+    """One iteration over (the rest of) an epoch. The batches of steps ``t0 .. t0 + size`` are
+    made lazily from ``starts`` (a list iterator over their first positions), so the steps
+    asked for so far are read off it: a step counts once any of its batches has been asked."""
 
     plan: Plan
     epoch: int
     history: tuple[tuple[int, int], ...]
     start: int
-    next_step: int
+    t0: int
+    size: int = 0
+    starts: Any = field(default_factory=lambda: iter(()))
+
+    @property
+    def next_step(self) -> int:
+        return self.t0 + self.size - self.starts.__length_hint__()
 
     @property
     def done(self) -> bool:
@@ -95,12 +105,21 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
             probability f, drawn per (seed, epoch, row), so ``len(sampler)`` may change from
             epoch to epoch (:meth:`total_steps` sums a run).
 
-    Batches are lists of :class:`SampleIndex`: ints whose ``occurrence`` tells a row's
-    occurrences in the epoch apart (0 for a row that appears once; its repeats and padding
-    duplicates numbered 1, 2, ...); each (row, occurrence) pair appears at most once per epoch.
-    ``len(sampler)`` is the number of batches the next (or running) pass yields on this rank:
-    a whole epoch, or what is left of it after :meth:`load_state_dict`. Call :meth:`set_epoch`
-    before each epoch. The state from :meth:`state_dict` is the same on every rank.
+        emit: ``"rank"`` (the default) yields this rank's batches; ``"all_ranks"`` yields, for
+            each step, every rank's batch in rank order (``world_size`` batches per step), for a
+            loader wrapper that hands batch ``j`` to process ``j % world_size`` itself:
+            accelerate's ``accelerator.prepare(loader)``. Iterating the default mode under
+            accelerate's ``BatchSamplerShard`` raises (it would shard the rank's batches again
+            and lose data without a word), naming ``emit="all_ranks"``.
+
+    Batches are :class:`SampleBatch` lists of :class:`SampleIndex`: ints that carry the
+    ``epoch`` (so a dataset's random draws follow :meth:`set_epoch` alone) and an
+    ``occurrence`` that tells a row's occurrences in the epoch apart (0 for a row that appears
+    once; its repeats and padding duplicates numbered 1, 2, ...); each (row, occurrence) pair
+    appears at most once per epoch. ``len(sampler)`` is the number of batches the next (or
+    running) pass yields: a whole epoch, or what is left of it after :meth:`load_state_dict`.
+    Call :meth:`set_epoch` before each epoch. The state from :meth:`state_dict` is the same on
+    every rank.
     """
 
     def __init__(
@@ -118,8 +137,12 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         last_batch: str | None = None,
         drop_last: bool = False,
         repeats: Any = None,
+        emit: str = "rank",
     ) -> None:
         super().__init__()
+        if emit not in EMIT:
+            raise ValueError(f"emit must be one of {EMIT}, got {emit!r}")
+        self._emit = emit
         ids, shapes = _bucket_ids(assignment_or_bucket_ids)
         num_buckets = len(shapes) if shapes is not None else int(ids.max()) + 1
         self._batching = _rule(batching, batch_size, max_pixels_per_batch, max_batch_size)
@@ -150,6 +173,7 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
             last_batch=self._last_batch,
         )
         self._epoch = 0
+        self._asked: int | None = None  # set_epoch's epoch until an iteration starts
         self._pending: Position | None = None
         self._active: _Pass | None = None
         self._plans: dict[tuple[int, tuple[tuple[int, int], ...]], Plan] = {}
@@ -188,6 +212,11 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         return self._epoch
 
     @property
+    def emit(self) -> str:
+        """``"rank"`` (this rank's batches) or ``"all_ranks"`` (every rank's, step by step)."""
+        return self._emit
+
+    @property
     def batching(self) -> BatchingRule:
         """The rule that sized the batches (ask it for other shapes: ``batch_sizes(wh)``)."""
         return self._batching
@@ -202,10 +231,12 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
     def set_epoch(self, epoch: int) -> None:
         """Plan ``epoch`` next. A no-op for the current epoch, so a resume position survives."""
         epoch = check_int(epoch, "epoch", 0, MAX_EPOCH)
+        self._asked = epoch
         if epoch != self._epoch:
             self._epoch, self._pending, self._active = epoch, None, None
 
     def __iter__(self) -> Iterator[list[SampleIndex]]:
+        _check_driver(self, sys._getframe(1))
         return self._batches()
 
     def _batches(self) -> Iterator[list[SampleIndex]]:
@@ -213,37 +244,35 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         # calls iter() more than once before using the last iterator, and a resume position
         # must go to the iterator that actually runs.
         position = self._pending or Position(self._epoch, self._world_size, 0)
-        self._pending = None
         plan = self._plan(position.epoch, position.history)
+        if position.consumed < plan.num_steps:  # a finished epoch stays finished until set_epoch
+            self._pending = None
+        self._asked = None
+        ranks = range(self._world_size) if self._emit == "all_ranks" else (self._rank,)
         p = _Pass(plan, position.epoch, position.history, position.consumed, position.consumed)
         self._active = p
-        rank, total = self._rank, plan.num_steps
-        chunk = max(1, _CHUNK_INDICES // int(plan.batch_sizes.max()))
-        t = p.next_step
-        while t < total:
+        total, epoch = plan.num_steps, position.epoch
+        chunk = max(1, _CHUNK_INDICES // (int(plan.batch_sizes.max()) * len(ranks)))
+        for t in range(position.consumed, total, chunk):
             stop = min(total, t + chunk)
-            rows, occurrences, bounds = rank_batches(plan, rank, t, stop)
-            values, cuts = rows.tolist(), bounds.tolist()
-            repeated = occurrences.tolist() if occurrences.any() else None
-            for i in range(stop - t):
-                # SampleIndex objects are made per batch as it is asked for: making thousands at
-                # once wakes the cyclic garbage collector over and over (it tracks them).
-                a, b = cuts[i], cuts[i + 1]
-                if repeated is None:
-                    batch = list(map(_FIRST, values[a:b]))
-                else:
-                    batch = list(map(SampleIndex, values[a:b], repeated[a:b]))
-                p.next_step = t + i + 1  # counted before the yield: the caller has it once asked
-                yield batch
-            t = stop
+            # Batches are made one at a time as they are asked for (and dropped by the caller):
+            # thousands alive at once would wake the cyclic garbage collector over and over.
+            per_rank = [_chunk_batches(plan, r, t, stop, epoch) for r in ranks]
+            p.t0, p.size, p.starts = t, stop - t, per_rank[0][0]
+            if len(ranks) == 1:
+                yield from per_rank[0][1]
+            else:  # step by step, rank by rank
+                yield from chain.from_iterable(zip(*(b for _, b in per_rank), strict=True))
 
     def __len__(self) -> int:
         if self._pending is not None:
             plan = self._plan(self._pending.epoch, self._pending.history)
-            return plan.num_steps - self._pending.consumed
-        if self._active is not None and not self._active.done:
-            return self._active.plan.num_steps - self._active.start
-        return self._plan(self._epoch, ()).num_steps
+            steps = plan.num_steps - self._pending.consumed
+        elif self._active is not None and not self._active.done:
+            steps = self._active.plan.num_steps - self._active.start
+        else:
+            steps = self._plan(self._epoch, ()).num_steps
+        return steps * (self._world_size if self._emit == "all_ranks" else 1)
 
     def total_steps(self, epochs: int) -> int:
         """Batches per rank over epochs 0 .. ``epochs - 1`` at this world size (what a learning
@@ -264,8 +293,11 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         ``StatefulDataLoader`` (it snapshots this state as it takes each batch) and with
         ``num_workers=0``; a plain ``DataLoader`` with workers prefetches ahead of the training
         loop, so pass ``received``: the batches the loop has received from the current
-        iteration (like ``num_samples`` in mosaicml-streaming's ``StreamingDataset.state_dict``).
-        The state is plain JSON (and ``torch.save``) data, identical on every rank.
+        iteration (like ``num_samples`` in mosaicml-streaming's ``StreamingDataset.state_dict``;
+        with ``emit="all_ranks"``, the batches one process received). Called without it while
+        an iteration is under way (other than by ``StatefulDataLoader``), it warns that the
+        batches handed out count as consumed. The state is plain JSON (and ``torch.save``)
+        data, identical on every rank.
         """
         a = self._active
         if self._pending is not None or a is None or a.epoch != self._epoch:
@@ -279,6 +311,15 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
             handed_out = a.next_step - a.start
             if received is None:
                 received = handed_out
+                if handed_out and not a.done and not _from_torchdata(sys._getframe(1)):
+                    warnings.warn(
+                        f"state_dict() without received= counts the {handed_out} batches this "
+                        "iteration handed out as consumed; a DataLoader with workers prefetches "
+                        "some of them ahead of the training loop, and a resume would skip those. "
+                        "Pass received=<batches the loop received>, or use torchdata's "
+                        "StatefulDataLoader",
+                        stacklevel=2,
+                    )
             elif not 0 <= received <= handed_out:
                 raise ValueError(
                     f"received={received}, but this iteration has handed out {handed_out} batches"
@@ -290,9 +331,13 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         """Resume where ``state_dict`` was taken: the next iteration yields the remaining batches.
 
         At a different world size the epoch's not-yet-seen samples are planned again for this
-        one (elastic resume). A finished epoch resumes at the start of the next. Raises
-        ValueError for a state saved with different data, settings or planning algorithm
-        (naming what differs), or with a field out of range (checked before any planning).
+        one (elastic resume). A state taken on an epoch's last batch leaves that epoch with
+        nothing left: the usual loop (``for epoch in range(saved_epoch, E)``, ``set_epoch`` each
+        epoch) yields nothing more for it and goes on with the next. (``StatefulDataLoader``
+        loads the state only when its iterator is made, after that loop's ``set_epoch``; if the
+        epoch set then is already a later one, the state leaves it alone.) Raises ValueError
+        for a state saved with different data, settings or planning algorithm (naming what
+        differs), or with a field out of range (checked before any planning).
         """
         saved = from_state(state_dict, self._fingerprint)
         segments = [seg for seg in (*saved.history, (saved.world_size, saved.consumed)) if seg[1]]
@@ -306,10 +351,11 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
                 f"sampler state says {consumed} steps consumed, but epoch {saved.epoch} has only "
                 f"{total} at world size {self._world_size}"
             )
-        if consumed == total:  # that epoch is over
-            position = Position(min(saved.epoch + 1, MAX_EPOCH), self._world_size, 0)
-        else:
-            position = Position(saved.epoch, self._world_size, consumed, history)
+        asked, self._asked = self._asked, None
+        if consumed == total and asked is not None and asked > saved.epoch:
+            self._epoch, self._pending, self._active = asked, None, None  # already moved on
+            return
+        position = Position(saved.epoch, self._world_size, consumed, history)
         self._epoch, self._pending, self._active = position.epoch, position, None
 
     # -- reporting -------------------------------------------------------------------------
@@ -364,7 +410,7 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
             f"BucketBatchSampler(indices={self._num_indices}, buckets={len(self._batch_sizes)}, "
             f"world_size={self._world_size}, rank={self._rank}, seed={self._seed}, "
             f"shuffle={self._shuffle}, last_batch={self._last_batch!r}, "
-            f"repeats={self._repeats is not None}, epoch={self._epoch})"
+            f"repeats={self._repeats is not None}, emit={self._emit!r}, epoch={self._epoch})"
         )
 
     def _layout(self, epoch: int) -> Layout:
@@ -413,6 +459,60 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
         return self._plans[key]
 
 
+def _chunk_batches(
+    plan: Plan, rank: int, t0: int, t1: int, epoch: int
+) -> tuple[Iterator[int], Iterator[SampleBatch]]:
+    """Rank ``rank``'s batches of steps ``t0 <= t < t1``, made lazily at C speed (in Python only
+    where a row is a repeat or padding), and the iterator over their start positions they
+    consume one by one."""
+    rows, occurrences, bounds = rank_batches(plan, rank, t0, t1)
+    values, cuts = rows.tolist(), bounds.tolist()
+    starts = iter(cuts[:-1])
+    slices = map(slice, starts, cuts[1:])
+    if not occurrences.any():
+        return starts, map(batch_class(epoch), map(values.__getitem__, slices))
+    repeated = occurrences.tolist()
+    return starts, (SampleBatch(values[s], epoch, repeated[s]) for s in slices)
+
+
+def _from_torchdata(caller: Any) -> bool:
+    """Whether ``caller`` (the frame calling ``state_dict``) is torchdata's StatefulDataLoader,
+    which snapshots the sampler as it takes each batch, so its count is exact."""
+    return caller is not None and str(caller.f_globals.get("__name__", "")).startswith("torchdata")
+
+
+def _check_driver(sampler: BucketBatchSampler, caller: Any) -> None:
+    """Refuse to be sharded a second time by accelerate's ``BatchSamplerShard`` (the frame that
+    calls ``iter(sampler)``): it hands process p every ``num_processes``-th batch it gets, which
+    is exact only for ``emit="all_ranks"`` at this world size."""
+    shard = caller.f_locals.get("self") if caller is not None else None
+    module = type(shard).__module__ or ""
+    if not module.startswith("accelerate") or getattr(shard, "batch_sampler", None) is not sampler:
+        return
+    processes = int(getattr(shard, "num_processes", 1))
+    if getattr(shard, "split_batches", False):
+        raise RuntimeError(
+            "accelerate's split_batches=True cuts each batch into per-process pieces, which "
+            "breaks BucketBatchSampler's per-bucket batches; use split_batches=False with "
+            'BucketBatchSampler(..., emit="all_ranks")'
+        )
+    if sampler.emit == "rank" and processes > 1:
+        raise RuntimeError(
+            f"accelerate's accelerator.prepare(loader) shards batches over {processes} "
+            "processes, but this BucketBatchSampler already yields only its rank's batches: "
+            f"each process would get one in {processes} batches of its own plan and miss the "
+            "rest. Build "
+            'it with BucketBatchSampler(..., emit="all_ranks") (every rank\'s batch of each '
+            "step, in rank order, so accelerate hands each process exactly its own), or do "
+            "not pass the loader to prepare"
+        )
+    if sampler.emit == "all_ranks" and processes != sampler.world_size:
+        raise RuntimeError(
+            f"accelerate shards over {processes} processes, but this BucketBatchSampler plans "
+            f"for world_size={sampler.world_size}: pass world_size={processes}"
+        )
+
+
 def bucket_batch_sampler(
     dataset: Any,
     batch_size: int | None = None,
@@ -426,6 +526,7 @@ def bucket_batch_sampler(
     repeats: Any = None,
     world_size: int | None = None,
     rank: int | None = None,
+    emit: str = "rank",
 ) -> BucketBatchSampler:
     """Builder (torchtune style: a plain function, instantiable from a YAML ``_component_``):
     the sampler for ``dataset``, read from its ``assignment`` attribute when it has one, else
@@ -454,6 +555,7 @@ def bucket_batch_sampler(
         shuffle=shuffle,
         last_batch=last_batch,
         repeats=repeats,
+        emit=emit,
     )
 
 

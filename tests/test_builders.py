@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 import bucketing
@@ -38,43 +38,12 @@ dataset:
   workers: 0
 
 sampler:
-  _component_: samplers.BucketBatchSampler
+  _component_: samplers.bucket_batch_sampler
   batch_size: 2
   seed: 3
+
+collate_fn: transforms.collate
 """
-
-
-def _component(path: str):
-    """Resolve a dotted ``_component_`` path: the longest importable module, then attributes."""
-    parts = path.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        for name in parts[cut:]:
-            obj = getattr(obj, name)
-        return obj
-    raise ImportError(path)
-
-
-def _instantiate(node, *args, **kwargs):
-    if isinstance(node, dict):
-        values = {k: _instantiate(v) for k, v in node.items() if k != "_component_"}
-        if "_component_" in node:
-            return _component(node["_component_"])(*args, **values, **kwargs)
-        return values
-    if isinstance(node, list):
-        return [_instantiate(v) for v in node]
-    return node
-
-
-def instantiate(node: DictConfig, *args, **kwargs):
-    """torchtune's ``config.instantiate(node, *args, **kwargs)``: the node's ``_component_``
-    called with ``args`` first, then the node's other keys (nested components instantiated
-    first). torchtune itself cannot share an environment with peft (torchtune 0.6 needs
-    torchao < 0.12, peft refuses torchao < 0.16), so the test carries the same rule."""
-    return _instantiate(OmegaConf.to_container(node, resolve=True), *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +55,32 @@ def photos(tmp_path_factory, examples_dir) -> Path:
     return folder
 
 
-def test_builder_from_a_torchtune_yaml(photos, flux_tokenizer_dir):
+@pytest.fixture(scope="module")
+def torchtune():
+    """torchtune's ``config`` module and its component resolver, imported on first use (a few
+    seconds: it imports torchao), or a skip saying why it cannot be imported."""
+    try:  # torchtune 0.6 imports torchao, which must match the installed torch
+        from torchtune import config
+        from torchtune.config._utils import _get_component_from_path
+    except Exception as error:  # an ImportError, or torchao failing against another torch
+        pytest.skip(
+            f"torchtune cannot be imported here ({type(error).__name__}: {error}); the dev "
+            "extra installs torchtune 0.6.1 with a torchao built for the pinned torch"
+        )
+    return config, _get_component_from_path
+
+
+@pytest.mark.slow  # importing torchtune (and torchao) takes seconds
+def test_builder_from_a_torchtune_yaml(photos, flux_tokenizer_dir, torchtune):
+    """torchtune's own config.instantiate, as a recipe's _setup_data would call it."""
+    torchtune_config, _get_component_from_path = torchtune
     cfg = OmegaConf.create(YAML.format(tokenizers=flux_tokenizer_dir, source=photos))
-    tokenizer = instantiate(cfg.tokenizer)
+    tokenizer = torchtune_config.instantiate(cfg.tokenizer)
     assert isinstance(tokenizer, FluxTokenizer) and tokenizer.t5_max_length == 64
-    dataset = instantiate(cfg.dataset, tokenizer)  # as torchtune: instantiate(cfg.dataset, tok)
-    sampler = instantiate(cfg.sampler, dataset.bucket_id)
+    dataset = torchtune_config.instantiate(cfg.dataset, tokenizer)  # as a recipe does
+    sampler = torchtune_config.instantiate(cfg.sampler, dataset)
+    collate_fn = partial(_get_component_from_path(cfg.collate_fn), padding_idx=0,
+                         ignore_idx=-100)  # fmt: skip
     assert isinstance(dataset, TextToImageDataset) and isinstance(sampler, BucketBatchSampler)
 
     # The same objects built by hand, with the library's own parts.
@@ -104,7 +93,7 @@ def test_builder_from_a_torchtune_yaml(photos, flux_tokenizer_dir):
     )
     assert np.array_equal(dataset.bucket_id, assignment.bucket_id)
     assert list(sampler) == list(BucketBatchSampler(assignment.bucket_id, batch_size=2, seed=3))
-    batch = next(iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)))
+    batch = next(iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)))
     first = list(sampler)[0]
     expected = collate([by_hand[i] for i in first])
     assert torch.equal(batch["pixel_values"], expected["pixel_values"])

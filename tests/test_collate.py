@@ -110,6 +110,16 @@ def test_unknown_keys_are_kept_stacked_or_listed():
     assert batch["fit"] == [("params", 0), ("params", 1), ("params", 2)]
 
 
+def test_torchtune_keyword_arguments_are_accepted_and_change_nothing():
+    samples = [_sample(i) for i in range(2)]
+    plain, tuned = collate(samples), collate(samples, padding_idx=0, ignore_idx=-100)
+    assert plain.keys() == tuned.keys()
+    assert all(torch.equal(plain[k], tuned[k]) if torch.is_tensor(plain[k]) else
+               plain[k] == tuned[k] for k in plain)  # fmt: skip
+    with pytest.raises(TypeError):
+        collate(samples, pad_to=8)  # other keywords are still typos
+
+
 def _cached(i: int, length: int) -> dict:
     return {
         "latents": torch.full((16, 2, 3), float(i)),

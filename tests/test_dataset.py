@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 import zlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,10 @@ from torch.utils.data import DataLoader
 from bucketing.assign import assign
 from bucketing.index import ImageIndex
 from bucketing.ladder import BucketLadder
+from bucketing.pipeline.builders import MixedDataset
 from bucketing.pipeline.dataset import SubstitutionWarning, TextToImageDataset
 from bucketing.scan import scan
-from samplers import BucketBatchSampler
+from samplers import BucketBatchSampler, SampleIndex
 from transforms.caption import CaptionTransform
 from transforms.collate import collate
 from transforms.image import ImageDecodeError
@@ -377,3 +379,54 @@ def test_small_keys_keep_their_draws_and_wide_ones_are_distinct(photos):
     wide, narrow = _dataset(index, assignment, seed=2**32), _dataset(index, assignment, seed=0)
     narrow.set_epoch(1)
     assert [wide[i]["fit"] for i in range(len(ds))] != [narrow[i]["fit"] for i in range(len(ds))]
+
+
+def _epoch_draws(ds, epoch: int, set_dataset: bool, num_workers: int) -> list:
+    """(row, crop, flip, caption) of every sample of ``epoch`` through a DataLoader driven by a
+    BucketBatchSampler, with or without also calling ``dataset.set_epoch``."""
+    sampler = BucketBatchSampler(ds, batch_size=2, seed=1)
+    sampler.set_epoch(epoch)
+    if set_dataset:
+        ds.set_epoch(epoch)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, collate_fn=list)
+    return sorted(
+        (s["index"], tuple(s["crop_top_left"]), s["flipped"], s["caption"])
+        for batch in loader for s in batch
+    )
+
+
+def test_sampler_set_epoch_alone_changes_augmentation_as_calling_both(photos, recwarn):
+    index, assignment = photos
+    make = partial(_dataset, index, assignment, caption_transform=CaptionTransform(
+        shuffle_parts=True), seed=3)  # fmt: skip
+    both = _epoch_draws(make(), 1, set_dataset=True, num_workers=0)
+    alone = _epoch_draws(make(), 1, set_dataset=False, num_workers=2)  # through worker pickling
+    assert alone == both
+    epoch0 = _epoch_draws(make(), 0, set_dataset=False, num_workers=0)
+    assert sum(a != b for a, b in zip(epoch0, alone, strict=True)) >= len(alone) // 2
+    assert not [w for w in recwarn if "disagrees" in str(w.message)]
+    # a dataset epoch that disagrees with the index's loses, with one warning
+    stale = make()
+    stale.set_epoch(0)
+    with pytest.warns(UserWarning, match=r"set_epoch\(0\) disagrees with the epoch 1") as caught:
+        assert _epoch_draws(stale, 1, set_dataset=False, num_workers=0) == both
+    assert len([w for w in caught if "disagrees" in str(w.message)]) == 1
+    # plain int indices (another sampler) still follow dataset.set_epoch
+    stale.set_epoch(1)
+    plain = [stale[i] for i in range(len(index))]
+    assert sorted((s["index"], tuple(s["crop_top_left"]), s["flipped"], s["caption"])
+                  for s in plain) == both  # fmt: skip
+
+
+def test_mixed_dataset_passes_the_epoch_to_its_parts(photos):
+    index, assignment = photos
+    mixed = MixedDataset({"a": _dataset(index, assignment, seed=4)})
+    part = _dataset(index, assignment, seed=4)
+    for i in range(len(index)):
+        got = mixed[SampleIndex(i, 1, 5)]
+        want = part[SampleIndex(i, 1, 5)]
+        assert (got["crop_top_left"], got["flipped"]) == (want["crop_top_left"], want["flipped"])
+    part.set_epoch(5)
+    assert [part[SampleIndex(i, 1)]["flipped"] for i in range(len(index))] == [
+        mixed[SampleIndex(i, 1, 5)]["flipped"] for i in range(len(index))
+    ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tracemalloc
@@ -310,7 +311,7 @@ def test_resume_after_any_k_yields_exactly_the_rest(
     running.set_epoch(epoch)
     it = iter(running)
     assert [next(it) for _ in range(k)] == full[:k]
-    state = json.loads(json.dumps(running.state_dict()))
+    state = json.loads(json.dumps(running.state_dict(received=k)))
     fresh = BucketBatchSampler(ids, **kw)
     fresh.load_state_dict(state)
     if k < len(full):
@@ -320,9 +321,13 @@ def test_resume_after_any_k_yields_exactly_the_rest(
         occurrences = [[i.occurrence for i in b] for b in rest]
         assert occurrences == [[i.occurrence for i in b] for b in full[k:]]
         assert list(fresh) == full  # the pass after a resumed one is the whole epoch again
-    else:  # a finished epoch resumes at the start of the next one
+    else:  # a finished epoch has nothing left; set_epoch(epoch + 1) starts the next one
+        assert fresh.epoch == epoch and len(fresh) == 0
+        fresh.set_epoch(epoch)  # the usual loop's set_epoch(saved_epoch) keeps it finished
+        assert list(fresh) == [] and list(fresh) == []
         sampler.set_epoch(epoch + 1)  # (with fractional repeats its length may differ)
-        assert fresh.epoch == epoch + 1 and len(fresh) == len(sampler)
+        fresh.set_epoch(epoch + 1)
+        assert len(fresh) == len(sampler) and list(fresh) == list(sampler)
 
 
 def test_state_is_small_constant_and_survives_json_and_torch_save() -> None:
@@ -715,3 +720,61 @@ def test_rows_of_one_bucket_with_different_shapes_are_an_error() -> None:
     rows.bucket_wh[1] = [32, 32]
     with pytest.raises(ValueError, match=r"row \d of bucket 0 has bucket_wh"):
         BucketBatchSampler(rows, max_pixels_per_batch=4096)
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    ids=st.lists(st.integers(-1, 4), min_size=1, max_size=80).filter(lambda v: max(v) >= 0),
+    world_size=st.integers(1, 4),
+    repeats=st.none() | st.sampled_from([2, 1.5]),
+    epoch=st.integers(0, 2),
+    data=st.data(),
+)
+def test_all_ranks_yields_every_ranks_batch_of_each_step_in_rank_order(
+    ids, world_size, repeats, epoch, data
+):
+    kw = {"batch_size": 2, "world_size": world_size, "seed": 4, "repeats": repeats}
+    ids = np.array(ids)
+    per_rank = []
+    for r in range(world_size):
+        s = BucketBatchSampler(ids, rank=r, **kw)
+        s.set_epoch(epoch)
+        per_rank.append(list(s))
+    every = BucketBatchSampler(ids, rank=0, emit="all_ranks", **kw)
+    every.set_epoch(epoch)
+    batches = list(every)
+    assert len(every) == len(batches) == world_size * len(per_rank[0])
+    expected = [b for step in zip(*per_rank, strict=True) for b in step]
+    assert batches == expected
+    assert [[(i.occurrence, i.epoch) for i in b] for b in batches] == [
+        [(i.occurrence, i.epoch) for i in b] for b in expected
+    ]
+    # the state counts steps: one started by any of its batches
+    k = data.draw(st.integers(0, len(batches)))
+    it = iter(every)
+    for _ in range(k):
+        next(it)
+    steps = -(-k // world_size)
+    assert every.state_dict(received=steps)["consumed"] == steps
+    resumed = BucketBatchSampler(ids, rank=0, emit="all_ranks", **kw)
+    resumed.load_state_dict(every.state_dict(received=steps))
+    assert list(resumed) == expected[steps * world_size:]
+
+
+def test_sample_batch_is_a_list_of_rows_whose_items_carry_epoch_and_occurrence():
+    sampler = BucketBatchSampler(np.zeros(5, dtype=np.int64), batch_size=5, repeats=2, seed=1)
+    sampler.set_epoch(3)
+    batch = next(iter(sampler))
+    assert isinstance(batch, list) and len(batch) == 5
+    assert batch == [int(i) for i in batch] and np.asarray(batch).dtype.kind == "i"
+    assert all(isinstance(i, SampleIndex) and i.epoch == 3 for i in batch)
+    assert [batch[j].occurrence for j in range(5)] == [i.occurrence for i in batch]
+    assert batch[-1] == batch[4] and batch[1:3] == list(batch)[1:3]
+    again = pickle.loads(pickle.dumps(batch))
+    assert again == batch and [(i.epoch, i.occurrence) for i in again] == [
+        (i.epoch, i.occurrence) for i in batch
+    ]
+    assert SampleIndex(7).epoch is None
+    assert pickle.loads(pickle.dumps(SampleIndex(7, 2, 5))).epoch == 5
+    with pytest.raises(ValueError, match="emit must be one of"):
+        BucketBatchSampler(np.zeros(5, dtype=np.int64), batch_size=2, emit="ranks")

@@ -46,3 +46,12 @@ def test_ddp_example_stops_and_resumes_on_another_world_size(repo_root: Path, tm
     steps = [int(s) for s in re.findall(r"step +(\d+) bucket", second)]
     assert steps[0] == 4 and steps == list(range(4, steps[-1] + 1))
     assert f"done: {steps[-1]} steps" in second
+
+
+@pytest.mark.slow
+def test_accelerate_prepare_hands_each_process_its_planned_batches() -> None:
+    """Real ``Accelerator(cpu=True)`` on 2 gloo ranks: ``emit="all_ranks"`` under ``prepare``
+    sees every image once per epoch in lock-step; the default mode raises naming accelerate."""
+    pytest.importorskip("accelerate")
+    out = torchrun(2, script=SCRIPT.parent / "accelerate_prepare.py")
+    assert "every image once per epoch, lock-step: ok" in out

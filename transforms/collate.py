@@ -25,8 +25,16 @@ _FIXED = ("pixel_values", "latents", "pooled_prompt_embeds")
 _KNOWN = {*_PAIRS, *_TOKENS, *_INTS, *_FLAGS, *_VARIABLE, *_FIXED, "caption"}
 
 
-def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def collate(
+    samples: Sequence[Mapping[str, Any]],
+    padding_idx: int | None = None,
+    ignore_idx: int | None = None,
+) -> dict[str, Any]:
     """Batch samples of one bucket.
+
+    ``padding_idx`` and ``ignore_idx`` are accepted and ignored: torchtune's recipes call
+    ``collate_fn(batch, padding_idx=..., ignore_idx=...)``, and our token ids come padded to
+    their fixed length by the tokenizer, with no labels to mask.
 
     ``pixel_values`` uint8 [B, 3, H, W] contiguous, or (from an encoder cache) ``latents``
     [B, C, h, w] and ``pooled_prompt_embeds`` [B, P]; ``original_size``, ``crop_top_left``,

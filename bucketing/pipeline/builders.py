@@ -32,6 +32,7 @@ from bucketing.ladder import MODEL_SPECS, BucketLadder
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.scan import scan
 from bucketing.sources import read_sidecar, sidecar_path
+from samplers.sample_index import SampleIndex
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
@@ -111,20 +112,6 @@ def text_to_image_dataset(
     )
 
 
-class _Occurrence(int):
-    """A row number that keeps the sampler's ``occurrence`` on its way to a part dataset."""
-
-    occurrence = 0
-
-    def __new__(cls, value: int, occurrence: int) -> _Occurrence:
-        self = super().__new__(cls, value)
-        self.occurrence = occurrence
-        return self
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Occurrence, (int(self), self.occurrence))
-
-
 @dataclass(frozen=True)
 class BucketShapes:
     """The (K, 2) ``buckets`` (w, h) of a mixed dataset: what a sampler reads of a ladder."""
@@ -178,13 +165,13 @@ class MixedDataset(Dataset):
             dataset.set_epoch(epoch)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        occurrence = getattr(i, "occurrence", 0)
+        occurrence, epoch = getattr(i, "occurrence", 0), getattr(i, "epoch", None)
         i = operator.index(i)
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} out of range for a mixed dataset of {len(self)} rows")
         k = int(self.dataset_of[i])
         offset = int(self.offsets[k])
-        sample = self.datasets[k][_Occurrence(i - offset, occurrence)]
+        sample = self.datasets[k][SampleIndex(i - offset, occurrence, epoch)]
         sample["dataset"] = self.names[k]
         for key in ("index", "original_index"):
             if key in sample:

@@ -26,9 +26,13 @@ the requested row as ``original_index``, and a warning names the file once per p
 with ``on_error="raise"`` an :class:`~transforms.image.ImageDecodeError` names the file
 and the reason.
 
-``set_epoch`` must be called before each epoch's iterator is created. The epoch lives in a
-one-element shared-memory tensor, so it reaches DataLoader workers that outlive an epoch
-(``persistent_workers=True``) as well as freshly started ones.
+The epoch of those draws travels with the index: ``BucketBatchSampler`` yields indices that
+carry the epoch it planned (``SampleIndex.epoch``), so ``sampler.set_epoch`` alone changes every
+crop, flip and caption. For plain int indices (another sampler) the dataset's own epoch applies:
+call ``set_epoch`` before each epoch's iterator is created. It lives in a one-element
+shared-memory tensor, so it reaches DataLoader workers that outlive an epoch
+(``persistent_workers=True``) as well as freshly started ones. Where a set dataset epoch and an
+index's epoch disagree, the index's wins, with a warning once per process.
 """
 
 from __future__ import annotations
@@ -173,7 +177,8 @@ class TextToImageDataset(Dataset):
         self.decode = DecodeSettings(max_pixels=max_pixels, max_decode_bytes=max_decode_bytes,
                                      draft=draft, background=tuple(background))
         self.encoder_cache = encoder_cache
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()  # -1: never set
+        self._warned_epoch = False
         self._members: tuple[np.ndarray, np.ndarray] | None = None  # built on first need
 
     def __len__(self) -> int:
@@ -181,11 +186,13 @@ class TextToImageDataset(Dataset):
 
     @property
     def epoch(self) -> int:
-        """The epoch every per-sample generator uses (shared with DataLoader workers)."""
-        return int(self._epoch[0])
+        """The epoch the per-sample generators use for indices that do not carry one (shared
+        with DataLoader workers); 0 until :meth:`set_epoch`."""
+        return max(0, int(self._epoch[0]))
 
     def set_epoch(self, epoch: int) -> None:
-        """Use ``epoch`` in every per-sample generator from now on (call before iterating)."""
+        """Use ``epoch`` in the per-sample generators from now on (call before iterating), for
+        indices that do not carry their own (``BucketBatchSampler``'s do)."""
         epoch = operator.index(epoch)
         if not 0 <= epoch <= _MAX_EPOCH:
             raise ValueError(f"epoch must be in [0, 2**63 - 1], got {epoch}")
@@ -193,6 +200,7 @@ class TextToImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         occurrence = operator.index(getattr(i, "occurrence", 0))
+        epoch = self._epoch_of(i)
         i = operator.index(i)
         n = len(self)
         if not -n <= i < n:
@@ -209,17 +217,17 @@ class TextToImageDataset(Dataset):
                 "only (BucketBatchSampler does)"
             )
         try:
-            sample = self._fit(i, i, occurrence)
+            sample = self._fit(i, i, (epoch, occurrence))
         except Exception as error:
             if self.on_error == "raise":
                 raise _as_decode_error(self._name(i), error) from error
-            sample = self._substitute(i, bucket, occurrence, error)
+            sample = self._substitute(i, bucket, (epoch, occurrence), error)
 
         captions = list(self.index.captions[sample["index"]])
         if self.caption_transform is None:
             sample["caption"] = captions[0] if captions else ""
         else:
-            rng = sample_rng(self.seed, self.epoch, i, "caption", occurrence)
+            rng = sample_rng(self.seed, epoch, i, "caption", occurrence)
             sample = self._apply(
                 "caption_transform", self.caption_transform, sample, captions=captions, rng=rng,
                 path=self.index.paths[sample["index"]],
@@ -235,11 +243,30 @@ class TextToImageDataset(Dataset):
             sample = self.model_transform(sample)
         return sample
 
-    def _fit(self, row: int, requested: int, occurrence: int) -> dict[str, Any]:
-        """Decode ``row`` and fit it to ``requested``'s bucket with ``requested``'s generator."""
+    def _epoch_of(self, i: Any) -> int:
+        """The epoch of ``i``'s draws: the one it carries (``SampleIndex.epoch``), else the
+        dataset's. A set dataset epoch that disagrees loses, with a warning once per process."""
+        carried = getattr(i, "epoch", None)
+        own = int(self._epoch[0])
+        if carried is None:
+            return max(0, own)
+        carried = operator.index(carried)
+        if own >= 0 and own != carried and not self._warned_epoch:
+            self._warned_epoch = True
+            warnings.warn(
+                f"dataset.set_epoch({own}) disagrees with the epoch {carried} the sampler's "
+                "index carries; the index's epoch is used (sampler.set_epoch alone is enough)",
+                stacklevel=3,
+            )
+        return carried
+
+    def _fit(self, row: int, requested: int, draw: tuple[int, int]) -> dict[str, Any]:
+        """Decode ``row`` and fit it to ``requested``'s bucket with ``requested``'s generator
+        (``draw`` = (epoch, occurrence))."""
         wh = tuple(int(v) for v in self.bucket_wh[requested])
+        epoch, occurrence = draw
         if self.encoder_cache is not None:
-            return self._cached(row, requested, occurrence, wh)
+            return self._cached(row, requested, draw, wh)
         read = (self.image_transform.read if isinstance(self.image_transform, ReadsFiles)
                 else decode_image)
         scanned = (int(self.index.width[row]), int(self.index.height[row]))
@@ -251,7 +278,7 @@ class TextToImageDataset(Dataset):
             "substituted": row != requested,
             "occurrence": occurrence,
         }
-        rng = sample_rng(self.seed, self.epoch, requested, "image", occurrence)
+        rng = sample_rng(self.seed, epoch, requested, "image", occurrence)
         fitted = self._apply(
             "image_transform", self.image_transform, identity, image=img, bucket=wh, rng=rng
         )
@@ -265,10 +292,11 @@ class TextToImageDataset(Dataset):
         return sample
 
     def _cached(
-        self, row: int, requested: int, occurrence: int, wh: tuple[int, ...]
+        self, row: int, requested: int, draw: tuple[int, int], wh: tuple[int, ...]
     ) -> dict[str, Any]:
         """``row``'s cached latents for ``requested``'s bucket, drawn with its generator."""
-        rng = sample_rng(self.seed, self.epoch, requested, "image", occurrence)
+        epoch, occurrence = draw
+        rng = sample_rng(self.seed, epoch, requested, "image", occurrence)
         size = (int(self.index.width[row]), int(self.index.height[row]))
         sample = self.encoder_cache.latent_sample(self.index.paths[row], size, wh, rng)
         return {**sample, "index": row, "original_index": requested,
@@ -285,17 +313,17 @@ class TextToImageDataset(Dataset):
         return {k: v for k, v in out.items() if k not in _TRANSIENT}
 
     def _substitute(
-        self, i: int, bucket: int, occurrence: int, error: Exception
+        self, i: int, bucket: int, draw: tuple[int, int], error: Exception
     ) -> dict[str, Any]:
         """Fit another member of ``bucket``, tried in an order fixed by (seed, epoch, i,
-        occurrence)."""
+        occurrence) (``draw`` = (epoch, occurrence))."""
         members = self._bucket_members(bucket)
         members = members[members != i]
-        rng = sample_rng(self.seed, self.epoch, i, "substitute", occurrence)
+        rng = sample_rng(self.seed, draw[0], i, "substitute", draw[1])
         tried: list[str] = []
         for j in rng.permutation(members)[: self.max_substitutes].tolist():
             try:
-                sample = self._fit(j, i, occurrence)
+                sample = self._fit(j, i, draw)
             except Exception as other:
                 tried.append(f"row {j} ({self._name(j)}): {_reason(other)}")
                 continue
