@@ -30,7 +30,7 @@ def loader(examples_dir, model: str, model_transform=None, workers: int = 0,
     dataset = TextToImageDataset(index, assignment, image_transform=BucketResizeCrop(
         crop="random", flip_p=0.5), caption_transform=CaptionTransform(fallback="stem"),
         model_transform=model_transform, seed=0)
-    sampler = BucketBatchSampler(assignment, batch_size=3, seed=0)
+    sampler = BucketBatchSampler(assignment, batch_size=3, seed=0, emit="all_ranks")
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=DiffusersCollate(model),
                       num_workers=workers)
 
@@ -42,8 +42,12 @@ def test_sdxl_script_batch_through_its_own_compute_time_ids(examples_dir, tiny_e
     vae = AutoencoderKL.from_pretrained(tiny_encoders_dirs["sdxl"], subfolder="vae")
     tokenizer = SDXLTokenizer.from_pretrained_dir(tiny_encoders_dirs["sdxl"])
     shapes = set()
-    sdxl = loader(examples_dir, "sdxl", tokenizer, workers=2, max_area=256 * 256)
-    for step, batch in enumerate(sdxl):  # real workers: the collate_fn is pickled
+    # as the script builds it: through accelerate's prepare, with real workers (the collate_fn
+    # is pickled)
+    sdxl = accelerator.prepare(loader(examples_dir, "sdxl", tokenizer, workers=2,
+                                      max_area=256 * 256))
+    seen = 0
+    for step, batch in enumerate(sdxl):
         pixel_values = batch["pixel_values"]
         assert pixel_values.dtype == torch.float32 and pixel_values.is_contiguous()
         assert pixel_values.min() >= -1.0 and pixel_values.max() <= 1.0
@@ -74,6 +78,8 @@ def test_sdxl_script_batch_through_its_own_compute_time_ids(examples_dir, tiny_e
         assert add_time_ids.shape == (b, 6)
         assert torch.equal(add_time_ids, sdxl_add_time_ids(collate_sizes(batch)))
         assert all(t == (h, w) for t in batch["target_sizes"])  # each image's own bucket
+        seen += b
+    assert seen == int((sdxl.dataset.bucket_id >= 0).sum())  # every image once
     assert any(h != w for h, w in shapes)  # the script's (resolution, resolution) was wrong
 
 
