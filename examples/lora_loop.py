@@ -119,7 +119,9 @@ def build_loader(
         seed = _arg(args, "seed")
         index = scan(args.data or str(REPO / "examples" / "data"), workers=1)
         overrides = {"max_area": args.max_area} if args.max_area else {}
-        assignment = assign(index, BucketLadder.for_model(models[0], **overrides))
+        # Buckets fitted to the data, as bucket-cache and the builders fit them by default.
+        assignment = assign(index, BucketLadder.from_data(
+            index, base=BucketLadder.for_model(models[0], **overrides)))
         if dataset_for is None:
             dataset = TextToImageDataset(
                 index, assignment,
