@@ -2,6 +2,7 @@
 
 from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
+from transforms.diffusers_scripts import DiffusersCollate, diffusers_batch
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import DecodeSettings, decode_image, load_image
 from transforms.paired import loss_weight_for
@@ -25,6 +26,7 @@ __all__ = [
     "BucketResizeCrop",
     "CaptionTransform",
     "DecodeSettings",
+    "DiffusersCollate",
     "FitParams",
     "FluxEncoders",
     "FluxTokenizer",
@@ -37,6 +39,7 @@ __all__ = [
     "collate",
     "decode_and_fit",
     "decode_image",
+    "diffusers_batch",
     "flux_image_ids",
     "flux_time_shift_mu",
     "load_image",
