@@ -30,8 +30,9 @@ _LAZY_MODULES = {
         "FluxTokenizer", "decode_and_fit", "decode_image",
         "PromptTokenizer", "SD3Encoders", "SD3Tokenizer", "SD15Tokenizer", "SDXLEncoders",
         "SDXLTokenizer", "collate", "flux_image_ids", "flux_time_shift_mu", "load_image",
-        "pack_latents", "sdxl_add_time_ids", "shift_timesteps", "to_model_input",
-        "tokenizer_for_model", "unpack_latents",
+        "loss_weight_for", "pack_latents", "sdxl_add_time_ids", "shift_timesteps",
+        "to_model_input", "tokenizer_for_model", "unpack_latents", "DiffusersCollate",
+        "diffusers_batch",
     ),
     "bucketing.pipeline.dataset": ("TextToImageDataset",),
     "bucketing.pipeline.encoder_cache": ("EncoderCache", "build_cache"),
@@ -53,9 +54,10 @@ __all__ = [
     "build_cache", "collate",
     "decode_and_fit", "decode_image", "fitted_ladder",
     "flux_image_ids", "flux_time_shift_mu", "from_config", "in_lockstep", "load_config",
-    "load_image", "load_loader_state",
+    "load_image", "load_loader_state", "loss_weight_for",
     "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",
     "text_to_image_dataset", "to_model_input", "tokenizer_for_model", "unpack_latents",
+    "DiffusersCollate", "diffusers_batch",
 ]
 
 

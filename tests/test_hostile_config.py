@@ -4,6 +4,7 @@ line, in bounded time; then sweeps over random TOML and YAML text."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from bucketing.cli import report
 from bucketing.ladder import MAX_BUCKETS, BucketLadder
-from bucketing.pipeline.config import ConfigError, load_config, mix_figures, render_mix
+from bucketing.pipeline.config import ConfigError, load_config
 from bucketing.pipeline.config_files import MAX_CONFIG_BYTES
 
 GOOD = 'model = "flux"\nbatch_size = 2\n\n[[datasets]]\nsource = "photos"\nresolution = 256\n'
@@ -63,7 +65,7 @@ def test_a_pathological_toml_line_is_read_in_linear_time(tmp_path):
     _refused(tmp_path, text, "c.toml", "not valid TOML", seconds=1.0)
     config = _load(tmp_path, GOOD.replace("[[datasets]]", "[[" + " " * 20000 + "datasets]]"),
                    seconds=1.0)
-    assert config.datasets[0].ladder == {"max_area": 256 * 256}
+    assert config.datasets[0].ladder.overrides() == {"max_area": 256 * 256}
 
 
 @pytest.mark.parametrize("name,text", [
@@ -140,19 +142,22 @@ def test_sweep_random_toml_and_yaml_documents(tmp_path, parts, yaml_file):
                                      "c.toml")
 
 
-def test_the_mix_names_each_rejection_reason_and_its_files(tmp_path):
+def test_the_mix_names_each_rejection_reason_and_its_files(tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()
     for name, size in (("ok.png", (320, 256)), ("tiny.png", (8, 8)), ("strip.png", (900, 20))):
         Image.new("RGB", size).save(photos / name)
     (photos / "junk.jpg").write_bytes(b"not an image")
     (tmp_path / "c.toml").write_text(GOOD.replace("photos", str(photos)))
-    figures = mix_figures(tmp_path / "c.toml")
+    capsys.readouterr()
+    assert report.main(["--config", str(tmp_path / "c.toml"), "--json",
+                        str(tmp_path / "mix.json")]) == 0
+    text = capsys.readouterr().out
+    figures = json.loads((tmp_path / "mix.json").read_text())
     (row,) = figures["datasets"]
     assert "not_assigned" not in row["reasons"]
     assert row["reasons"] == {"not_an_image": 1, "too_small": 2}
     assert sorted(Path(p).name for p in row["examples"]["too_small"]) == ["strip.png",
                                                                           "tiny.png"]
-    text = render_mix(figures)
     assert "rejected: too_small 2, not_an_image 1" in text
     assert "too_small: " in text and "tiny.png" in text and "junk.jpg" in text

@@ -151,9 +151,12 @@ def test_report_config_honours_or_refuses_every_flag(project, capsys):
     assert json.loads(capsys.readouterr().out)["plan_fingerprint"] != figures["plan_fingerprint"]
     for flag in (["--max-area", "4096"], ["--levels", "32"], ["--max-buckets", "2"],
                  ["--min-bucket-size", "2"], ["--repeats", "2"], ["--allow-upscale"],
-                 ["--scan-cache", "s.parquet"], ["--estimate-cache"]):
+                 ["--scan-cache", "s.parquet"], ["--estimate-cache"], ["--column", "caption=t"]):
         assert report_cli.main(["--config", config, *flag]) == 2
         assert f"{flag[0]} does not apply with --config" in capsys.readouterr().err
+    # --column names one SOURCE's columns in bucket-cache too
+    assert cache_main(["--config", config, "--weights", str(out), "--column", "caption=t"]) == 2
+    assert "--column does not apply with --config" in capsys.readouterr().err
     # an output over one of the file's inputs is refused before anything is written
     assert report_cli.main(["--config", config, "--json", config]) == 2
     assert "is an input of this report" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
 from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
+from transforms.diffusers_scripts import DiffusersCollate, diffusers_batch
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import DecodeSettings, decode_image, load_image
+from transforms.paired import loss_weight_for
 from transforms.resize_crop import BucketResizeCrop, FitParams, decode_and_fit
 from transforms.tokenize import (
     FluxTokenizer,
@@ -24,6 +26,7 @@ __all__ = [
     "BucketResizeCrop",
     "CaptionTransform",
     "DecodeSettings",
+    "DiffusersCollate",
     "FitParams",
     "FluxEncoders",
     "FluxTokenizer",
@@ -36,9 +39,11 @@ __all__ = [
     "collate",
     "decode_and_fit",
     "decode_image",
+    "diffusers_batch",
     "flux_image_ids",
     "flux_time_shift_mu",
     "load_image",
+    "loss_weight_for",
     "pack_latents",
     "sdxl_add_time_ids",
     "shift_timesteps",

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from bucketing.cli.args import ladder_overrides
+from bucketing.cli.args import add_column_option, ladder_overrides, refuse_column_with_config
 from bucketing.models import MODELS, encoder_models, named_class
 from bucketing.pipeline.config import build_dataset, build_plans, caption_transforms, load_config
 from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "text_encoder_2/, tokenizer/, tokenizer_2/)")
     p.add_argument("--out", metavar="DIR",
                    help="cache folder (created; default with --config: the file's encoder_cache)")
+    add_column_option(p)
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
                    help="encoder dtype (default: bfloat16; the SDXL VAE needs float32)")
     p.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) or cpu")
@@ -110,7 +111,9 @@ def cache_spec(args: argparse.Namespace, given: dict[str, Any]) -> Spec:
                     datasets=[DatasetSpec(
                         source=args.source, name=args.source, ladder=LadderSpec(**ladder),
                         captions=CaptionSpec(**captions) if captions else None,
-                        scan_cache=args.scan_cache, allow_upscale=bool(args.allow_upscale))])
+                        column_map=dict(args.column) or None, scan_cache=args.scan_cache,
+                        allow_upscale=bool(args.allow_upscale))])
+    refuse_column_with_config(args)
     refused = [k for k in given if k not in CONFIG_FLAGS]
     if refused:
         raise ConfigError(f"--{refused[0].replace('_', '-')} does not apply with --config (a "

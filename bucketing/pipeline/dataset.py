@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bucketing.pipeline.encoder_cache.pairs import cached_pairs
 from bucketing.pipeline.plan import check_encoder_cache, dataset_fingerprint
 from bucketing.printable import escape
 from transforms.image import (
@@ -55,6 +56,8 @@ from transforms.image import (
     ImageDecodeError,
     decode_image,
 )
+from transforms.paired import paired_fields
+from transforms.resize_crop import DEFAULT_RESAMPLE, FitParams
 from transforms.rng import sample_rng
 
 if TYPE_CHECKING:
@@ -89,7 +92,7 @@ class ReadsFiles(Protocol):
 
 
 _ON_ERROR = ("substitute", "raise")
-_TRANSIENT = ("image", "captions", "rng")  # transform inputs, not sample contents
+_TRANSIENT = ("image", "captions", "rng", "path")  # transform inputs, not sample contents
 _MAX_EPOCH = 2**63 - 1  # the epoch is shared with workers as one int64
 _WARNED: set[str] = set()  # files already reported by this process
 
@@ -118,6 +121,12 @@ class TextToImageDataset(Dataset):
     (``cache=`` is its old name: accepted with a DeprecationWarning). A cache built for
     another plan (rows in other buckets, rows or captions it lacks) is refused here, before
     any DataLoader worker starts.
+
+    An index with paired files (``index.conditioning``, ``index.loss_mask``) adds
+    ``conditioning_pixel_values`` uint8 [K, 3, h, w] and ``loss_mask`` uint8 [1, h, w],
+    fitted with the image's own ``sample["fit"]`` (see :mod:`transforms.paired`); the image
+    transform must add that ``fit`` (``BucketResizeCrop`` does). The GPU decode path does
+    not fit paired files yet and is refused for such an index.
     """
 
     def __init__(
@@ -160,6 +169,14 @@ class TextToImageDataset(Dataset):
         ):
             if transform is not None:
                 _check_transform(name, transform)
+        if getattr(index, "has_pairs", False) and isinstance(image_transform, ReadsFiles):
+            raise ValueError(
+                "this index has conditioning images or loss masks, which an image transform "
+                f"that reads its own files ({type(image_transform).__name__}, e.g. the GPU "
+                "decode path's EncodedFit) does not fit yet; use "
+                "image_transform=BucketResizeCrop(...) (decoding on the CPU in DataLoader "
+                "workers)"
+            )
         upscaled = int(np.count_nonzero(getattr(assignment, "upscaled", ())))
         refuses = isinstance(image_transform, DeclaresUpscale) and not image_transform.allow_upscale
         if upscaled and refuses:
@@ -245,7 +262,8 @@ class TextToImageDataset(Dataset):
         else:
             rng = sample_rng(self.seed, epoch, i, "caption", occurrence)
             sample = self._apply(
-                "caption_transform", self.caption_transform, sample, captions=captions, rng=rng
+                "caption_transform", self.caption_transform, sample, captions=captions, rng=rng,
+                path=self.index.paths[sample["index"]],
             )
             if not isinstance(sample.get("caption"), str):
                 raise TypeError(
@@ -304,7 +322,20 @@ class TextToImageDataset(Dataset):
                 f"image_transform returned pixel_values of shape {shape} for bucket "
                 f"{wh[0]}x{wh[1]} (w x h)"
             )
+        if self.index.has_pairs:
+            sample.update(self._paired(row, sample.get("fit")))
         return sample
+
+    def _paired(self, row: int, params: Any) -> dict[str, Any]:
+        """``row``'s conditioning images and mask, cut with its image's ``params``."""
+        if not isinstance(params, FitParams):
+            raise TypeError(
+                "the index has conditioning images or loss masks, which are fitted with the "
+                "image's own FitParams: image_transform must add sample['fit'] "
+                "(BucketResizeCrop does)"
+            )
+        resample = getattr(self.image_transform, "resample", DEFAULT_RESAMPLE)
+        return paired_fields(self.index, row, params, self.decode, resample=resample)
 
     def _cached(
         self, row: int, requested: int, draw: tuple[int, int], wh: tuple[int, ...]
@@ -314,6 +345,8 @@ class TextToImageDataset(Dataset):
         rng = sample_rng(self.seed, epoch, requested, "image", occurrence)
         size = (int(self.index.width[row]), int(self.index.height[row]))
         sample = self.encoder_cache.latent_sample(self.index.paths[row], size, wh, rng)
+        if self.index.has_pairs:
+            sample.update(cached_pairs(self.encoder_cache, self.index, row, sample["fit"]))
         return {**sample, "index": row, "original_index": requested,
                 "substituted": row != requested, "occurrence": occurrence}
 

@@ -81,21 +81,27 @@ def _side(value: int) -> str | None:
     return None if value <= MAX_SIDE else f"must be at most MAX_SIDE = {MAX_SIDE}, got {value}"
 
 
-def _columns(value: dict) -> str | None:
+def _columns(value: dict) -> tuple[str, str] | None:
     for key, column in value.items():
         if key not in COLUMN_MAP_KEYS or not isinstance(column, str):
-            return (f"keys are {', '.join(COLUMN_MAP_KEYS)}, each naming a column (a string); "
-                    f"got {key!r} = {column!r}")
+            return str(key), (f"keys are {', '.join(COLUMN_MAP_KEYS)}, each naming a column "
+                              f"(a string); got {key!r} = {column!r}")
     return None
 
 
 def _finite_repeats(value: float) -> str | None:
-    ok = math.isfinite(value) and 0 <= value <= 2**16
-    return None if ok else f"must be a number in [0, 65536], got {value}"
+    if math.isfinite(value) and value > 2**16:
+        return f"must be at most {2**16}, got {value}"
+    ok = math.isfinite(value) and value >= 0
+    return None if ok else f"must be a number in [0, {2**16}], got {value}"
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+
+def _nonblank(value: str) -> str | None:
+    return None if value.strip() else "must be a non-empty string (a class token, or \"stem\")"
 
 
 def _positive_list(value: list) -> str | None:
@@ -159,9 +165,9 @@ def opt(default: Any, help: str, doors: tuple[str, ...], types: tuple[type, ...]
         kind: str, check: Callable[[Any], str | None] | None = None,
         flag: dict[str, Any] | None = None, factory: Callable[[], Any] | None = None) -> Any:
     """A spec field: its default, ``help``, the ``doors`` that read it, the ``types`` a file
-    value may have, the ``kind`` the key table shows, a ``check`` of its value (None or a
-    message), and ``flag``: argparse keywords of its command-line option (for the report
-    and cache doors)."""
+    value may have, the ``kind`` the key table shows, a ``check`` of its value (None, a
+    message, or a table's key and a message), and ``flag``: argparse keywords of its
+    command-line option (for the report and cache doors)."""
     unknown = set(doors) - set(DOORS)
     if unknown:
         raise ValueError(f"unknown doors {sorted(unknown)}")
@@ -226,6 +232,10 @@ class CaptionSpec:
     separator: str = opt(",", "the part separator", ("file", "builder"), _STR, kind="str")
     tag_dropout: float = opt(0.0, "probability of dropping each part after the kept ones",
                              ("file", "builder"), _NUM, kind="float", check=_fraction)
+    fallback: str | None = opt(
+        None, "the caption of an image without one: a class token (`\"dog\"`) or `\"stem\"` "
+        "(the file name without its extension)", ("file", "builder"), _STR, kind="str",
+        check=_nonblank)
 
     def given(self) -> dict[str, Any]:
         """The options that differ from the defaults (``CaptionTransform`` keywords)."""
@@ -349,6 +359,8 @@ def check(cls: type, values: Mapping[str, Any], prefix: str = "",
         if isinstance(value, float) and not math.isfinite(value):
             raise fail(name, f"must be a finite number, got {value}")
         problem = f.metadata["check"] and f.metadata["check"](value)
+        if isinstance(problem, tuple):  # (the table's key at fault, the message)
+            raise fail(f"{name}.{problem[0]}", problem[1])
         if problem:
             raise fail(name, problem)
 

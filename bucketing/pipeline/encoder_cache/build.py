@@ -28,6 +28,7 @@ from bucketing.pipeline.encoder_cache.keys import (
     plan_rows,
     text_key,
 )
+from bucketing.pipeline.encoder_cache.pairs import encode_pairs
 from bucketing.pipeline.encoder_cache.reader import EncoderCache
 from bucketing.pipeline.encoder_cache.store import (
     ShardWriter,
@@ -144,6 +145,9 @@ def build_cache(
     ``torch.distributed`` call it on every rank.
     ``plan_fingerprint``: the plan's (``bucket-cache`` passes the dataset's), recorded with
     the per-row buckets so that a dataset built on another plan refuses the cache.
+    An index with paired files also caches, beside every image latent (same crop and flip),
+    its conditioning latents and its loss mask on the latent grid (see
+    :mod:`bucketing.pipeline.encoder_cache.pairs`).
     """
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -201,6 +205,9 @@ def build_cache(
         mine = _batches(todo, int(batch_size))[rank::world]
         failed = _encode_images(index, todo, mine, settings, encoders, writer, workers,
                                 progress and rank == 0)
+        if index.has_pairs:  # conditioning latents and latent-grid masks, beside each latent
+            failed["rows"] += encode_pairs(index, jobs, settings, encoders, writer, stored, rank,
+                                           world)
         writer.flush()
 
         stats = {"latents_encoded": sum(1 for b in mine for i in b for k in todo[i].keys if k)
