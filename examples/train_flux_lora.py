@@ -18,11 +18,18 @@ latent is the VAE posterior's mode, and the captions are the index's as cached (
 kept out of attention with the batch's ``t5_attention_mask``; a ``--t5-padding full`` cache
 feeds every padded row, as the on-the-fly path does.
 
+A text-only cache (``bucket-cache --text-only``) holds the caption embeddings alone: the
+pixels are decoded, randomly cropped and flipped per occurrence as without a cache (fresh
+crops every epoch), the VAE encodes them each step, and the text encoders (T5-XXL's 9.5 GB
+in bf16) are never loaded.
+
     python examples/tiny_models.py flux .cache/tiny-flux --tokenizers .cache/flux-tokenizers
     python examples/train_flux_lora.py --weights .cache/tiny-flux --steps 3 --max-area 65536
     python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --steps 1000
     bucket-cache my_photos/ --weights FLUX.1-dev --out cache/ --max-area 1048576
     python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --cache cache/
+    bucket-cache my_photos/ --weights FLUX.1-dev --out text/ --max-area 1048576 --text-only
+    python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --cache text/
 """
 
 from __future__ import annotations
@@ -55,12 +62,16 @@ from transforms import (
 
 def build_loader(args: argparse.Namespace, cache: EncoderCache | None = None) -> DataLoader:
     """The data side, as a FLUX user wires it: pixels and token ids, or ``cache``'s
-    latents and text embeddings."""
+    latents and text embeddings (pixels still fitted per occurrence when it is text-only)."""
     index = scan(args.data, workers=1)
     overrides = {"max_area": args.max_area} if args.max_area else {}
     assignment = assign(index, BucketLadder.for_model("flux", **overrides))
-    if cache is not None:
+    if cache is not None and cache.images:
         dataset = TextToImageDataset(index, assignment, encoder_cache=cache, seed=args.seed,
+                                     caption_transform=CaptionTransform(dropout=0.1))
+    elif cache is not None:  # text embeddings cached, pixels fitted (and flipped) every time
+        dataset = TextToImageDataset(index, assignment, encoder_cache=cache, seed=args.seed,
+                                     image_transform=BucketResizeCrop(crop="random", flip_p=0.5),
                                      caption_transform=CaptionTransform(dropout=0.1))
     else:
         tokenizer = FluxTokenizer.from_flux_dir(args.weights, t5_max_length=args.t5_max_length)
@@ -77,13 +88,14 @@ def build_loader(args: argparse.Namespace, cache: EncoderCache | None = None) ->
 
 
 def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-                encoders: bool = True):
-    """The frozen VAE and text encoders (None for each without ``encoders``), and the
-    transformer."""
+                images: bool = True, text: bool = True):
+    """The frozen VAE (None without ``images``) and text encoders (None without ``text``),
+    and the transformer."""
     weights = Path(args.weights)
     vae = clip = t5 = None
-    if encoders:
+    if images:
         vae = AutoencoderKL.from_pretrained(weights, subfolder="vae", torch_dtype=dtype)
+    if text:
         clip = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder", torch_dtype=dtype)
         t5 = T5EncoderModel.from_pretrained(weights, subfolder="text_encoder_2",
                                             torch_dtype=dtype)
@@ -110,26 +122,31 @@ def train(args: argparse.Namespace) -> float:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cache = open_cache(args.cache) if args.cache else None
     loader = build_loader(args, cache)
-    vae, clip, t5, transformer = load_models(args, device, dtype, encoders=cache is None)
+    vae, clip, t5, transformer = load_models(args, device, dtype,
+                                             images=cache is None or not cache.images,
+                                             text=cache is None)
     optimizer = torch.optim.AdamW(add_lora(transformer, args.rank), lr=args.lr)
 
     def step(batch: dict) -> tuple[torch.Tensor, str]:
         inputs = to_model_input(batch, device, dtype)  # pixels in [-1, 1] on the device
         attention = None
-        if cache is not None:  # encoded once, by bucket-cache
+        if "latents" in inputs:  # encoded once, by bucket-cache
             latents = inputs["latents"].to(dtype)
+            b, height, width = latents.shape[0], latents.shape[2] * 8, latents.shape[3] * 8
+        else:  # pixels fitted this step (no cache, or a text-only one)
+            b, _, height, width = inputs["pixel_values"].shape
+            with torch.no_grad():
+                latents = vae.encode(inputs["pixel_values"]).latent_dist.sample()
+                latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        if cache is not None:  # caption embeddings encoded once, by bucket-cache
             pooled = inputs["pooled_prompt_embeds"].to(dtype)
             prompt_embeds = inputs["prompt_embeds"].to(dtype)
-            b, height, width = latents.shape[0], latents.shape[2] * 8, latents.shape[3] * 8
             if cache.t5_padding == "trimmed":  # T5 rows padded with zeros by collate: masked
                 text = inputs["t5_attention_mask"].bool()
                 image = text.new_ones(b, (height // 16) * (width // 16))
                 attention = {"attention_mask": torch.cat([text, image], 1)[:, None, None, :]}
         else:
-            b, _, height, width = inputs["pixel_values"].shape
             with torch.no_grad():
-                latents = vae.encode(inputs["pixel_values"]).latent_dist.sample()
-                latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
                 pooled = clip(inputs["clip_input_ids"], output_hidden_states=False).pooler_output
                 prompt_embeds = t5(inputs["t5_input_ids"])[0]
         lh, lw = latents.shape[-2:]

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bucketing.atomic import atomic_path, atomic_write_bytes
+from bucketing.pipeline.dataset import check_cacheable_captions
 from bucketing.pipeline.encoder_cache.keys import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -35,6 +36,7 @@ from bucketing.pipeline.encoder_cache.store import (
     read_meta,
     write_entries,
 )
+from transforms.caption import format_caption
 from transforms.image import DEFAULT_DECODE, DecodeSettings
 from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES, decode_and_fit
 
@@ -125,6 +127,8 @@ def build_cache(
     workers: int = 0,
     shard_size: int = 256,
     progress: bool = True,
+    images: bool = True,
+    caption_transform: Any = None,
 ) -> EncoderCache:
     """Encode what ``path`` lacks for ``index`` x ``assignment`` and return the cache.
 
@@ -138,6 +142,11 @@ def build_cache(
     ``t5_padding``: ``"trimmed"`` stores each caption's T5 rows up to its real token count,
     ``"full"`` the whole padded sequence. ``workers``: DataLoader processes decoding images. Under
     ``torch.distributed`` call it on every rank.
+    ``images=False``: a text-only cache (no latents, nothing decoded): the dataset then fits
+    pixels per occurrence, with fresh crops and flips every epoch, and reads only the
+    caption embeddings here. ``caption_transform``: the dataset's ``CaptionTransform``; its
+    template, prefix and suffix are applied to every caption before encoding (the cache is
+    keyed by the final caption text); one that shuffles parts or drops tags is refused.
     """
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
@@ -166,8 +175,15 @@ def build_cache(
     padding = t5_padding if encoders.model in TRIMMED_MODELS else "full"
     image_fp, text_fp = encoders.fingerprint("image"), encoders.fingerprint("text")
 
+    check_cacheable_captions(caption_transform)
     cols, jobs = plan_rows(index, assignment, settings, image_fp, dtype)
-    captions = sorted({c for r in cols["row"] for c in index.captions[r]} | {""})
+    if images:
+        rows = cols["row"]
+    else:  # text only: no image is read, every accepted row's captions are encoded
+        cols, jobs = {k: [] for k in cols}, []
+        rows = np.flatnonzero(np.asarray(assignment.bucket_id) >= 0).tolist()
+    captions = sorted({_final_caption(c, caption_transform)
+                       for r in rows for c in index.captions[r]} | {""})
     tkeys = {c: text_key(c, text_fp, text_dtype, padding) for c in captions}
     stored = load_entries(root)
     _barrier()
@@ -208,7 +224,8 @@ def build_cache(
             "fingerprints": {"image": image_fp, "text": text_fp}, "dtype": dtype,
             "text_dtype": text_dtype, "t5_padding": padding, "flip_p": float(flip_p),
             "crop": crop, "variants": int(variants), "fit": settings.key(), "seed": int(seed),
-            "empty_caption_key": tkeys[""],
+            "empty_caption_key": tkeys[""], "images": bool(images),
+            "caption_format": _caption_format(caption_transform),
         })
     _barrier()
     cache = EncoderCache.open(root)
@@ -219,9 +236,23 @@ def build_cache(
         "texts_total": len(captions),
         "failed": [f for s, _ in everyone for f in s["failed"]],
         "missing_files": int(np.count_nonzero(np.asarray(assignment.bucket_id) >= 0))
-        - len(cols["row"]),
+        - len(rows),
     }
     return cache
+
+
+def _final_caption(caption: str, caption_transform: Any) -> str:
+    """``caption`` as ``caption_transform`` formats it (template, prefix, suffix)."""
+    if caption_transform is None:
+        return caption
+    return format_caption(caption, prefix=caption_transform.prefix,
+                          suffix=caption_transform.suffix, template=caption_transform.template)
+
+
+def _caption_format(caption_transform: Any) -> dict[str, Any]:
+    """The caption formatting a cache was built with (recorded in cache.json)."""
+    return {name: getattr(caption_transform, name, default)
+            for name, default in (("prefix", ""), ("suffix", ""), ("template", None))}
 
 
 def _prepare_folder(root: Path, rank: int) -> None:
