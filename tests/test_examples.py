@@ -91,6 +91,31 @@ def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny_flux, tmp_path):
     assert any("transformer" in name for name in trained_lora(tmp_path / "lora"))
 
 
+@pytest.mark.slow
+def test_train_flux_lora_from_a_text_only_cache(repo_root, tiny_flux, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    data, cache = str(repo_root / "examples" / "data"), str(tmp_path / "text-cache")
+    built = subprocess.run(
+        [sys.executable, "-m", "bucketing.cli.cache", data, "--weights", str(tiny_flux), "--out",
+         cache, "--dtype", "float32", "--t5-length", "64", "--max-area", str(256 * 256),
+         "--text-only", "--loader-workers", "0"],
+        capture_output=True, text=True, timeout=400, env=env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "0 latents encoded (0 in the view)" in built.stdout
+    # The VAE and the transformer only: a checkout without text_encoder/ or text_encoder_2/,
+    # so CLIP and T5 cannot be constructed; the pixels are fitted (and encoded) every step.
+    weights = tmp_path / "vae-and-transformer"
+    weights.mkdir()
+    for part in ("vae", "transformer"):
+        (weights / part).symlink_to(tiny_flux / part)
+    out = run(repo_root, "train_flux_lora.py", "--weights", str(weights), "--cache", cache,
+              "--data", data, "--steps", str(STEPS), "--max-area", str(256 * 256),
+              "--batch-size", "2", "--workers", "2", "--device", "cpu",
+              "--save", str(tmp_path / "lora"))
+    check_flux_steps(out)
+    assert any("transformer" in name for name in trained_lora(tmp_path / "lora"))
+
+
 def _collate_keeps_unknown_keys() -> bool:
     sample = {"pixel_values": torch.zeros(3, 2, 2, dtype=torch.uint8),
               "input_ids_one": torch.zeros(77, dtype=torch.int64)}

@@ -148,6 +148,7 @@ def build_cache(
     template, prefix and suffix are applied to every caption before encoding (the cache is
     keyed by the final caption text); one that shuffles parts or drops tags is refused.
     """
+    check_cacheable_captions(caption_transform)
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     if crop == "center" and variants != 1:
@@ -175,7 +176,6 @@ def build_cache(
     padding = t5_padding if encoders.model in TRIMMED_MODELS else "full"
     image_fp, text_fp = encoders.fingerprint("image"), encoders.fingerprint("text")
 
-    check_cacheable_captions(caption_transform)
     cols, jobs = plan_rows(index, assignment, settings, image_fp, dtype)
     if images:
         rows = cols["row"]
