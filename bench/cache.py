@@ -25,6 +25,7 @@
     python bench/cache.py            # 48 images, 5 repetitions
     python bench/cache.py --quick    # fewer images and repetitions
     python bench/cache.py --tiny     # smoke test: 4 images, 1 repetition
+    python bench/cache.py --modes --images 8   # the which-cache-when table alone
     python bench/cache.py --weights /models/FLUX.1-dev --device cuda --images 512
 """
 
@@ -299,7 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="device of the build table's encoders")
     p.add_argument("--images", type=int, help="images in the build table")
     p.add_argument("--workers", type=int, default=2, help="decoding workers of the build")
+    p.add_argument("--modes", action="store_true", help="only the which-cache-when table "
+                   "(--images of them, 2 repetitions)")
     args = p.parse_args(argv)
+    if args.modes:
+        print(machine_line())
+        with tempfile.TemporaryDirectory() as tmp:
+            n = args.images or 8
+            print_table(bench_modes(Path(tmp), n, 2), f"Which cache when ({n} images, tiny "
+                        "random FLUX / SDXL layouts on CPU, 1 process)")
+        return 0
     images, reps, reads = (
         (4, 1, 20) if args.tiny else (16, 2, 200) if args.quick else (48, 5, 1000)
     )
@@ -309,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, speedup = bench_epochs(root, images, reps)
         print_table(rows, f"Cached epoch vs on the fly ({images} images, tiny FLUX-like "
                     "encoders, 1 process)")
-        print_table(bench_modes(root, images, reps), f"Which cache when ({images} images, "
-                    "tiny random FLUX / SDXL layouts on CPU, 1 process)")
+        if not args.tiny:  # --modes runs it alone
+            print_table(bench_modes(root, images, reps), f"Which cache when ({images} images, "
+                        "tiny random FLUX / SDXL layouts on CPU, 1 process)")
         print_table(bench_sizes([16, 40, 77, 128]), "Bytes per FLUX.1 1024² sample (bf16)")
         read_rows, read_s = bench_read(root, reads)
         print_table(read_rows, "Reading one cached FLUX 1024² sample")
