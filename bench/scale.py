@@ -3,7 +3,9 @@
 For each size N (each measured step in a fresh process: peak RSS is per process):
 - write an N-row manifest as 16 parquet shards (``file``, ``text``, ``WIDTH``,
   ``HEIGHT``; paths ~40 bytes, captions ~60 bytes, realistic photo sizes), untimed;
-- ``index``: ``scan(folder, sizes="manifest")`` (rows/s, peak RSS), the index's bytes per row
+- ``index``: ``scan(folder, sizes="manifest")`` (rows/s, peak RSS (``VmHWM``) and its
+  growth over the RSS before the scan, per row and as a multiple of the finished index's
+  bytes), the index's bytes per row
   (all, and beyond the text itself), ``assign`` to the flux ladder, and one epoch plan of
   ``BucketBatchSampler`` at world size 64, batch 4 (construction + ``len``); then a forked
   child reads every row (``paths[i]``, ``captions[i]``) and reports how much its private
@@ -35,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt_seconds, machine_line, peak_rss_mb, print_table  # noqa: E402
+from bench.common import fmt_seconds, machine_line, print_table  # noqa: E402
 
 SHARDS = 16
 WORLD, BATCH = 64, 4
@@ -88,6 +90,20 @@ def private_mb() -> tuple[float, float]:
     return kb["Private_Dirty"] / 1024, kb["Private_Clean"] / 1024
 
 
+def peak_mb() -> float:
+    """Peak resident set size of this process's memory since :func:`reset_peak`, MiB
+    (``VmHWM``). Not ``ru_maxrss``: Linux carries that over ``fork`` and ``exec``, so a step
+    run in a child would report the parent's peak (the manifest writer's) as its own."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def reset_peak() -> None:
+    """Start :func:`peak_mb` again from the current RSS (``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def rss_mb() -> float:
     """Current resident set size, MiB."""
     with open("/proc/self/statm") as f:
@@ -126,6 +142,7 @@ def step_index(folder: Path, reps: int) -> dict:
     from bucketing import BucketLadder, ImageIndex, assign, scan
 
     base_rss = rss_mb()
+    reset_peak()
     times = []
     for _ in range(reps):
         index = None
@@ -133,7 +150,7 @@ def step_index(folder: Path, reps: int) -> dict:
         index = scan(folder, sizes="manifest", column_map=CMAP)
         times.append(time.perf_counter() - t0)
     scan_s = statistics.median(times)
-    scan_peak = peak_rss_mb()
+    scan_peak = peak_mb()
     n = len(index)
     text = int(index.paths.offsets[-1] - index.paths.offsets[0])
     text += int(index.captions.texts.offsets[-1] - index.captions.texts.offsets[0])
@@ -156,6 +173,7 @@ def step_index(folder: Path, reps: int) -> dict:
         "rows": n, "scan_s": scan_s, "scan_range": [min(times), max(times)],
         "scan_peak_mb": scan_peak, "base_rss_mb": base_rss,
         "bytes_per_row": mapped.nbytes / n,
+        "growth_per_row": (scan_peak - base_rss) * 2**20 / n,
         "beyond_text": (mapped.nbytes - text) / n, "assign_s": assign_s, "plan_s": plan_s,
         "steps": steps, "fork_mb": grown, "fork_read_s": read_s, "mapped_fork_mb": mapped_grown,
     }  # fmt: skip
@@ -223,6 +241,8 @@ def _row(r: dict) -> dict:
         "rows/s": f"{r['rows'] / r['scan_s']:,.0f}",
         "peak RSS": f"{r['scan_peak_mb']:,.0f} MB",
         "RSS before": f"{r['base_rss_mb']:,.0f} MB",
+        "peak growth/row": f"{r['growth_per_row']:.0f} B",
+        "growth / index": f"{r['growth_per_row'] / r['bytes_per_row']:.2f}x",
         "index bytes/row": f"{r['bytes_per_row']:.0f}",
         "beyond text": f"{r['beyond_text']:.0f}",
         "assign": fmt_seconds(r["assign_s"]),

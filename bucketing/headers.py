@@ -29,6 +29,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from bucketing.members import parse_member
+
 __all__ = [
     "READER_VERSION", "SWAPS_AXES", "Header", "default_max_pixels", "orientation_code",
     "read_header", "read_many", "worker_init", "worker_read",
@@ -150,12 +152,13 @@ def worker_read(items: Sequence[tuple[str, int | None]]) -> list[Header]:
 
 
 class _Reader:
-    """Random access to a file (``os.pread`` through one cached window) or to bytes."""
+    """Random access to a file (``os.pread`` through one cached window) or to bytes; for a
+    tar member, to the ``size`` bytes at ``base`` of its shard."""
 
-    __slots__ = ("fd", "data", "start", "size")
+    __slots__ = ("fd", "data", "start", "size", "base")
 
-    def __init__(self, fd: int | None, data: bytes, size: int) -> None:
-        self.fd, self.data, self.start, self.size = fd, data, 0, size
+    def __init__(self, fd: int | None, data: bytes, size: int, base: int = 0) -> None:
+        self.fd, self.data, self.start, self.size, self.base = fd, data, 0, size, base
 
     def read(self, offset: int, n: int) -> bytes:
         i = offset - self.start
@@ -163,7 +166,8 @@ class _Reader:
             return self.data[i : i + n] if i >= 0 else b""
         if offset >= self.size or offset < 0:
             return b""
-        self.data, self.start = os.pread(self.fd, n + _WINDOW, offset), offset
+        window = min(n + _WINDOW, self.size - offset) if self.base else n + _WINDOW
+        self.data, self.start = os.pread(self.fd, window, self.base + offset), offset
         return self.data[:n]
 
 
@@ -174,6 +178,9 @@ def _read(source: str | os.PathLike | bytes) -> Header:
             return Header(reason="empty_file", detail="0 bytes")
         return _parse(_Reader(None, data, len(data)), source=data)
     path = os.fspath(source)
+    member = parse_member(path)
+    if member is not None:
+        return _read_member(*member)
     try:
         fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
     except FileNotFoundError:
@@ -195,7 +202,34 @@ def _read(source: str | os.PathLike | bytes) -> Header:
         os.close(fd)
 
 
-def _parse(r: _Reader, source: str | bytes) -> Header:
+def _read_member(shard: str, offset: int, length: int) -> Header:
+    """The header of the ``length`` bytes at ``offset`` of the tar ``shard``, read in place."""
+    try:
+        fd = os.open(shard, os.O_RDONLY | _OPEN_FLAGS)
+    except FileNotFoundError:
+        return Header(reason="missing_file", detail="no such tar shard", io_error=True)
+    except OSError as e:
+        return Header(reason="unreadable", detail=_oserror(e), io_error=True)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return Header(reason="unreadable", detail="not a regular file", io_error=True)
+        if offset + length > st.st_size:
+            return Header(reason="unreadable", detail=f"truncated tar member: the shard ends "
+                          f"at byte {st.st_size}, the member at {offset + length}")  # fmt: skip
+        if not length:
+            return Header(reason="empty_file", detail="0 bytes")
+        r = _Reader(fd, os.pread(fd, min(_WINDOW, length), offset), length, offset)
+        return _parse(r, source=None)
+    except OSError as e:
+        return Header(reason="unreadable", detail=_oserror(e), io_error=True)
+    finally:
+        os.close(fd)
+
+
+def _parse(r: _Reader, source: str | bytes | None) -> Header:
+    """The header read through ``r``; ``source`` is what Pillow opens when needed (None:
+    the bytes ``r`` reads)."""
     head = r.read(0, 8)
     try:
         if head.startswith(b"\xff\xd8\xff"):
@@ -469,10 +503,12 @@ def _pillow_exif_orientation(exif_info: Any) -> Any:
 # --------------------------------------------------------------------------- Pillow
 
 
-def _pillow(source: str | bytes, r: _Reader) -> Header:
+def _pillow(source: str | bytes | None, r: _Reader) -> Header:
     """Open lazily with Pillow (header only) for the formats and oddities not parsed above."""
     from PIL import Image, TiffImagePlugin
 
+    if source is None:  # a tar member: its bytes
+        source = r.read(0, r.size)
     fp = io.BytesIO(source) if isinstance(source, bytes) else source
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

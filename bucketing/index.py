@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bucketing.members import parse_member, read_member
 from bucketing.table_file import ARROW_SUFFIX, load_table, save_table
 
 __all__ = ["CaptionColumn", "ImageIndex", "Rejection", "TextColumn", "utf8_text"]
@@ -289,8 +290,12 @@ class ImageIndex:
         return self.paths.nbytes + self.captions.nbytes + self.width.nbytes + self.height.nbytes
 
     def image_source(self, i: int) -> str | bytes:
-        """What ``transforms.load_image`` should open for row ``i``: a path or encoded bytes."""
-        return self.blob(i) if self.blob is not None else self.paths[i]
+        """What ``transforms.load_image`` should open for row ``i``: a path or encoded bytes
+        (a dataset's blob, or a tar member's bytes read in place: see ``bucketing.members``)."""
+        if self.blob is not None:
+            return self.blob(i)
+        path = self.paths[i]
+        return read_member(path) if parse_member(path) is not None else path
 
     def rejection_counts(self) -> dict[str, int]:
         """Number of rejected files per reason, most common first."""

@@ -36,9 +36,12 @@ from bucketing.headers import (
     worker_read,
 )
 from bucketing.index import CaptionColumn, ImageIndex, Rejection, TextColumn
+from bucketing.members import stat_path
 from bucketing.scan_cache import CacheRow, ScanCache, check_cache_path
 from bucketing.sources import Entry, resolve_source
+from bucketing.sources.hf_dataset import load_source
 from bucketing.sources.shards import read_manifest_columns
+from bucketing.sources.tar import tar_columns, tar_shards
 
 __all__ = ["ScanStats", "scan"]
 
@@ -78,6 +81,9 @@ def scan(
     base_dir: str | os.PathLike | None = None,
     download_dir: str | os.PathLike | None = None,
     sizes: str = "headers",
+    data_files: Any = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
 ) -> ImageIndex:
     """Scan ``source`` (folder, manifest, list of paths, ``datasets.Dataset``) into an index.
 
@@ -86,18 +92,23 @@ def scan(
     ``progress``: tqdm bar (default: when stderr is a terminal, on rank 0).
     ``max_pixels``: larger images are rejected ``too_many_pixels`` from the header
     (default: Pillow's decompression-bomb error limit, ``2 * Image.MAX_IMAGE_PIXELS``).
-    ``column_map``/``base_dir``/``download_dir`` are passed to ``resolve_source``.
+    ``column_map``/``base_dir``/``download_dir`` are passed to ``resolve_source``;
+    ``data_files``/``data_dir``/``split`` too: with one of the first two, or a source
+    written ``"hf:NAME"``, the source is what ``datasets.load_dataset`` builds.
     ``sizes="headers"`` (default) reads each image's oriented size from its header.
     ``sizes="manifest"`` takes them from a parquet manifest's ``width``/``height`` columns
     (``column_map={"width": ..., "height": ...}``), one file or many shards, and touches no
     image file at all (no header, no stat; ``workers`` and ``cache`` are not used): the sizes
     must be the oriented ones, and a missing or changed file is found when the dataset
-    loads it (substituted). Every rank reads the manifest itself.
+    loads it (substituted). Every rank reads the manifest itself. Tar shards (see
+    :mod:`bucketing.sources.tar`) take their sizes from each key's json or the shard's
+    sibling parquet.
     Bad files never raise; they become rejections. The returned index carries
     :class:`ScanStats` as ``index.scan_stats``.
     """
     if sizes not in ("headers", "manifest"):
         raise ValueError(f"sizes must be 'headers' or 'manifest', got {sizes!r}")
+    source = load_source(source, data_files, data_dir, split)
     with _gc_paused():
         if sizes == "manifest":
             return _scan_manifest(source, max_pixels, column_map, base_dir)
@@ -116,7 +127,11 @@ def _scan_manifest(
     t0 = time.perf_counter()
     limit = default_max_pixels() if max_pixels is None else int(max_pixels)
     base = os.fspath(base_dir) if base_dir is not None else None
-    got = read_manifest_columns(source, dict(column_map or {}), base)
+    tars = tar_shards(source)
+    if tars is not None:
+        got = tar_columns(tars, base)
+    else:
+        got = read_manifest_columns(source, dict(column_map or {}), base)
     rejections = got.rejections
     # as for a header scan: the entries listed, counting those whose size is unusable
     listed = len(got.width) + sum(r.reason == "bad_row" for r in rejections)
@@ -253,7 +268,7 @@ def _scan_shard(
     for i, entry in enumerate(shard):
         if prior is not None and rows[i] is None:
             try:
-                st = os.stat(entry.path)
+                st = os.stat(stat_path(entry.path))  # a tar member: its shard
             except FileNotFoundError:
                 headers[i] = Header(reason="missing_file", detail="no such file", io_error=True)
                 continue

@@ -1,7 +1,7 @@
 """The scan across nodes: two torchrun agents on 127.0.0.1 (``--nnodes=2``), two processes
 each (gloo), scan one folder. Ranks shard by GLOBAL rank (each reads a quarter), gather, and
 every rank returns the index a single-process scan gives; each node's local rank 0 writes
-that node's cache."""
+that node's cache. The same holds for the images packed in tar shards, read in place."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_of_two_ranks_share_one_index(tmp_path: Path) -> None:
+def pack(folder: Path, shards: Path) -> None:
+    """The files of ``folder`` in two tar shards under ``shards`` (WebDataset layout)."""
+    shards.mkdir()
+    names = sorted(os.listdir(folder))
+    for k in range(2):
+        with tarfile.open(shards / f"{k:05d}.tar", "w") as tf:
+            for name in names[k::2]:
+                tf.add(folder / name, arcname=name)
+
+
+@pytest.mark.parametrize("kind", ["folder", pytest.param("tar", marks=pytest.mark.slow)])
+def test_two_nodes_of_two_ranks_share_one_index(tmp_path: Path, kind: str) -> None:
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     if exe is None:
         pytest.skip("torchrun is not installed next to this python")
@@ -39,6 +51,9 @@ def test_two_nodes_of_two_ranks_share_one_index(tmp_path: Path) -> None:
         Image.new("RGB", (16 + i, 40 - i)).save(folder / f"{i:02d}.png")
         (folder / f"{i:02d}.txt").write_text(f"caption {i}\n")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    if kind == "tar":  # the same images read in place from tar shards
+        pack(folder, tmp_path / "shards")
+        folder = tmp_path / "shards"
     out = tmp_path / "out"
     out.mkdir()
     port = free_port()

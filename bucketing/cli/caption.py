@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bucketing.atomic import atomic_write_bytes
+from bucketing.members import parse_member
 from bucketing.sources import resolve_source, sidecar_path
 from transforms.image import ImageDecodeError, load_image
 
@@ -57,6 +58,11 @@ def caption_folder(
         raise FileNotFoundError(f"model folder not found: {model_dir} (a local "
                                 "transformers image-to-text model; nothing is downloaded)")
     resolved = resolve_source(os.fspath(folder))
+    inside = next((e.path for e in resolved.entries if parse_member(e.path)), None)
+    if inside is not None:
+        raise ValueError(f"{folder} is tar shards ({inside}): a caption file cannot be written "
+                         "beside a member; caption the extracted images, or add {key}.txt "
+                         "members to the shards")  # fmt: skip
     run = CaptionRun()
     todo = []
     for entry in resolved.entries:

@@ -78,6 +78,9 @@ def text_to_image_dataset(
     base_dir: str | None = None,
     caption_extension: str | None = None,
     on_error: str = "substitute",
+    data_files: Any = None,
+    data_dir: str | None = None,
+    split: str = "train",
 ) -> TextToImageDataset:
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
     captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
@@ -86,9 +89,12 @@ def text_to_image_dataset(
     512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
     0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
     ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``); ``cache``, ``workers``,
-    ``column_map`` and ``base_dir`` go to ``scan``. ``caption_extension`` (e.g. ``".caption"``)
-    reads every image's captions from ``<stem><extension>`` only (none when that file is
-    missing), instead of the first sidecar found. The dataset's ``index`` and rejections say
+    ``column_map`` and ``base_dir`` go to ``scan``, and so do ``data_files``, ``data_dir``
+    and ``split``: with one of the first two, or ``source="hf:NAME"``, ``source`` names what
+    ``datasets.load_dataset`` builds (``source="imagefolder", data_dir="photos"``).
+    ``caption_extension`` (e.g. ``".caption"``) reads every image's captions from
+    ``<stem><extension>`` only (none when that file is missing), instead of the first
+    sidecar found. The dataset's ``index`` and rejections say
     what was left out and why.
     """
     bucket_ladder = make_ladder(model, ladder)
@@ -97,7 +103,8 @@ def text_to_image_dataset(
     if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
         raise ValueError(f"caption_extension must look like '.txt', got {caption_extension!r}")
     index = scan(source, cache=cache, workers=workers,
-                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir)
+                 column_map=None if column_map is None else dict(column_map), base_dir=base_dir,
+                 data_files=data_files, data_dir=data_dir, split=split)
     if caption_extension is not None:
         index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
     assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)

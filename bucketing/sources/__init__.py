@@ -9,7 +9,8 @@ One module per kind of source, as HF ``datasets`` maps file extensions to its pa
 modules: :mod:`~bucketing.sources.folder`, the manifest readers
 (:mod:`~bucketing.sources.delimited`, :mod:`~bucketing.sources.json_rows`,
 :mod:`~bucketing.sources.parquet`, picked by ``MANIFEST_READERS``),
-:mod:`~bucketing.sources.lists` and :mod:`~bucketing.sources.hf_dataset`.
+:mod:`~bucketing.sources.lists`, :mod:`~bucketing.sources.hf_dataset` and
+:mod:`~bucketing.sources.tar` (WebDataset shards read in place).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from bucketing.download import Downloader
 from bucketing.sources import delimited, json_rows, parquet
+from bucketing.sources.braces import brace_list
 from bucketing.sources.entries import (
     CAPTION_SUFFIXES,
     Entry,
@@ -30,11 +32,12 @@ from bucketing.sources.entries import (
     sidecar_path,
 )
 from bucketing.sources.folder import resolve_folder
-from bucketing.sources.hf_dataset import RowBytes, resolve_dataset
+from bucketing.sources.hf_dataset import RowBytes, load_source, resolve_dataset
 from bucketing.sources.lists import resolve_list
 from bucketing.sources.manifest import ManifestReader, resolve_manifest
 from bucketing.sources.rows import CAPTION_COLUMNS, IMAGE_COLUMNS
 from bucketing.sources.shards import parquet_shards, resolve_shards
+from bucketing.sources.tar import resolve_tars, tar_shards
 
 __all__ = [
     "CAPTION_COLUMNS",
@@ -71,18 +74,28 @@ def resolve_source(
     base_dir: str | os.PathLike | None = None,
     download_dir: str | os.PathLike | None = None,
     downloader: Downloader | None = None,
+    data_files: Any = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
 ) -> ResolvedSource:
     """List the images (and captions) of ``source`` without opening any image.
 
     ``source`` is a folder, a manifest (``.jsonl .json .csv .tsv .parquet``), a list or
-    tuple of paths/URLs, or a ``datasets.Dataset``; parquet shards (a folder of
+    tuple of paths/URLs, or a ``datasets.Dataset``. Parquet shards (a folder of
     ``.parquet`` files without images, a glob, a list of ``.parquet`` paths) are one
-    manifest (see :mod:`bucketing.sources.shards`). ``column_map={"image": ...,
-    "caption": ...}`` names manifest/dataset columns (defaults: the first of
-    ``IMAGE_COLUMNS`` / ``CAPTION_COLUMNS`` present). Relative paths resolve against
-    the manifest's folder (lists and datasets: ``base_dir``, else the current folder).
-    ``http(s)://`` values are fetched once into ``download_dir`` (default: the user
-    cache, see :mod:`bucketing.download`; pass ``downloader=`` for timeouts/retries).
+    manifest (see :mod:`bucketing.sources.shards`); tar shards (a ``.tar``, a folder, glob
+    or list of them) are read in place (see :mod:`bucketing.sources.tar`). A string with
+    brace groups (``shards/{00000..00099}.tar``) is the list of paths it names.
+    ``"hf:NAME"``, or a name with ``data_files``/``data_dir``, is the ``split`` (default
+    ``"train"``) that ``datasets.load_dataset`` builds (see
+    :func:`~bucketing.sources.hf_dataset.load_source`).
+
+    ``column_map={"image": ..., "caption": ...}`` names manifest/dataset columns
+    (defaults: the first of ``IMAGE_COLUMNS`` / ``CAPTION_COLUMNS`` present). Relative
+    paths resolve against the manifest's folder (lists and datasets: ``base_dir``, else
+    the current folder). ``http(s)://`` values are fetched once into ``download_dir``
+    (default: the user cache, see :mod:`bucketing.download`; pass ``downloader=`` for
+    timeouts/retries).
 
     Per-entry problems are rejections: ``missing_file`` (checked here for manifests,
     lists and datasets; ``scan`` still handles files that vanish later),
@@ -94,6 +107,13 @@ def resolve_source(
     base = os.fspath(base_dir) if base_dir is not None else None
     ddir = os.fspath(download_dir) if download_dir is not None else None
     columns = dict(column_map or {})
+    source = load_source(source, data_files, data_dir, split)
+    names = brace_list(source)
+    if names is not None:
+        source = names
+    tars = tar_shards(source)
+    if tars is not None:
+        return resolve_tars(tars, base)
     shards = parquet_shards(source)
     if shards is not None:
         return resolve_shards(shards, columns, base, downloader, ddir)

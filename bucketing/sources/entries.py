@@ -97,7 +97,11 @@ def read_text(path: str, max_bytes: int | None = None) -> str:
     every byte), so legacy Windows/Latin-1 captions read correctly.
     Only regular files are read: a FIFO would block and a device may never end (OSError);
     so is a file over ``max_bytes``."""
-    data = read_regular_file(path, max_bytes)
+    return decode_text(read_regular_file(path, max_bytes))
+
+
+def decode_text(data: bytes) -> str:
+    """Caption or manifest bytes as text, decoded as :func:`read_text` says."""
     for bom, encoding in _BOMS:
         if data.startswith(bom):
             try:

@@ -1,5 +1,7 @@
 """``datasets.Dataset`` sources: an ``Image`` column (files or embedded bytes) or a string
-column of paths/URLs. ``datasets`` is imported only when such a source is resolved."""
+column of paths/URLs, given as a dataset or built by ``datasets.load_dataset``
+(:func:`load_source`: ``"hf:NAME"``, or a builder name with ``data_files``/``data_dir``).
+``datasets`` is imported only when such a source is resolved."""
 
 from __future__ import annotations
 
@@ -22,6 +24,46 @@ from bucketing.sources.entries import (
     real_base,
 )
 from bucketing.sources.rows import collect, manifest_rows, pick_columns, source_folder
+
+HF_PREFIX = "hf:"
+
+
+def load_source(
+    source: Any,
+    data_files: Any = None,
+    data_dir: str | os.PathLike | None = None,
+    split: str = "train",
+) -> Any:
+    """``source`` itself, or the ``split`` of ``datasets.load_dataset(NAME, data_files=...,
+    data_dir=...)`` when ``source`` is written ``"hf:NAME"`` (``"hf:imagefolder"``,
+    ``"hf:user/dataset"``) or ``data_files``/``data_dir`` is given (``source`` is then the
+    builder name, Hub id or dataset folder: ``"imagefolder"``, ``"csv"``, ``"parquet"``).
+    Paths, globs, brace ranges and URLs without those keep their meaning."""
+    named = isinstance(source, str) and source.startswith(HF_PREFIX)
+    if not named and data_files is None and data_dir is None:
+        if split != "train":
+            raise ValueError(
+                f"split={split!r} picks a split of a datasets.load_dataset source: write the "
+                "source as 'hf:NAME' or give data_files=/data_dir="
+            )
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"data_files=/data_dir= go to datasets.load_dataset with a builder name or dataset "
+            f"id as source (e.g. 'imagefolder', 'csv', 'user/dataset'); got a "
+            f"{type(source).__name__}"
+        )
+    name = os.fspath(source)[len(HF_PREFIX) :] if named else os.fspath(source)
+    if not name:
+        raise ValueError("'hf:' needs a dataset name: 'hf:imagefolder', 'hf:user/dataset'")
+    import datasets
+
+    return datasets.load_dataset(
+        name,
+        data_files=data_files,
+        data_dir=None if data_dir is None else os.fspath(data_dir),
+        split=split,
+    )
 
 
 class RowBytes:

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from bucketing.download import Downloader
 from bucketing.index import Rejection
+from bucketing.sources.braces import brace_list
 from bucketing.sources.entries import (
     ResolvedSource,
     image_extensions,
@@ -38,6 +39,8 @@ from bucketing.sources.entries import (
 from bucketing.sources.rows import Row, collect, pick_columns, source_folder
 
 SIZE_COLUMNS = {"width": ("width", "WIDTH"), "height": ("height", "HEIGHT")}
+_BATCH_ROWS = 1 << 15  # rows of a shard normalised at a time
+_READERS = 4  # shards read at once: each holds one batch's intermediate copies
 _GLOB_CHARS = ("*", "?", "[")
 _URL = r"^(?i:https?://)"
 _NOT_NORMAL = r"//|/\.\.?(/|$)|/$"  # what os.path.normpath would change in an absolute path
@@ -46,7 +49,10 @@ _NOT_NORMAL = r"//|/\.\.?(/|$)|/$"  # what os.path.normpath would change in an a
 def parquet_shards(source: Any) -> list[str] | None:
     """The sorted ``.parquet`` files of ``source`` when it is a set of shards (a folder
     holding ``.parquet`` files and no images or subfolders, a glob, a list of ``.parquet``
-    paths), else None. A glob that matches no ``.parquet`` file raises."""
+    paths, a brace range), else None. A glob that matches no ``.parquet`` file raises."""
+    names = brace_list(source)
+    if names is not None:
+        source = names
     if isinstance(source, (list, tuple)):
         names = [os.fspath(s) for s in source if isinstance(s, (str, os.PathLike))]
         if source and len(names) == len(source) and all(_is_parquet(n) for n in names):
@@ -87,9 +93,10 @@ def _is_parquet(name: str) -> bool:
 
 @dataclass
 class _Shard:
-    """One shard, normalised: ``values`` (trimmed image values, absolute for local paths,
-    null where blank), ``captions`` (``large_list<large_string>``), optional sizes, and
-    ``rows`` (the shard's row number of each kept row; blank rows dropped)."""
+    """One shard, or one batch of its rows, normalised: ``values`` (trimmed image values,
+    absolute for local paths, null where blank), ``captions`` (``large_list<large_string>``),
+    optional sizes, and ``rows`` (the shard's row number of each kept row; blank rows
+    dropped)."""
 
     path: str
     values: pa.Array
@@ -102,24 +109,37 @@ class _Shard:
 def _read_shards(
     files: Sequence[str], column_map: dict[str, str], sizes: bool
 ) -> tuple[str, list[_Shard]]:
-    """(image column, every shard normalised), read in parallel in the order of ``files``."""
+    """(image column, every shard normalised as batches of rows), read in parallel in the
+    order of ``files``. Each shard streams in batches of ``_BATCH_ROWS`` rows: what is kept
+    of a batch is its normalised columns, never the whole table's intermediate copies."""
     schema = pq.read_schema(files[0])
     image, caption = pick_columns(schema.names, column_map, files[0])
     size_columns = [_size_column(schema.names, column_map, k, files[0]) for k in SIZE_COLUMNS]
     wanted = [image] + ([caption] if caption else []) + (size_columns if sizes else [])
 
-    def read(path: str) -> _Shard:
-        names = pq.read_schema(path).names
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise ValueError(f"shard {path} has no column {missing[0]!r} (columns {names})")
-        table = pq.read_table(path, columns=wanted)
-        return _normalise(path, os.path.dirname(path), table, image, caption,
-                          size_columns if sizes else None)  # fmt: skip
+    def read(path: str) -> list[_Shard]:
+        with pq.ParquetFile(path) as reader:
+            names = reader.schema_arrow.names
+            missing = [c for c in wanted if c not in names]
+            if missing:
+                raise ValueError(f"shard {path} has no column {missing[0]!r} (columns {names})")
+            pieces, first = [], 0
+            for batch in reader.iter_batches(_BATCH_ROWS, columns=wanted, use_threads=False):
+                table = pa.Table.from_batches([batch])
+                pieces.append(_normalise(path, os.path.dirname(path), table, image, caption,
+                                         size_columns if sizes else None, first))  # fmt: skip
+                first += batch.num_rows
+                del batch, table
+                _release()  # this thread's freed intermediates, back to the system
+        if not pieces:  # no rows: one empty piece keeps the column types
+            table = pq.read_table(path, columns=wanted)
+            pieces.append(_normalise(path, os.path.dirname(path), table, image, caption,
+                                     size_columns if sizes else None, 0))  # fmt: skip
+        return pieces
 
-    workers = min(len(files), os.cpu_count() or 1, 16)
+    workers = min(len(files), os.cpu_count() or 1, _READERS)
     with ThreadPoolExecutor(workers) as pool:
-        return image, list(pool.map(read, files))
+        return image, [piece for pieces in pool.map(read, files) for piece in pieces]
 
 
 def _read_dataset(
@@ -189,8 +209,10 @@ def _normalise(
     image_column: str,
     caption_column: str | None,
     size_columns: list[str] | None,
+    first_row: int = 0,
 ) -> _Shard:
-    """``table``'s rows as a shard labelled ``path``; relative paths against ``folder``."""
+    """``table``'s rows (rows ``first_row`` on of the shard) as a shard labelled ``path``;
+    relative paths against ``folder``."""
     width = height = None
     if size_columns is not None:
         width, height = (_sizes(table[c], path) for c in size_columns)
@@ -211,7 +233,7 @@ def _normalise(
     rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
     if width is not None:
         width, height = width[rows], height[rows]
-    return _Shard(path, _absolute(values, folder), captions, width, height, rows)
+    return _Shard(path, _absolute(values, folder), captions, width, height, rows + first_row)
 
 
 def _absolute(values: pa.Array, folder: str) -> pa.Array:
@@ -265,12 +287,12 @@ def read_manifest_columns(
             f".parquet shards, a list of .parquet paths) and datasets.Dataset; got "
             f"{source!r:.80}. Use sizes='headers' for other sources"
         )
-    several = len(shards) > 1
+    several = len({shard.path for shard in shards}) > 1
     rejections: list[Rejection] = []
-    parts = []
-    for shard in shards:
-        for k in np.flatnonzero(pc.is_null(shard.values).to_numpy(zero_copy_only=False)):
-            row = int(shard.rows[k])
+    for k, shard in enumerate(shards):
+        valid = pc.is_valid(shard.values)
+        for j in np.flatnonzero(~valid.to_numpy(zero_copy_only=False)):
+            row = int(shard.rows[j])
             rejections.append(
                 Rejection(
                     f"{shard.path}:row {row}", "no_image", f"no path or URL in column {image!r}"
@@ -283,14 +305,21 @@ def read_manifest_columns(
                 f"{shard.path} lists URLs ({first}); sizes='manifest' reads local files only: "
                 "download them first, or scan with sizes='headers' (which fetches URLs)"
             )
-        ok = pc.is_valid(shard.values).to_numpy(zero_copy_only=False)
-        parts.append((shard, np.flatnonzero(ok)))
-    paths = pa.concat_arrays([pc.take(s.values, k) for s, k in parts])
-    captions = pa.concat_arrays([pc.take(s.captions, k) for s, k in parts])
-    width = np.concatenate([s.width[k] for s, k in parts])
-    height = np.concatenate([s.height[k] for s, k in parts])
-    wheres = [(s.path, s.rows[k]) for s, k in parts]
-    del shards, parts  # the shards' own columns: freed before the next copies
+        if not pc.all(valid).as_py() and len(valid):
+            ok = valid.to_numpy(zero_copy_only=False)
+            shards[k] = _Shard(shard.path, pc.filter(shard.values, valid),
+                               pc.filter(shard.captions, valid), shard.width[ok],
+                               shard.height[ok], shard.rows[ok])  # fmt: skip
+    # one column at a time, each piece freed as soon as it is copied into the column (whose
+    # pages are touched only as they are written): the peak stays near the pieces' bytes
+    width = np.concatenate([shard.width for shard in shards])
+    height = np.concatenate([shard.height for shard in shards])
+    wheres = [(shard.path, shard.rows) for shard in shards]
+    values, pieces = [shard.values for shard in shards], [shard.captions for shard in shards]
+    del shards
+    paths = _concat_text(values)
+    first_of = _first_rows(paths)
+    captions = _concat_lists(pieces)
 
     def label(i: int) -> str:  # "shard:row N", naming a row
         for shard, rows in wheres:
@@ -302,7 +331,6 @@ def read_manifest_columns(
     def where(i: int) -> str:  # in details: the shard is said only when there are several
         return label(i) if several else label(i).rsplit(":", 1)[1]
 
-    first_of = _first_rows(paths)
     keep, captions, dup = _merge_duplicates(first_of, captions)
     for i in dup:
         rejections.append(Rejection(paths[int(i)].as_py(), "duplicate",
@@ -338,11 +366,105 @@ def read_manifest_columns(
     )
 
 
+def _text_buffers(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets relative to the first, the bytes they index) of a large string/binary array."""
+    if not len(array):
+        return np.zeros(1, np.int64), np.zeros(0, np.uint8)
+    _, offsets, data = array.buffers()
+    offsets = np.frombuffer(offsets, np.int64)[array.offset : array.offset + len(array) + 1]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    return offsets - offsets[0], data[offsets[0] : offsets[-1]]
+
+
+def _concat_text(pieces: list[pa.Array]) -> pa.Array:
+    """``large_string`` ``pieces`` (no nulls) as one array, emptying the list: each piece is
+    freed once copied, and the result's pages are touched only as they are written."""
+    n = sum(len(p) for p in pieces)
+    size = sum(int(_text_buffers(p)[0][-1]) for p in pieces)
+    offsets, data = np.empty(n + 1, np.int64), np.empty(size, np.uint8)
+    offsets[0] = row = at = 0
+    for k in range(len(pieces)):
+        piece_offsets, piece_data = _text_buffers(pieces[k])
+        rows = len(piece_offsets) - 1
+        offsets[row + 1 : row + rows + 1] = piece_offsets[1:] + at
+        data[at : at + len(piece_data)] = piece_data
+        row, at = row + rows, at + len(piece_data)
+        pieces[k] = piece_offsets = piece_data = None
+        _release()
+    pieces.clear()
+    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _concat_lists(pieces: list[pa.Array]) -> pa.Array:
+    """``large_list<large_string>`` ``pieces`` (no nulls) as one array, emptying the list as
+    :func:`_concat_text` does."""
+    counts = [pc.list_value_length(p).to_numpy() for p in pieces]
+    rows = np.zeros(sum(len(c) for c in counts) + 1, np.int64)
+    np.cumsum(np.concatenate(counts), out=rows[1:])
+    texts = [pc.list_flatten(p) for p in pieces]
+    del counts
+    pieces.clear()
+    return pa.LargeListArray.from_arrays(pa.array(rows), _concat_text(texts))
+
+
+def _release() -> None:
+    """Hand memory that Arrow's pool holds but no longer uses back to the system."""
+    pa.default_memory_pool().release_unused()
+
+
 def _first_rows(paths: pa.Array) -> np.ndarray:
-    """For each row, the first row holding the same path."""
-    codes = pc.dictionary_encode(paths).indices.to_numpy()
-    _, first = np.unique(codes, return_index=True)
-    return first[codes]
+    """For each row, the first row holding the same path. Rows are told apart by a 64-bit
+    hash of their bytes (8 bytes a row, where a hash table of the strings would copy them);
+    rows whose hashes collide are compared as strings, so the answer is exact."""
+    n = len(paths)
+    first = np.arange(n)
+    hashes = _hashes(paths)
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    del hashes
+    same = sorted_hashes[1:] == sorted_hashes[:-1]
+    del sorted_hashes
+    if not same.any():
+        return first
+    candidate = np.zeros(n, dtype=bool)
+    candidate[1:] |= same
+    candidate[:-1] |= same
+    seen: dict[bytes, int] = {}
+    for i in np.sort(order[candidate]).tolist():
+        first[i] = seen.setdefault(paths[i].as_buffer().to_pybytes(), i)
+    return first
+
+
+_HASH_BASE = np.uint64(0x100000001B3)  # odd: invertible modulo 2**64
+_HASH_INVERSE = np.uint64(pow(0x100000001B3, -1, 2**64))
+_HASH_ROWS = 8192  # rows hashed at a time: a few MB of temporaries
+
+
+def _hashes(values: pa.Array) -> np.ndarray:
+    """A polynomial hash modulo 2**64 of each string's bytes (uint64), vectorised a block of
+    rows at a time; equal strings hash equal wherever they lie in the buffer."""
+    values = values.cast(pa.large_binary()) if not pa.types.is_large_binary(values.type) else values
+    _, offsets, data = values.buffers()
+    n = len(values)
+    offsets = np.frombuffer(offsets, np.int64)[values.offset : values.offset + n + 1]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    out = np.empty(n, np.uint64)
+    with np.errstate(over="ignore"):
+        for lo in range(0, n, _HASH_ROWS):
+            hi = min(n, lo + _HASH_ROWS)
+            a, b = int(offsets[lo]), int(offsets[hi])
+            powers = np.cumprod(np.full(b - a + 1, _HASH_BASE, np.uint64))
+            powers[1:] = powers[:-1]
+            powers[0] = 1  # base ** j for byte j of the block
+            inverse = np.cumprod(np.full(b - a + 1, _HASH_INVERSE, np.uint64))
+            inverse[1:] = inverse[:-1]
+            inverse[0] = 1
+            prefix = np.zeros(b - a + 1, np.uint64)
+            np.cumsum((data[a:b].astype(np.uint64) + 1) * powers[:-1], out=prefix[1:])
+            starts, ends = offsets[lo:hi] - a, offsets[lo + 1 : hi + 1] - a
+            lengths = (ends - starts).astype(np.uint64)
+            out[lo:hi] = (prefix[ends] - prefix[starts]) * inverse[starts] + lengths
+    return out
 
 
 def _merge_duplicates(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bucketing.members import stat_path
 from bucketing.models import MODELS, encoder_models
 from transforms.image import DEFAULT_DECODE, DecodeSettings
 from transforms.resize_crop import (
@@ -75,13 +76,14 @@ class FitSettings:
 
 
 def file_identity(index: ImageIndex, row: int) -> list[Any] | None:
-    """(path, size, mtime_ns) of a file row; (label, size, sha256) for embedded bytes; None
-    when the file is gone."""
+    """(path, size, mtime_ns) of a file row (a tar member: its path, which holds its offset,
+    and its shard's size and mtime); (label, size, sha256) for embedded bytes; None when the
+    file is gone."""
     if index.blob is not None:
         data = index.blob(row)
         return [index.paths[row], len(data), hashlib.sha256(data).hexdigest()]
     try:
-        st = os.stat(index.paths[row])
+        st = os.stat(stat_path(index.paths[row]))
     except OSError:
         return None
     return [index.paths[row], int(st.st_size), int(st.st_mtime_ns)]
