@@ -2,6 +2,7 @@
 
 from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
+from transforms.decoded_cache import DecodedImageCache
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import DecodeSettings, decode_image, load_image
 from transforms.resize_crop import BucketResizeCrop, FitParams, decode_and_fit
@@ -24,6 +25,7 @@ __all__ = [
     "BucketResizeCrop",
     "CaptionTransform",
     "DecodeSettings",
+    "DecodedImageCache",
     "FitParams",
     "FluxEncoders",
     "FluxTokenizer",
