@@ -13,6 +13,7 @@ Sets:
 
     python bench/decoded_cache.py                  # both sets, 3 repetitions
     python bench/decoded_cache.py --quick          # the 12 MP set, 2 repetitions
+    python bench/decoded_cache.py --quick --sets bundled   # examples/data x 29, 2 repetitions
     python bench/decoded_cache.py --tiny           # smoke test: 6 small photos, 1 repetition
 """
 
@@ -117,15 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--tiny", action="store_true", help="smoke test")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
     p.add_argument("--repeats", type=int, default=10, help="repeats an epoch (default: 10)")
+    p.add_argument("--sets", nargs="+", choices=("12mp", "bundled"),
+                   help="which sets (default: 12mp, and bundled without --quick)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(machine_line())
     if args.tiny:
         sets, reps = [photos_12mp(6, (800, 600))], 1
-    elif args.quick:
-        sets, reps = [photos_12mp(29, (4032, 3024))], 2
     else:
-        sets, reps = [photos_12mp(29, (4032, 3024)), bundled_copies(29)], 3
+        names = args.sets or (["12mp"] if args.quick else ["12mp", "bundled"])
+        makers = {"12mp": lambda: photos_12mp(29, (4032, 3024)),
+                  "bundled": lambda: bundled_copies(29)}
+        sets, reps = [makers[name]() for name in names], 2 if args.quick else 3
     rows = [bench_set(folder, args.repeats, args.workers, reps) for folder in sets]
     print_table([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
                 f"One epoch, {args.repeats} repeats, {args.workers} workers (fresh workers each "

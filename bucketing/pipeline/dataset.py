@@ -26,8 +26,8 @@ An encoder cache built with ``images=False`` (text embeddings only) keeps the pi
 images are decoded and fitted per occurrence as without a cache, and the final caption
 (after template, dropout and shuffle) takes its embeddings from the cache. A caption variant
 the cache does not hold is refused with a clear error, never encoded in a worker: the
-caption transform's randomness is checked at construction (shuffle and tag dropout make
-captions no build can list), its template, prefix and suffix at build time
+caption transform is checked at construction: shuffle and tag dropout make captions no
+build can list, and its template, prefix and suffix must be the build's
 (``build_cache(..., caption_transform=...)`` caches them).
 
 A file that fails to decode (or to fit its bucket, or no longer has the size the scan
@@ -168,7 +168,7 @@ class TextToImageDataset(Dataset):
         if not cached_pixels or image_transform is not None:  # latents need no image transform
             _check_transform("image_transform", image_transform)
         if encoder_cache is not None:
-            check_cacheable_captions(caption_transform)
+            check_cacheable_captions(caption_transform, encoder_cache)
         for name, transform in (
             ("caption_transform", caption_transform), ("model_transform", model_transform)
         ):
@@ -416,9 +416,10 @@ def _check_transform(name: str, transform: Any) -> None:
         ) from None
 
 
-def check_cacheable_captions(caption_transform: Any) -> None:
+def check_cacheable_captions(caption_transform: Any, encoder_cache: Any = None) -> None:
     """Refuse a caption transform whose captions no encoder cache can hold (part shuffle,
-    tag dropout): every sample would fail in a worker."""
+    tag dropout), or, given ``encoder_cache``, one formatting captions (template, prefix,
+    suffix) otherwise than its build did: every sample would fail in a worker."""
     shuffles = getattr(caption_transform, "shuffle_parts", False)
     drops = getattr(caption_transform, "tag_dropout", 0.0)
     if shuffles or drops:
@@ -427,6 +428,17 @@ def check_cacheable_captions(caption_transform: Any) -> None:
             "caption_transform says, and ''), but this caption_transform shuffles parts or "
             "drops tags, making captions no build can list: drop shuffle_parts/tag_dropout, "
             "or train without an encoder cache (text encoded every step)"
+        )
+    built = getattr(encoder_cache, "meta", {}).get("caption_format")
+    if built is None:  # a cache from before the format was recorded: checked per caption
+        return
+    wanted = {name: getattr(caption_transform, name, default)
+              for name, default in (("prefix", ""), ("suffix", ""), ("template", None))}
+    if wanted != built:
+        raise ValueError(
+            f"the encoder cache {getattr(encoder_cache, 'root', '')} holds captions formatted "
+            f"with {built} but this caption_transform formats them with {wanted}: rebuild it "
+            "with build_cache(..., caption_transform=<this transform>)"
         )
 
 
