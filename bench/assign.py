@@ -6,7 +6,11 @@ bucket lists on both sides where memory allows. Quality, on a realistic photo mi
 (camera ratios 4:3, 3:2, 16:9, 1:1 and their portraits, 0.1-12 MP, a tail of panoramas):
 crop loss, resolution loss, upscaled and rejected shares for ours (flux ladder, default
 levels), bucketsampler's ``sdxl`` preset and the typical-trainer reference with and without
-its no-upscale mode. Also what docs/ladders.md quotes: every preset and ``from_data`` on the
+its no-upscale mode, and the fitted ladder (``from_data``, the default) and kohya-style own-size
+buckets (``from_data(native=True)``). The trade of a bucket budget on ``realistic_sizes(20000,
+seed=0)`` (resolution loss mean/p95/max, crop, short steps at global batch 32) and the time
+``from_data`` takes on the largest timed N. Also what docs/ladders.md quotes: every preset and
+``from_data`` on the
 same mix, level spacing (resolution loss vs bucket count), the padding per epoch for 30, 300
 and 100k images at world sizes 1 and 8, and ``min_bucket_size`` (padding vs losses). Padding
 is computed from the bucket counts with the sampler's rule for each ``last_batch`` mode.
@@ -31,6 +35,7 @@ from bench.common import machine_line, print_table, ratio, timeit  # noqa: E402
 from bench.typical_trainer import make_bucket_resolutions, select_buckets  # noqa: E402
 from bucketing.assign import assign  # noqa: E402
 from bucketing.ladder import BucketLadder  # noqa: E402
+from bucketing.ladder_trade import ladder_trade  # noqa: E402
 
 # (aspect w/h of the landscape form, share); each non-square ratio is a portrait 35% of the time.
 CAMERA_RATIOS = ((4 / 3, 0.34), (3 / 2, 0.26), (16 / 9, 0.16), (1.0, 0.12), (5 / 4, 0.07))
@@ -93,6 +98,7 @@ def _quality(name: str, wh: np.ndarray, sizes: np.ndarray, max_area: int,
         "crop mean, same images": crop[common[ok]].mean(),
         "crop p95": np.percentile(crop, 95),
         "res loss mean": res.mean(),
+        "res loss p95": np.percentile(res, 95),
         "upscaled %": 100 * (s > 1 + 1e-9).mean() * ok.mean(),
         "rejected %": 100 * (1 - ok.mean()),
     }
@@ -130,13 +136,43 @@ def bench_speed(sizes_n: list[int], reps: int) -> None:
         print("bucketsampler not installed (pip install -e '.[bench]'): peer columns skipped")
 
 
+def bench_fitted(n: int, timed_n: int, global_batch: int = 32) -> None:
+    """The trade of a bucket budget on ``realistic_sizes(n, seed=0)`` (the figures
+    docs/ladders.md quotes), and the time of ``from_data`` on ``timed_n`` sizes."""
+    sizes = realistic_sizes(n, seed=0)
+    flux = BucketLadder.for_model("flux")
+    fitted = BucketLadder.from_data(sizes)
+    rows = ladder_trade(sizes, flux, fitted, global_batch=global_batch)
+    table = [{
+        "ladder": r["ladder"].replace("own sizes", "own sizes (kohya no-upscale, 16 px)")
+        + (" (default)" if r["chosen"] else ""),
+        "buckets used": r["buckets"],
+        **{f"res loss {k}": v for k, v in r["resolution_loss"].items()},
+        "crop mean": r["crop_loss"]["mean"], "crop p95": r["crop_loss"]["p95"],
+        "rejected %": 100 * r["rejected"] / n,
+        f"short steps at {global_batch}": f"{r['short_steps']} of {r['steps']}",
+    } for r in rows]
+    print_table(table, f"bucket budget trade on realistic_sizes({n:,}, seed=0), FLUX "
+                f"(upscaled: 0 on every side)")
+    big = realistic_sizes(timed_n, seed=0)
+    fit_t = timeit(lambda: BucketLadder.from_data(big), reps=1, warmup=0)
+    own_t = timeit(lambda: BucketLadder.from_data(big, native=True), reps=1, warmup=0)
+    print_table([{"N": f"{timed_n:,}", "from_data (fitted)": str(fit_t),
+                  "from_data(native=True)": str(own_t)}], "fitting time")
+
+
 def bench_quality(n: int) -> None:
     sizes = realistic_sizes(n)
     flux = BucketLadder.for_model("flux")
     rows = []
     a = assign(sizes, flux)
-    rows.append(_quality("ours: flux, default levels", a.bucket_wh, sizes, flux.max_area,
-                         int((a.counts > 0).sum()), a.accepted))
+    fitted = assign(sizes, BucketLadder.from_data(sizes))
+    own = assign(sizes, BucketLadder.from_data(sizes, native=True))
+    for label, f in (("ours: fitted (from_data, the default)", fitted),
+                     ("ours: flux preset", a),
+                     ("ours: own sizes (native=True, kohya no-upscale at 16 px)", own)):
+        rows.append(_quality(label, f.bucket_wh, sizes, flux.max_area,
+                             int((f.counts > 0).sum()), a.accepted))
     bs = _bucketsampler()
     if bs is not None:
         sdxl = bs.load_preset("sdxl")
@@ -168,6 +204,7 @@ def bench_presets(n: int) -> None:
     sizes = realistic_sizes(n, seed=2)
     old = BucketLadder(step=32, levels=[s * s for s in (512, 640, 768, 896, 1024)])
     ladders = {name: BucketLadder.for_model(name) for name in ("flux", "sdxl", "sd15")}
+    ladders["flux, from_data() (default)"] = BucketLadder.from_data(sizes)
     ladders["flux, from_data(max_buckets=64)"] = BucketLadder.from_data(sizes, max_buckets=64)
     ladders["flux, from_data(max_buckets=16)"] = BucketLadder.from_data(sizes, max_buckets=16)
     ladders["previous flux (512²..1024², step 32)"] = old
@@ -271,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes_n, reps, quality_n, small_n = [1_000_000, 10_000_000], 5, 1_000_000, 5_000
     sizes_n = args.sizes or sizes_n
     bench_speed(sizes_n, reps)
+    bench_fitted(20_000, max(sizes_n))
     bench_quality(quality_n)
     bench_presets(quality_n)
     bench_levels(quality_n)

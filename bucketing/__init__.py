@@ -15,7 +15,7 @@ check_siblings()
 
 from bucketing.assign import Assignment, assign  # noqa: E402
 from bucketing.index import ImageIndex, Rejection  # noqa: E402
-from bucketing.ladder import BucketLadder  # noqa: E402
+from bucketing.ladder import BucketLadder, fitted_ladder  # noqa: E402
 from bucketing.scan import scan  # noqa: E402
 from bucketing.sources import resolve_source  # noqa: E402
 
@@ -50,7 +50,7 @@ __all__ = [
     "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection", "SD15Tokenizer",
     "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleBatch", "SampleIndex",
     "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
-    "decode_and_fit", "decode_image",
+    "decode_and_fit", "decode_image", "fitted_ladder",
     "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
     "load_loader_state",
     "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bucketing.ladder import MAX_SIDE, BucketLadder, fit_loss, image_sizes
+from bucketing.sizes import MAX_SIDE, fit_loss, image_sizes
 
 if TYPE_CHECKING:
     from bucketing.index import ImageIndex
+    from bucketing.ladder import BucketLadder
 
 _ON_EXTREME = ("crop", "reject")
 _CHUNK = 1 << 15  # images per vectorised pass: temporaries stay small and cache-resident

@@ -23,15 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bucketing.assign import assign
+from bucketing.fit_ladder import distinct_own_sizes, fit_buckets
 from bucketing.models import MODELS, ModelSpec
+from bucketing.sizes import MAX_SIDE, fit_loss, image_sizes
 
 if TYPE_CHECKING:
     from bucketing.index import ImageIndex
 
-# The largest side assign() accepts (PNG's limit; JPEG stops at 65535): beyond it an image is
-# rejected "too_large", and below it w * h and every loss stay exact in int64 / float64.
-MAX_SIDE = 2**31 - 1
-
+__all__ = ["FIT_MODES", "MAX_SIDE", "MODEL_SPECS", "BucketLadder", "ModelSpec", "NoImageFits",
+           "default_levels", "fit_loss", "fitted_ladder", "image_sizes"]
 
 _STEPS = 10  # level steps from the floor (a quarter of the top side) to the top side
 
@@ -49,6 +50,10 @@ def default_levels(max_area: int, multiple: int) -> list[int]:
 
 # The presets: the model registry's entries (bucketing.models holds every model's numbers).
 MODEL_SPECS: dict[str, ModelSpec] = MODELS
+
+
+class NoImageFits(ValueError):
+    """``from_data`` found no image that a bucket of the base ladder's lattice fits."""
 
 
 class BucketLadder:
@@ -70,6 +75,7 @@ class BucketLadder:
         step: int = 64,
         max_aspect: float = 4.0,
         levels: Sequence[int] | None = None,
+        canonical: Iterable[Sequence[int]] = (),
     ) -> None:
         if multiple < 1 or step < 1:
             raise ValueError(f"multiple and step must be >= 1, got {multiple} and {step}")
@@ -88,6 +94,11 @@ class BucketLadder:
                 f"got {levels}"
             )
         per_level = [_level_buckets(a, multiple, step, max_aspect) for a in levels]
+        extra = _canonical_levels(canonical, per_level, multiple, max_area, max_aspect)
+        areas = [*levels, *(int((b[:, 0] * b[:, 1]).max()) for b in extra)]
+        order = np.argsort(areas, kind="stable").tolist()
+        per_level = [[*per_level, *extra][i] for i in order]
+        levels = [areas[i] for i in order]
         buckets, level_of = _dedupe_across_levels(per_level)
         self.max_area = int(max_area)
         self.multiple = int(multiple)
@@ -121,6 +132,7 @@ class BucketLadder:
             "step": spec.step,
             "max_aspect": spec.max_aspect,
             "levels": spec.levels,
+            "canonical": spec.canonical,
         }
         if "max_area" in overrides and "levels" not in overrides:
             kwargs["levels"] = None  # the preset's levels belong to its own max_area
@@ -137,13 +149,17 @@ class BucketLadder:
         *,
         max_area: int | None = None,
         model: str | None = None,
+        max_aspect: float | None = None,
     ) -> BucketLadder:
         """A ladder from an explicit list of (w, h). Every side must be a positive multiple of
-        ``multiple``; duplicates are an error. The list need not be symmetric. Levels are the
-        layers of the "both sides larger" order (so that each level is an antichain); each
-        level's area is its largest bucket's area. ``max_area`` (default: the largest bucket's
+        ``multiple``; duplicates are an error. The list need not be symmetric. Levels are
+        area bands (each down to 1/1.32 of its largest area, as far apart as the presets'
+        levels) cut into the layers of the "both sides larger" order, so that each level is an
+        antichain of similar areas (what keeps :func:`bucketing.assign` fast); each level's
+        area is its largest bucket's area. ``max_area`` (default: the largest bucket's
         area, at least that) caps the pixels resolution loss is measured against; ``model``
-        is recorded as ``ladder.model``."""
+        is recorded as ``ladder.model``; ``max_aspect`` (default: the most elongated bucket's,
+        at least that) is where ``assign`` starts calling an image extreme."""
         arr = np.asarray(list(buckets), dtype=np.int64)
         if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0:
             raise ValueError("from_buckets needs a non-empty list of (width, height) pairs")
@@ -154,7 +170,7 @@ class BucketLadder:
         uniq, counts = np.unique(arr, axis=0, return_counts=True)
         if (counts > 1).any():
             raise ValueError(f"duplicate bucket {uniq[counts > 1][0].tolist()}")
-        layer = _antichain_layers(arr)
+        layer = _banded_layers(arr)
         n_levels = int(layer.max()) + 1
         areas = arr[:, 0] * arr[:, 1]
         levels = [int(areas[layer == j].max()) for j in range(n_levels)]
@@ -169,7 +185,10 @@ class BucketLadder:
         self.multiple = int(multiple)
         self.step = int(multiple)
         aspects = arr[:, 0] / arr[:, 1]
-        self.max_aspect = float(max(aspects.max(), 1 / aspects.min()))
+        widest = float(max(aspects.max(), 1 / aspects.min()))
+        if max_aspect is not None and max_aspect < widest:
+            raise ValueError(f"max_aspect {max_aspect} is below a bucket's aspect {widest:g}")
+        self.max_aspect = widest if max_aspect is None else float(max_aspect)
         self._set(arr, rank[layer], sorted(levels))
         return self
 
@@ -178,46 +197,54 @@ class BucketLadder:
         cls,
         sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]],
         *,
-        max_buckets: int,
+        max_buckets: int | None = None,
         base: BucketLadder | str = "flux",
+        native: bool = False,
     ) -> BucketLadder:
-        """At most ``max_buckets`` buckets of ``base`` (a preset name or a ladder), chosen for
-        these image sizes (an index, an (N, 2) array or (w, h) pairs).
+        """Buckets fitted to these image sizes (an index, an (N, 2) array or (w, h) pairs),
+        chosen from ``base``'s whole lattice: every (w, h) with sides multiples of its
+        ``multiple``, an area from its smallest bucket's up to its ``max_area`` and an aspect
+        within its ``max_aspect`` (``base``: a preset name or a ladder).
 
-        Every image is scored against every bucket of ``base`` that fits inside it with
-        :func:`bucketing.assign`'s objective (crop loss + resolution loss). When the images'
-        own best buckets fit the budget, those are the ladder; otherwise buckets are added one
-        at a time, each the one that lowers the total loss most (greedy facility location),
-        and those no image would take are left out. Losing an image costs more than all
-        losses together, so every image ``base`` fits keeps a bucket while the budget allows
-        (the first buckets are small ones that fit many images). Beyond 8192 distinct sizes,
-        sizes are grouped by their floor to ``multiple`` (which keeps the set of fitting
-        buckets), then to coarser multiples. Deterministic. The result keeps ``base``'s
-        ``max_area``, ``multiple`` and ``model``."""
-        if max_buckets < 1:
+        At most ``max_buckets`` buckets; None: as many as the buckets of ``base`` these images
+        use (so the number of steps stays what the preset gives). Starting from every image's
+        own lattice size, the bucket whose images lose least by moving is removed until the
+        budget holds (see :mod:`bucketing.fit_ladder`); the result is compared with the best
+        ``max_buckets`` buckets of ``base`` itself and the better of the two (total crop +
+        resolution loss under :func:`bucketing.assign`, a lost image costing more than every
+        loss together) is returned, so it is never worse than the preset cut to the same
+        budget. ``native=True``: every image's own lattice size, no budget (for batch size 1,
+        where buckets cost nothing). Deterministic; keeps ``base``'s ``max_area``,
+        ``multiple``, ``max_aspect`` and ``model``."""
+        if max_buckets is not None and max_buckets < 1:
             raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
+        if native and max_buckets is not None:
+            raise ValueError("native=True gives every image its own size: no max_buckets")
         if isinstance(base, str):
             base = cls.for_model(base)
         width, height = image_sizes(sizes)
         ok = (width <= MAX_SIDE) & (height <= MAX_SIDE)
-        width, height, q = width[ok], height[ok], 1
-        while True:
-            groups, weight = np.unique(np.stack([width // q, height // q], axis=1) * q,
-                                       axis=0, return_counts=True)
-            if len(groups) <= _FIT_GROUPS:
-                break
-            q = base.multiple if q == 1 else 2 * q
-        w, h = groups[:, :1].astype(np.float64), groups[:, 1:].astype(np.float64)
-        bw, bh = (base.buckets[None, :, i].astype(np.float64) for i in (0, 1))
-        cap = np.minimum(w * h, base.max_area)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            loss = np.where((bw <= w) & (bh <= h), fit_loss(bw, bh, w, h, cap), np.inf)
-        chosen = _budget(loss, weight.astype(np.float64), max_buckets)
+        width, height = width[ok], height[ok]
+        lattice = {"multiple": base.multiple, "max_area": base.max_area,
+                   "max_aspect": base.max_aspect, "min_area": int(base.areas.min())}
+        if native:
+            found = distinct_own_sizes(width, height, **lattice)
+            if not len(found):
+                raise NoImageFits("from_data needs at least one image that a bucket of the "
+                                 "base ladder's lattice fits")
+            return cls.from_buckets(found, base.multiple, max_area=base.max_area,
+                                    model=base.model, max_aspect=base.max_aspect)
+        preset = assign(np.stack([width, height], axis=1), base)
+        budget = int((preset.counts > 0).sum()) if max_buckets is None else max_buckets
+        budget = max(budget, 1)
+        used = np.flatnonzero(preset.counts > 0)
+        cut = used if len(used) <= budget else _preset_budget(base, width, height, budget)
+        chosen = fit_buckets(width, height, base.buckets, cut, max_buckets=budget, **lattice)
         if not len(chosen):
-            raise ValueError("from_data needs at least one image that a bucket of the base "
+            raise NoImageFits("from_data needs at least one image that a bucket of the base "
                              "ladder fits")
-        return cls.from_buckets(base.buckets[chosen], base.multiple, max_area=base.max_area,
-                                model=base.model)
+        return cls.from_buckets(chosen, base.multiple, max_area=base.max_area, model=base.model,
+                                max_aspect=base.max_aspect)
 
     # -- views --------------------------------------------------------------------------
 
@@ -246,53 +273,28 @@ class BucketLadder:
 
 
 
-def image_sizes(
-    index_or_sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """(width, height) int64 arrays from an :class:`~bucketing.index.ImageIndex`, an (N, 2)
-    array or a sequence of (w, h). Sizes that are not whole numbers (1.5, NaN, text) are a
-    ValueError, and so is the first size that is not positive; sides above ``MAX_SIDE``
-    (whatever their magnitude, clipped to 2**62) are left for the caller to reject."""
-    width = getattr(index_or_sizes, "width", None)
-    height = getattr(index_or_sizes, "height", None)
-    if width is not None and height is not None:
-        width, height = np.asarray(width, np.int64), np.asarray(height, np.int64)
-    else:
-        try:
-            arr = np.asarray(index_or_sizes)
-            if arr.dtype == object:  # Python ints beyond int64 (exact below 2**53)
-                arr = arr.astype(np.float64)
-            if arr.dtype.kind == "f":  # whole numbers only; a huge one stays too large
-                if not (np.isfinite(arr) & (arr == np.trunc(arr))).all():
-                    raise ValueError("a size is not a whole number of pixels")
-                arr = np.minimum(arr, 2.0**62)
-            arr = arr.astype(np.int64)
-        except (OverflowError, TypeError, ValueError) as e:
-            raise ValueError(f"sizes must be whole numbers of pixels: {e}") from None
-        if arr.size == 0:
-            arr = arr.reshape(0, 2)
-        if arr.ndim != 2 or arr.shape[1] != 2:
-            raise ValueError(f"sizes must be an (N, 2) array of (width, height), got shape "
-                             f"{arr.shape}")
-        width, height = arr[:, 0], arr[:, 1]
-    if len(width) and (width.min() < 1 or height.min() < 1):
-        i = int(np.flatnonzero((width < 1) | (height < 1))[0])
-        raise ValueError(f"image {i} has size {width[i]}x{height[i]}; sizes must be positive")
-    return np.ascontiguousarray(width), np.ascontiguousarray(height)
+_PRESET_GROUPS = 8192  # distinct size groups scored against every bucket of a preset
 
 
-def fit_loss(
-    bw: np.ndarray, bh: np.ndarray, w: np.ndarray, h: np.ndarray, cap: np.ndarray
-) -> np.ndarray:
-    """crop_loss + resolution_loss of buckets (bw, bh) that fit inside images (w, h), float64
-    and broadcasting; ``cap`` = min(w * h, max_area): the pixels an image could train at."""
-    x = bw * h  # proportional to the bucket's aspect over the image's
-    y = bh * w
-    kept = np.minimum(x, y) / np.maximum(x, y)
-    return 2.0 - kept - (bw * bh) / cap
-
-
-_FIT_GROUPS = 8192  # distinct size groups from_data scores against every bucket
+def _preset_budget(base: BucketLadder, width: np.ndarray, height: np.ndarray,
+                   max_buckets: int) -> np.ndarray:
+    """Ascending ids of at most ``max_buckets`` buckets of ``base`` for these images: every
+    image's best bucket when they fit the budget, else greedy facility location. Beyond 8192
+    distinct sizes, sizes are grouped by their floor to ``multiple`` (which keeps the set of
+    fitting buckets), then to coarser multiples."""
+    q = 1
+    while True:
+        groups, weight = np.unique(np.stack([width // q, height // q], axis=1) * q,
+                                   axis=0, return_counts=True)
+        if len(groups) <= _PRESET_GROUPS:
+            break
+        q = base.multiple if q == 1 else 2 * q
+    w, h = groups[:, :1].astype(np.float64), groups[:, 1:].astype(np.float64)
+    bw, bh = (base.buckets[None, :, i].astype(np.float64) for i in (0, 1))
+    cap = np.minimum(w * h, base.max_area)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loss = np.where((bw <= w) & (bh <= h), fit_loss(bw, bh, w, h, cap), np.inf)
+    return _budget(loss, weight.astype(np.float64), max_buckets)
 
 
 def _budget(loss: np.ndarray, weight: np.ndarray, max_buckets: int) -> np.ndarray:
@@ -339,6 +341,25 @@ def _level_buckets(area: int, multiple: int, step: int, max_aspect: float) -> np
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
+def _canonical_levels(
+    canonical: Iterable[Sequence[int]], per_level: list[np.ndarray], multiple: int,
+    max_area: int, max_aspect: float,
+) -> list[np.ndarray]:
+    """Extra levels holding the ``canonical`` sizes the generated levels lack (those on the
+    ladder's lattice: sides multiples of ``multiple``, area up to ``max_area``, aspect within
+    ``max_aspect``), one level per antichain layer of them."""
+    have = {tuple(b) for level in per_level for b in level.tolist()}
+    missing = sorted({(int(w), int(h)) for w, h in canonical} - have)
+    missing = [(w, h) for w, h in missing
+               if w % multiple == 0 and h % multiple == 0 and 0 < w * h <= max_area
+               and w <= h * max_aspect and h <= w * max_aspect]
+    if not missing:
+        return []
+    arr = np.asarray(missing, dtype=np.int64)
+    layer = _antichain_layers(arr)
+    return [arr[layer == k] for k in range(int(layer.max()) + 1)]
+
+
 def _dedupe_across_levels(per_level: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate levels; a shape present in several levels stays only in the highest."""
     seen: set[tuple[int, int]] = set()
@@ -350,6 +371,32 @@ def _dedupe_across_levels(per_level: list[np.ndarray]) -> tuple[np.ndarray, np.n
                 rows.append((w, h))
                 level_of.append(j)
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2), np.asarray(level_of, dtype=np.int64)
+
+
+_BAND = 1.32  # area ratio spanned by one band of from_buckets levels (a x1.15 side step)
+
+
+def _banded_layers(arr: np.ndarray) -> np.ndarray:
+    """Level of each bucket: bands of area (from the largest down, each band keeping areas
+    above its largest / ``_BAND``), each band split into its antichain layers."""
+    areas = arr[:, 0] * arr[:, 1]
+    order = np.argsort(-areas, kind="stable")
+    band = np.empty(len(arr), dtype=np.int64)
+    k, top = 0, None
+    for i in order.tolist():
+        if top is not None and areas[i] * _BAND <= top:
+            k, top = k + 1, None
+        if top is None:
+            top = areas[i]
+        band[i] = k
+    level = np.empty(len(arr), dtype=np.int64)
+    offset = 0
+    for k in range(int(band.max()), -1, -1):  # the smallest band first
+        rows = np.flatnonzero(band == k)
+        layer = _antichain_layers(arr[rows])
+        level[rows] = offset + layer
+        offset += int(layer.max()) + 1
+    return level
 
 
 def _antichain_layers(arr: np.ndarray) -> np.ndarray:
@@ -394,3 +441,38 @@ def _search_window(ladder: BucketLadder) -> int:
         m_all = max(m_all, m)
     return m_all
 
+
+FIT_MODES = ("data", "preset", "native")
+
+
+def fitted_ladder(
+    base: BucketLadder | str,
+    sizes: ImageIndex | np.ndarray | Sequence[Sequence[int]] | None = None,
+    *,
+    fit: str = "data",
+    max_buckets: int | None = None,
+) -> BucketLadder:
+    """The ladder a data set trains on by default: ``base`` (a preset name or a ladder) fitted
+    to these sizes. ``fit="data"``: :meth:`BucketLadder.from_data` with ``max_buckets`` (None:
+    as many buckets as the preset uses on this data); ``"native"``: every image its own
+    lattice size (batch size 1); ``"preset"``, no ``sizes``, or sizes none of which the lattice
+    fits: ``base`` itself (assign then rejects them "too_small"). The settings are checked even
+    without sizes."""
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+    if max_buckets is not None and (isinstance(max_buckets, bool)
+                                    or not isinstance(max_buckets, (int, np.integer))
+                                    or max_buckets < 1):
+        raise ValueError(f"max_buckets must be an integer >= 1, got {max_buckets!r}")
+    if fit != "data" and max_buckets is not None:
+        raise ValueError(f"max_buckets is a budget for fit='data', not fit={fit!r}")
+    if isinstance(base, str):
+        base = BucketLadder.for_model(base)
+    if sizes is None or fit == "preset":
+        return base
+    try:
+        if fit == "native":
+            return BucketLadder.from_data(sizes, base=base, native=True)
+        return BucketLadder.from_data(sizes, max_buckets=max_buckets, base=base)
+    except NoImageFits:  # nothing to fit: the preset, which rejects them "too_small"
+        return base

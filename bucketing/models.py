@@ -26,7 +26,8 @@ class ModelSpec:
 
     Geometry: bucket sides are multiples of ``multiple``; ``max_area`` is the default top
     level, ``levels`` the default level areas, ``step`` the width grid, ``max_aspect`` the
-    widest aspect.
+    widest aspect. ``canonical``: the sizes people train the model at (and curate their data
+    to); its ladder preset holds each of them exactly.
 
     Model side, as in diffusers' configs: ``vae_scale_factor``, the transformer's
     ``patch_size`` (1 for UNets), ``time_shift`` (``(base_seq_len, max_seq_len, base_shift,
@@ -62,6 +63,7 @@ class ModelSpec:
     tokenizer: str = ""
     encoders: str | None = None
     components: tuple[tuple[str, str], ...] = ()
+    canonical: tuple[tuple[int, int], ...] = ()
 
     @property
     def text_length(self) -> int:
@@ -86,6 +88,20 @@ def _areas(*sides: int) -> tuple[int, ...]:
 
 _LEVELS_16 = _areas(256, 288, 336, 384, 448, 512, 592, 672, 784, 896, 1024)
 
+
+def _mirrored(*sizes: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+    """``sizes`` and their mirrors, sorted, without duplicates."""
+    return tuple(sorted({s for w, h in sizes for s in ((w, h), (h, w))}))
+
+
+# The canonical training sizes: each preset holds them exactly, so an image of one of them is
+# neither resized nor cropped.
+_FLUX_CANONICAL = _mirrored((1024, 1024), (1216, 832), (1344, 768), (1152, 896), (1536, 640),
+                            (1248, 832), (1360, 768), (1024, 768), (768, 768), (512, 512))
+_SDXL_CANONICAL = _mirrored((1024, 1024), (1152, 896), (1216, 832), (1344, 768), (1536, 640),
+                            (1024, 768), (768, 768), (512, 512))
+_SD15_CANONICAL = _mirrored((512, 512), (512, 384), (576, 448), (640, 384))
+
 # FLUX.1: 8x VAE then 2x2 patches -> sides multiple of 16; T5 512 (dev) / 256 (schnell);
 # prompt_embeds are T5's alone. The dev scheduler's shift: base_image_seq_len 256 ->
 # base_shift 0.5, max_image_seq_len 4096 -> max_shift 1.15 (schnell's does not shift).
@@ -96,6 +112,7 @@ _FLUX = ModelSpec(
     tokenizer="transforms.tokenize.FluxTokenizer", encoders="transforms.encoders.FluxEncoders",
     components=(_VAE, ("text_encoder", _CLIP), ("text_encoder_2", _T5),
                 ("tokenizer", _CLIP_TOK), ("tokenizer_2", _T5_TOK)),
+    canonical=_FLUX_CANONICAL,
 )
 
 MODELS: dict[str, ModelSpec] = {
@@ -112,6 +129,7 @@ MODELS: dict[str, ModelSpec] = {
         components=(_VAE, ("text_encoder", _CLIP_PROJ), ("text_encoder_2", _CLIP_PROJ),
                     ("text_encoder_3", _T5), ("tokenizer", _CLIP_TOK),
                     ("tokenizer_2", _CLIP_TOK), ("tokenizer_3", _T5_TOK)),
+        canonical=_FLUX_CANONICAL,
     ),
     # SDXL: the UNet needs latent sides divisible by 4 (pixels by 32), but SDXL was trained on
     # 64-multiple buckets (1152x896, 1216x832, ...) and kohya uses 64: we use 64.
@@ -122,12 +140,14 @@ MODELS: dict[str, ModelSpec] = {
         encoders="transforms.encoders.SDXLEncoders",
         components=(_VAE, ("text_encoder", _CLIP), ("text_encoder_2", _CLIP_PROJ),
                     ("tokenizer", _CLIP_TOK), ("tokenizer_2", _CLIP_TOK)),
+        canonical=_SDXL_CANONICAL,
     ),
     # SD1.5: 8x VAE and three 2x downsamplings in the UNet -> 64-multiples; 512x512 native.
     "sd15": ModelSpec(
         "sd15", 64, 512 * 512, _areas(128, 192, 256, 320, 384, 448, 512),
         tokenizer="transforms.tokenize.SD15Tokenizer",
         components=(_VAE, ("text_encoder", _CLIP), ("tokenizer", _CLIP_TOK)),
+        canonical=_SD15_CANONICAL,
     ),
 }
 

@@ -50,7 +50,7 @@ def _dtype(tensor: torch.Tensor) -> str:
 def one_epoch() -> None:
     """Iterate one epoch of the full DataLoader pipeline, printing each batch's shapes."""
     index = scan(DATA)
-    assignment = assign(index, BucketLadder.for_model("flux"))
+    assignment = assign(index, BucketLadder.from_data(index, base="flux"))
     tokenizer = FluxTokenizer.from_flux_dir(TOKENIZERS) if TOKENIZERS.is_dir() else None
     if tokenizer is None:
         print(f"(no tokenizers at {TOKENIZERS}: run `make demo` to fetch them; "

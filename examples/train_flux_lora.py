@@ -65,7 +65,9 @@ def build_loader(args: argparse.Namespace, cache: EncoderCache | None = None) ->
     latents and text embeddings (pixels still fitted per occurrence when it is text-only)."""
     index = scan(args.data, workers=1)
     overrides = {"max_area": args.max_area} if args.max_area else {}
-    assignment = assign(index, BucketLadder.for_model("flux", **overrides))
+    # Buckets fitted to the data, as bucket-cache and the builders fit them by default.
+    assignment = assign(index, BucketLadder.from_data(
+        index, base=BucketLadder.for_model("flux", **overrides)))
     if cache is not None and cache.images:
         dataset = TextToImageDataset(index, assignment, encoder_cache=cache, seed=args.seed,
                                      caption_transform=CaptionTransform(dropout=0.1))

@@ -42,7 +42,9 @@ def build_loader(args: argparse.Namespace) -> DataLoader:
     """The data side, as an SDXL user wires it."""
     index = scan(args.data, workers=1)
     overrides = {"max_area": args.max_area} if args.max_area else {}
-    assignment = assign(index, BucketLadder.for_model("sdxl", **overrides))
+    # Buckets fitted to the data, as bucket-cache and the builders fit them by default.
+    assignment = assign(index, BucketLadder.from_data(
+        index, base=BucketLadder.for_model("sdxl", **overrides)))
     dataset = TextToImageDataset(
         index, assignment,
         image_transform=BucketResizeCrop(crop="random", flip_p=0.5),

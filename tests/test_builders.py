@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import shutil
+import struct
 from functools import partial
 from pathlib import Path
 
@@ -10,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import bucketing
-from bucketing import BucketLadder, MixedDataset, TextToImageDataset, assign, scan
+from bucketing import BucketLadder, MixedDataset, TextToImageDataset, assign, fitted_ladder, scan
 from bucketing.pipeline.builders import make_ladder, text_to_image_dataset
 from samplers import BucketBatchSampler
 from transforms import BucketResizeCrop, CaptionTransform, FluxTokenizer, collate
@@ -85,7 +88,8 @@ def test_builder_from_a_torchtune_yaml(photos, flux_tokenizer_dir, torchtune):
 
     # The same objects built by hand, with the library's own parts.
     index = scan(photos, workers=0)
-    assignment = assign(index, BucketLadder.for_model("flux", max_area=65536))
+    assignment = assign(index, fitted_ladder(BucketLadder.for_model("flux", max_area=65536),
+                                             index))
     by_hand = TextToImageDataset(
         index, assignment, image_transform=BucketResizeCrop(crop="center"),
         caption_transform=CaptionTransform(template="a photo, {caption}"),
@@ -118,6 +122,71 @@ def test_builder_options_and_errors(photos):
         make_ladder("flux2", None)
     with pytest.raises(ValueError, match="template"):
         text_to_image_dataset(source=photos, captions={"template": "no placeholder"}, workers=0)
+
+
+# A personal set: phone photos (12 MP 4:3, 16:9, 8 MP), screens and screenshots, web images.
+PERSONAL_SIZES = np.array([
+    (4032, 3024), (4032, 3024), (3024, 4032), (3024, 4032), (4000, 3000), (3000, 4000),
+    (4032, 2268), (2268, 4032), (3264, 2448), (2048, 1536), (1536, 2048), (1920, 1080),
+    (2560, 1440), (2880, 1800), (1440, 900), (1170, 2532), (1179, 2556), (1080, 2400),
+    (1080, 1080), (1080, 1350), (1200, 800), (800, 600), (1280, 720), (1024, 683),
+    (640, 480), (700, 500), (1600, 900), (960, 1280),
+], dtype=np.int64)
+
+
+def jpeg_header(width: int, height: int) -> bytes:
+    """A real 16x16 JPEG whose frame header declares ``width`` x ``height`` (scan reads only
+    headers, so a 12 MP photo costs a few hundred bytes)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 80, 40)).save(buf, "JPEG")
+    data = bytearray(buf.getvalue())
+    struct.pack_into(">HH", data, data.index(b"\xff\xc0") + 5, height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("model", ["flux", "sd3"])
+def test_default_builder_keeps_the_pixels_of_a_personal_set(tmp_path, model):
+    for i, (w, h) in enumerate(PERSONAL_SIZES.tolist()):
+        (tmp_path / f"photo{i:02d}.jpg").write_bytes(jpeg_header(w, h))
+    ds = text_to_image_dataset(source=tmp_path, model=model, workers=0)
+    preset = BucketLadder.for_model(model)
+    sizes = np.stack([ds.index.width, ds.index.height], axis=1)
+    assert sorted(map(tuple, sizes.tolist())) == sorted(map(tuple, PERSONAL_SIZES.tolist()))
+    wh = ds.bucket_wh
+    assert (ds.bucket_id >= 0).all() and (wh <= sizes).all()
+    res = 1 - wh.prod(axis=1) / np.minimum(sizes.prod(axis=1), preset.max_area)
+    assert res.max() <= 0.05, f"{res.max():.1%}"
+    # No more buckets than the preset uses, and the preset loses far more.
+    by_preset = assign(sizes, preset)
+    assert len(np.unique(ds.bucket_id)) <= int((by_preset.counts > 0).sum())
+    assert by_preset.resolution_loss.max() > 2 * res.max()
+    # The same buckets as the core function on the sizes alone, and the preset on request.
+    fitted = BucketLadder.from_data(sizes, base=model)
+    assert np.array_equal(assign(sizes, fitted).bucket_wh, wh)
+    kept = text_to_image_dataset(source=tmp_path, model=model, ladder={"fit": "preset"},
+                                 workers=0)
+    assert np.array_equal(kept.bucket_wh, by_preset.bucket_wh)
+
+
+def test_make_ladder_fit_modes():
+    sizes = PERSONAL_SIZES
+    preset = BucketLadder.for_model("flux")
+    assert make_ladder("flux").buckets.tolist() == preset.buckets.tolist()  # no sizes: preset
+    assert make_ladder("flux", {"fit": "preset"}, sizes).buckets.tolist() == \
+        preset.buckets.tolist()
+    assert len(make_ladder("flux", {"max_buckets": 3}, sizes)) <= 3
+    native = make_ladder("flux", {"fit": "native"}, sizes)
+    assert assign(sizes, native).resolution_loss.max() < 0.03
+    # Nothing the lattice fits: the preset, which rejects the images "too_small".
+    tiny = np.array([[40, 30], [100, 60]])
+    for fit in ("data", "native"):
+        ladder = make_ladder("flux", {"fit": fit}, tiny)
+        assert ladder.buckets.tolist() == preset.buckets.tolist()
+        assert set(assign(tiny, ladder).reasons.tolist()) == {"too_small"}
+    for bad, match in (({"fit": "best"}, "fit must be"), ({"max_buckets": 0}, "max_buckets"),
+                       ({"fit": "native", "max_buckets": 4}, "max_buckets")):
+        with pytest.raises(ValueError, match=match):
+            make_ladder("flux", bad)
 
 
 def test_lazy_exports():

@@ -7,7 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketing.ladder import MODEL_SPECS, BucketLadder, fit_loss
+from bench.assign import realistic_sizes
+from bucketing.assign import assign
+from bucketing.cli import args
+from bucketing.fit_ladder import own_sizes
+from bucketing.ladder import FIT_MODES, MODEL_SPECS, BucketLadder, _preset_budget, fit_loss
 
 
 def check_invariants(ladder: BucketLadder) -> None:
@@ -34,12 +38,47 @@ def test_presets(name: str) -> None:
     spec = MODEL_SPECS[name]
     check_invariants(ladder)
     assert ladder.multiple == spec.multiple and ladder.max_area == spec.max_area
-    assert ladder.levels.tolist() == sorted(spec.levels)
+    # The generated levels, plus one per antichain layer of canonical sizes they lack.
+    assert set(spec.levels) <= set(ladder.levels.tolist())
+    extra = len(ladder.levels) - len(spec.levels)
+    assert extra == {"flux": 3, "flux-schnell": 3, "sd3": 3, "sdxl": 1, "sd15": 0}[name]
+    assert len(ladder) == {"sdxl": 100, "sd15": 39}.get(name, 406)
     side = int(np.sqrt(spec.max_area))
     assert [side, side] in ladder.buckets.tolist()
     # Small images keep a bucket: the floor is a quarter of the top side.
     assert ladder.levels[0] == (side // 4) ** 2
     assert ladder.model == name
+
+
+CANONICAL = {
+    "flux": [(1024, 1024), (832, 1216), (1216, 832), (1344, 768), (768, 1344), (1152, 896),
+             (896, 1152), (1536, 640), (640, 1536), (1248, 832), (832, 1248), (1360, 768),
+             (768, 1360), (1024, 768), (768, 1024), (768, 768), (512, 512)],
+    "sdxl": [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768),
+             (768, 1344), (1536, 640), (640, 1536), (1024, 768), (768, 1024), (768, 768),
+             (512, 512)],
+    "sd15": [(512, 512), (512, 384), (384, 512), (576, 448), (448, 576), (640, 384),
+             (384, 640)],
+}
+CANONICAL["flux-schnell"] = CANONICAL["sd3"] = CANONICAL["flux"]
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_SPECS))
+def test_presets_keep_the_canonical_sizes(name: str) -> None:
+    ladder = BucketLadder.for_model(name)
+    sizes = np.array(CANONICAL[name], dtype=np.int64)
+    assert {tuple(s) for s in sizes.tolist()} <= {tuple(b) for b in ladder.buckets.tolist()}
+    a = assign(sizes, ladder)
+    assert a.bucket_wh.tolist() == sizes.tolist()  # neither resized ...
+    assert (a.crop_loss == 0).all() and (a.resolution_loss == 0).all()  # ... nor cropped
+    assert (a.scale == 1.0).all()
+    # A few pixels more on either side still trains at the canonical size.
+    b = assign(sizes + 7, ladder)
+    assert b.bucket_wh.tolist() == sizes.tolist()
+
+
+def test_the_commands_offer_every_fit_mode() -> None:
+    assert args.FIT_MODES == FIT_MODES
 
 
 def test_flux_constraints_match_model() -> None:
@@ -98,39 +137,117 @@ def test_from_buckets() -> None:
 
 
 def total_loss(ladder: BucketLadder, sizes: np.ndarray) -> float:
-    """Sum over images of the best fitting bucket's loss (2 where none fits)."""
+    """Sum over images of the best fitting bucket's loss; an image no bucket fits costs more
+    than every loss together (2 per image, plus one)."""
+    lost = 2.0 * len(sizes) + 2.0
     b = ladder.buckets.astype(float)
     w, h = sizes[:, :1].astype(float), sizes[:, 1:].astype(float)
     cap = np.minimum(w * h, ladder.max_area)
-    loss = np.where((b[:, 0] <= w) & (b[:, 1] <= h), fit_loss(b[:, 0], b[:, 1], w, h, cap), 2.0)
-    return float(np.minimum(loss.min(axis=1), 2.0).sum())
+    loss = np.where((b[:, 0] <= w) & (b[:, 1] <= h), fit_loss(b[:, 0], b[:, 1], w, h, cap), lost)
+    return float(np.minimum(loss.min(axis=1), lost).sum())
 
 
-sizes_strategy = st.lists(st.tuples(st.integers(256, 5000), st.integers(256, 5000)),
-                          min_size=1, max_size=80).map(lambda v: np.array(v, dtype=np.int64))
+sizes_strategy = st.lists(st.tuples(st.integers(100, 5000), st.integers(100, 5000)),
+                          min_size=1, max_size=60).map(lambda v: np.array(v, dtype=np.int64))
+
+
+def on_lattice(ladder: BucketLadder, base: BucketLadder) -> bool:
+    """Every bucket on ``base``'s lattice: sides multiples of its multiple, area between its
+    smallest bucket's and its max_area, aspect within its max_aspect."""
+    b, area = ladder.buckets, ladder.areas
+    return bool((b % base.multiple == 0).all() and (area <= base.max_area).all()
+                and (area >= base.areas.min()).all()
+                and (ladder.aspects <= base.max_aspect + 1e-12).all()
+                and (1 / ladder.aspects <= base.max_aspect + 1e-12).all())
+
+
+def cut_preset(preset: BucketLadder, sizes: np.ndarray, budget: int) -> BucketLadder:
+    """The preset's buckets these sizes use, or the preset's own greedy cut to ``budget``."""
+    used = np.flatnonzero(assign(sizes, preset).counts > 0)
+    if len(used) > budget:
+        used = _preset_budget(preset, sizes[:, 0], sizes[:, 1], budget)
+    return BucketLadder.from_buckets(preset.buckets[used], preset.multiple,
+                                     max_area=preset.max_area)
 
 
 @settings(deadline=None, max_examples=30)
 @given(sizes=sizes_strategy, budget=st.integers(1, 40), base=st.sampled_from(["flux", "sdxl"]))
-def test_from_data_budget_determinism_and_geometry(sizes: np.ndarray, budget: int,
-                                                   base: str) -> None:
+def test_from_data_properties(sizes: np.ndarray, budget: int, base: str) -> None:
     preset = BucketLadder.for_model(base)
+    fits_any = assign(sizes, preset).accepted
+    if not fits_any.any():
+        with pytest.raises(ValueError, match="at least one image"):
+            BucketLadder.from_data(sizes, max_buckets=budget, base=base)
+        return
     ladder = BucketLadder.from_data(sizes, max_buckets=budget, base=base)
     assert 1 <= len(ladder) <= budget
     assert ladder.model == base and ladder.max_area == preset.max_area
-    assert ladder.multiple == preset.multiple
-    assert {tuple(b) for b in ladder.buckets.tolist()} <= {tuple(b) for b in
-                                                           preset.buckets.tolist()}
+    assert ladder.multiple == preset.multiple and on_lattice(ladder, preset)
+    assert ladder.max_aspect == preset.max_aspect  # extreme means what it meant
     again = BucketLadder.from_data(sizes[::-1].copy(), max_buckets=budget, base=preset)
     assert again.buckets.tolist() == ladder.buckets.tolist(), "depends on the row order"
-    # A bucket that fits every image exists (a small square), so no image loses its bucket.
-    b = ladder.buckets[None]
-    fits = (b[..., 0] <= sizes[:, :1]) & (b[..., 1] <= sizes[:, 1:])
-    assert fits.any(axis=1).all()
-    # Never more buckets than distinct sizes; with a budget that large, as good as the preset.
-    assert len(ladder) <= len(np.unique(sizes, axis=0))
-    if budget >= len(np.unique(sizes, axis=0)):
-        assert total_loss(ladder, sizes) <= total_loss(preset, sizes) + 1e-9
+    a = assign(sizes, ladder)
+    assert not a.upscaled.any() and (a.scale[a.accepted] <= 1.0).all()  # never upscales
+    # Never worse than the preset cut to the same budget, in what assign minimises.
+    assert total_loss(ladder, sizes) <= total_loss(cut_preset(preset, sizes, budget),
+                                                   sizes) + 1e-9
+    # An image the lattice fits keeps a bucket while the budget allows: one own size each,
+    # or one preset bucket that fits them all.
+    own = own_sizes(sizes[:, 0], sizes[:, 1], multiple=preset.multiple,
+                    max_area=preset.max_area, max_aspect=preset.max_aspect,
+                    min_area=int(preset.areas.min()))
+    n_own = len(np.unique(own[own[:, 0] > 0], axis=0))
+    b = preset.buckets[None]
+    one_fits_all = ((b[..., 0] <= sizes[fits_any, :1])
+                    & (b[..., 1] <= sizes[fits_any, 1:])).all(axis=0).any()
+    if budget >= n_own or one_fits_all:
+        assert (a.accepted == fits_any).all()
+    assert (a.accepted <= fits_any).all()  # and nothing the lattice cannot fit
+
+
+@settings(deadline=None, max_examples=30)
+@given(sizes=sizes_strategy, base=st.sampled_from(["flux", "sdxl", "sd15"]))
+def test_native_gives_every_image_its_own_size(sizes: np.ndarray, base: str) -> None:
+    preset = BucketLadder.for_model(base)
+    own = own_sizes(sizes[:, 0], sizes[:, 1], multiple=preset.multiple,
+                    max_area=preset.max_area, max_aspect=preset.max_aspect,
+                    min_area=int(preset.areas.min()))
+    has = own[:, 0] > 0
+    assert (own[has] <= sizes[has]).all() and (own % preset.multiple == 0).all()
+    assert (own[:, 0] * own[:, 1] <= preset.max_area).all()
+    # Below max_area (and max_aspect) the own size is the size rounded down to the multiple.
+    floor = sizes // preset.multiple * preset.multiple
+    small = has & (sizes[:, 0] * sizes[:, 1] <= preset.max_area) & (
+        np.maximum(floor[:, 0] / np.maximum(floor[:, 1], 1),
+                   floor[:, 1] / np.maximum(floor[:, 0], 1)) <= preset.max_aspect)
+    assert (own[small] == floor[small]).all()
+    if not has.any():
+        return
+    ladder = BucketLadder.from_data(sizes, base=base, native=True)
+    assert on_lattice(ladder, preset)
+    assert {tuple(o) for o in own[has].tolist()} == {tuple(b) for b in ladder.buckets.tolist()}
+    a = assign(sizes, ladder)
+    assert (a.accepted == has).all() and not a.upscaled.any()
+    # Each image trains at its own size or one that loses less.
+    cap = np.minimum(sizes[has].prod(axis=1), preset.max_area).astype(float)
+    own_loss = fit_loss(own[has, 0].astype(float), own[has, 1].astype(float),
+                        sizes[has, 0].astype(float), sizes[has, 1].astype(float), cap)
+    got = a.crop_loss[has] + a.resolution_loss[has]
+    assert (got <= own_loss + 1e-9).all()
+
+
+def test_own_size_of_a_large_image_keeps_its_aspect() -> None:
+    own = own_sizes(np.array([4032, 3024, 6000, 1000]), np.array([3024, 4032, 1000, 1000]),
+                    multiple=16, max_area=1024 * 1024, max_aspect=4.0, min_area=256 * 256)
+    assert own.tolist() == [[1184, 880], [880, 1184], [2048, 512], [992, 992]]
+
+
+def test_from_data_budget_defaults_to_the_preset_buckets_used() -> None:
+    sizes = realistic_sizes(3000, seed=5)
+    preset = BucketLadder.for_model("flux")
+    used = int((assign(sizes, preset).counts > 0).sum())
+    assert len(BucketLadder.from_data(sizes)) == used
+    assert len(BucketLadder.from_data(sizes, max_buckets=used)) == used
 
 
 def test_from_data_beats_the_preset_cut_to_the_same_budget() -> None:
@@ -141,19 +258,23 @@ def test_from_data_beats_the_preset_cut_to_the_same_budget() -> None:
     sizes = np.stack([w, (w / aspect).astype(np.int64)], axis=1)
     preset = BucketLadder.for_model("flux")
     small = BucketLadder.from_data(sizes, max_buckets=12)
-    assert len(small) <= 12 and not (np.isin(sizes, 0)).any()
-    # The 12 most used preset buckets, for contrast: from_data loses less.
-    from_counts = np.argsort(-np.bincount(
-        np.argmin(np.where((preset.buckets[:, 0] <= sizes[:, :1]) &
-                           (preset.buckets[:, 1] <= sizes[:, 1:]),
-                           fit_loss(preset.buckets[:, 0].astype(float),
-                                    preset.buckets[:, 1].astype(float),
-                                    sizes[:, :1].astype(float), sizes[:, 1:].astype(float),
-                                    np.minimum(sizes[:, :1] * sizes[:, 1:], preset.max_area)),
-                           np.inf), axis=1), minlength=len(preset)), kind="stable")[:12]
-    top12 = BucketLadder.from_buckets(preset.buckets[from_counts], 16, max_area=preset.max_area)
-    assert total_loss(small, sizes) < total_loss(top12, sizes)
-    assert total_loss(small, sizes) < 2.0 * len(sizes) * 0.15  # under 15% loss per image
+    assert len(small) <= 12
+    assert total_loss(small, sizes) < total_loss(cut_preset(preset, sizes, 12), sizes)
+    assert total_loss(small, sizes) < len(sizes) * 0.15  # under 15% loss per image
+
+
+def test_fitted_ladder_on_realistic_sizes() -> None:
+    sizes = realistic_sizes(20000, seed=0)
+    preset = BucketLadder.for_model("flux")
+    used = int((assign(sizes, preset).counts > 0).sum())
+    ladder = BucketLadder.from_data(sizes)
+    assert len(ladder) == used
+    a = assign(sizes, ladder)
+    ok = a.accepted
+    res = a.resolution_loss[ok]
+    assert res.mean() <= 0.04 and np.percentile(res, 95) <= 0.12
+    assert a.crop_loss[ok].mean() <= 0.017
+    assert (~ok).mean() <= 0.015 and not a.upscaled.any()
 
 
 def test_from_data_errors() -> None:
@@ -163,10 +284,14 @@ def test_from_data_errors() -> None:
         BucketLadder.from_data([(10, 10)], max_buckets=4)
     with pytest.raises(ValueError, match="unknown model"):
         BucketLadder.from_data([(1000, 1000)], max_buckets=4, base="dalle")
+    with pytest.raises(ValueError, match="native"):
+        BucketLadder.from_data([(1000, 1000)], max_buckets=4, native=True)
+    with pytest.raises(ValueError, match="at least one image"):
+        BucketLadder.from_data([(10, 10)], native=True)
 
 
 def test_from_data_keeps_every_image_while_one_bucket_can() -> None:
-    # Six shapes: one bucket each in the preset; 592x592 is the largest bucket fitting all.
+    # Six shapes: one bucket each; 592x592 is the largest bucket fitting all.
     sizes = [(1024, 1024), (1200, 800), (800, 1200), (1500, 600), (600, 1500), (700, 700)]
     assert BucketLadder.from_data(sizes, max_buckets=1).buckets.tolist() == [[592, 592]]
     two = BucketLadder.from_data(sizes, max_buckets=2).buckets.tolist()

@@ -31,8 +31,10 @@ def test_the_ladder_reads_the_registry(name):
     assert MODEL_SPECS[name] is spec
     ladder = BucketLadder.for_model(name)
     assert ladder.multiple == spec.multiple and ladder.max_area == spec.max_area
-    assert ladder.levels.tolist() == list(spec.levels)
+    # The registry's levels, plus the levels holding the canonical sizes they lack.
+    assert set(spec.levels) <= set(ladder.levels.tolist())
     assert list(spec.levels) == default_levels(spec.max_area, spec.multiple)
+    assert {tuple(c) for c in spec.canonical} <= {tuple(b) for b in ladder.buckets.tolist()}
     assert (ladder.buckets % spec.multiple == 0).all()
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from bucketing.assign import assign
 from bucketing.cli.report import SCHEMA_VERSION, main, render_text
-from bucketing.ladder import BucketLadder
+from bucketing.ladder import BucketLadder, fitted_ladder
 from bucketing.scan import scan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,7 +171,11 @@ def test_text_report_has_the_expected_figures(runs: dict[str, Any]) -> None:
         line = next(ln for ln in text.splitlines() if ln.strip().startswith(reason))
         assert line.split()[-1] == "1"
         assert path in text
-    assert "levels 256² 288² 336² 384² 448² 512² 592² 672² 784² 896² 1024² · multiple 16" in text
+    # The default ladder is fitted to the data: its levels are the fitted buckets' areas.
+    fitted = fitted_ladder("flux", scan(runs["folder"], workers=1))
+    levels = " ".join(f"{math.isqrt(a)}²" if math.isqrt(a) ** 2 == a else str(a)
+                      for a in fitted.levels.tolist())
+    assert f"levels {levels} · multiple 16" in text
     assert "world size 2 · batch size 2 per rank" in text
     rows = {}  # W x H -> aspect, images, share, bs/rank, steps, padded
     for ln in text.splitlines():
@@ -269,6 +273,13 @@ SCHEMA: dict[str, Any] = {
     "captions": {"missing": int, "several": int,
                  "tokens": (("map", _TOKENS), None)},
     "notices": ("map", int),
+    "trade": ({"global_batch": int,
+               "rows": [{"ladder": str, "buckets": int, "resolution_loss": {
+                   "mean": float, "p95": float, "max": float},
+                   "crop_loss": {"mean": float, "p95": float}, "rejected": int,
+                   "steps": int, "short_steps": int, "chosen": bool}],
+               "worst": [{"path": str, "width": int, "height": int, "bucket": [int],
+                          "resolution_loss": float, "why": str}]}, None),
     "images": [{"path": str, "width": (int, None), "height": (int, None),
                 "bucket": ([int], None), "scale": (float, None), "crop_loss": (float, None),
                 "resolution_loss": (float, None), "reason": (str, None)}],
@@ -315,7 +326,8 @@ def test_json_matches_schema_and_assign_row_by_row(runs: dict[str, Any]) -> None
     assert "NaN" not in raw
 
     index = scan(runs["folder"], workers=1)
-    a = assign(index, BucketLadder.for_model("flux"))
+    a = assign(index, fitted_ladder("flux", index))
+    assert figures["ladder"]["buckets"] == a.ladder.buckets.tolist()
     rows = figures["images"]
     rejected = [r for r in index.rejections if r.reason != "unreadable_caption"]
     assert figures["notices"] == {"unreadable_caption": 1}
@@ -404,14 +416,30 @@ def test_advice_when_most_of_the_epoch_is_padding(runs: dict[str, Any]) -> None:
     assert (plan["accepted"], plan["padded"]) == (6, 18)
     problems = figures["advice"]["problems"]
     assert problems[0].startswith("most of the epoch is padding: 18 of 24 samples")
-    assert problems[1].startswith("6 of 6 buckets hold a single image")
+    assert problems[1].startswith("6 of 6 buckets hold a single sample")
     fix = figures["advice"]["fix"]
     assert fix.startswith("--max-buckets 1 ") and "BucketLadder.from_data(index, max_buckets=1)" \
         in fix
+    # The trade table prints the budget the fix suggests, with the losses the fix quotes.
+    trade = figures["trade"]
+    assert trade["global_batch"] == 16
+    by_name = {row["ladder"]: row for row in trade["rows"]}
+    assert {"preset", "fitted, 6", "fitted, 1", "own sizes"} <= set(by_name)
+    assert [row["ladder"] for row in trade["rows"] if row["chosen"]] == ["fitted, 6"]
+    one = by_name["fitted, 1"]
+    assert one["buckets"] == 1 and one["short_steps"] == 1 and one["steps"] == 1
+    assert by_name["fitted, 6"]["short_steps"] == 6
+    assert (f"resolution loss p95 {one['resolution_loss']['p95']:.1%}, crop loss p95 "
+            f"{one['crop_loss']['p95']:.1%}, 1 short steps") in fix
+    assert len(trade["worst"]) == 5 and all(w["why"] for w in trade["worst"])
+    losses = [w["resolution_loss"] for w in trade["worst"]]
+    assert losses == sorted(losses, reverse=True)
+    assert any(ln.startswith("         * fitted, 6") for ln in r.stdout.splitlines())
     lines = r.stdout.splitlines()
     at = next(i for i, ln in enumerate(lines) if ln.startswith("Advice   ! most of the epoch"))
     assert lines[at + 1].startswith("         ! 6 of 6 buckets")
-    assert lines[at + 2] == "           fix: " + fix
+    assert lines[at + 2].startswith("           fix: --max-buckets 1 ")
+    assert " ".join(" ".join(lines[at + 2:at + 4]).split()) == " ".join(f"fix: {fix}".split())
     # The printed setting fixes it: one bucket of 6 images on 4 ranks, no duplicate.
     fixed = runs["advice_fixed"]
     assert fixed.returncode == 0, fixed.stderr
@@ -488,8 +516,9 @@ def test_repeats_and_padding_with_the_fix_for_one_gpu(runs: dict[str, Any]) -> N
     assert plan["repeats"] is True and plan["samples"] == 18 and plan["last_batch"] == "pad"
     assert plan["padded"] == 6  # 3 occurrences per bucket of 4: one duplicate each
     assert "18 occurrences of 6 images + 6 padded duplicates" in " ".join(r.stderr.split())
-    assert figures["advice"]["problems"][0].startswith("6 of 6 buckets hold a single image")
-    assert figures["advice"]["fix"].startswith("--max-buckets 1 ")
+    # Each single image is seen 3 times: it fills its batch with its repeats (no advice).
+    assert figures["advice"] is None
+    assert all(b["samples"] == 3 for b in figures["buckets"])
     pad = runs["pad_one_gpu"]
     assert pad.returncode == 0, pad.stderr
     advice = json.loads(pad.stdout)["advice"]

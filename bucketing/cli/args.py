@@ -11,6 +11,10 @@ from typing import Any
 
 from bucketing.models import MODELS
 
+# How a command's ladder meets the data: bucketing.ladder.FIT_MODES (not imported: this module
+# stays light; tests/test_ladder.py checks that the two agree).
+FIT_MODES = ("data", "preset", "native")
+
 
 class ConfigError(Exception):
     """A usage or configuration problem the user can fix; reported in one line, exit code 2."""
@@ -42,12 +46,19 @@ def area(text: str) -> int:
 
 
 def add_ladder_options(p: argparse.ArgumentParser) -> None:
-    """``--max-area``, ``--levels`` and ``--allow-upscale``: the same meaning in every command,
-    so that a cache holds exactly the buckets a report showed."""
+    """``--max-area``, ``--levels``, ``--fit``, ``--max-buckets`` and ``--allow-upscale``: the
+    same meaning in every command, so that a cache holds exactly the buckets a report showed."""
     p.add_argument("--max-area", type=area, metavar="N",
                    help="largest bucket area, e.g. 1048576 or 1024x1024 (default: the model's)")
     p.add_argument("--levels", type=positive_int, nargs="+", metavar="SIDE",
                    help="level sides, e.g. --levels 512 768 1024 (areas 512², 768², 1024²)")
+    p.add_argument("--fit", choices=FIT_MODES, default="data",
+                   help="data (default): buckets fitted to these images from the model's "
+                   "whole lattice; preset: the model's preset; native: every image its own "
+                   "size (batch size 1)")
+    p.add_argument("--max-buckets", type=positive_int, metavar="K",
+                   help="with --fit data: at most K buckets (default: as many as the preset "
+                   "uses on this data; BucketLadder.from_data)")
     p.add_argument("--allow-upscale", action="store_true",
                    help="give images smaller than every bucket the nearest smallest bucket")
 

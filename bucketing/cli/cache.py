@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 8 -m bucketing.cli.cache photos/ --weights ... --out cache/
 
 Options shared with ``bucket-report`` (source, ``--model``, ``--max-area``, ``--levels``,
-``--allow-upscale``, ``--cache``, ``--workers``, ``--seed``) mean the same there and here, so
-the cache holds exactly the buckets the report showed. Under ``torchrun`` every rank encodes
-its share on its own GPU (``cuda:LOCAL_RANK``) and rank 0 merges the shards.
+``--fit``, ``--max-buckets``, ``--allow-upscale``, ``--cache``, ``--workers``, ``--seed``) mean
+the same there and here, so the cache holds exactly the buckets the report showed. Under
+``torchrun`` every rank encodes its share on its own GPU (``cuda:LOCAL_RANK``) and rank 0
+merges the shards.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from bucketing.assign import assign
 from bucketing.cli.args import ConfigError, add_ladder_options, ladder_overrides, positive_int
-from bucketing.ladder import BucketLadder
+from bucketing.ladder import BucketLadder, fitted_ladder
 from bucketing.models import MODELS, encoder_models, named_class
 from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
 from bucketing.scan import scan
@@ -93,8 +94,10 @@ def run(args: argparse.Namespace) -> list[str]:
     """Scan, assign and build as the arguments say; returns the summary lines."""
     started = time.perf_counter()
     try:
-        ladder = BucketLadder.for_model(args.model, **ladder_overrides(args))
+        ladder = fitted_ladder(BucketLadder.for_model(args.model, **ladder_overrides(args)),
+                               None, fit=args.fit, max_buckets=args.max_buckets)
         index = scan(args.source, workers=args.workers, cache=args.cache)
+        ladder = fitted_ladder(ladder, index, fit=args.fit, max_buckets=args.max_buckets)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
         encoders = load_encoders(args, device)

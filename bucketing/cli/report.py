@@ -48,7 +48,8 @@ from bucketing.cli.args import (
     positive_int,
 )
 from bucketing.cli.plots import PreviewTile
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.ladder import MODEL_SPECS, BucketLadder, fitted_ladder
+from bucketing.ladder_trade import ladder_trade, worst_images
 from bucketing.pipeline.config import report_mix
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.pipeline.encoder_cache import estimate_lines
@@ -355,6 +356,25 @@ def _plan_lines(plan: dict[str, Any]) -> list[str]:
     ]
 
 
+def _trade_lines(trade: dict[str, Any], width: int) -> list[str]:
+    lines = [f"Trade      {'':<18}{'buckets':>8}{'res mean':>9}{'p95':>7}{'max':>7}"
+             f"{'crop':>7}{'p95':>7}  short steps (global batch {trade['global_batch']})"]
+    for r in trade["rows"]:
+        res, crop = r["resolution_loss"], r["crop_loss"]
+        mark = "*" if r["chosen"] else " "
+        lines.append(f"         {mark} {r['ladder']:<18}{r['buckets']:>8}{_pct(res['mean']):>9}"
+                     f"{_pct(res['p95']):>7}{_pct(res['max']):>7}{_pct(crop['mean']):>7}"
+                     f"{_pct(crop['p95']):>7}  {r['short_steps']} of {r['steps']}")
+    lines.append("           (* the ladder this report uses; losses over accepted images)")
+    if trade["worst"]:
+        lines.append("           most pixels lost:")
+    for w in trade["worst"]:
+        head = (f"{_fit(_shown(w['path']), max(20, width - 70))} {w['width']}x{w['height']} -> "
+                f"{w['bucket'][0]}x{w['bucket'][1]} {_pct(w['resolution_loss'])}")
+        lines.append(f"             {head}: {w['why']}")
+    return lines
+
+
 def _advice_lines(advice: dict[str, Any]) -> list[str]:
     lines = [f"Advice   ! {p}" if not i else f"         ! {p}"
              for i, p in enumerate(advice["problems"])]
@@ -394,6 +414,8 @@ def render_text(figures: dict[str, Any], width: int = 100) -> str:
     ]
     if figures["plan"] is not None and figures["buckets"]:
         parts.append(_plan_lines(figures["plan"]))
+    if figures.get("trade"):
+        parts.append(_trade_lines(figures["trade"], width))
     if figures["advice"]:
         parts.append(_advice_lines(figures["advice"]))
     parts.append(_caption_lines(figures["captions"]))
@@ -458,9 +480,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="flux", choices=sorted(MODEL_SPECS),
                    help="model preset for the ladder and T5 length (default: flux)")
     add_ladder_options(p)
-    p.add_argument("--max-buckets", type=positive_int, metavar="K",
-                   help="keep the K buckets of the preset that suit this data best "
-                   "(BucketLadder.from_data)")
     p.add_argument("--min-bucket-size", type=positive_int, metavar="N",
                    help="merge buckets of fewer than N images into their neighbours")
     size = p.add_mutually_exclusive_group()
@@ -529,35 +548,76 @@ def plan_figures(
     return plan, per_bucket
 
 
-def advice(plan: dict[str, Any] | None, buckets: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _target_buckets(plan: dict[str, Any], buckets: list[dict[str, Any]]) -> int:
+    """About one global step of samples per bucket: the budget the advice aims at."""
+    step = int(np.median([b["global_step"] for b in buckets]))
+    return max(1, round((plan["samples"] - plan["dropped"]) / step))
+
+
+def advice(
+    plan: dict[str, Any] | None, buckets: list[dict[str, Any]],
+    trade: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """``{"problems": [...], "fix": ...}`` when padding duplicates outnumber the images of an
-    epoch, or when many buckets (at least 3, a quarter of those used) hold one image; None
-    otherwise. The fix is a ladder of the data's own buckets, about one global step of images
-    per bucket (``--max-buckets K``, i.e. ``BucketLadder.from_data(index, max_buckets=K)``),
-    or for padding alone on one GPU, short last batches (``--last-batch short``)."""
+    epoch, or when many buckets (at least 3, a quarter of those used) hold a single sample (an
+    image seen once: a repeated one fills its batch with its repeats); None otherwise. The fix
+    is a ladder fitted with fewer buckets (``--max-buckets K``, i.e.
+    ``BucketLadder.from_data(index, max_buckets=K)``), K one of the budgets of ``trade`` (the
+    largest at or below about one global step of samples per bucket), quoted with the p95
+    resolution and crop loss the trade table prints for it; or for padding alone on one GPU,
+    short last batches (``--last-batch short``)."""
     if plan is None or not buckets:
         return None
     images = plan["samples"] - plan["dropped"]
-    step = int(np.median([b["global_step"] for b in buckets]))
-    k = max(1, plan["accepted"] // step)
+    k = _target_buckets(plan, buckets)
     problems = []
     padding = plan["padded"] > images
     if padding:
         problems.append(f"most of the epoch is padding: {plan['padded']} of "
                         f"{images + plan['padded']} samples are duplicates "
                         f"({_plural(len(buckets), 'bucket')} for {plan['accepted']} images)")
-    ones = sum(b["images"] == 1 for b in buckets)
+    ones = sum(b["samples"] <= 1 for b in buckets)
     if ones >= 3 and 4 * ones >= len(buckets) and len(buckets) > k:
-        problems.append(f"{ones} of {len(buckets)} buckets hold a single image (each trains "
+        problems.append(f"{ones} of {len(buckets)} buckets hold a single sample (each trains "
                         "in a batch of its own)")
     if not problems:
         return None
     if padding and len(problems) == 1 and plan["last_batch"] == "pad" and plan["world_size"] == 1:
         # On one GPU short last batches need no duplicate at all.
         fix = '--last-batch short  (in code: BucketBatchSampler(..., last_batch="short"))'
+        return {"problems": problems, "fix": fix}
+    rows = [r for r in (trade or {}).get("rows", []) if r["ladder"].startswith("fitted")]
+    if rows:
+        below = [r for r in rows if r["buckets"] <= k]
+        row = max(below, key=lambda r: r["buckets"]) if below else min(
+            rows, key=lambda r: r["buckets"])
+        k = int(row["ladder"].split(", ")[1])
+        cost = (f"resolution loss p95 {_pct(row['resolution_loss']['p95'])}, crop loss p95 "
+                f"{_pct(row['crop_loss']['p95'])}, {row['short_steps']} short steps; ")
     else:
-        fix = f"--max-buckets {k}  (in code: BucketLadder.from_data(index, max_buckets={k}))"
+        cost = ""
+    fix = f"--max-buckets {k}  ({cost}in code: BucketLadder.from_data(index, max_buckets={k}))"
     return {"problems": problems, "fix": fix}
+
+
+def trade_figures(
+    index: Any, base: BucketLadder, assignment: Any, plan: dict[str, Any] | None,
+    buckets: list[dict[str, Any]], repeats: float,
+) -> dict[str, Any] | None:
+    """What the budget trades, measured on this data (:func:`bucketing.ladder_trade
+    .ladder_trade`): rows for the preset, fitted budgets (with the advice's target among
+    them), own sizes and the chosen ladder, at the plan's median global batch; and the images
+    that lose the most pixels, with why. None when no image was accepted."""
+    if plan is None or not buckets:
+        return None
+    step = int(np.median([b["global_step"] for b in buckets]))
+    rows = ladder_trade(index, base, assignment.ladder, global_batch=step,
+                        repeats=float(np.mean(repeats)),
+                        budgets=[_target_buckets(plan, buckets)])
+    worst = worst_images(index, assignment)
+    for w in worst:
+        w["path"] = index.paths[w.pop("row")]
+    return {"global_batch": step, "rows": rows, "worst": worst}
 
 
 def measure_tokens(folder: str, model: str, captions: list[str]) -> dict[str, Any]:
@@ -631,6 +691,7 @@ def gather(
         "plan": plan,
         "buckets": buckets,
         "advice": advice(plan, buckets),
+        "trade": None,
         "quality": quality_figures(assignment),
         "captions": caption_figures(index, assignment, tokens),
         "images": rows,
@@ -756,8 +817,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     index = _config(scan, args.source, workers=args.workers, cache=args.cache)
     check_outputs(args, index.paths)
     t1 = time.perf_counter()
-    if args.max_buckets:
-        ladder = _config(BucketLadder.from_data, index, max_buckets=args.max_buckets, base=ladder)
+    base = ladder
+    ladder = _config(fitted_ladder, ladder, index, fit=args.fit, max_buckets=args.max_buckets)
     assignment = assign(index, ladder, allow_upscale=args.allow_upscale,
                         min_bucket_size=args.min_bucket_size)
     t2 = time.perf_counter()
@@ -780,6 +841,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
         timings=timings,
         tokens=tokens,
     )
+    figures["trade"] = trade_figures(index, base, assignment, plan, figures["buckets"],
+                                     args.repeats)
+    figures["advice"] = advice(plan, figures["buckets"], figures["trade"])
     return figures, index, assignment
 
 

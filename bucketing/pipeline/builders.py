@@ -28,7 +28,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from bucketing.assign import assign
-from bucketing.ladder import MODEL_SPECS, BucketLadder
+from bucketing.ladder import MODEL_SPECS, BucketLadder, fitted_ladder
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.scan import scan
 from bucketing.sources import read_sidecar, sidecar_path
@@ -36,7 +36,7 @@ from samplers.sample_index import SampleIndex
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
 
-LADDER_KEYS = ("max_area", "levels", "step", "max_aspect")
+LADDER_KEYS = ("max_area", "levels", "step", "max_aspect", "fit", "max_buckets")
 CAPTION_EXTENSION = re.compile(r"^\.[A-Za-z0-9_.-]+$")
 
 
@@ -47,9 +47,16 @@ def sidecar_captions(image: str, extension: str) -> list[str]:
     return read_sidecar(path) if os.path.lexists(path) else []
 
 
-def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = None) -> BucketLadder:
-    """``ladder`` itself, or ``BucketLadder.for_model(model, **ladder)`` for a mapping of
-    preset overrides (``max_area``, ``levels``, ``step``, ``max_aspect``)."""
+def make_ladder(
+    model: str,
+    ladder: BucketLadder | Mapping[str, Any] | None = None,
+    sizes: Any = None,
+) -> BucketLadder:
+    """``ladder`` itself, or ``model``'s preset with the overrides of a mapping (``max_area``,
+    ``levels``, ``step``, ``max_aspect``) fitted to ``sizes`` (an index or (N, 2) sizes) as
+    ``fit`` says (``"data"``, the default: buckets chosen for these sizes, ``max_buckets`` of
+    them or as many as the preset uses; ``"preset"``; ``"native"``): see
+    :func:`bucketing.ladder.fitted_ladder`. Without sizes, the preset (settings checked)."""
     if isinstance(ladder, BucketLadder):
         return ladder
     if model not in MODEL_SPECS:
@@ -58,7 +65,10 @@ def make_ladder(model: str, ladder: BucketLadder | Mapping[str, Any] | None = No
     unknown = sorted(set(overrides) - set(LADDER_KEYS))
     if unknown:
         raise ValueError(f"unknown ladder keys {unknown}; known: {', '.join(LADDER_KEYS)}")
-    return BucketLadder.for_model(model, **overrides)
+    fit = overrides.pop("fit", "data")
+    max_buckets = overrides.pop("max_buckets", None)
+    return fitted_ladder(BucketLadder.for_model(model, **overrides), sizes, fit=fit,
+                         max_buckets=max_buckets)
 
 
 def text_to_image_dataset(
@@ -85,9 +95,11 @@ def text_to_image_dataset(
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
     captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
 
-    ``ladder``: a ``BucketLadder`` or overrides of the model's preset (``{"max_area":
-    512 * 512}``); ``captions``: a ``CaptionTransform`` or its keyword arguments (``{"dropout":
-    0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
+    ``ladder``: a ``BucketLadder``, or overrides of the model's preset (``{"max_area":
+    512 * 512}``) and how to fit it to the images (``{"fit": "data"}``, the default: buckets
+    chosen for these images, as many as the preset would use; ``"preset"``; ``"native"``;
+    ``"max_buckets": K``); ``captions``: a ``CaptionTransform`` or its keyword arguments
+    (``{"dropout": 0.1, "template": "a photo of sks person, {caption}"}``); ``crop``, ``flip_p`` and
     ``allow_upscale`` configure ``BucketResizeCrop`` (and ``assign``); ``cache``, ``workers``,
     ``column_map`` and ``base_dir`` go to ``scan``, and so do ``data_files``, ``data_dir``
     and ``split``: with one of the first two, or ``source="hf:NAME"``, ``source`` names what
@@ -97,7 +109,7 @@ def text_to_image_dataset(
     sidecar found. The dataset's ``index`` and rejections say
     what was left out and why.
     """
-    bucket_ladder = make_ladder(model, ladder)
+    make_ladder(model, ladder)  # bad settings fail before the scan
     if captions is not None and not isinstance(captions, CaptionTransform):
         captions = CaptionTransform(**dict(captions))
     if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
@@ -107,7 +119,7 @@ def text_to_image_dataset(
                  data_files=data_files, data_dir=data_dir, split=split)
     if caption_extension is not None:
         index.captions = [sidecar_captions(path, caption_extension) for path in index.paths]
-    assignment = assign(index, bucket_ladder, allow_upscale=allow_upscale)
+    assignment = assign(index, make_ladder(model, ladder, index), allow_upscale=allow_upscale)
     return TextToImageDataset(
         index,
         assignment,
