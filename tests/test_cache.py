@@ -430,10 +430,11 @@ def test_caption_dropout_works_and_uncacheable_captions_are_named(photos, tmp_pa
     assert dropped["caption"] == "" and dropped["text_length"] == 1  # only </s>
     empty = flux.encode_text([""])["prompt_embeds"][0, :1]
     torch.testing.assert_close(dropped["prompt_embeds"], empty)
-    prefixed = TextToImageDataset(index, assignment, encoder_cache=cache,
-                                  caption_transform=CaptionTransform(prefix="sks, "))
+    with pytest.raises(ValueError, match="formats them with .*'sks, '.*rebuild it"):
+        TextToImageDataset(index, assignment, encoder_cache=cache,  # refused before any worker
+                           caption_transform=CaptionTransform(prefix="sks, "))
     with pytest.raises(ValueError, match="'sks, a photo number 0' is not in the cache"):
-        prefixed[0]
+        cache.text_sample("sks, a photo number 0")
 
 
 def test_images_embedded_in_a_hf_dataset_are_keyed_by_their_bytes(photos, tmp_path, flux):
