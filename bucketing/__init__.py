@@ -38,6 +38,7 @@ _LAZY_MODULES = {
     "bucketing.pipeline.encoder_cache": ("EncoderCache", "build_cache"),
     "bucketing.pipeline.builders": ("MixedDataset", "text_to_image_dataset"),
     "bucketing.pipeline.config": ("from_config", "load_config"),
+    "bucketing.pipeline.stream": ("StreamingBucketDataset", "in_lockstep"),
 }
 _LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
@@ -49,10 +50,11 @@ __all__ = [
     "FluxTokenizer",
     "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection", "SD15Tokenizer",
     "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleBatch", "SampleIndex",
-    "TextToImageDataset", "assign", "bucket_batch_sampler", "build_cache", "collate",
+    "StreamingBucketDataset", "TextToImageDataset", "assign", "bucket_batch_sampler",
+    "build_cache", "collate",
     "decode_and_fit", "decode_image", "fitted_ladder",
-    "flux_image_ids", "flux_time_shift_mu", "from_config", "load_config", "load_image",
-    "load_loader_state",
+    "flux_image_ids", "flux_time_shift_mu", "from_config", "in_lockstep", "load_config",
+    "load_image", "load_loader_state",
     "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",
     "text_to_image_dataset", "to_model_input", "tokenizer_for_model", "unpack_latents",
 ]

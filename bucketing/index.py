@@ -24,13 +24,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bucketing.members import parse_member, read_member
-from bucketing.table_file import ARROW_SUFFIX, load_table, save_table
+from bucketing.table_file import ARROW_SUFFIX, TableFileError, load_table, save_table
 
 __all__ = ["CaptionColumn", "ImageIndex", "Rejection", "TextColumn", "utf8_text"]
 
 INDEX_FORMAT = "aspect-bucketing/index"
 INDEX_VERSION = 2
 _INDEX_COLUMNS = ("path", "width", "height", "captions", "reason", "detail")
+_INDEX_TYPES = {"path": pa.large_binary(), "width": pa.int64(), "height": pa.int64(),
+                "captions": pa.large_list(pa.large_string()), "reason": pa.string(),
+                "detail": pa.string()}
 
 
 def utf8_text(text: str) -> str:
@@ -348,7 +351,12 @@ class ImageIndex:
             {"format": INDEX_FORMAT, "version": str(INDEX_VERSION)},
             _INDEX_COLUMNS,
             f"an aspect-bucketing index (version {INDEX_VERSION})",
+            _INDEX_TYPES,
         )
+        for name in ("path", "width", "height"):
+            if table[name].null_count:
+                raise TableFileError(f"{os.fspath(path)} is a damaged aspect-bucketing index: "
+                                     f"{table[name].null_count} rows have no {name}")
         accepted = pc.is_null(table["reason"])
         n = pc.sum(accepted).as_py() or 0
         if n and not pc.all(accepted.slice(0, n)).as_py():  # not written by save: reorder

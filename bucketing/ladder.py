@@ -18,6 +18,7 @@ within a bucket budget.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +32,10 @@ from bucketing.sizes import MAX_SIDE, fit_loss, image_sizes
 if TYPE_CHECKING:
     from bucketing.index import ImageIndex
 
-__all__ = ["FIT_MODES", "MAX_SIDE", "MODEL_SPECS", "BucketLadder", "ModelSpec", "NoImageFits",
-           "default_levels", "fit_loss", "fitted_ladder", "image_sizes"]
+__all__ = ["FIT_MODES", "MAX_BUCKETS", "MAX_SIDE", "MODEL_SPECS", "BucketLadder", "ModelSpec",
+           "NoImageFits", "default_levels", "fit_loss", "fitted_ladder", "image_sizes"]
+
+MAX_BUCKETS = 4096  # far above any useful ladder; checked before a ladder is built
 
 _STEPS = 10  # level steps from the floor (a quarter of the top side) to the top side
 
@@ -85,9 +88,12 @@ class BucketLadder:
             raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
         if max_area < multiple * multiple:
             raise ValueError(f"max_area {max_area} is below one {multiple}x{multiple} bucket")
+        if math.isqrt(int(max_area)) > MAX_SIDE:
+            raise ValueError(f"max_area {max_area} has a side above MAX_SIDE = {MAX_SIDE}")
         if levels is None:
             levels = default_levels(max_area, multiple)
         levels = sorted({int(a) for a in levels})
+        _check_bucket_count(levels, multiple, step, max_aspect)
         if not levels or levels[0] < multiple * multiple or levels[-1] > max_area:
             raise ValueError(
                 f"levels must be areas in [{multiple * multiple}, max_area={max_area}], "
@@ -163,6 +169,9 @@ class BucketLadder:
         arr = np.asarray(list(buckets), dtype=np.int64)
         if arr.ndim != 2 or arr.shape[1] != 2 or len(arr) == 0:
             raise ValueError("from_buckets needs a non-empty list of (width, height) pairs")
+        if len(arr) > MAX_BUCKETS or arr.max() > MAX_SIDE:
+            raise ValueError(f"from_buckets takes at most {MAX_BUCKETS} buckets with sides up "
+                             f"to {MAX_SIDE}, got {len(arr)} buckets up to {arr.max()}")
         if (arr < 1).any() or (arr % multiple).any():
             bad = arr[((arr < 1) | (arr % multiple != 0)).any(axis=1)][0].tolist()
             raise ValueError(f"bucket {bad} has a side that is not a positive multiple of "
@@ -216,6 +225,9 @@ class BucketLadder:
         budget. ``native=True``: every image's own lattice size, no budget (for batch size 1,
         where buckets cost nothing). Deterministic; keeps ``base``'s ``max_area``,
         ``multiple``, ``max_aspect`` and ``model``."""
+        if max_buckets is not None and (isinstance(max_buckets, bool)
+                                        or not isinstance(max_buckets, numbers.Integral)):
+            raise TypeError(f"max_buckets must be an int, got {max_buckets!r}")
         if max_buckets is not None and max_buckets < 1:
             raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
         if native and max_buckets is not None:
@@ -319,6 +331,22 @@ def _budget(loss: np.ndarray, weight: np.ndarray, max_buckets: int) -> np.ndarra
     keep = np.asarray(chosen, dtype=np.int64)
     sub = loss[:, keep]
     return np.unique(keep[np.argmin(sub, axis=1)[np.isfinite(sub).any(axis=1)]])
+
+
+def _check_bucket_count(levels: Sequence[int], multiple: int, step: int,
+                        max_aspect: float) -> None:
+    """Refuse, before building it, a ladder that would hold more than ``MAX_BUCKETS`` buckets
+    (bounded per level by the widths :func:`_level_buckets` walks)."""
+    bound = 0
+    for area in levels:
+        widest = math.sqrt(area * min(max_aspect, area / multiple**2))
+        bound += 1 + 2 * max(0, int((widest - math.isqrt(area)) // step) + 1)
+        if bound > MAX_BUCKETS:
+            raise ValueError(
+                f"this ladder would hold more than {MAX_BUCKETS} buckets ({len(levels)} levels "
+                f"up to area {levels[-1]}, step {step}, max_aspect {max_aspect}): use fewer "
+                "levels, a larger step or a smaller max_area / max_aspect"
+            )
 
 
 def _level_buckets(area: int, multiple: int, step: int, max_aspect: float) -> np.ndarray:

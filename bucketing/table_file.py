@@ -60,10 +60,14 @@ def load_table(
     meta: Mapping[str, str],
     columns: Sequence[str],
     what: str,
+    types: Mapping[str, pa.DataType] | None = None,
 ) -> pa.Table:
-    """Read a table written by :func:`save_table` whose metadata holds ``meta`` and whose
-    columns are ``columns``; ``what`` names the expected file in errors (e.g. ``"an
-    aspect-bucketing index"``). Arrow files come back memory-mapped (zero-copy)."""
+    """Read a table written by :func:`save_table` whose metadata holds ``meta``, whose
+    columns are ``columns`` and, for those in ``types``, of those types; ``what`` names the
+    expected file in errors (e.g. ``"an aspect-bucketing index"``). Arrow files come back
+    memory-mapped (zero-copy) after a full validation of every buffer (offsets monotone and
+    within their buffers, lengths, UTF-8): a damaged file is a :class:`TableFileError`,
+    never a crash or bytes read from outside a buffer."""
     path = os.fspath(path)
     kind = _container(path)
     if kind is None:
@@ -87,10 +91,19 @@ def load_table(
         raise TableFileError(
             f"{path} is not {what}: columns {schema.names}, expected {list(columns)}"
         )
+    for name, want in (types or {}).items():
+        if schema.field(name).type != want:
+            raise TableFileError(f"{path} is not {what}: column {name} is "
+                                 f"{schema.field(name).type}, expected {want}")
     try:
-        return pq.read_table(path) if kind == "parquet" else reader.read_all()
+        if kind == "parquet":
+            return pq.read_table(path)
+        table = reader.read_all()
+        table.validate(full=True)
+        return table
     except (pa.ArrowException, OSError) as e:
-        raise TableFileError(f"{path} is not {what}: unreadable {kind} file ({e})") from None
+        raise TableFileError(f"{path} is not {what}: unreadable or damaged {kind} file "
+                             f"({e})") from None
 
 
 def has_format(path: str | os.PathLike, fmt: str) -> bool:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+MAX_SIZE = 2**62  # any batch size or pixel budget above this would overflow int64 arithmetic
+
 
 @dataclass(frozen=True)
 class BatchingRule:
@@ -45,6 +47,9 @@ class BatchingRule:
                     raise TypeError(f"{name} must be an int, got {type(value).__name__}")
                 if value < 1:
                     raise ValueError(f"{name} must be >= 1, got {value}")
+                if value > MAX_SIZE:
+                    raise ValueError(f"{name} must be at most 2**62 (int64 arithmetic), got "
+                                     f"{value}")
                 object.__setattr__(self, name, int(value))
 
     @property

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Sampler
 
-from samplers.batching import BatchingRule
+from samplers.batching import MAX_SIZE, BatchingRule
 from samplers.plan import (
     LAST_BATCH,
     MAX_REPEATS,
@@ -155,6 +155,7 @@ class BucketBatchSampler(Sampler[list[SampleIndex]]):
             np.zeros((num_buckets, 2)) if shapes is None else shapes
         )
         self._world_size, self._rank = _world(world_size, rank)
+        _check_step(self._batch_sizes, self._world_size)
         self._seed = check_int(seed, "seed", 0, 2**64 - 1)
         self._shuffle = bool(shuffle)
         self._last_batch = _last_batch(last_batch, drop_last)
@@ -590,9 +591,29 @@ def _bucket_ids(obj: Any) -> tuple[np.ndarray, np.ndarray | None]:
             f"bucket id {ids[at]} at index {at} is out of range for a ladder of "
             f"{len(shapes)} buckets"
         )
+    if shapes is None and high >= MAX_BUCKET_ID:
+        at = int(np.argmax(ids))
+        raise ValueError(
+            f"bucket id {high} at index {at}: bare bucket ids must be below {MAX_BUCKET_ID} "
+            "(the sampler keeps arrays as long as the largest id); number the buckets densely, "
+            "e.g. np.unique(ids, return_inverse=True)"
+        )
     if per_row_wh is not None:
         shapes = _shapes_from_rows(ids, per_row_wh)
     return ids, shapes
+
+
+MAX_BUCKET_ID = 2**20  # bare ids: per-bucket arrays are sized by the largest id
+
+
+def _check_step(batch_sizes: np.ndarray, world_size: int) -> None:
+    """Refuse a global step (``world_size x batch size``) that int64 arithmetic cannot hold."""
+    largest = int(batch_sizes.max())
+    if largest * world_size > MAX_SIZE:
+        raise ValueError(
+            f"batch size x world size = {largest} x {world_size} = {largest * world_size} "
+            f"overflows the sampler's int64 arithmetic (at most 2**62 slots a step)"
+        )
 
 
 def _shapes_from_rows(ids: np.ndarray, per_row_wh: Any) -> np.ndarray:

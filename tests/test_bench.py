@@ -29,9 +29,15 @@ from bench.run_all import (  # noqa: E402
     seconds,
 )
 
+TOKENIZERS = REPO / ".cache" / "flux-tokenizers" / "tokenizer_2" / "spiece.model"
+
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if not TOKENIZERS.exists():
+        pytest.skip("bench/cache.py needs the FLUX tokenizers in .cache/flux-tokenizers: run "
+                    "`make test` once (or python tests/fetch_flux_tokenizers.py "
+                    ".cache/flux-tokenizers)")
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run_all.py"), "--tiny", "--out", str(out)],

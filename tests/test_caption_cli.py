@@ -95,3 +95,30 @@ def test_errors(folder, tmp_path):
         caption_folder(folder, tmp_path / "no-model")
     with pytest.raises(ValueError, match="batch_size"):
         caption_folder(folder, tmp_path, batch_size=0)
+
+
+def test_symlinked_sidecars_are_never_followed_or_written_through(tmp_path, examples_dir,
+                                                                  tiny_blip, capsys):
+    from bucketing.cli.caption import main
+
+    folder, outside = tmp_path / "photos", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    for stem in ("dangling", "linked", "in_linked_dir", "\x1b[31mred"):
+        shutil.copy(examples_dir / "coffee.png", folder / f"{stem}.png")
+    (folder / "dangling.txt").symlink_to(outside / "new" / "deep" / "x.txt")
+    (outside / "victim.txt").write_text("keep me\n")
+    (folder / "linked.txt").symlink_to(outside / "victim.txt")
+    shutil.copy(examples_dir / "coffee.png", outside / "elsewhere.png")
+    (folder / "sub").symlink_to(outside, target_is_directory=True)  # a folder link out
+    (folder / "\x1b]0;x\x07broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    argv = [str(folder), "--captioner", str(tiny_blip), "--max-new-tokens", "6", "--device", "cpu"]
+    assert main([*argv, "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert (outside / "victim.txt").read_text() == "keep me\n"
+    assert not (outside / "new").exists() and not (outside / "elsewhere.txt").exists()
+    assert "dangling.png: dangling.txt is a symlink" in out
+    assert "linked.png: linked.txt is a symlink" in out
+    assert "would be written outside" in out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b]0;x\\x07broken.jpg" in out
+    assert (folder / "\x1b[31mred.txt").is_file() and (folder / "in_linked_dir.txt").is_file()

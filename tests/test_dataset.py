@@ -195,14 +195,15 @@ def test_a_file_failing_at_training_time_is_substituted_once_warned(tmp_path):
         strict[4]
 
 
-def test_a_bucket_with_nothing_loadable_is_a_clear_error(tmp_path):
+def test_a_bucket_with_nothing_loadable_leaves_the_batch_with_a_warning(tmp_path):
     paths = _jpeg_folder(tmp_path, 3)
     index = _index(paths)
     assignment = assign(index, BucketLadder.from_buckets([(48, 32)]))
     for p in paths:
         _truncate(p)
-    with pytest.raises(RuntimeError, match=r"img1\.jpg.*no substitute.*2 tried"):
-        _dataset(index, assignment)[1]
+    with pytest.warns(SubstitutionWarning, match=r"img1\.jpg.*2 tried.*leaves its batch"):
+        sample = _dataset(index, assignment)[1]
+    assert sample["dropped"] is True and sample["index"] == 1
 
 
 def test_every_odd_file_yields_its_bucket_or_a_substitute(odd_dir, odd_expected):

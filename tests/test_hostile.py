@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from bucketing.assign import assign
 from bucketing.headers import default_max_pixels, read_header
 from bucketing.index import ImageIndex
-from bucketing.ladder import BucketLadder
+from bucketing.ladder import MAX_SIDE, BucketLadder
 from bucketing.pipeline.dataset import SubstitutionWarning, TextToImageDataset
 from bucketing.scan import scan
 from bucketing.scan_cache import CACHE_FORMAT
@@ -748,6 +748,7 @@ class _Blobs:
 
 @settings(deadline=None, max_examples=120, suppress_health_check=[HealthCheck.too_slow])
 @given(data=_hostile_bytes())
+@example(data=_png_declaring(48, 2**31 + 32))  # sized by its header, too large to assign
 def test_random_bytes_and_truncations_at_scanner_and_loader(data):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "x.jpg")
@@ -776,6 +777,9 @@ def test_random_bytes_and_truncations_at_scanner_and_loader(data):
     both = ImageIndex(["x", "good"], [header.width, 40], [header.height, 40], [["x"], ["g"]],
                       blob=_Blobs(data, _GOOD))  # fmt: skip
     a = assign(both, BucketLadder.from_buckets([(16, 16)]))
+    if max(header.width, header.height) > MAX_SIDE:  # never a row: assign refuses it by name
+        assert int(a.bucket_id[0]) == -1 and a.reasons[0] == "too_large"
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SubstitutionWarning)
         s = TextToImageDataset(both, a, image_transform=TRANSFORM)[0]

@@ -43,11 +43,16 @@ def collate(
     bool [B]; ``captions`` a list of str. ``prompt_embeds`` of different lengths (trimmed T5)
     are zero-padded to the longest with ``t5_attention_mask`` [B, L] marking the real rows
     (built from ``text_length`` when the samples carry no mask). Any other key is kept:
-    tensors of one shape stacked, anything else as a list. Raises ValueError naming the
-    samples whose shapes differ where one shape is required.
+    tensors of one shape stacked, anything else as a list. Samples marked ``dropped`` (a
+    failed file nothing could stand in for) are left out: the batch is short and
+    ``dropped`` [D] names them. Raises ValueError naming the samples whose shapes differ
+    where one shape is required.
     """
     if len(samples) == 0:
         raise ValueError("collate got an empty batch")
+    dropped = [int(s["index"]) for s in samples if s.get("dropped")]
+    if dropped:
+        return _short(samples, dropped)
     first = samples[0]
     batch: dict[str, Any] = {}
     if "pixel_values" in first or "latents" not in first:
@@ -74,6 +79,22 @@ def collate(
     for key in first:
         if key not in _KNOWN:
             batch[key] = _keep(key, samples)
+    return batch
+
+
+def _short(samples: Sequence[Mapping[str, Any]], dropped: list[int]) -> dict[str, Any]:
+    """The batch of the samples that did not leave it (``dropped``: a file that failed and
+    that no image could stand in for), with ``dropped`` [D] naming the rows that left. When
+    none is left: an empty batch (B = 0) of the bucket's shape; skip that step."""
+    kept = [s for s in samples if not s.get("dropped")]
+    if kept:
+        batch = collate(kept)
+    else:
+        h, w = samples[0]["target_size"]
+        empty = torch.zeros(0, dtype=torch.int64)
+        batch = {"pixel_values": torch.zeros((0, 3, h, w), dtype=torch.uint8),
+                 "index": empty, "original_index": empty.clone(), "captions": []}
+    batch["dropped"] = torch.tensor(dropped, dtype=torch.int64)
     return batch
 
 

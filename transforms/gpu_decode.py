@@ -221,7 +221,19 @@ class EncodedFit:
 
 def collate_encoded(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """``collate`` for :class:`EncodedFit` samples: ``encoded`` stays a list of
-    :class:`EncodedImage` (one per sample), every other key is batched as ``collate`` does."""
+    :class:`EncodedImage` (one per sample), every other key is batched as ``collate`` does.
+    Samples marked ``dropped`` leave the batch as in ``collate`` (``dropped`` [D] names them;
+    all dropped: an empty batch whose ``pixel_values`` [0, 3, H, W] ``decode_batch`` passes
+    through)."""
+    dropped = [s for s in samples if s.get("dropped")]
+    if dropped:
+        kept = [s for s in samples if not s.get("dropped")]
+        batch = collate_encoded(kept) if kept else collate(dropped)
+        if kept:
+            batch["dropped"] = collate(dropped)["dropped"]
+        else:
+            batch["encoded"] = []
+        return batch
     missing = [i for i, s in enumerate(samples) if "encoded" not in s]
     if missing:
         raise ValueError(
@@ -254,6 +266,8 @@ def decode_batch(
             f"resample must be one of {tuple(_FILTERS)} on the device, got {resample!r}"
         )
     encoded: list[EncodedImage] = list(batch["encoded"])
+    if not encoded and "dropped" in batch:  # every sample left it: an empty batch
+        return to_model_input({k: v for k, v in batch.items() if k != "encoded"}, device, dtype)
     if not encoded:
         raise ValueError("decode_batch got an empty batch")
     decoded = _decode_all(encoded, torch.device(device))
@@ -323,17 +337,17 @@ def _orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
 def _fit_on_device(
     img: torch.Tensor, encoded: EncodedImage, mode: F.InterpolationMode
 ) -> torch.Tensor:
-    """Float32 (3, h, w) in [0, 255], rounded like the CPU path's uint8 pixels."""
+    """Float32 (3, h, w) in [0, 255], rounded like the CPU path's uint8 pixels. The decoded
+    picture is resized as uint8 (rounded and clamped by the resize) and only the bucket's
+    crop becomes float32: no full-size float copy of the decoded image."""
     if encoded.data is None:  # fitted on the CPU already
         return img.to(torch.float32)
     params = encoded.fit
-    oriented = _orient(img, encoded.orientation)
+    pixels = _orient(img, encoded.orientation)
     (rw, rh), (y, x, h, w) = params.resized, params.crop
-    pixels = oriented.to(torch.float32)
-    if tuple(oriented.shape[-2:]) != (rh, rw):
+    if tuple(pixels.shape[-2:]) != (rh, rw):
         pixels = F.resize(pixels, [rh, rw], interpolation=mode, antialias=True)
-        pixels = pixels.clamp_(0, 255).round_()
-    pixels = pixels[:, y : y + h, x : x + w]
+    pixels = pixels[:, y : y + h, x : x + w].to(torch.float32)
     return pixels.flip(-1) if params.flip else pixels
 
 

@@ -26,6 +26,7 @@ from bucketing.cli.args import ConfigError, add_ladder_options, ladder_overrides
 from bucketing.ladder import BucketLadder, fitted_ladder
 from bucketing.models import MODELS, encoder_models, named_class
 from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
+from bucketing.printable import escape
 from bucketing.scan import scan
 from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES
 
@@ -118,11 +119,11 @@ def run(args: argparse.Namespace) -> list[str]:
     if s["failed"] or s["missing_files"]:
         lines.append(f"{len(s['failed'])} images failed to decode, {s['missing_files']} files "
                      "missing (the dataset substitutes them):")
-        lines += [f"  {f}" for f in s["failed"][:20]]
+        lines += [f"  {escape(f)}" for f in s["failed"][:20]]
     if args.prune:
         pruned = cache.prune()
         lines.append(f"pruned {pruned['removed']} entries ({pruned['rewritten']} shards rewritten)")
-    lines.append(f"{cache.nbytes() / 2**20:.1f} MiB in {args.out}, "
+    lines.append(f"{cache.nbytes() / 2**20:.1f} MiB in {escape(args.out)}, "
                  f"{time.perf_counter() - started:.1f} s")
     return lines
 
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not dist.is_initialized() or dist.get_rank() == 0:
             print("\n".join(lines))
     except ConfigError as error:
-        print(f"bucket-cache: error: {error}", file=sys.stderr)
+        print(f"bucket-cache: error: {escape(str(error))}", file=sys.stderr)
         return 2
     finally:
         if started_dist:

@@ -23,6 +23,7 @@ import torch
 
 from bucketing.atomic import atomic_write_bytes
 from bucketing.members import parse_member
+from bucketing.printable import escape
 from bucketing.sources import resolve_source, sidecar_path
 from transforms.image import ImageDecodeError, load_image
 
@@ -30,12 +31,29 @@ from transforms.image import ImageDecodeError, load_image
 @dataclass
 class CaptionRun:
     """What a run did: sidecars ``written``, images ``kept`` (they had a caption), images
-    that ``failed`` (path, reason) and generated captions that came out ``empty``."""
+    that ``failed`` (path, reason), generated captions that came out ``empty`` and sidecars
+    ``refused`` (path, reason: a symlink, or outside the folder; never written through)."""
 
     written: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     empty: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def sidecar_problem(folder_real: str, image: str) -> str | None:
+    """Why the sidecar of ``image`` must not be written, or None: it is a symlink (dangling
+    or not: never followed, never written through), not a regular file, or it lies outside
+    ``folder_real`` (the folder's real path) once symlinked folders are resolved."""
+    side = sidecar_path(image)
+    if os.path.islink(side):
+        return f"{os.path.basename(side)} is a symlink (not followed)"
+    if os.path.lexists(side) and not os.path.isfile(side):
+        return f"{os.path.basename(side)} is not a regular file"
+    real = os.path.realpath(side)
+    if os.path.commonpath([real, folder_real]) != folder_real:
+        return f"its caption file would be written outside {folder_real} ({real})"
+    return None
 
 
 def caption_folder(
@@ -63,6 +81,7 @@ def caption_folder(
         raise ValueError(f"{folder} is tar shards ({inside}): a caption file cannot be written "
                          "beside a member; caption the extracted images, or add {key}.txt "
                          "members to the shards")  # fmt: skip
+    folder_real = os.path.realpath(folder)
     run = CaptionRun()
     todo = []
     for entry in resolved.entries:
@@ -96,6 +115,10 @@ def caption_folder(
                 text = text[len(prompt):].strip()
             if not text:
                 run.empty.append(path)
+                continue
+            problem = sidecar_problem(folder_real, path)
+            if problem:
+                run.refused.append((path, problem))
                 continue
             atomic_write_bytes(sidecar_path(path), (text + "\n").encode("utf-8"))
             run.written.append(path)
@@ -136,14 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                              overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
                              prompt=args.prompt, device=args.device)
     except (ValueError, OSError) as error:
-        print(f"bucket-caption: error: {error}", file=sys.stderr)
+        print(f"bucket-caption: error: {escape(str(error))}", file=sys.stderr)
         return 2
     print(f"{len(run.written)} captions written, {len(run.kept)} images kept their caption, "
           f"{len(run.failed)} unreadable, {len(run.empty)} empty captions not written")
     for path, reason in run.failed:
-        print(f"  unreadable: {path}: {reason}")
+        print(f"  unreadable: {escape(path)}: {escape(reason)}")
+    for path, reason in run.refused:
+        print(f"  not written: {escape(path)}: {escape(reason)}")
     for path in run.empty:
-        print(f"  empty caption: {path}")
+        print(f"  empty caption: {escape(path)}")
     return 0
 
 

@@ -53,6 +53,7 @@ from bucketing.ladder_trade import ladder_trade, worst_images
 from bucketing.pipeline.config import report_mix
 from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.pipeline.encoder_cache import estimate_lines
+from bucketing.printable import escape
 from bucketing.scan import scan
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
@@ -220,24 +221,6 @@ def _pct(x: float | None) -> str:
 def _fit(text: str, width: int) -> str:
     """Shorten ``text`` to ``width`` characters, keeping its end (the file name)."""
     return text if len(text) <= width else "…" + text[-(width - 1) :]
-
-
-# Characters that would act on a terminal instead of being shown: C0 and C1 controls (ESC
-# starts ANSI/OSC sequences, a newline could forge a report line), DEL, line and paragraph
-# separators and the bidirectional overrides that reorder what follows them.
-_UNSAFE = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, 0x200E, 0x200F,
-           *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
-_ESCAPES = str.maketrans({
-    c: {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(c, f"\\x{c:02x}" if c < 0x100 else
-                                                    f"\\u{c:04x}")
-    for c in _UNSAFE
-})
-
-
-def escape(text: str) -> str:
-    """``text`` safe to print: control, line-separator and bidi characters as ``\\n``,
-    ``\\x1b``, ``\\u202e``...; undecodable bytes of non-UTF-8 names as U+FFFD."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").translate(_ESCAPES)
 
 
 def _shown(path: str) -> str:
@@ -796,10 +779,27 @@ def check_outputs(args: argparse.Namespace, listed: Sequence[str] = ()) -> None:
         if not stat.S_ISREG(mode):
             raise ConfigError(f"{flag}: exists and is not a regular file; refusing to "
                               "write over it")
-        name = os.path.basename(real)
-        inputs = [args.source, *(p for p in listed if os.path.basename(p) == name)]
-        if any(_same_file(real, p) for p in inputs):
+        if any(_same_file(real, p) for p in _inputs_named(os.path.basename(real), args, listed)):
             raise ConfigError(f"{flag}: is an input of this report; refusing to write over it")
+
+
+SIDECARS = (".txt", ".caption")  # caption files a folder scan reads beside each image
+FOLDER_MANIFESTS = ("metadata.jsonl",)  # read in every folder of a folder scan
+
+
+def _inputs_named(name: str, args: argparse.Namespace, listed: Sequence[str]) -> list[str]:
+    """Every file this report read that could be called ``name``: the source, the scan
+    cache, the scanned files, their caption sidecars and their folders' metadata files."""
+    inputs = [p for p in (args.source, args.cache) if p]
+    stem, ext = os.path.splitext(name)
+    for path in listed:
+        if os.path.basename(path) == name:
+            inputs.append(path)
+        if ext in SIDECARS and os.path.basename(os.path.splitext(path)[0]) == stem:
+            inputs.append(os.path.splitext(path)[0] + ext)
+    if name in FOLDER_MANIFESTS:
+        inputs += sorted({os.path.join(os.path.dirname(p), name) for p in listed})
+    return inputs
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -815,7 +815,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
 
     t0 = time.perf_counter()
     index = _config(scan, args.source, workers=args.workers, cache=args.cache)
-    check_outputs(args, index.paths)
+    check_outputs(args, [*index.paths, *(r.path for r in index.rejections)])
     t1 = time.perf_counter()
     base = ladder
     ladder = _config(fitted_ladder, ladder, index, fit=args.fit, max_buckets=args.max_buckets)

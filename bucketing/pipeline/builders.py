@@ -30,8 +30,10 @@ from torch.utils.data import Dataset
 from bucketing.assign import assign
 from bucketing.ladder import MODEL_SPECS, BucketLadder, fitted_ladder
 from bucketing.pipeline.dataset import TextToImageDataset
+from bucketing.pipeline.stream import StreamingBucketDataset
 from bucketing.scan import scan
 from bucketing.sources import read_sidecar, sidecar_path
+from bucketing.sources.hf_dataset import load_source
 from samplers.sample_index import SampleIndex
 from transforms.caption import CaptionTransform
 from transforms.resize_crop import BucketResizeCrop
@@ -91,9 +93,24 @@ def text_to_image_dataset(
     data_files: Any = None,
     data_dir: str | None = None,
     split: str = "train",
-) -> TextToImageDataset:
+    streaming: bool = False,
+    batch_size: int | None = None,
+    max_buffered_rows: int | None = None,
+    max_buffered_bytes: int | None = None,
+    last_batch: str = "short",
+) -> TextToImageDataset | StreamingBucketDataset:
     """Scan ``source``, assign its images to ``model``'s ladder and serve them fitted,
     captioned and passed through ``model_transform`` (e.g. a ``FluxTokenizer``).
+
+    ``streaming=True`` scans nothing: it returns a ``StreamingBucketDataset`` reading
+    ``source`` (tar shards, a ``datasets.IterableDataset``, a list of rows, or with
+    ``data_files`` / ``data_dir`` / ``"hf:NAME"`` what ``datasets.load_dataset(...,
+    streaming=True)`` builds) front to back into batches of ``batch_size`` (required), with
+    the buffers' bounds ``max_buffered_rows`` / ``max_buffered_bytes`` and ``last_batch``
+    ("short" or "drop"); iterate it with ``DataLoader(dataset, batch_size=None)``
+    (docs/streaming.md). With no scan there are no sizes to fit: it uses the preset (with
+    the mapping's overrides). ``cache``, ``workers``, ``caption_extension`` and ``on_error``
+    are the scan's and the map-style dataset's and are refused with it.
 
     ``ladder``: a ``BucketLadder``, or overrides of the model's preset (``{"max_area":
     512 * 512}``) and how to fit it to the images (``{"fit": "data"}``, the default: buckets
@@ -109,9 +126,27 @@ def text_to_image_dataset(
     sidecar found. The dataset's ``index`` and rejections say
     what was left out and why.
     """
-    make_ladder(model, ladder)  # bad settings fail before the scan
+    preset = make_ladder(model, ladder)  # bad settings fail before the scan
     if captions is not None and not isinstance(captions, CaptionTransform):
         captions = CaptionTransform(**dict(captions))
+    image_transform = BucketResizeCrop(crop=crop, flip_p=flip_p, allow_upscale=allow_upscale)
+    if streaming:
+        if batch_size is None:
+            raise ValueError("streaming=True needs batch_size (the streamed dataset yields "
+                             "whole batches)")
+        given = {"cache": cache, "workers": workers, "caption_extension": caption_extension,
+                 "on_error": None if on_error == "substitute" else on_error}
+        refused = sorted(k for k, v in given.items() if v is not None)
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: not used with streaming=True (nothing is "
+                             "scanned; a row that fails is rejected, never substituted)")
+        limits = {} if max_buffered_bytes is None else {"max_buffered_bytes": max_buffered_bytes}
+        return StreamingBucketDataset(
+            load_source(source, data_files, data_dir, split, streaming=True),
+            batch_size=batch_size, ladder=preset, image_transform=image_transform,
+            caption_transform=captions, model_transform=model_transform, seed=seed,
+            max_buffered_rows=max_buffered_rows, last_batch=last_batch,
+            column_map=column_map, base_dir=base_dir, **limits)
     if caption_extension is not None and not CAPTION_EXTENSION.match(caption_extension):
         raise ValueError(f"caption_extension must look like '.txt', got {caption_extension!r}")
     index = scan(source, cache=cache, workers=workers,
@@ -123,7 +158,7 @@ def text_to_image_dataset(
     return TextToImageDataset(
         index,
         assignment,
-        image_transform=BucketResizeCrop(crop=crop, flip_p=flip_p, allow_upscale=allow_upscale),
+        image_transform=image_transform,
         caption_transform=captions,
         model_transform=model_transform,
         seed=seed,

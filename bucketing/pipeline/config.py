@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import yaml
 
-from bucketing.ladder import MODEL_SPECS
+from bucketing.ladder import MAX_SIDE, MODEL_SPECS
 from bucketing.pipeline.builders import (
     CAPTION_EXTENSION,
     LADDER_KEYS,
@@ -47,14 +46,13 @@ from bucketing.pipeline.builders import (
     make_ladder,
     text_to_image_dataset,
 )
+from bucketing.pipeline.config_files import ConfigError, line_of, read_config_file
+from bucketing.printable import escape
 from samplers import BucketBatchSampler
+from samplers.batching import MAX_SIZE
+from samplers.plan import MAX_REPEATS
 from transforms.caption import CaptionTransform
 from transforms.tokenize import tokenizer_for_model
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 CAPTION_KEYS = ("template", "prefix", "suffix", "dropout", "shuffle_parts", "keep_parts",
                 "separator", "tag_dropout")
@@ -92,8 +90,7 @@ DATASET_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
 INHERITED = ("crop", "flip_p", "allow_upscale")  # top-level defaults a dataset may override
 
 
-class ConfigError(ValueError):
-    """A config file problem, naming the file, the key and the line."""
+COLUMN_MAP_KEYS = ("image", "caption", "width", "height")
 
 
 @dataclass
@@ -135,22 +132,7 @@ def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a dataset config: TOML, or YAML for a ``.yaml`` / ``.yml`` file (the
     same keys; see the module docstring)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
-        lines = _yaml_lines(node) if node is not None else {}
-    else:
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from error
-        lines = _key_lines(text)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config file is a table of keys, got {type(raw).__name__}")
+    raw, lines = read_config_file(path)
     return parse_config(raw, path, lines)
 
 
@@ -163,7 +145,7 @@ def parse_config(
     lines = lines or {}
 
     def fail(key: str, message: str) -> ConfigError:
-        line = lines.get(key)
+        line = line_of(lines, key)
         where = f"{path}:{line}" if line else str(path)
         return ConfigError(f"{where}: {key}: {message}")
 
@@ -178,6 +160,8 @@ def parse_config(
     for key in ("batch_size", "max_pixels_per_batch", "max_batch_size"):
         if key in raw and raw[key] < 1:
             raise fail(key, f"must be >= 1, got {raw[key]}")
+        if key in raw and raw[key] > MAX_SIZE:
+            raise fail(key, f"must be at most 2**62, got {raw[key]}")
     for key in ("seed", "workers"):
         if key in raw and raw[key] < 0:
             raise fail(key, f"must be >= 0, got {raw[key]}")
@@ -285,15 +269,13 @@ def mix_figures(path: str | os.PathLike, world_size: int = 1) -> dict[str, Any]:
     for k, d in enumerate(config.datasets):
         part, mine = dataset.datasets[k], dataset.dataset_of == k
         ids = dataset.bucket_id[mine]
-        reasons = part.index.rejection_counts()
-        unassigned = int((ids < 0).sum())
-        if unassigned:
-            reasons["not_assigned"] = unassigned
+        reasons, examples = _rejected(part, ids)
         accepted = int((ids >= 0).sum())
         rows.append({
             "name": d.name, "source": d.source, "accepted": accepted,
-            "rejected": sum(reasons.values()), "reasons": reasons, "repeats": d.repeats,
-            "samples": accepted * d.repeats, "buckets": len(np.unique(ids[ids >= 0])),
+            "rejected": sum(reasons.values()), "reasons": reasons, "examples": examples,
+            "repeats": d.repeats, "samples": accepted * d.repeats,
+            "buckets": len(np.unique(ids[ids >= 0])),
         })
     total = sum(r["samples"] for r in rows) or 1.0
     for r in rows:
@@ -301,6 +283,21 @@ def mix_figures(path: str | os.PathLike, world_size: int = 1) -> dict[str, Any]:
     return {"config": str(path), "model": config.model, "batch_size": config.batch_size,
             "max_pixels_per_batch": config.max_pixels_per_batch, "seed": config.seed,
             "world_size": world_size, "steps_per_rank": len(sampler), "datasets": rows}
+
+
+def _rejected(part: Any, ids: np.ndarray) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """Counts of every file the scan or ``assign`` rejected, by reason (``too_small``,
+    ``extreme_aspect``, ``too_large``, ...), and up to three files of each."""
+    reasons: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    found = [(r.reason, r.path) for r in part.index.rejections]
+    found += [(str(part.reasons[i]) if part.reasons is not None and part.reasons[i] else
+               "not_assigned", part.index.paths[i]) for i in np.flatnonzero(ids < 0).tolist()]
+    for reason, path in found:
+        reasons[reason] = reasons.get(reason, 0) + 1
+        if len(examples.setdefault(reason, [])) < 3:
+            examples[reason].append(path)
+    return dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))), examples
 
 
 def render_mix(figures: Mapping[str, Any]) -> str:
@@ -317,6 +314,10 @@ def render_mix(figures: Mapping[str, Any]) -> str:
                      f"{r['buckets']:>7}")
         if r["reasons"]:
             lines.append("    rejected: " + ", ".join(f"{k} {v}" for k, v in r["reasons"].items()))
+            for reason, paths in r.get("examples", {}).items():
+                more = r["reasons"][reason] - len(paths)
+                lines.append(f"      {reason}: " + ", ".join(escape(p) for p in paths)
+                             + (f" (+{more} more)" if more > 0 else ""))
     lines.append(f"steps per epoch per rank: {figures['steps_per_rank']}")
     return "\n".join(lines) + "\n"
 
@@ -373,6 +374,14 @@ def _dataset(entry: Any, i: int, model: str, defaults: Mapping[str, Any], base: 
     repeats = entry.get("repeats", 1)
     if not (math.isfinite(repeats) and repeats >= 0):
         raise fail(prefix + "repeats", f"must be a number >= 0, got {repeats}")
+    if repeats > MAX_REPEATS:
+        raise fail(prefix + "repeats", f"must be at most {MAX_REPEATS}, got {repeats}")
+    column_map = entry.get("column_map") or {}
+    for key, value in column_map.items():
+        if key not in COLUMN_MAP_KEYS or not isinstance(value, str):
+            raise fail(prefix + "column_map." + str(key),
+                       f"keys are {', '.join(COLUMN_MAP_KEYS)}, each naming a column (a "
+                       f"string); got {key!r} = {value!r}")
     ladder = dict(entry.get("ladder", {}))
     unknown = sorted(set(ladder) - set(LADDER_KEYS))
     if unknown:
@@ -382,6 +391,9 @@ def _dataset(entry: Any, i: int, model: str, defaults: Mapping[str, Any], base: 
             raise fail(prefix + "resolution", "give resolution or ladder.max_area, not both")
         if entry["resolution"] < 16:
             raise fail(prefix + "resolution", f"must be >= 16, got {entry['resolution']}")
+        if entry["resolution"] > MAX_SIDE:
+            raise fail(prefix + "resolution",
+                       f"must be at most MAX_SIDE = {MAX_SIDE}, got {entry['resolution']}")
         ladder["max_area"] = entry["resolution"] ** 2
     try:
         make_ladder(model, ladder)
@@ -422,49 +434,3 @@ def _resolve(value: str, base: Path) -> str:
     if re.match(r"^[a-z][a-z0-9+.-]*://", value, flags=re.I) or os.path.isabs(value):
         return value
     return str(base / value)
-
-
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\"' -]+?)\s*\]\]?\s*(#.*)?$")
-_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
-
-
-def _yaml_lines(node: Any, prefix: str = "") -> dict[str, int]:
-    """The same key paths -> 1-based lines, from a composed YAML node tree."""
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            name = f"{prefix}.{key.value}" if prefix else str(key.value)
-            lines[name] = key.start_mark.line + 1
-            lines.update(_yaml_lines(value, name))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            lines[f"{prefix}[{i}]"] = item.start_mark.line + 1
-            lines.update(_yaml_lines(item, f"{prefix}[{i}]"))
-    return lines
-
-
-def _key_lines(text: str) -> dict[str, int]:
-    """``"datasets[1].captions.dropout"``-style key paths of a TOML text -> 1-based line
-    numbers (tables, arrays of tables and ``key =`` lines; enough to point at a mistake)."""
-    lines: dict[str, int] = {}
-    counts: dict[str, int] = {}
-    table = ""
-    for number, line in enumerate(text.splitlines(), start=1):
-        header = _HEADER.match(line)
-        if header:
-            brackets, name = header.group(1), header.group(2).replace('"', "").replace("'", "")
-            parts = name.split(".")
-            if brackets == "[[":
-                counts[name] = counts.get(name, -1) + 1
-                table = f"{name}[{counts[name]}]"
-            else:  # a sub-table of the latest array entry, e.g. [datasets.captions]
-                head = parts[0]
-                table = (f"{head}[{counts[head]}]" if head in counts else head)
-                table = ".".join([table, *parts[1:]])
-            lines.setdefault(table, number)
-            continue
-        key = _KEY.match(line)
-        if key:
-            name = key.group(1).strip("\"'")
-            lines.setdefault(f"{table}.{name}" if table else name, number)
-    return lines

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bucketing.printable import escape
 from transforms.decoded_cache import DEFAULT_DECODED_CACHE_BYTES, DecodedImageCache
 from transforms.image import (
     DEFAULT_MAX_DECODE_BYTES,
@@ -106,7 +107,9 @@ _WARNED: set[str] = set()  # files already reported by this process
 
 
 class SubstitutionWarning(UserWarning):
-    """A file failed at training time and another image of its bucket was used instead."""
+    """A file failed at training time and another image was used instead (of its bucket, or
+    of the nearest bucket whose image covers this shape without upscaling), or, where no
+    image could stand in, the sample left its batch."""
 
 
 class TextToImageDataset(Dataset):
@@ -250,6 +253,8 @@ class TextToImageDataset(Dataset):
             if self.on_error == "raise":
                 raise _as_decode_error(self._name(i), error) from error
             sample = self._substitute(i, bucket, (epoch, occurrence), error)
+            if sample.get("dropped"):
+                return sample
 
         captions = list(self.index.captions[sample["index"]])
         if self.caption_transform is None:
@@ -345,12 +350,17 @@ class TextToImageDataset(Dataset):
         self, i: int, bucket: int, draw: tuple[int, int], error: Exception
     ) -> dict[str, Any]:
         """Fit another member of ``bucket``, tried in an order fixed by (seed, epoch, i,
-        occurrence) (``draw`` = (epoch, occurrence))."""
+        occurrence) (``draw`` = (epoch, occurrence)); failing that, an image of the nearest
+        other bucket whose scanned size covers this bucket (fitted to it, never upscaled);
+        failing that, a ``dropped`` sample that ``collate`` leaves out of the batch, with a
+        warning naming the file."""
         members = self._bucket_members(bucket)
         members = members[members != i]
         rng = sample_rng(self.seed, draw[0], i, "substitute", draw[1])
         tried: list[str] = []
-        for j in rng.permutation(members)[: self.max_substitutes].tolist():
+        candidates = [*rng.permutation(members)[: self.max_substitutes].tolist(),
+                      *self._covering(i, bucket)]
+        for j in candidates:
             try:
                 sample = self._fit(j, i, draw)
             except Exception as other:
@@ -359,11 +369,37 @@ class TextToImageDataset(Dataset):
             self._warn_once(i, j, error)
             return sample
         w, h = self.bucket_wh[i]
-        raise RuntimeError(
-            f"row {i} ({self._name(i)}) failed ({_reason(error)}) and no substitute from its "
-            f"bucket {w}x{h} loaded ({len(tried)} tried of {len(members)} other members"
-            f"{': ' + '; '.join(tried) if tried else ''})"
-        ) from error
+        name = self._name(i)
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(
+                f"could not load {escape(name)} ({escape(_reason(error))}) and no image could "
+                f"stand in for its {w}x{h} bucket without upscaling ({len(tried)} tried"
+                f"{': ' + escape('; '.join(tried)) if tried else ''}): row {i} leaves its batch "
+                "(a short batch; dropped=True). Not repeated for this file.",
+                SubstitutionWarning,
+                stacklevel=3,
+            )
+        return {"dropped": True, "index": i, "original_index": i, "substituted": False,
+                "occurrence": draw[1], "target_size": (int(h), int(w))}
+
+    def _covering(self, i: int, bucket: int) -> list[int]:
+        """Rows of other buckets whose scanned size covers row ``i``'s bucket (so fitting them
+        to it never upscales), nearest bucket first (by aspect, then area), in row order."""
+        w, h = (int(v) for v in self.bucket_wh[i])
+        ok = np.flatnonzero((self.bucket_id >= 0) & (self.bucket_id != bucket)
+                            & (np.asarray(self.index.width) >= w)
+                            & (np.asarray(self.index.height) >= h))
+        buckets, first = np.unique(self.bucket_id[ok], return_index=True)
+        other = self.bucket_wh[ok[first]].astype(np.float64)
+        aspect = np.abs(np.log(other[:, 0] / other[:, 1]) - np.log(w / h))
+        area = np.abs(other[:, 0] * other[:, 1] - w * h)
+        rows: list[int] = []
+        for b in buckets[np.lexsort((buckets, area, aspect))]:
+            rows += ok[self.bucket_id[ok] == b][: self.max_substitutes - len(rows)].tolist()
+            if len(rows) >= self.max_substitutes:
+                break
+        return rows
 
     def _bucket_members(self, bucket: int) -> np.ndarray:
         """The rows of ``bucket``: a view into one int32 array of all rows ordered by bucket
@@ -387,8 +423,9 @@ class TextToImageDataset(Dataset):
             return
         _WARNED.add(name)
         warnings.warn(
-            f"could not load {name} ({_reason(error)}); row {i} is replaced by row {j} of the "
-            "same bucket (substituted=True in the sample). Not repeated for this file.",
+            f"could not load {escape(name)} ({escape(_reason(error))}); row {i} is replaced by "
+            f"row {j} of the same bucket (substituted=True in the sample). Not repeated for "
+            "this file.",
             SubstitutionWarning,
             stacklevel=3,
         )

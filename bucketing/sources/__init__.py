@@ -140,8 +140,9 @@ def resolve_source(
         if type(source).__name__ == "Dataset":
             return resolve_dataset(source, columns, base, downloader, ddir)
         raise TypeError(
-            f"a {type(source).__name__} is not supported; pass a datasets.Dataset "
-            "(pick a split, e.g. ds['train']; streaming datasets are not supported yet)"
+            f"a {type(source).__name__} cannot be scanned; pass a datasets.Dataset (pick a "
+            "split, e.g. ds['train']), or stream an IterableDataset with "
+            "bucketing.StreamingBucketDataset (docs/streaming.md)"
         )
     raise TypeError(
         f"unsupported source type {type(source).__name__}; pass a folder, a manifest file, "

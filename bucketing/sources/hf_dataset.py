@@ -33,12 +33,14 @@ def load_source(
     data_files: Any = None,
     data_dir: str | os.PathLike | None = None,
     split: str = "train",
+    streaming: bool = False,
 ) -> Any:
     """``source`` itself, or the ``split`` of ``datasets.load_dataset(NAME, data_files=...,
     data_dir=...)`` when ``source`` is written ``"hf:NAME"`` (``"hf:imagefolder"``,
     ``"hf:user/dataset"``) or ``data_files``/``data_dir`` is given (``source`` is then the
     builder name, Hub id or dataset folder: ``"imagefolder"``, ``"csv"``, ``"parquet"``).
-    Paths, globs, brace ranges and URLs without those keep their meaning."""
+    Paths, globs, brace ranges and URLs without those keep their meaning. ``streaming``: load
+    a ``datasets.IterableDataset`` (``load_dataset(..., streaming=True)``)."""
     named = isinstance(source, str) and source.startswith(HF_PREFIX)
     if not named and data_files is None and data_dir is None:
         if split != "train":
@@ -63,6 +65,7 @@ def load_source(
         data_files=data_files,
         data_dir=None if data_dir is None else os.fspath(data_dir),
         split=split,
+        streaming=streaming,
     )
 
 

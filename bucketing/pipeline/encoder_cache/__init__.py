@@ -9,6 +9,9 @@ stores the results under ``path``; ``EncoderCache.open(path)`` reads them back, 
 Layout of a cache folder (no pickle anywhere; every file written atomically)::
 
     cache.json             format, version, model, encoder fingerprints, dtype, settings
+                           and the build id its tables carry (written first as a mark,
+                           last whole)
+    build.lock             held (flock) by the one build or prune at work
     rows.parquet           the last build's view: per image, its identity, size, bucket,
                            crop boxes and entry keys
     texts.parquet          per caption, its entry key

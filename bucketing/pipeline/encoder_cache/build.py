@@ -3,8 +3,9 @@ frozen encoders bucket by bucket, and write the shards and the view (on every ra
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +16,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from bucketing.atomic import atomic_path, atomic_write_bytes
+from bucketing.atomic import atomic_path
 from bucketing.pipeline.dataset import check_cacheable_captions
 from bucketing.pipeline.encoder_cache.keys import (
     CACHE_FORMAT,
     CACHE_VERSION,
     CROPS,
-    OWN_FILES,
     T5_PADDINGS,
     TRIMMED_MODELS,
     FitSettings,
@@ -32,9 +32,12 @@ from bucketing.pipeline.encoder_cache.keys import (
 from bucketing.pipeline.encoder_cache.reader import EncoderCache
 from bucketing.pipeline.encoder_cache.store import (
     ShardWriter,
+    build_lock,
     load_entries,
     read_meta,
+    start_mark,
     write_entries,
+    write_meta,
 )
 from transforms.caption import format_caption
 from transforms.image import DEFAULT_DECODE, DecodeSettings
@@ -171,62 +174,66 @@ def build_cache(
     root = Path(path)
     rank, world = _rank_world()
     _prepare_folder(root, rank)
-    dtype = str(encoders.dtype).removeprefix("torch.")
-    text_dtype = str(encoders.text_dtype()).removeprefix("torch.")
-    padding = t5_padding if encoders.model in TRIMMED_MODELS else "full"
-    image_fp, text_fp = encoders.fingerprint("image"), encoders.fingerprint("text")
+    with contextlib.ExitStack() as held:
+        _lock(root, rank, held)
+        _clear_temporary(root, rank)
+        dtype = str(encoders.dtype).removeprefix("torch.")
+        text_dtype = str(encoders.text_dtype()).removeprefix("torch.")
+        padding = t5_padding if encoders.model in TRIMMED_MODELS else "full"
+        image_fp, text_fp = encoders.fingerprint("image"), encoders.fingerprint("text")
 
-    cols, jobs = plan_rows(index, assignment, settings, image_fp, dtype)
-    if images:
-        rows = cols["row"]
-    else:  # text only: no image is read, every accepted row's captions are encoded
-        cols, jobs = {k: [] for k in cols}, []
-        rows = np.flatnonzero(np.asarray(assignment.bucket_id) >= 0).tolist()
-    captions = sorted({_final_caption(c, caption_transform)
-                       for r in rows for c in index.captions[r]} | {""})
-    tkeys = {c: text_key(c, text_fp, text_dtype, padding) for c in captions}
-    stored = load_entries(root)
-    _barrier()
+        cols, jobs = plan_rows(index, assignment, settings, image_fp, dtype)
+        if images:
+            rows = cols["row"]
+        else:  # text only: no image is read, every accepted row's captions are encoded
+            cols, jobs = {k: [] for k in cols}, []
+            rows = np.flatnonzero(np.asarray(assignment.bucket_id) >= 0).tolist()
+        captions = sorted({_final_caption(c, caption_transform)
+                           for r in rows for c in index.captions[r]} | {""})
+        tkeys = {c: text_key(c, text_fp, text_dtype, padding) for c in captions}
+        stored = load_entries(root)
+        _barrier()
 
-    writer = ShardWriter(root / "shards", int(shard_size), rank)
-    todo_texts = [c for c in captions if tkeys[c] not in stored]
-    chunks = [todo_texts[k : k + text_batch_size]
-              for k in range(0, len(todo_texts), text_batch_size)][rank::world]
-    for chunk in chunks:
-        out = {k: v.cpu() for k, v in encoders.encode_text(chunk).items()}  # one device sync
-        for j, caption in enumerate(chunk):
-            n = int(out["text_lengths"][j]) if padding == "trimmed" else None
-            writer.add(tkeys[caption], {
-                "prompt_embeds": out["prompt_embeds"][j, :n],
-                "pooled_prompt_embeds": out["pooled_prompt_embeds"][j],
-                "text_length": out["text_lengths"][j : j + 1],
+        writer = ShardWriter(root / "shards", int(shard_size), rank)
+        todo_texts = [c for c in captions if tkeys[c] not in stored]
+        chunks = [todo_texts[k : k + text_batch_size]
+                  for k in range(0, len(todo_texts), text_batch_size)][rank::world]
+        for chunk in chunks:
+            out = {k: v.cpu() for k, v in encoders.encode_text(chunk).items()}  # one device sync
+            for j, caption in enumerate(chunk):
+                n = int(out["text_lengths"][j]) if padding == "trimmed" else None
+                writer.add(tkeys[caption], {
+                    "prompt_embeds": out["prompt_embeds"][j, :n],
+                    "pooled_prompt_embeds": out["pooled_prompt_embeds"][j],
+                    "text_length": out["text_lengths"][j : j + 1],
+                })
+
+        todo = [Job(j.row, j.params, tuple(k if k not in stored else None for k in j.keys))
+                for j in jobs]
+        todo = [j for j in todo if any(j.keys)]
+        mine = _batches(todo, int(batch_size))[rank::world]
+        failed = _encode_images(index, todo, mine, settings, encoders, writer, workers,
+                                progress and rank == 0)
+        writer.flush()
+
+        stats = {"latents_encoded": sum(1 for b in mine for i in b for k in todo[i].keys if k)
+                 - failed["latents"],
+                 "texts_encoded": sum(len(c) for c in chunks), "failed": failed["rows"]}
+        everyone = _gather((stats, writer.written))
+        if rank == 0:
+            entries = load_entries(root)
+            for _, written in everyone:
+                entries.update(written)
+            write_entries(root, entries)
+            _write_view(root, cols, tkeys, {
+                "format": CACHE_FORMAT, "version": CACHE_VERSION, "model": encoders.model,
+                "fingerprints": {"image": image_fp, "text": text_fp}, "dtype": dtype,
+                "text_dtype": text_dtype, "t5_padding": padding, "flip_p": float(flip_p),
+                "crop": crop, "variants": int(variants), "fit": settings.key(), "seed": int(seed),
+                "empty_caption_key": tkeys[""], "images": bool(images),
+                "caption_format": _caption_format(caption_transform),
+                "vae_scale_factor": getattr(encoders, "vae_scale_factor", None),
             })
-
-    todo = [Job(j.row, j.params, tuple(k if k not in stored else None for k in j.keys))
-            for j in jobs]
-    todo = [j for j in todo if any(j.keys)]
-    mine = _batches(todo, int(batch_size))[rank::world]
-    failed = _encode_images(index, todo, mine, settings, encoders, writer, workers,
-                            progress and rank == 0)
-    writer.flush()
-
-    stats = {"latents_encoded": sum(1 for b in mine for i in b for k in todo[i].keys if k)
-             - failed["latents"],
-             "texts_encoded": sum(len(c) for c in chunks), "failed": failed["rows"]}
-    everyone = _gather((stats, writer.written))
-    if rank == 0:
-        entries = load_entries(root)
-        for _, written in everyone:
-            entries.update(written)
-        write_entries(root, entries)
-        _write_view(root, cols, tkeys, {
-            "format": CACHE_FORMAT, "version": CACHE_VERSION, "model": encoders.model,
-            "fingerprints": {"image": image_fp, "text": text_fp}, "dtype": dtype,
-            "text_dtype": text_dtype, "t5_padding": padding, "flip_p": float(flip_p),
-            "crop": crop, "variants": int(variants), "fit": settings.key(), "seed": int(seed),
-            "empty_caption_key": tkeys[""], "images": bool(images),
-            "caption_format": _caption_format(caption_transform),
-        })
     _barrier()
     cache = EncoderCache.open(root)
     cache.build_stats = {
@@ -257,16 +264,43 @@ def _caption_format(caption_transform: Any) -> dict[str, Any]:
 
 def _prepare_folder(root: Path, rank: int) -> None:
     """Check the folder is new, empty or a cache of this format (every rank, so that all
-    raise together); rank 0 creates it and clears temporary files a killed build left."""
+    raise together); rank 0 creates it and marks it ours (cache.json without a build) before
+    writing anything else. A folder holding files but no mark is never adopted, whatever
+    their names."""
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"{root} exists and is not a folder")
-    if (root / "cache.json").exists():
+    marked = (root / "cache.json").exists()
+    if marked:
         read_meta(root)
-    elif root.is_dir() and any(p.name not in OWN_FILES for p in root.iterdir()):
+    elif root.is_dir() and any(root.iterdir()):
         raise FileExistsError(f"{root} is a folder with other files and no cache.json: "
                               "give an empty or new folder (nothing there is overwritten)")
+    _barrier()
     if rank == 0:
-        (root / "shards").mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        if not marked:
+            write_meta(root, start_mark())
+        (root / "shards").mkdir(exist_ok=True)
+    _barrier()
+
+
+def _lock(root: Path, rank: int, held: contextlib.ExitStack) -> None:
+    """Rank 0 takes the folder's build lock into ``held``; when another build holds it,
+    every rank raises the same error (none is left waiting at a barrier)."""
+    refused = None
+    if rank == 0:
+        try:
+            held.enter_context(build_lock(root))
+        except RuntimeError as error:
+            refused = str(error)
+    refused = next((r for r in _gather(refused) if r), None)
+    if refused:
+        raise RuntimeError(refused)
+
+
+def _clear_temporary(root: Path, rank: int) -> None:
+    """Rank 0, holding the build lock: remove the temporary files a killed build left."""
+    if rank == 0:
         for tmp in (root / "shards").glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
     _barrier()
@@ -321,7 +355,9 @@ def _write_view(
     root: Path, cols: dict[str, list], tkeys: dict[str, str], meta: dict[str, Any]
 ) -> None:
     """rows.parquet (images), texts.parquet (captions) of this build, then cache.json, each
-    atomically: cache.json last, so a folder with one is a finished cache."""
+    atomically: cache.json last, naming the build the tables carry, so a folder whose
+    cache.json names its tables is a finished cache and a killed rebuild is refused."""
+    build = uuid.uuid4().hex
     table = pa.table({
         "row": pa.array(cols["row"], pa.int64()),
         "path": pa.array([os.fsencode(p) for p in cols["path"]], pa.binary()),
@@ -336,10 +372,9 @@ def _write_view(
     texts = pa.table({"caption": pa.array([c.encode("utf-8", "surrogatepass") for c in captions],
                                           pa.binary()),
                       "key": pa.array([tkeys[c] for c in captions], pa.string())})
-    with atomic_path(root / "rows.parquet") as tmp:
-        pq.write_table(table, tmp)
-    with atomic_path(root / "texts.parquet") as tmp:
-        pq.write_table(texts, tmp)
-    atomic_write_bytes(root / "cache.json", json.dumps(meta, indent=1).encode())
+    for name, t in (("rows.parquet", table), ("texts.parquet", texts)):
+        with atomic_path(root / name) as tmp:
+            pq.write_table(t.replace_schema_metadata({"build": build}), tmp)
+    write_meta(root, {**meta, "build": build})
 
 

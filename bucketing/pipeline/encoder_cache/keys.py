@@ -42,7 +42,6 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
 }
 TRIMMED_MODELS = tuple(name for name, spec in MODELS.items() if spec.t5_trimmed)
 SHARD_BYTES = 256 << 20  # a shard is written once its entries reach this size
-OWN_FILES = ("shards", "entries.parquet", "rows.parquet", "texts.parquet", "cache.json")
 
 
 

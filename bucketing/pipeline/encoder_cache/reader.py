@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from safetensors import safe_open
 from bucketing.pipeline.encoder_cache.keys import TRIMMED_MODELS
 from bucketing.pipeline.encoder_cache.store import (
     ShardWriter,
+    build_lock,
+    check_view,
     load_entries,
     read_meta,
     write_entries,
@@ -59,6 +62,7 @@ class EncoderCache:
         """Open a cache folder; raises a clear error for a missing, foreign or old one."""
         root = Path(path)
         meta = read_meta(root)
+        check_view(root, meta)
         try:
             rows = pq.read_table(root / "rows.parquet").to_pydict()
             texts = pq.read_table(root / "texts.parquet").to_pydict()
@@ -92,10 +96,44 @@ class EncoderCache:
         shard = self._entries.get(key)
         if shard is None:
             raise KeyError(f"entry {key[:12]} is not in the cache {self.root} (rebuild it)")
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = safe_open(str(self.root / "shards" / shard), "pt")
-        return handle.get_tensor(full)
+        try:
+            handle = self._handles.get(shard)
+            if handle is None:
+                handle = self._handles[shard] = safe_open(str(self.root / "shards" / shard),
+                                                          "pt")
+            tensor = handle.get_tensor(full)
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+            raise ValueError(f"shard {shard} of {self.root} is damaged or edited ({error}): "
+                             "delete it and rebuild") from error
+        return self._checked(tensor, full, shard)
+
+    def _checked(self, t: torch.Tensor, full: str, shard: str) -> torch.Tensor:
+        """``t`` if its dtype and rank are what the build wrote (a shard header edited to
+        another dtype or shape is refused, naming the shard)."""
+        name = full.rsplit(".", 1)[1]
+        want = {"latents": (self.meta["dtype"], 3),
+                "prompt_embeds": (self.meta.get("text_dtype"), 2),
+                "pooled_prompt_embeds": (self.meta.get("text_dtype"), 1),
+                "text_length": ("int64", 1)}.get(name)
+        got = str(t.dtype).removeprefix("torch.")
+        if want is None or got != want[0] or t.ndim != want[1]:
+            raise ValueError(f"shard {shard} of {self.root} holds {full[:20]}... as {got} "
+                             f"{tuple(t.shape)}, not what the build wrote: the shard is "
+                             "damaged or edited (delete it and rebuild)")
+        return t
+
+    def _stale(self, r: int) -> bool:
+        """True when row ``r``'s file is no longer the one encoded: its stored identity
+        (path, size, mtime_ns) differs from ``stat`` now (embedded bytes are keyed by their
+        hash and cannot change)."""
+        identity = json.loads(self.rows["identity"][r])
+        if not isinstance(identity[2], int):
+            return False
+        try:
+            st = os.stat(identity[0])
+        except OSError:
+            return True
+        return [int(st.st_size), int(st.st_mtime_ns)] != identity[1:]
 
     def latents(self, path: str) -> list[torch.Tensor]:
         """Every cached latent of an image (variant-major, unflipped then flipped)."""
@@ -118,18 +156,27 @@ class EncoderCache:
                 (rows["width"][r], rows["height"][r]) != tuple(int(v) for v in size_wh):
             raise KeyError(f"{path} is cached for bucket {rows['bucket_w'][r]}x"
                            f"{rows['bucket_h'][r]}, not {bw}x{bh} (rebuild the cache)")
+        if self._stale(r):
+            raise KeyError(f"{path} changed after the cache was built (size or modification "
+                           "time): its latents are stale (rebuild the cache)")
         flip = bool(rng.random() < self.flip_p)
         k = int(rng.integers(self.variants)) if self.variants > 1 else 0
         keys = rows["latent_keys"][r]
         per = len(keys) // len(rows["crop_y"][r])
         key = keys[k * per + (1 if flip and per > 1 else 0)]
+        latents = self._tensor(key, "latents")
+        factor = self.meta.get("vae_scale_factor")
+        if factor and tuple(latents.shape[1:]) != (bh // factor, bw // factor):
+            raise ValueError(f"the cached latents of {path} are {tuple(latents.shape)}, not "
+                             f"those of a {bw}x{bh} bucket: the shard is damaged or edited "
+                             "(rebuild the cache)")
         params = FitParams(
             bucket=(bw, bh), scale=max(bw / size_wh[0], bh / size_wh[1]),
             resized=(rows["resized_w"][r], rows["resized_h"][r]),
             crop=(rows["crop_y"][r][k], rows["crop_x"][r][k], bh, bw), flip=flip,
         )
         return {
-            "latents": self._tensor(key, "latents"),
+            "latents": latents,
             "fit": params,
             "original_size": (rows["height"][r], rows["width"][r]),
             "crop_top_left": params.crop_top_left,
@@ -196,34 +243,40 @@ class EncoderCache:
         return sum(p.stat().st_size for p in (self.root / "shards").glob("*.safetensors"))
 
     def prune(self) -> dict[str, int]:
-        """Remove entries the current view does not refer to (rewriting mixed shards);
-        returns the counts of entries removed and shards rewritten."""
+        """Remove entries the current view does not refer to (rewriting mixed shards, one at
+        a time, into new shards of at most the shard byte cap); returns the counts of entries
+        removed and shards rewritten. Holds the build lock: refused while a build runs."""
         keep = self.referenced()
         by_shard: dict[str, list[str]] = {}
         for key, shard in self._entries.items():
             by_shard.setdefault(shard, []).append(key)
-        writer = ShardWriter(self.root / "shards", 1 << 30, 0)
-        removed, rewritten, dropped = 0, 0, []
-        for shard, keys in sorted(by_shard.items()):
-            kept = [k for k in keys if k in keep]
-            if len(kept) == len(keys):
-                continue
-            removed += len(keys) - len(kept)
-            if kept:
-                rewritten += 1
-                survivors = self._names_by_shard(set(kept))[shard]
-                with safe_open(str(self.root / "shards" / shard), "pt") as f:
-                    for name in survivors:
-                        writer.tensors[name] = f.get_tensor(name)
-                writer.keys.update(kept)
-            dropped.append(shard)
-        writer.flush()  # the survivors are safe in a new shard before any old one goes
-        entries = {k: s for k, s in self._entries.items() if k in keep}
-        entries.update(writer.written)
-        write_entries(self.root, entries)
-        for shard in dropped:
-            (self.root / "shards" / shard).unlink(missing_ok=True)
+        with build_lock(self.root):
+            writer = ShardWriter(self.root / "shards", 1 << 62, 0)
+            removed, rewritten, dropped = 0, 0, []
+            for shard, keys in sorted(by_shard.items()):
+                kept = [k for k in keys if k in keep]
+                if len(kept) == len(keys):
+                    continue
+                removed += len(keys) - len(kept)
+                if kept:
+                    rewritten += 1
+                    self._copy_entries(shard, set(kept), writer)
+                dropped.append(shard)
+            writer.flush()  # the survivors are safe in new shards before any old one goes
+            entries = {k: s for k, s in self._entries.items() if k in keep}
+            entries.update(writer.written)
+            write_entries(self.root, entries)
+            for shard in dropped:
+                (self.root / "shards" / shard).unlink(missing_ok=True)
         self._entries, self._handles = entries, {}
         return {"removed": removed, "rewritten": rewritten}
 
-
+    def _copy_entries(self, shard: str, keys: set[str], writer: ShardWriter) -> None:
+        """Add ``keys``' tensors from ``shard`` to ``writer`` entry by entry (it writes a
+        shard whenever its entries reach the byte cap)."""
+        by_key: dict[str, list[str]] = {}
+        for name in self._names_by_shard(keys)[shard]:
+            by_key.setdefault(name.rsplit(".", 1)[0], []).append(name)
+        with safe_open(str(self.root / "shards" / shard), "pt") as f:
+            for key, names in by_key.items():
+                writer.add(key, {n.rsplit(".", 1)[1]: f.get_tensor(n) for n in names})
