@@ -32,7 +32,7 @@ _LAZY_MODULES = {
         "PromptTokenizer", "SD3Encoders", "SD3Tokenizer", "SD15Tokenizer", "SDXLEncoders",
         "SDXLTokenizer", "collate", "flux_image_ids", "flux_time_shift_mu", "load_image",
         "pack_latents", "sdxl_add_time_ids", "shift_timesteps", "to_model_input",
-        "tokenizer_for_model", "unpack_latents",
+        "tokenizer_for_model", "unpack_latents", "DiffusersCollate", "diffusers_batch",
     ),
     "bucketing.pipeline.dataset": ("TextToImageDataset",),
     "bucketing.pipeline.encoder_cache": ("EncoderCache", "build_cache"),
@@ -57,6 +57,7 @@ __all__ = [
     "load_image", "load_loader_state",
     "pack_latents", "resolve_source", "scan", "sdxl_add_time_ids", "shift_timesteps",
     "text_to_image_dataset", "to_model_input", "tokenizer_for_model", "unpack_latents",
+    "DiffusersCollate", "diffusers_batch",
 ]
 
 

@@ -24,12 +24,20 @@ crops every epoch), the VAE encodes them each step, and the text encoders (T5-XX
 in bf16) are never loaded.
 
     python examples/tiny_models.py flux .cache/tiny-flux --tokenizers .cache/flux-tokenizers
-    python examples/train_flux_lora.py --weights .cache/tiny-flux --steps 3 --max-area 65536
-    python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --steps 1000
+    python examples/train_flux_lora.py --weights .cache/tiny-flux --max-steps 3 --max-area 65536 \
+        --output runs/tiny
+    python examples/train_flux_lora.py --weights FLUX.1-dev --config examples/dataset.toml \
+        --epochs 10 --grad-accum 4 --lr-scheduler cosine --checkpoint-every 500 --output runs/me
+    python examples/train_flux_lora.py --weights FLUX.1-dev --config examples/dataset.toml \
+        --epochs 10 --grad-accum 4 --lr-scheduler cosine --output runs/me --resume latest
     bucket-cache my_photos/ --weights FLUX.1-dev --out cache/ --max-area 1048576
     python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --cache cache/
     bucket-cache my_photos/ --weights FLUX.1-dev --out text/ --max-area 1048576 --text-only
     python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --cache text/
+
+The loop, checkpoints, resume and the saved LoRA files are examples/lora_loop.py's. The kohya
+file's keys are ``lora_transformer_*`` (diffusers' ``convert_state_dict_to_kohya`` of the
+``transformer.`` keys, the names OneTrainer writes and ComfyUI loads for FLUX).
 """
 
 from __future__ import annotations
@@ -38,19 +46,18 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, FluxTransformer2DModel
-from lora_loop import add_lora, parser, train_steps
+from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from lora_loop import KOHYA_FILE, LORA_FILE, add_lora, build_loader, check_args, parser, save_kohya
+from lora_loop import train as train_loop
+from peft.utils import get_peft_model_state_dict
 from torch.utils.data import DataLoader
 from transformers import CLIPTextModel, T5EncoderModel
 
-from bucketing import BucketLadder, EncoderCache, TextToImageDataset, assign, scan
-from samplers import BucketBatchSampler
+from bucketing import EncoderCache, TextToImageDataset
 from transforms import (
     BucketResizeCrop,
     CaptionTransform,
     FluxTokenizer,
-    collate,
     flux_image_ids,
     flux_time_shift_mu,
     pack_latents,
@@ -59,34 +66,26 @@ from transforms import (
     unpack_latents,
 )
 
+MODELS = ("flux", "flux-schnell")
 
-def build_loader(args: argparse.Namespace, cache: EncoderCache | None = None) -> DataLoader:
-    """The data side, as a FLUX user wires it: pixels and token ids, or ``cache``'s
-    latents and text embeddings (pixels still fitted per occurrence when it is text-only)."""
-    index = scan(args.data, workers=1)
-    overrides = {"max_area": args.max_area} if args.max_area else {}
-    # Buckets fitted to the data, as bucket-cache and the builders fit them by default.
-    assignment = assign(index, BucketLadder.from_data(
-        index, base=BucketLadder.for_model("flux", **overrides)))
-    if cache is not None and cache.images:
-        dataset = TextToImageDataset(index, assignment, encoder_cache=cache, seed=args.seed,
-                                     caption_transform=CaptionTransform(dropout=0.1))
-    elif cache is not None:  # text embeddings cached, pixels fitted (and flipped) every time
-        dataset = TextToImageDataset(index, assignment, encoder_cache=cache, seed=args.seed,
-                                     image_transform=BucketResizeCrop(crop="random", flip_p=0.5),
-                                     caption_transform=CaptionTransform(dropout=0.1))
-    else:
+
+def data_loader(args: argparse.Namespace, cache: EncoderCache | None = None) -> DataLoader:
+    """The data side, as a FLUX user wires it: pixels and token ids (from ``--config`` or
+    ``--data``), or ``cache``'s latents and text embeddings."""
+    if cache is None:
         tokenizer = FluxTokenizer.from_flux_dir(args.weights, t5_max_length=args.t5_max_length)
-        dataset = TextToImageDataset(
-            index, assignment,
-            image_transform=BucketResizeCrop(crop="random", flip_p=0.5),
-            caption_transform=CaptionTransform(dropout=0.1, template=args.template),
-            model_transform=tokenizer,
-            seed=args.seed,
-        )
-    sampler = BucketBatchSampler(assignment, batch_size=args.batch_size, seed=args.seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                      num_workers=args.workers, pin_memory=torch.cuda.is_available())
+        return build_loader(args, MODELS, tokenizer)
+
+    def cached(index, assignment, seed):
+        if cache.images:
+            return TextToImageDataset(index, assignment, encoder_cache=cache, seed=seed,
+                                      caption_transform=CaptionTransform(dropout=0.1))
+        # text-only: embeddings cached, pixels fitted (and flipped) every occurrence
+        return TextToImageDataset(index, assignment, encoder_cache=cache, seed=seed,
+                                  image_transform=BucketResizeCrop(crop="random", flip_p=0.5),
+                                  caption_transform=CaptionTransform(dropout=0.1))
+
+    return build_loader(args, MODELS, None, cached)
 
 
 def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
@@ -117,19 +116,19 @@ def open_cache(path: str) -> EncoderCache:
     return cache
 
 
-def train(args: argparse.Namespace) -> float:
-    """Run ``args.steps`` optimizer steps; return the last loss."""
-    torch.manual_seed(args.seed)
+def train(args: argparse.Namespace) -> list[float]:
+    """Train; return the loss of every optimizer step this run took."""
+    torch.manual_seed(_seed(args))
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cache = open_cache(args.cache) if args.cache else None
-    loader = build_loader(args, cache)
+    loader = data_loader(args, cache)
     vae, clip, t5, transformer = load_models(args, device, dtype,
                                              images=cache is None or not cache.images,
                                              text=cache is None)
-    optimizer = torch.optim.AdamW(add_lora(transformer, args.rank), lr=args.lr)
+    params = add_lora(transformer, args.rank)
 
-    def step(batch: dict) -> tuple[torch.Tensor, str]:
+    def step(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, str]:
         inputs = to_model_input(batch, device, dtype)  # pixels in [-1, 1] on the device
         attention = None
         if "latents" in inputs:  # encoded once, by bucket-cache
@@ -138,7 +137,8 @@ def train(args: argparse.Namespace) -> float:
         else:  # pixels fitted this step (no cache, or a text-only one)
             b, _, height, width = inputs["pixel_values"].shape
             with torch.no_grad():
-                latents = vae.encode(inputs["pixel_values"]).latent_dist.sample()
+                dist = vae.encode(inputs["pixel_values"]).latent_dist
+                latents = dist.sample(generator=generator)
                 latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
         if cache is not None:  # caption embeddings encoded once, by bucket-cache
             pooled = inputs["pooled_prompt_embeds"].to(dtype)
@@ -155,9 +155,10 @@ def train(args: argparse.Namespace) -> float:
 
         # Flow matching: x_t = (1 - t) x_0 + t noise, target noise - x_0; t logit-normal,
         # shifted toward noise for large buckets (mu grows with the image token count).
-        noise = torch.randn_like(latents)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=dtype)
         mu = flux_time_shift_mu(height, width)
-        t = shift_timesteps(torch.sigmoid(torch.randn(b, device=device)), mu).to(dtype)
+        u = torch.randn(b, generator=generator, device=device)
+        t = shift_timesteps(torch.sigmoid(u), mu).to(dtype)
         noisy = (1 - t[:, None, None, None]) * latents + t[:, None, None, None] * noise
         guidance = (torch.full((b,), args.guidance, device=device, dtype=dtype)
                     if transformer.config.guidance_embeds else None)
@@ -172,15 +173,21 @@ def train(args: argparse.Namespace) -> float:
             joint_attention_kwargs=attention,
             return_dict=False,
         )[0]
-        loss = F.mse_loss(unpack_latents(pred, lh, lw).float(), (noise - latents).float())
-        return loss, (f"bucket {width}x{height}  batch {b}  "
-                      f"tokens {(height // 16) * (width // 16)}  mu {mu:.3f}")
+        error = unpack_latents(pred, lh, lw).float() - (noise - latents).float()
+        per_sample = error.square().mean(dim=(1, 2, 3))  # [B]: each image weighs the same
+        return per_sample, (f"bucket {width}x{height}  batch {b}  "
+                            f"tokens {(height // 16) * (width // 16)}  mu {mu:.3f}")
 
-    loss = train_steps(loader, args.steps, step, optimizer)
-    if args.save:
-        transformer.save_lora_adapter(args.save)
-        print(f"LoRA saved in {args.save}")
-    return loss
+    def save_lora(folder: Path) -> None:
+        FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(
+            transformer))
+        save_kohya(folder / LORA_FILE, folder / KOHYA_FILE, prefix="lora_")
+
+    return train_loop(args, loader, transformer, params, step, save_lora)
+
+
+def _seed(args: argparse.Namespace) -> int:
+    return 0 if args.seed is None else args.seed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -191,10 +198,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance value")
     p.add_argument("--cache", metavar="DIR", help="encoder cache (bucket-cache) of the same "
                    "--data and --max-area: train from its latents and text embeddings")
-    args = p.parse_args(argv)
-    if args.cache and args.template != p.get_default("template"):
+    args = check_args(p, p.parse_args(argv))
+    if args.cache and args.template is not None:
         p.error("--template cannot apply to a cache (its captions are encoded as they are): "
                 "template the captions before bucket-cache")
+    if args.cache and args.config:
+        p.error("--cache reads one folder's encoder cache: give --data, not --config")
     return args
 
 

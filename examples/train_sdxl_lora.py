@@ -10,8 +10,14 @@ own original size, crop and bucket (``sdxl_add_time_ids``: the script's ``comput
 with the bucket as target size), an epsilon (or v) target for the LoRA-adapted UNet.
 
     python examples/tiny_models.py sdxl .cache/tiny-sdxl --tokenizers .cache/sdxl-tokenizers
-    python examples/train_sdxl_lora.py --weights .cache/tiny-sdxl --steps 3 --max-area 65536
-    python examples/train_sdxl_lora.py --weights stable-diffusion-xl-base-1.0 --data my_photos/
+    python examples/train_sdxl_lora.py --weights .cache/tiny-sdxl --max-steps 3 --max-area 65536 \
+        --output runs/tiny
+    python examples/train_sdxl_lora.py --weights stable-diffusion-xl-base-1.0 --data my_photos/ \
+        --epochs 10 --grad-accum 2 --lr-scheduler cosine --checkpoint-every 500 --output runs/me
+
+The loop, checkpoints, resume (``--resume latest``) and the saved LoRA files are
+examples/lora_loop.py's; the kohya file's keys are ``lora_unet_*``, as diffusers' SDXL
+DreamBooth script writes them with ``convert_state_dict_to_kohya``.
 """
 
 from __future__ import annotations
@@ -20,41 +26,19 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from lora_loop import add_lora, parser, train_steps
-from torch.utils.data import DataLoader
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import convert_state_dict_to_diffusers
+from lora_loop import KOHYA_FILE, LORA_FILE, add_lora, build_loader, check_args, parser, save_kohya
+from lora_loop import train as train_loop
+from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from bucketing import BucketLadder, TextToImageDataset, assign, scan
-from samplers import BucketBatchSampler
-from transforms import (
-    BucketResizeCrop,
-    CaptionTransform,
-    SDXLTokenizer,
-    collate,
-    sdxl_add_time_ids,
-    to_model_input,
-)
-
-
-def build_loader(args: argparse.Namespace) -> DataLoader:
-    """The data side, as an SDXL user wires it."""
-    index = scan(args.data, workers=1)
-    overrides = {"max_area": args.max_area} if args.max_area else {}
-    # Buckets fitted to the data, as bucket-cache and the builders fit them by default.
-    assignment = assign(index, BucketLadder.from_data(
-        index, base=BucketLadder.for_model("sdxl", **overrides)))
-    dataset = TextToImageDataset(
-        index, assignment,
-        image_transform=BucketResizeCrop(crop="random", flip_p=0.5),
-        caption_transform=CaptionTransform(dropout=0.1, template=args.template),
-        model_transform=SDXLTokenizer.from_pretrained_dir(args.weights),
-        seed=args.seed,
-    )
-    sampler = BucketBatchSampler(assignment, batch_size=args.batch_size, seed=args.seed)
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                      num_workers=args.workers, pin_memory=torch.cuda.is_available())
+from transforms import SDXLTokenizer, sdxl_add_time_ids, to_model_input
 
 
 def encode_prompt(encoders, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,12 +52,12 @@ def encode_prompt(encoders, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torc
     return torch.cat(embeds, dim=-1), pooled
 
 
-def train(args: argparse.Namespace) -> float:
-    """Run ``args.steps`` optimizer steps; return the last loss."""
-    torch.manual_seed(args.seed)
+def train(args: argparse.Namespace) -> list[float]:
+    """Train; return the loss of every optimizer step this run took."""
+    torch.manual_seed(0 if args.seed is None else args.seed)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    loader = build_loader(args)
+    loader = build_loader(args, ("sdxl",), SDXLTokenizer.from_pretrained_dir(args.weights))
     weights = Path(args.weights)
     scheduler = DDPMScheduler.from_pretrained(weights, subfolder="scheduler")
     vae = AutoencoderKL.from_pretrained(weights, subfolder="vae")  # float32, as the script
@@ -85,19 +69,19 @@ def train(args: argparse.Namespace) -> float:
     unet = UNet2DConditionModel.from_pretrained(weights, subfolder="unet", torch_dtype=dtype)
     for frozen in (vae, *encoders, unet):
         frozen.requires_grad_(False).to(device)
-    optimizer = torch.optim.AdamW(add_lora(unet, args.rank), lr=args.lr)
+    params = add_lora(unet, args.rank)
 
-    def step(batch: dict) -> tuple[torch.Tensor, str]:
+    def step(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, str]:
         inputs = to_model_input(batch, device, torch.float32)
         b, _, height, width = inputs["pixel_values"].shape
         with torch.no_grad():
-            latents = vae.encode(inputs["pixel_values"]).latent_dist.sample()
+            latents = vae.encode(inputs["pixel_values"]).latent_dist.sample(generator=generator)
             latents = (latents * vae.config.scaling_factor).to(dtype)
             prompt_embeds, pooled = encode_prompt(
                 encoders, [inputs["input_ids_one"], inputs["input_ids_two"]])
-        noise = torch.randn_like(latents)
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,),
-                                  device=device).long()
+                                  generator=generator, device=device).long()
         noisy = scheduler.add_noise(latents, noise, timesteps)
         time_ids = sdxl_add_time_ids(inputs, dtype=dtype)  # [B, 6] from our sizes
         pred = unet(noisy, timesteps, prompt_embeds, return_dict=False,
@@ -106,21 +90,23 @@ def train(args: argparse.Namespace) -> float:
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        loss = F.mse_loss(pred.float(), target.float())
-        return loss, f"bucket {width}x{height}  batch {b}  time_ids {time_ids[0].int().tolist()}"
+        per_sample = (pred.float() - target.float()).square().mean(dim=(1, 2, 3))  # [B]
+        return per_sample, (f"bucket {width}x{height}  batch {b}  "
+                            f"time_ids {time_ids[0].int().tolist()}")
 
-    loss = train_steps(loader, args.steps, step, optimizer)
-    if args.save:
-        unet.save_lora_adapter(args.save)
-        print(f"LoRA saved in {args.save}")
-    return loss
+    def save_lora(folder: Path) -> None:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=layers)
+        save_kohya(folder / LORA_FILE, folder / KOHYA_FILE)
+
+    return train_loop(args, loader, unet, params, step, save_lora)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    return parser(__doc__.split("\n\n")[0], "SDXL checkout folder (unet/, vae/, "
-                  "text_encoder/, text_encoder_2/, scheduler/, tokenizer/, tokenizer_2/)"
-                  ).parse_args(argv)
+    p = parser(__doc__.split("\n\n")[0], "SDXL checkout folder (unet/, vae/, "
+               "text_encoder/, text_encoder_2/, scheduler/, tokenizer/, tokenizer_2/)")
+    return check_args(p, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ validation."""
 from __future__ import annotations
 
 import math
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transforms import CaptionTransform
+from bucketing import BucketLadder, TextToImageDataset, assign, scan
+from transforms import BucketResizeCrop, CaptionTransform
 from transforms.caption import shuffle_parts, split_parts
 from transforms.rng import sample_rng
 
@@ -202,3 +204,66 @@ def test_bad_types_raise():
         CaptionTransform(tag_dropout=True)
     with pytest.raises(TypeError):
         CaptionTransform()([b"bytes caption", "x"], rng(0))
+
+
+sep_part = st.text(alphabet="abc xyz", min_size=1, max_size=6).map(str.strip).filter(bool)
+
+
+@settings(deadline=None, max_examples=60)
+@given(before=st.lists(sep_part, max_size=3), after=st.lists(sep_part, max_size=3),
+       caption=st.sampled_from(["", "  ", "red car"]),
+       separator=st.sampled_from([",", ";", " |"]))
+def test_template_never_leaves_a_stray_separator(before, after, caption, separator):
+    """A template of parts around {caption}: an empty caption closes up to the other parts
+    joined by the separator; a caption fills the placeholder literally."""
+    joiner = separator.strip() + " "
+    template = joiner.join([*before, "{caption}", *after])
+    t = CaptionTransform(template=template, separator=separator.strip())
+    out = t([caption], rng(0))
+    if caption.strip():
+        assert out == template.replace("{caption}", caption).strip()
+    else:
+        assert out == joiner.join(before + after)
+        sep = separator.strip()
+        assert not out.startswith(sep) and not out.endswith(sep)
+        assert f"{sep} {sep}" not in out and f"{sep}{sep}" not in out
+
+
+def test_empty_caption_closes_up_the_template_and_prefix():
+    assert CaptionTransform(template="photo of sks dog, {caption}")([""], rng(0)) == \
+        "photo of sks dog"
+    assert CaptionTransform(template="{caption}, in the style of x")([], rng(0)) == \
+        "in the style of x"
+    assert CaptionTransform(template="sks, {caption}, 4k")([], rng(0)) == "sks, 4k"
+    assert CaptionTransform(prefix="sks dog, ")([], rng(0)) == "sks dog"
+    assert CaptionTransform(prefix="sks, ", suffix=", 4k")([], rng(0)) == "sks, 4k"
+    assert CaptionTransform(template="a {caption} photo")([], rng(0)) == "a photo"
+
+
+def test_fallback_class_token_or_file_stem():
+    dog = CaptionTransform(fallback="dog", template="photo of sks {caption}")
+    assert dog([], rng(0)) == "photo of sks dog"
+    assert dog(["", " "], rng(0)) == "photo of sks dog"
+    assert dog(["a cat"], rng(0)) == "photo of sks a cat"  # a real caption wins
+    stem = CaptionTransform(fallback="stem")
+    sample = {"captions": [], "rng": rng(0), "path": "/data/photos/golden_retriever.v2.jpg"}
+    assert stem(sample)["caption"] == "golden_retriever.v2"
+    assert stem([], rng(0), "shots/IMG_0001.png") == "IMG_0001"
+    with pytest.raises(ValueError, match="path"):
+        stem([], rng(0))
+    with pytest.raises(ValueError, match="fallback"):
+        CaptionTransform(fallback="  ")
+    # dropout still gives the unconditional "" (the fallback is for missing captions)
+    assert CaptionTransform(fallback="dog", dropout=1.0)([], rng(0)) == ""
+
+
+def test_fallback_stem_through_the_dataset(tmp_path, examples_dir):
+    shutil.copy(examples_dir / "rocket.jpg", tmp_path / "red_rocket.jpg")
+    (tmp_path / "red_rocket.txt").write_text("")
+    index = scan(tmp_path, workers=0)
+    dataset = TextToImageDataset(index, assign(index, BucketLadder.for_model("sd15")),
+                                 image_transform=BucketResizeCrop(),
+                                 caption_transform=CaptionTransform(fallback="stem",
+                                                                    template="sks, {caption}"))
+    sample = dataset[0]
+    assert sample["caption"] == "sks, red_rocket" and "path" not in sample

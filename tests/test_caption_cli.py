@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bucketing import scan
-from bucketing.cli.caption import caption_folder
+from bucketing.cli.caption import caption_folder, main
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "tree", "sky", "person", "car"]
 
@@ -95,6 +95,23 @@ def test_errors(folder, tmp_path):
         caption_folder(folder, tmp_path / "no-model")
     with pytest.raises(ValueError, match="batch_size"):
         caption_folder(folder, tmp_path, batch_size=0)
+
+
+def test_trigger_word_written_into_created_captions(folder, tiny_blip, capsys):
+    assert main([str(folder), "--captioner", str(tiny_blip), "--max-new-tokens", "6",
+                 "--device", "cpu", "--template", "photo of sks dog, {caption}"]) == 0
+    assert "3 captions written" in capsys.readouterr().out
+    for stem in ("coffee", "rocket", "china"):
+        text = (folder / f"{stem}.txt").read_text().strip()
+        assert text.startswith("photo of sks dog, ")
+        assert set(text.removeprefix("photo of sks dog, ").split()) <= set(WORDS)
+    assert "sks" not in (folder / "flower.txt").read_text()  # an existing caption is untouched
+    run = caption_folder(folder, tiny_blip, overwrite=True, max_new_tokens=6, device="cpu",
+                         prefix="sks dog, ")
+    assert len(run.written) == 5
+    assert (folder / "flower.txt").read_text().startswith("sks dog, ")
+    with pytest.raises(ValueError, match=r"\{caption\}"):
+        caption_folder(folder, tiny_blip, template="photo of sks dog")
 
 
 def test_symlinked_sidecars_are_never_followed_or_written_through(tmp_path, examples_dir,

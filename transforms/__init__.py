@@ -3,6 +3,7 @@
 from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
 from transforms.decoded_cache import DecodedImageCache
+from transforms.diffusers_scripts import DiffusersCollate, diffusers_batch
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import DecodeSettings, decode_image, load_image
 from transforms.resize_crop import BucketResizeCrop, FitParams, decode_and_fit
@@ -26,6 +27,7 @@ __all__ = [
     "CaptionTransform",
     "DecodeSettings",
     "DecodedImageCache",
+    "DiffusersCollate",
     "FitParams",
     "FluxEncoders",
     "FluxTokenizer",
@@ -38,6 +40,7 @@ __all__ = [
     "collate",
     "decode_and_fit",
     "decode_image",
+    "diffusers_batch",
     "flux_image_ids",
     "flux_time_shift_mu",
     "load_image",

@@ -1,5 +1,5 @@
 """Caption augmentation: pick one of several captions, dropout, part shuffle, tag dropout,
-trigger phrases.
+trigger phrases, a fallback for images without a caption.
 
 A functional core (`pick_caption`, `shuffle_parts`, `drop_parts`, `format_caption`,
 `transform_caption`) and a
@@ -11,17 +11,22 @@ Draw order is fixed — one uniform for dropout, then the caption pick, then the
 then (only when tag dropout is on) one uniform per part after the kept ones — so changing the
 dropout rate does not change which caption or order the kept samples get, and turning tag
 dropout off gives exactly the captions of a transform without it.
+
+An empty caption in a template closes up around the placeholder: "photo of sks dog, {caption}"
+gives "photo of sks dog", never "photo of sks dog," (see `format_caption`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
 import numpy as np
 
 PLACEHOLDER = "{caption}"
+STEM = "stem"  # fallback: the file name without its extension
 
 
 def pick_caption(captions: Sequence[str] | str, rng: np.random.Generator) -> str:
@@ -84,16 +89,63 @@ def drop_parts(
 
 
 def format_caption(
-    caption: str, *, prefix: str = "", suffix: str = "", template: str | None = None
+    caption: str,
+    *,
+    prefix: str = "",
+    suffix: str = "",
+    template: str | None = None,
+    separator: str = ",",
 ) -> str:
     """``prefix + template(caption) + suffix``, stripped of outer whitespace.
 
     ``template`` contains ``{caption}`` (e.g. "a photo of sks person, {caption}"); it is
     substituted literally, so other braces in the template or the caption are harmless.
     Prefix and suffix are concatenated as given: include your own separator ("sks, ").
+    An empty ``caption`` leaves no stray ``separator`` behind: the text on each side of the
+    gap loses the separator that faced it ("sks dog, {caption}" -> "sks dog"; "a, {caption},
+    b" -> "a, b"; prefix "sks, " alone -> "sks").
     """
+    caption = caption.strip()
     text = caption if template is None else template.replace(PLACEHOLDER, caption)
-    return (prefix + text + suffix).strip()
+    if not caption and template is not None:
+        pieces = template.split(PLACEHOLDER)
+        text = pieces[0]
+        for piece in pieces[1:]:
+            text = close_gap(text, piece, separator)
+    if text.strip():
+        return (prefix + text + suffix).strip()
+    return close_gap(prefix, suffix, separator).strip()
+
+
+def close_gap(left: str, right: str, separator: str = ",") -> str:
+    """``left`` and ``right`` joined where an empty caption was: the ``separator`` that ends
+    ``left`` or starts ``right`` goes with the caption; two parts that both faced the gap with
+    a separator keep one between them ("a," + ", b" -> "a, b")."""
+    lhs, rhs = left.rstrip(), right.lstrip()
+    left_sep = not separator.isspace() and lhs.endswith(separator)
+    right_sep = not separator.isspace() and rhs.startswith(separator)
+    if left_sep:
+        lhs = lhs[: -len(separator)].rstrip()
+    if right_sep:
+        rhs = rhs[len(separator):].lstrip()
+    if not lhs or not rhs:
+        return lhs or rhs
+    if left_sep and right_sep:
+        return join_parts([lhs, rhs], separator)
+    spaced = left_sep or right_sep or lhs != left or rhs != right
+    return lhs + (" " if spaced else "") + rhs
+
+
+def caption_fallback(fallback: str | None, path: str | None) -> str:
+    """The caption of an image without one: "" for no ``fallback``, the file name's stem for
+    ``"stem"`` (``path`` required), else ``fallback`` itself (a class token such as "dog")."""
+    if fallback is None:
+        return ""
+    if fallback == STEM:
+        if not path:
+            raise ValueError('fallback="stem" needs the image\'s path (the dataset passes it)')
+        return os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+    return fallback
 
 
 def transform_caption(
@@ -108,27 +160,34 @@ def transform_caption(
     suffix: str = "",
     template: str | None = None,
     tag_dropout: float = 0.0,
+    fallback: str | None = None,
+    path: str | None = None,
 ) -> str:
     """Pick, drop out, shuffle, drop tags, then format one training caption.
 
     A dropped-out caption is exactly "" (the unconditional prompt for classifier-free
-    guidance): prefix, suffix and template are not applied to it.
+    guidance): prefix, suffix and template are not applied to it. An image whose picked
+    caption is empty gets ``caption_fallback(fallback, path)`` instead.
     """
     dropped = rng.random() < dropout
     caption = pick_caption(captions, rng)
     if dropped:
         return ""
+    if not caption.strip():
+        caption = caption_fallback(fallback, path)
     if shuffle:
         caption = shuffle_parts(caption, rng, separator=separator, keep_parts=keep_parts)
     if tag_dropout > 0:
         caption = drop_parts(caption, rng, tag_dropout, separator=separator, keep_parts=keep_parts)
-    return format_caption(caption, prefix=prefix, suffix=suffix, template=template)
+    return format_caption(caption, prefix=prefix, suffix=suffix, template=template,
+                          separator=separator)
 
 
 class CaptionTransform:
     """The caption transform of `bucketing.TextToImageDataset`: ``transform(sample) ->
-    sample`` sets ``sample["caption"]`` from ``sample["captions"]`` (the image's captions)
-    and ``sample["rng"]``; ``transform(captions, rng) -> str`` works too, for a direct call.
+    sample`` sets ``sample["caption"]`` from ``sample["captions"]`` (the image's captions),
+    ``sample["rng"]`` and ``sample["path"]`` (for ``fallback="stem"``); ``transform(captions,
+    rng) -> str`` works too, for a direct call.
 
     Args:
         dropout: probability in [0, 1] of returning "" (for classifier-free guidance).
@@ -140,6 +199,10 @@ class CaptionTransform:
         template: a string containing ``{caption}``, e.g. "a photo of sks person, {caption}".
         tag_dropout: probability in [0, 1] of dropping each part after the first
             ``keep_parts`` (kohya's ``caption_tag_dropout_rate``), after the shuffle.
+        fallback: the caption of an image that has none (or only empty ones): a class token
+            such as "dog", or ``"stem"`` for the file name without its extension
+            ("golden_retriever_01"). Default: "" (an empty caption; a template closes up
+            around it).
     """
 
     def __init__(
@@ -152,6 +215,7 @@ class CaptionTransform:
         suffix: str = "",
         template: str | None = None,
         tag_dropout: float = 0.0,
+        fallback: str | None = None,
     ) -> None:
         for name, rate in (("dropout", dropout), ("tag_dropout", tag_dropout)):
             if isinstance(rate, bool) or not isinstance(rate, (int, float)):
@@ -172,6 +236,11 @@ class CaptionTransform:
         for name, value in (("prefix", prefix), ("suffix", suffix)):
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {value!r}")
+        if fallback is not None and (not isinstance(fallback, str) or not fallback.strip()):
+            raise ValueError(
+                f'fallback must be a non-empty string (a class token, or "{STEM}" for the file '
+                f"name), got {fallback!r}"
+            )
         if template is not None and (not isinstance(template, str) or PLACEHOLDER not in template):
             raise ValueError(
                 f"template must be a string containing {PLACEHOLDER!r} "
@@ -185,21 +254,26 @@ class CaptionTransform:
         self.suffix = suffix
         self.template = template
         self.tag_dropout = float(tag_dropout)
+        self.fallback = fallback
 
     @overload
     def __call__(self, sample: Mapping[str, Any]) -> dict[str, Any]: ...
     @overload
     def __call__(self, sample: Sequence[str] | str, rng: np.random.Generator) -> str: ...
 
-    def __call__(self, sample, rng=None):
-        """``sample`` with ``caption`` made from its ``captions`` and ``rng``; or, given the
-        captions and a generator, the caption alone."""
+    def __call__(self, sample, rng=None, path=None):
+        """``sample`` with ``caption`` made from its ``captions``, ``rng`` (and ``path``); or,
+        given the captions and a generator (and the image's path), the caption alone."""
         if isinstance(sample, Mapping):
-            return {**sample, "caption": self.caption(sample["captions"], sample["rng"])}
-        return self.caption(sample, rng)
+            caption = self.caption(sample["captions"], sample["rng"], sample.get("path"))
+            return {**sample, "caption": caption}
+        return self.caption(sample, rng, path)
 
-    def caption(self, captions: Sequence[str] | str, rng: np.random.Generator) -> str:
-        """:func:`transform_caption` with this transform's settings."""
+    def caption(
+        self, captions: Sequence[str] | str, rng: np.random.Generator, path: str | None = None
+    ) -> str:
+        """:func:`transform_caption` with this transform's settings (``path`` is the image's,
+        for ``fallback="stem"``)."""
         return transform_caption(
             captions,
             rng,
@@ -211,6 +285,8 @@ class CaptionTransform:
             suffix=self.suffix,
             template=self.template,
             tag_dropout=self.tag_dropout,
+            fallback=self.fallback,
+            path=path,
         )
 
     def __repr__(self) -> str:
@@ -218,5 +294,5 @@ class CaptionTransform:
             f"CaptionTransform(dropout={self.dropout}, shuffle_parts={self.shuffle_parts}, "
             f"keep_parts={self.keep_parts}, separator={self.separator!r}, prefix={self.prefix!r}, "
             f"suffix={self.suffix!r}, template={self.template!r}, "
-            f"tag_dropout={self.tag_dropout})"
+            f"tag_dropout={self.tag_dropout}, fallback={self.fallback!r})"
         )

@@ -6,8 +6,11 @@ A local transformers image-to-text model (any folder ``AutoProcessor`` and
 sidecar, no ``metadata.jsonl`` row), in batches, on the GPU when there is one. An existing
 caption is never overwritten unless ``--overwrite`` is given; sidecars are written atomically.
 An image that cannot be read is reported and skipped, never the end of the run.
+``--prefix`` / ``--template`` write a trigger word into every caption created ("sks dog, " +
+the generated text, or "photo of sks dog, {caption}"); captions already there are untouched.
 
     bucket-caption my_photos/ --captioner blip-image-captioning-base --batch-size 16
+    bucket-caption my_photos/ --captioner blip-base --template "photo of sks dog, {caption}"
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from bucketing.atomic import atomic_write_bytes
 from bucketing.members import parse_member
 from bucketing.printable import escape
 from bucketing.sources import resolve_source, sidecar_path
+from transforms.caption import PLACEHOLDER, format_caption
 from transforms.image import ImageDecodeError, load_image
 
 
@@ -65,13 +69,20 @@ def caption_folder(
     max_new_tokens: int = 40,
     prompt: str | None = None,
     device: str | None = None,
+    prefix: str = "",
+    template: str | None = None,
 ) -> CaptionRun:
     """Write a generated ``<stem>.txt`` for every image of ``folder`` without a caption (every
-    image with ``overwrite``), with the image-to-text model in the local folder ``model_dir``."""
+    image with ``overwrite``), with the image-to-text model in the local folder ``model_dir``.
+    Each written caption is ``prefix + template(generated text)`` (``format_caption``: a
+    trigger word such as "sks dog, ", or a template "photo of sks dog, {caption}")."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if template is not None and PLACEHOLDER not in template:
+        raise ValueError(f"template must contain {PLACEHOLDER} (e.g. 'photo of sks dog, "
+                         f"{PLACEHOLDER}'), got {template!r}")
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model folder not found: {model_dir} (a local "
                                 "transformers image-to-text model; nothing is downloaded)")
@@ -120,6 +131,7 @@ def caption_folder(
             if problem:
                 run.refused.append((path, problem))
                 continue
+            text = format_caption(text, prefix=prefix, template=template)
             atomic_write_bytes(sidecar_path(path), (text + "\n").encode("utf-8"))
             run.written.append(path)
     return run
@@ -136,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=40, metavar="N")
     p.add_argument("--prompt", help="text prompt for conditional captioning models")
     p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--prefix", default="", help='text written before each created caption, '
+                   'e.g. "sks dog, " (include your own separator)')
+    p.add_argument("--template", help='each created caption as this template, e.g. "photo of '
+                   'sks dog, {caption}"')
     p.add_argument("--overwrite", action="store_true",
                    help="also caption images that have a caption (their .txt is replaced)")
     return p
@@ -157,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run = caption_folder(args.folder, args.captioner, batch_size=args.batch_size,
                              overwrite=args.overwrite, max_new_tokens=args.max_new_tokens,
-                             prompt=args.prompt, device=args.device)
+                             prompt=args.prompt, device=args.device, prefix=args.prefix,
+                             template=args.template)
     except (ValueError, OSError) as error:
         print(f"bucket-caption: error: {escape(str(error))}", file=sys.stderr)
         return 2

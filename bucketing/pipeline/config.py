@@ -55,7 +55,7 @@ from transforms.caption import CaptionTransform
 from transforms.tokenize import tokenizer_for_model
 
 CAPTION_KEYS = ("template", "prefix", "suffix", "dropout", "shuffle_parts", "keep_parts",
-                "separator", "tag_dropout")
+                "separator", "tag_dropout", "fallback")
 # key -> (accepted types, what its value must be)
 TOP_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "model": ((str,), f"one of {', '.join(MODEL_SPECS)}"),

@@ -101,7 +101,7 @@ class ReadsFiles(Protocol):
 
 
 _ON_ERROR = ("substitute", "raise")
-_TRANSIENT = ("image", "captions", "rng")  # transform inputs, not sample contents
+_TRANSIENT = ("image", "captions", "rng", "path")  # transform inputs, not sample contents
 _MAX_EPOCH = 2**63 - 1  # the epoch is shared with workers as one int64
 _WARNED: set[str] = set()  # files already reported by this process
 
@@ -262,7 +262,8 @@ class TextToImageDataset(Dataset):
         else:
             rng = sample_rng(self.seed, epoch, i, "caption", occurrence)
             sample = self._apply(
-                "caption_transform", self.caption_transform, sample, captions=captions, rng=rng
+                "caption_transform", self.caption_transform, sample, captions=captions, rng=rng,
+                path=self.index.paths[sample["index"]],
             )
             if not isinstance(sample.get("caption"), str):
                 raise TypeError(
