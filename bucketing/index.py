@@ -24,13 +24,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bucketing.members import parse_member, read_member
-from bucketing.table_file import ARROW_SUFFIX, TableFileError, load_table, save_table
+from bucketing.table_file import (
+    ARROW_SUFFIX,
+    TableFileError,
+    column_names,
+    load_table,
+    save_table,
+)
 
 __all__ = ["CaptionColumn", "ImageIndex", "Rejection", "TextColumn", "utf8_text"]
 
 INDEX_FORMAT = "aspect-bucketing/index"
 INDEX_VERSION = 2
 _INDEX_COLUMNS = ("path", "width", "height", "captions", "reason", "detail")
+_MASK_COLUMN = "loss_mask"
 _INDEX_TYPES = {"path": pa.large_binary(), "width": pa.int64(), "height": pa.int64(),
                 "captions": pa.large_list(pa.large_string()), "reason": pa.string(),
                 "detail": pa.string()}
@@ -254,6 +261,11 @@ class ImageIndex:
     Such an index cannot be saved (:meth:`save` says so); rebuild it with ``scan``.
     ``scan_stats`` is the :class:`bucketing.scan.ScanStats` of the ``scan`` call that built
     the index; None for an index built otherwise or loaded from disk.
+
+    Paired files, columnar like ``paths``: ``conditioning`` holds K :class:`TextColumn`
+    (``conditioning[k][i]`` is row i's k-th conditioning image; K is fixed per index, 0
+    without pairs); ``loss_mask`` a :class:`TextColumn` of mask paths (``""``: no mask for
+    that row, ``ALPHA_MASK``: the image's alpha) or None when no row has one.
     """
 
     paths: TextColumn
@@ -263,21 +275,37 @@ class ImageIndex:
     rejections: list[Rejection] = field(default_factory=list)
     blob: Callable[[int], bytes] | None = None
     scan_stats: Any = field(default=None, repr=False)
+    conditioning: list[TextColumn] = field(default_factory=list)
+    loss_mask: TextColumn | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.paths, TextColumn):
             self.paths = TextColumn.from_strings(self.paths)
+        self.conditioning = [c if isinstance(c, TextColumn) else TextColumn.from_strings(c)
+                             for c in self.conditioning]  # fmt: skip
+        if self.loss_mask is not None and not isinstance(self.loss_mask, TextColumn):
+            self.loss_mask = TextColumn.from_strings(self.loss_mask)
         if not isinstance(self.captions, CaptionColumn):
             self.captions = CaptionColumn.from_lists(self.captions)
         self.width = np.asarray(self.width, dtype=np.int64).reshape(-1)
         self.height = np.asarray(self.height, dtype=np.int64).reshape(-1)
         self.rejections = [Rejection(*r) for r in self.rejections]
         n = len(self.paths)
-        if not (len(self.width) == len(self.height) == len(self.captions) == n):
+        paired = [len(c) for c in self.conditioning] + (
+            [len(self.loss_mask)] if self.loss_mask is not None else []
+        )
+        if not (len(self.width) == len(self.height) == len(self.captions) == n) or any(
+            m != n for m in paired
+        ):
             raise ValueError(
                 f"ImageIndex columns differ in length: paths={n}, width={len(self.width)}, "
-                f"height={len(self.height)}, captions={len(self.captions)}"
+                f"height={len(self.height)}, captions={len(self.captions)}, paired={paired}"
             )
+
+    @property
+    def has_pairs(self) -> bool:
+        """True when rows carry conditioning images or loss masks."""
+        return bool(self.conditioning) or self.loss_mask is not None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -290,7 +318,11 @@ class ImageIndex:
     @property
     def nbytes(self) -> int:
         """Bytes held by the accepted rows' columns (text included, rejections excluded)."""
-        return self.paths.nbytes + self.captions.nbytes + self.width.nbytes + self.height.nbytes
+        paired = sum(c.nbytes for c in self.conditioning) + (
+            self.loss_mask.nbytes if self.loss_mask is not None else 0
+        )
+        return (self.paths.nbytes + self.captions.nbytes + self.width.nbytes
+                + self.height.nbytes + paired)  # fmt: skip
 
     def image_source(self, i: int) -> str | bytes:
         """What ``transforms.load_image`` should open for row ``i``: a path or encoded bytes
@@ -326,6 +358,11 @@ class ImageIndex:
         n, rej = len(self), self.rejections
         zeros = np.zeros(len(rej), np.int64)
         rejected_captions = pa.array([[]] * len(rej), pa.large_list(pa.large_string()))
+        blanks = pa.array([b""] * len(rej), pa.large_binary())
+        paired = {f"conditioning_{k}": pa.concat_arrays([c.to_arrow(), blanks])
+                  for k, c in enumerate(self.conditioning)}  # fmt: skip
+        if self.loss_mask is not None:
+            paired[_MASK_COLUMN] = pa.concat_arrays([self.loss_mask.to_arrow(), blanks])
         table = pa.table(
             {
                 "path": pa.concat_arrays([
@@ -337,6 +374,7 @@ class ImageIndex:
                 "captions": pa.concat_arrays([self.captions.to_arrow(), rejected_captions]),
                 "reason": pa.array([None] * n + [utf8_text(r.reason) for r in rej], pa.string()),
                 "detail": pa.array([None] * n + [utf8_text(r.detail) for r in rej], pa.string()),
+                **paired,
             }
         )  # fmt: skip
         meta = {"format": INDEX_FORMAT, "version": str(INDEX_VERSION)}
@@ -346,10 +384,12 @@ class ImageIndex:
     def load(cls, path: str | os.PathLike) -> ImageIndex:
         """Read an index written by :meth:`save` (an Arrow file is memory-mapped, not copied);
         raises ``ValueError`` for a file of another format or version."""
+        extra = [c for c in column_names(path)[len(_INDEX_COLUMNS) :]
+                 if c.startswith("conditioning_") or c == _MASK_COLUMN]  # fmt: skip
         table = load_table(
             path,
             {"format": INDEX_FORMAT, "version": str(INDEX_VERSION)},
-            _INDEX_COLUMNS,
+            (*_INDEX_COLUMNS, *extra),
             f"an aspect-bucketing index (version {INDEX_VERSION})",
             _INDEX_TYPES,
         )
@@ -371,4 +411,6 @@ class ImageIndex:
                 Rejection(os.fsdecode(p), r, d or "")
                 for p, r, d in zip(rest["path"], rest["reason"], rest["detail"], strict=True)
             ],
+            conditioning=[TextColumn.from_arrow(rows[c]) for c in extra if c != _MASK_COLUMN],
+            loss_mask=TextColumn.from_arrow(rows[_MASK_COLUMN]) if _MASK_COLUMN in extra else None,
         )

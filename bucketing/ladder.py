@@ -252,6 +252,8 @@ class BucketLadder:
         used = np.flatnonzero(preset.counts > 0)
         cut = used if len(used) <= budget else _preset_budget(base, width, height, budget)
         chosen = fit_buckets(width, height, base.buckets, cut, max_buckets=budget, **lattice)
+        if not len(chosen) and len(cut):  # the lattice fits none the preset fits: the preset cut
+            chosen = base.buckets[cut]
         if not len(chosen):
             raise NoImageFits("from_data needs at least one image that a bucket of the base "
                              "ladder fits")

@@ -8,6 +8,7 @@ most pixels and why. ``bucket-report`` prints both.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from bucketing.assign import Assignment, assign
 from bucketing.fit_ladder import own_sizes
-from bucketing.ladder import BucketLadder
+from bucketing.ladder import BucketLadder, NoImageFits
 from bucketing.sizes import MAX_SIDE, image_sizes
 
 if TYPE_CHECKING:
@@ -75,7 +76,8 @@ def ladder_trade(
         wanted = {used, max(1, used // 2), max(1, used // 4), *(int(b) for b in budgets)}
         for k in sorted(wanted, reverse=True):
             ladders.append((f"fitted, {k}", BucketLadder.from_data(wh, max_buckets=k, base=base)))
-        ladders.append(("own sizes", BucketLadder.from_data(wh, base=base, native=True)))
+        with contextlib.suppress(NoImageFits):  # the lattice may hold no image's own size
+            ladders.append(("own sizes", BucketLadder.from_data(wh, base=base, native=True)))
     rows = [trade_row(name, preset if lad is base else assign(wh, lad), global_batch, repeats)
             for name, lad in ladders]
     same = [i for i, (_, lad) in enumerate(ladders)

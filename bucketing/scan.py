@@ -37,9 +37,11 @@ from bucketing.headers import (
 )
 from bucketing.index import CaptionColumn, ImageIndex, Rejection, TextColumn
 from bucketing.members import stat_path
+from bucketing.pairs import has_alpha, pair_files, pair_problem
 from bucketing.scan_cache import CacheRow, ScanCache, check_cache_path
 from bucketing.sources import Entry, resolve_source
 from bucketing.sources.hf_dataset import load_source
+from bucketing.sources.rows import ALPHA_MASK, refuse_pairs
 from bucketing.sources.shards import read_manifest_columns
 from bucketing.sources.tar import tar_columns, tar_shards
 
@@ -129,6 +131,7 @@ def _scan_manifest(
     base = os.fspath(base_dir) if base_dir is not None else None
     tars = tar_shards(source)
     if tars is not None:
+        refuse_pairs(dict(column_map or {}), "tar shards")
         got = tar_columns(tars, base)
     else:
         got = read_manifest_columns(source, dict(column_map or {}), base)
@@ -213,20 +216,35 @@ def _scan(
 
     paths, widths, heights, captions, rows = [], [], [], [], []
     rejections = list(resolved.rejections)
-    for entry, h in zip(entries, headers, strict=True):
+    # paired files are read by shard too: each rank checks its own rows' pairs
+    problems = _pair_problems(entries[lo:hi], headers[lo:hi], _resolve_workers(workers),
+                              resolved.blobs)  # fmt: skip
+    if world > 1:
+        problems = [p for shard in _all_gather(problems) for p in shard]
+    k = max((len(e.conditioning) for e in entries), default=0)
+    conditioning: list[list[str]] = [[] for _ in range(k)]
+    masks: list[str] = []
+    for entry, h, problem in zip(entries, headers, problems, strict=True):
         if h.ok and limit is not None and h.width * h.height > limit:
             detail = f"{h.width}x{h.height} is more than max_pixels={limit}"
             rejections.append(Rejection(entry.label, "too_many_pixels", detail))
+        elif h.ok and problem is not None:
+            rejections.append(Rejection(entry.label, *problem))
         elif h.ok:
             paths.append(entry.path)
             widths.append(h.width)
             heights.append(h.height)
             captions.append(list(entry.captions))
             rows.append(entry.row)
+            for column, path in zip(conditioning, entry.conditioning, strict=True):
+                column.append(path)
+            masks.append(entry.mask or "")
         else:
             rejections.append(Rejection(entry.label, h.reason, h.detail))
     blob = resolved.blobs.take(rows) if resolved.blobs is not None else None
-    index = ImageIndex(paths, widths, heights, captions, rejections, blob=blob)
+    index = ImageIndex(paths, widths, heights, captions, rejections, blob=blob,
+                       conditioning=conditioning,
+                       loss_mask=masks if any(e.mask for e in entries) else None)  # fmt: skip
 
     reused = sum(shard[3] for shard in shards)
     if cache is not None and _local_rank(rank) == 0:  # one writer per node
@@ -241,6 +259,34 @@ def _scan(
         seconds=time.perf_counter() - t0,
     )
     return index
+
+
+def _pair_problems(
+    entries: Sequence[Entry],
+    headers: Sequence[Header],
+    workers: int,
+    blobs: Callable[[int], bytes] | None,
+) -> list[tuple[str, str] | None]:
+    """Per entry, why its paired files cannot be used (see :mod:`bucketing.pairs`), or None.
+    Their headers are read like the images' (in worker processes when there are many)."""
+    files = [pair_files(e.conditioning, e.mask) if h.ok else [] for e, h in
+             zip(entries, headers, strict=True)]  # fmt: skip
+    if not any(files) and not any(e.mask == ALPHA_MASK for e in entries):
+        return [None] * len(entries)
+    read = iter(_read_all([(p, None) for named in files for _, p in named], workers, None, False))
+    out: list[tuple[str, str] | None] = []
+    for entry, h, named in zip(entries, headers, files, strict=True):
+        got = [next(read) for _ in named]
+        problem = pair_problem(h, named, got) if h.ok else None
+        if problem is None and h.ok and entry.mask == ALPHA_MASK:
+            try:
+                source = blobs(entry.row) if blobs is not None else entry.path
+            except Exception:  # the image's own read fails too, and says why
+                source = b""
+            if not has_alpha(source):
+                problem = ("no_alpha", "loss_mask='alpha' but the image has no alpha channel")
+        out.append(problem)
+    return out
 
 
 # --------------------------------------------------------------------------- one shard

@@ -26,7 +26,9 @@ import pyarrow.parquet as pq
 
 from bucketing.atomic import atomic_path, check_replaceable
 
-__all__ = ["ARROW_SUFFIX", "TableFileError", "has_format", "load_table", "save_table"]
+__all__ = [
+    "ARROW_SUFFIX", "TableFileError", "column_names", "has_format", "load_table", "save_table",
+]
 
 ARROW_SUFFIX = ".arrow"
 _MAGIC = {b"PAR1": "parquet", b"ARROW1": "arrow"}
@@ -121,6 +123,21 @@ def has_format(path: str | os.PathLike, fmt: str) -> bool:
     except (pa.ArrowException, OSError, ValueError):
         return False
     return (schema.metadata or {}).get(b"format") == fmt.encode()
+
+
+def column_names(path: str | os.PathLike) -> list[str]:
+    """The column names of a parquet or Arrow file (reads only the footer/schema); [] when it
+    is neither (:func:`load_table` then says what it is)."""
+    path = os.fspath(path)
+    try:
+        kind = _container(path)
+        if kind == "parquet":
+            return list(pq.read_schema(path).names)
+        if kind == "arrow":
+            return list(pa.ipc.open_file(pa.memory_map(path, "r")).schema.names)
+    except (pa.ArrowException, OSError, ValueError):
+        pass
+    return []
 
 
 def _container(path: str) -> str | None:

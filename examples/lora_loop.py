@@ -117,7 +117,8 @@ def build_loader(
         sampler = build_sampler(config, dataset)
     else:
         seed = _arg(args, "seed")
-        index = scan(args.data or str(REPO / "examples" / "data"), workers=1)
+        index = scan(args.data or str(REPO / "examples" / "data"), workers=1,
+                     column_map=getattr(args, "column_map", None))
         overrides = {"max_area": args.max_area} if args.max_area else {}
         # Buckets fitted to the data, as bucket-cache and the builders fit them by default.
         assignment = assign(index, BucketLadder.from_data(

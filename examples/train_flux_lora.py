@@ -35,6 +35,11 @@ in bf16) are never loaded.
     bucket-cache my_photos/ --weights FLUX.1-dev --out text/ --max-area 1048576 --text-only
     python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --cache text/
 
+With ``--loss-mask`` the data's loss masks weight the loss (a manifest's ``loss_mask`` column;
+``--loss-mask alpha`` the images' alpha; ``--loss-mask '{stem}_mask.png'`` a folder's mask
+files): each latent token counts by the share of its pixels the mask covers
+(``loss_weight_for``), so a masked-out background does not train.
+
 The loop, checkpoints, resume and the saved LoRA files are examples/lora_loop.py's. The kohya
 file's keys are ``lora_transformer_*`` (diffusers' ``convert_state_dict_to_kohya`` of the
 ``transformer.`` keys, the names OneTrainer writes and ComfyUI loads for FLUX).
@@ -60,6 +65,7 @@ from transforms import (
     FluxTokenizer,
     flux_image_ids,
     flux_time_shift_mu,
+    loss_weight_for,
     pack_latents,
     shift_timesteps,
     to_model_input,
@@ -173,8 +179,14 @@ def train(args: argparse.Namespace) -> list[float]:
             joint_attention_kwargs=attention,
             return_dict=False,
         )[0]
-        error = unpack_latents(pred, lh, lw).float() - (noise - latents).float()
-        per_sample = error.square().mean(dim=(1, 2, 3))  # [B]: each image weighs the same
+        if args.loss_mask:  # each 2x2 token weighs the share of its pixels the mask covers
+            weight = loss_weight_for(inputs["loss_mask"], "flux", latent_hw=(lh, lw))
+            error = (pred.float() - pack_latents(noise - latents).float()).square() * weight
+            per_sample = error.sum(dim=(1, 2)) / (weight.sum(dim=(1, 2)) * pred.shape[-1]
+                                                  ).clamp_min(1.0)
+        else:
+            error = unpack_latents(pred, lh, lw).float() - (noise - latents).float()
+            per_sample = error.square().mean(dim=(1, 2, 3))  # [B]: each image weighs the same
         return per_sample, (f"bucket {width}x{height}  batch {b}  "
                             f"tokens {(height // 16) * (width // 16)}  mu {mu:.3f}")
 
@@ -198,7 +210,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=1.0, help="FLUX.1-dev guidance value")
     p.add_argument("--cache", metavar="DIR", help="encoder cache (bucket-cache) of the same "
                    "--data and --max-area: train from its latents and text embeddings")
+    p.add_argument("--loss-mask", nargs="?", const="loss_mask", metavar="RULE",
+                   help="weight the loss by the data's masks: a manifest column (default "
+                   "loss_mask), 'alpha', or a folder template such as '{stem}_mask.png'")
     args = check_args(p, p.parse_args(argv))
+    args.column_map = {"loss_mask": args.loss_mask} if args.loss_mask else None
     if args.cache and args.template is not None:
         p.error("--template cannot apply to a cache (its captions are encoded as they are): "
                 "template the captions before bucket-cache")

@@ -266,3 +266,26 @@ def test_contradictory_options_are_refused(capsys):
     with pytest.raises(SystemExit):
         train_flux_lora.parse_args(["--weights", "w", "--cache", "c", "--template", "{caption}"])
     assert "--template cannot apply to a cache" in capsys.readouterr().err
+
+
+def test_train_flux_lora_with_a_loss_mask(tiny, tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (w, h) in enumerate([(96, 64), (64, 96), (96, 64), (64, 96)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255  # the subject; the rest not trained
+        Image.fromarray(mask).save(tmp_path / f"{i}_mask.png")
+        rows.append({"image": f"{i}.png", "loss_mask": f"{i}_mask.png", "caption": f"photo {i}"})
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = run_here(train_flux_lora, capsys, "--weights", str(tiny["flux"]), "--data",
+                   str(tmp_path / "rows.jsonl"), "--loss-mask", "--max-area", str(64 * 64),
+                   "--batch-size", "2", "--workers", "2", "--device", "cpu",
+                   "--output", str(tmp_path / "lora"))
+    assert len(BATCH.findall(out)) == 2 and all(loss > 0 for _, _, loss in steps(out))
+    assert any(k.startswith("transformer.") for k in lora_tensors(tmp_path / "lora"))

@@ -273,6 +273,8 @@ SCHEMA: dict[str, Any] = {
     "captions": {"missing": int, "several": int,
                  "tokens": (("map", _TOKENS), None)},
     "notices": ("map", int),
+    "pairs": {"conditioning_images": int, "rows_with_conditioning": int, "rows_with_mask": int,
+              "alpha_masks": int, "rejected": ("map", int)},
     "trade": ({"global_batch": int,
                "rows": [{"ladder": str, "buckets": int, "resolution_loss": {
                    "mean": float, "p95": float, "max": float},
@@ -525,3 +527,16 @@ def test_repeats_and_padding_with_the_fix_for_one_gpu(runs: dict[str, Any]) -> N
     assert advice["problems"] == ["most of the epoch is padding: 18 of 24 samples are "
                                   "duplicates (3 buckets for 6 images)"]
     assert advice["fix"].startswith("--last-batch short ")
+
+
+def test_a_tiny_ladder_whose_lattice_holds_no_own_size_still_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sdxl at --max-area 4096: the preset fits every photo in 64x64 while no photo's own size
+    is on the lattice; the trade table keeps the rows it can and the report exits 0."""
+    for i in range(3):
+        Image.new("RGB", (160, 120), (50 * i, 0, 0)).save(tmp_path / f"{i}.jpg")
+    assert main([str(tmp_path), "--model", "sdxl", "--max-area", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "preset" in out and "own sizes" not in out
+    assert "accepted" in out.lower()

@@ -6,6 +6,7 @@ from transforms.decoded_cache import DecodedImageCache
 from transforms.diffusers_scripts import DiffusersCollate, diffusers_batch
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import DecodeSettings, decode_image, load_image
+from transforms.paired import loss_weight_for
 from transforms.resize_crop import BucketResizeCrop, FitParams, decode_and_fit
 from transforms.tokenize import (
     FluxTokenizer,
@@ -44,6 +45,7 @@ __all__ = [
     "flux_image_ids",
     "flux_time_shift_mu",
     "load_image",
+    "loss_weight_for",
     "pack_latents",
     "sdxl_add_time_ids",
     "shift_timesteps",

@@ -22,7 +22,10 @@ _FLAGS = ("substituted", "flipped", "clip_truncated", "t5_truncated")
 # to the batch's longest along the first axis; the mask says which rows are real.
 _VARIABLE = ("prompt_embeds", "t5_attention_mask")
 _FIXED = ("pixel_values", "latents", "pooled_prompt_embeds")
-_KNOWN = {*_PAIRS, *_TOKENS, *_INTS, *_FLAGS, *_VARIABLE, *_FIXED, "caption"}
+# A row's paired files: uint8 conditioning pixels [K, 3, H, W] and mask [1, H, W] (or, from
+# an encoder cache, conditioning latents [K, C, h, w] and the latent-grid mask [1, h, w]).
+_PAIRED = ("conditioning_pixel_values", "loss_mask", "conditioning_latents")
+_KNOWN = {*_PAIRS, *_TOKENS, *_INTS, *_FLAGS, *_VARIABLE, *_FIXED, *_PAIRED, "caption"}
 
 
 def collate(
@@ -38,7 +41,10 @@ def collate(
 
     ``pixel_values`` uint8 [B, 3, H, W] contiguous, or (from an encoder cache) ``latents``
     [B, C, h, w] and ``pooled_prompt_embeds`` [B, P]; ``original_size``, ``crop_top_left``,
-    ``target_size`` int64 [B, 2]; token ids and masks [B, L] when present; ``index``,
+    ``target_size`` int64 [B, 2]; a row's paired files: ``conditioning_pixel_values`` uint8
+    [B, K, 3, H, W] and ``loss_mask`` uint8 [B, 1, H, W] (or cached
+    ``conditioning_latents`` [B, K, C, h, w] and a latent-grid ``loss_mask`` [B, 1, h, w]);
+    token ids and masks [B, L] when present; ``index``,
     ``original_index`` (and ``text_length``) int64 [B]; ``substituted`` (and other flags)
     bool [B]; ``captions`` a list of str. ``prompt_embeds`` of different lengths (trimmed T5)
     are zero-padded to the longest with ``t5_attention_mask`` [B, L] marking the real rows
@@ -57,9 +63,12 @@ def collate(
     batch: dict[str, Any] = {}
     if "pixel_values" in first or "latents" not in first:
         batch["pixel_values"] = _stack("pixel_values", samples, torch.uint8)
-    for key in ("latents", "pooled_prompt_embeds"):
+    for key in ("latents", "pooled_prompt_embeds", "conditioning_latents"):
         if key in first:
             batch[key] = _stack(key, samples, None)
+    for key in ("conditioning_pixel_values", "loss_mask"):
+        if key in first:
+            batch[key] = _stack(key, samples, torch.uint8)
     if "prompt_embeds" in first:
         batch.update(_pad_embeds(samples))
     for key in _PAIRS:
@@ -102,18 +111,21 @@ def to_model_input(
     batch: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype = torch.bfloat16
 ) -> dict[str, Any]:
     """Copy tensors to ``device`` (``non_blocking``: overlap with compute when the batch is
-    pinned) and turn uint8 ``pixel_values`` into ``dtype`` in [-1, 1] there. Non-tensor
-    values (captions) are passed through."""
+    pinned) and turn uint8 ``pixel_values`` and ``conditioning_pixel_values`` into ``dtype``
+    in [-1, 1] there, and a uint8 ``loss_mask`` into ``dtype`` in [0, 1]. Non-tensor values
+    (captions) are passed through."""
     out: dict[str, Any] = {}
     for key, value in batch.items():
         if not isinstance(value, torch.Tensor):
             out[key] = value
             continue
         moved = value.to(device, non_blocking=True)
-        if key == "pixel_values":
+        if key in ("pixel_values", "conditioning_pixel_values"):
             if moved.dtype != torch.uint8:
-                raise TypeError(f"pixel_values must be uint8 (from collate), got {moved.dtype}")
+                raise TypeError(f"{key} must be uint8 (from collate), got {moved.dtype}")
             moved = moved.to(torch.float32).div_(127.5).sub_(1.0).to(dtype)
+        elif key == "loss_mask" and moved.dtype == torch.uint8:
+            moved = moved.to(torch.float32).div_(255.0).to(dtype)
         out[key] = moved
     return out
 

@@ -45,6 +45,22 @@ def area(text: str) -> int:
     return value
 
 
+def add_column_option(p: argparse.ArgumentParser) -> None:
+    """``--column KEY=NAME`` (repeatable): the scan's ``column_map``, the same in every command,
+    so that a cache reads the paired files a report counted."""
+    p.add_argument("--column", action="append", default=[], type=column_entry, metavar="KEY=NAME",
+                   help="a column_map entry for the scan (repeat it): e.g. caption=text, "
+                   "loss_mask=alpha, or for a folder conditioning_image={stem}_control.png")
+
+
+def column_entry(text: str) -> tuple[str, str]:
+    """An argparse type: a ``KEY=NAME`` pair of ``column_map``."""
+    key, sep, name = text.partition("=")
+    if not sep or not key or not name:
+        raise argparse.ArgumentTypeError(f"expected KEY=NAME (e.g. loss_mask=alpha), got {text!r}")
+    return key, name
+
+
 def add_ladder_options(p: argparse.ArgumentParser) -> None:
     """``--max-area``, ``--levels``, ``--fit``, ``--max-buckets`` and ``--allow-upscale``: the
     same meaning in every command, so that a cache holds exactly the buckets a report showed."""

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from bucketing.assign import assign
-from bucketing.cli.args import ConfigError, add_ladder_options, ladder_overrides, positive_int
+from bucketing.cli.args import (
+    ConfigError,
+    add_column_option,
+    add_ladder_options,
+    ladder_overrides,
+    positive_int,
+)
 from bucketing.ladder import BucketLadder, fitted_ladder
 from bucketing.models import MODELS, encoder_models, named_class
 from bucketing.pipeline.encoder_cache import CROPS, T5_PADDINGS, build_cache
@@ -50,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "text_encoder_2/, tokenizer/, tokenizer_2/)")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder (created)")
     add_ladder_options(p)
+    add_column_option(p)
     p.add_argument("--cache", metavar="PATH", help="scan cache (parquet)")
     p.add_argument("--workers", type=positive_int, metavar="N", help="scan worker processes")
     p.add_argument("--seed", type=int, default=0, metavar="S",
@@ -97,7 +104,8 @@ def run(args: argparse.Namespace) -> list[str]:
     try:
         ladder = fitted_ladder(BucketLadder.for_model(args.model, **ladder_overrides(args)),
                                None, fit=args.fit, max_buckets=args.max_buckets)
-        index = scan(args.source, workers=args.workers, cache=args.cache)
+        index = scan(args.source, workers=args.workers, cache=args.cache,
+                     column_map=dict(args.column) or None)
         ladder = fitted_ladder(ladder, index, fit=args.fit, max_buckets=args.max_buckets)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")

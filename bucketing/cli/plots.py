@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import matplotlib
@@ -118,7 +118,9 @@ def plot_report(figures: dict[str, Any], path: str | os.PathLike) -> None:
 @dataclass
 class PreviewTile:
     """One preview entry: the original (possibly downscaled for display) with the crop box in
-    its pixel coordinates ``(x0, y0, x1, y1)``, the model's input (H, W, 3 uint8), and text."""
+    its pixel coordinates ``(x0, y0, x1, y1)``, the model's input (H, W, 3 uint8), and text;
+    for a row with paired files its conditioning images as the model gets them (each
+    H, W, 3) and its loss mask (H, W uint8 coverage), drawn over the model's input."""
 
     original: np.ndarray
     box: tuple[float, float, float, float]
@@ -126,6 +128,8 @@ class PreviewTile:
     title: str
     caption: str
     flipped: bool
+    conditioning: list[np.ndarray] = field(default_factory=list)
+    mask: np.ndarray | None = None
 
 
 def _draw_tile(ax: Any, tile: PreviewTile) -> None:
@@ -151,10 +155,22 @@ def _draw_tile(ax: Any, tile: PreviewTile) -> None:
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="#e53e3e", lw=1.8))
     ax.text(0, -3, tile.title, fontsize=9, va="bottom", ha="left")
     flipped = ", flipped" if tile.flipped else ""
-    ax.text(right_x, -3, f"model input\n{w1}x{h1}{flipped}", fontsize=9, va="bottom", ha="left")
+    label = "model input" + (" + mask" if tile.mask is not None else "")
+    ax.text(right_x, -3, f"{label}\n{w1}x{h1}{flipped}", fontsize=9, va="bottom", ha="left")
+    if tile.mask is not None:  # shade what the loss leaves out (1 - coverage)
+        shade_rgba = np.zeros((*tile.mask.shape, 4), dtype=np.float32)
+        shade_rgba[..., 0] = 0.85
+        shade_rgba[..., 3] = 0.6 * (1.0 - tile.mask.astype(np.float32) / 255.0)
+        ax.imshow(shade_rgba, extent=(right_x, right_x + w1 * k1, height, 0))
+    end = right_x + w1 * k1
+    for k, image in enumerate(tile.conditioning):
+        x = end + 8.0
+        ax.imshow(image, extent=(x, x + w1 * k1, height, 0))
+        ax.text(x, -3, f"conditioning {k}\nsame crop", fontsize=9, va="bottom", ha="left")
+        end = x + w1 * k1
     caption = textwrap.fill(tile.caption or "(no caption)", width=64, max_lines=2)
     ax.text(0, height + 4, caption, fontsize=9, va="top", ha="left", style="italic")
-    ax.set_xlim(-1, max(right_x + w1 * k1, 210) + 1)
+    ax.set_xlim(-1, max(end, 210) + 1)
     ax.set_ylim(height + 20, -22)
     ax.set_aspect("equal")
     ax.axis("off")
@@ -166,7 +182,9 @@ def plot_preview(tiles: list[PreviewTile], path: str | os.PathLike, columns: int
         raise ValueError("plot_preview: no tiles to draw")
     columns = max(1, min(columns, len(tiles)))
     rows = -(-len(tiles) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 3.4 * rows), squeeze=False)
+    extra = max(len(t.conditioning) for t in tiles)  # room for conditioning images
+    fig, axes = plt.subplots(rows, columns, figsize=((6.4 + 2.4 * extra) * columns, 3.4 * rows),
+                             squeeze=False)  # fmt: skip
     fig.subplots_adjust(left=0.01, right=0.99, top=0.99, bottom=0.01, wspace=0.04, hspace=0.04)
     for ax, tile in zip(axes.flat[: len(tiles)], tiles, strict=True):
         _draw_tile(ax, tile)

@@ -42,6 +42,7 @@ from bucketing.atomic import atomic_write_bytes
 from bucketing.cli import plots as report_plots
 from bucketing.cli.args import (
     ConfigError,
+    add_column_option,
     add_ladder_options,
     area,
     ladder_overrides,
@@ -55,6 +56,7 @@ from bucketing.pipeline.dataset import TextToImageDataset
 from bucketing.pipeline.encoder_cache import estimate_lines
 from bucketing.printable import escape
 from bucketing.scan import scan
+from bucketing.sources.rows import ALPHA_MASK
 from samplers import BucketBatchSampler
 from transforms.caption import CaptionTransform
 from transforms.image import decode_image
@@ -67,6 +69,8 @@ NOTICE_REASONS = frozenset({"duplicate", "unreadable_caption"})
 """Scan rejections that drop no image: a repeated manifest row or folder link (its captions
 merged into the first) and a caption sidecar that cannot be read (the image is kept,
 uncaptioned). The report counts them as ``notices``, not as files seen or rejected."""
+PAIR_REASONS = ("missing_pair", "unreadable_pair", "pair_aspect", "no_alpha")
+"""Rejections of a row for its paired files (conditioning images, loss mask)."""
 
 
 # --------------------------------------------------------------------------- figures
@@ -160,6 +164,37 @@ def file_figures(rows: list[dict[str, Any]], details: list[str]) -> dict[str, An
         "rejected": rejected,
         "rejections": ordered,
     }
+
+
+def pair_figures(index: Any, assignment: Any) -> dict[str, Any]:
+    """Paired files of the accepted rows: ``conditioning_images`` per row (K), rows with a
+    loss mask (``alpha_masks`` of them from the image's alpha), and the rows rejected for
+    their pairs by reason."""
+    ok = np.asarray(assignment.bucket_id) >= 0
+    masks = [index.loss_mask[i] for i in np.flatnonzero(ok)] if index.loss_mask is not None \
+        else []
+    rejected: dict[str, int] = {}
+    for r in index.rejections:
+        if r.reason in PAIR_REASONS:
+            rejected[r.reason] = rejected.get(r.reason, 0) + 1
+    return {
+        "conditioning_images": len(index.conditioning),
+        "rows_with_conditioning": int(ok.sum()) if index.conditioning else 0,
+        "rows_with_mask": sum(1 for m in masks if m),
+        "alpha_masks": sum(1 for m in masks if m == ALPHA_MASK),
+        "rejected": rejected,
+    }
+
+
+def _pair_lines(p: dict[str, Any]) -> list[str]:
+    k = p["conditioning_images"]
+    rejected = " · ".join(f"{n} {reason}" for reason, n in p["rejected"].items()) or "none"
+    return [
+        f"Pairs      {_plural(p['rows_with_conditioning'], 'row')} with "
+        f"{_plural(k, 'conditioning image')} each · {p['rows_with_mask']} with a loss mask "
+        f"({p['alpha_masks']} from alpha)",
+        f"           rows rejected for their pairs: {rejected}",
+    ]
 
 
 def ladder_figures(ladder: Any) -> dict[str, Any]:
@@ -402,6 +437,9 @@ def render_text(figures: dict[str, Any], width: int = 100) -> str:
     if figures["advice"]:
         parts.append(_advice_lines(figures["advice"]))
     parts.append(_caption_lines(figures["captions"]))
+    pairs = figures["pairs"]
+    if pairs["conditioning_images"] or pairs["rows_with_mask"] or pairs["rejected"]:
+        parts.append(_pair_lines(pairs))
     text = "\n\n".join("\n".join(p) for p in parts)
     return "\n".join(_wrap(line, width) for line in text.split("\n")) + "\n"
 
@@ -485,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a FLUX checkout (or folder) with tokenizer/ (CLIP) and tokenizer_2/ "
                    "(T5): measure caption token lengths and truncation")
     p.add_argument("--cache", metavar="PATH", help="scan cache (parquet); rescans are incremental")
+    add_column_option(p)
     p.add_argument("--workers", type=positive_int, metavar="N",
                    help="scan worker processes (default: all cores)")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON to FILE ('-': stdout, "
@@ -677,6 +716,7 @@ def gather(
         "trade": None,
         "quality": quality_figures(assignment),
         "captions": caption_figures(index, assignment, tokens),
+        "pairs": pair_figures(index, assignment),
         "images": rows,
     }
 
@@ -698,7 +738,9 @@ def preview_tiles(
     index: Any, assignment: Any, buckets: list[dict[str, Any]], *, seed: int, count: int = 6
 ) -> list[Any]:
     """Preview tiles for up to ``count`` buckets spread over the aspect range (one image each):
-    the sample exactly as ``TextToImageDataset`` makes it with a random crop and a 50% flip."""
+    the sample exactly as ``TextToImageDataset`` makes it with a random crop and a 50% flip,
+    with its conditioning images and loss mask when the index has them (cut by the same
+    crop box and flip)."""
     if not buckets:
         return []
     picks = np.unique(np.linspace(0, len(buckets) - 1, min(count, len(buckets))).round())
@@ -727,6 +769,8 @@ def preview_tiles(
         new_w, new_h = fit.resized
         original.thumbnail((640, 640), Image.Resampling.LANCZOS)
         kx, ky = original.width / new_w, original.height / new_h
+        conditioning = sample.get("conditioning_pixel_values")
+        mask = sample.get("loss_mask")
         tiles.append(
             PreviewTile(
                 original=np.asarray(original),
@@ -736,6 +780,9 @@ def preview_tiles(
                 f"{width}x{height}",
                 caption=sample["caption"],
                 flipped=fit.flip,
+                conditioning=[] if conditioning is None
+                else [c.permute(1, 2, 0).numpy() for c in conditioning],
+                mask=None if mask is None else mask[0].numpy(),
             )
         )
     return tiles
@@ -814,7 +861,8 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
     ladder = _config(BucketLadder.for_model, args.model, **ladder_overrides(args))
 
     t0 = time.perf_counter()
-    index = _config(scan, args.source, workers=args.workers, cache=args.cache)
+    index = _config(scan, args.source, workers=args.workers, cache=args.cache,
+                    column_map=dict(args.column) or None)
     check_outputs(args, [*index.paths, *(r.path for r in index.rejections)])
     t1 = time.perf_counter()
     base = ladder

@@ -59,6 +59,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bucketing.pipeline.encoder_cache.captions import check_cacheable_captions
+from bucketing.pipeline.encoder_cache.pairs import cached_pairs
 from bucketing.printable import escape
 from transforms.decoded_cache import DEFAULT_DECODED_CACHE_BYTES, DecodedImageCache
 from transforms.image import (
@@ -67,6 +69,8 @@ from transforms.image import (
     ImageDecodeError,
     decode_image,
 )
+from transforms.paired import paired_fields
+from transforms.resize_crop import DEFAULT_RESAMPLE, FitParams
 from transforms.rng import sample_rng
 
 if TYPE_CHECKING:
@@ -131,6 +135,12 @@ class TextToImageDataset(Dataset):
     (``build_cache(..., images=False)``) supplies the embeddings while the image transform
     fits pixels per occurrence. ``decoded_cache_bytes``: the decoded pictures each process
     keeps (``transforms.decoded_cache``; 0: decode every occurrence afresh).
+
+    An index with paired files (``index.conditioning``, ``index.loss_mask``) adds
+    ``conditioning_pixel_values`` uint8 [K, 3, h, w] and ``loss_mask`` uint8 [1, h, w],
+    fitted with the image's own ``sample["fit"]`` (see :mod:`transforms.paired`); the image
+    transform must add that ``fit`` (``BucketResizeCrop`` does). The GPU decode path does
+    not fit paired files yet and is refused for such an index.
     """
 
     def __init__(
@@ -177,6 +187,14 @@ class TextToImageDataset(Dataset):
         ):
             if transform is not None:
                 _check_transform(name, transform)
+        if getattr(index, "has_pairs", False) and isinstance(image_transform, ReadsFiles):
+            raise ValueError(
+                "this index has conditioning images or loss masks, which an image transform "
+                f"that reads its own files ({type(image_transform).__name__}, e.g. the GPU "
+                "decode path's EncodedFit) does not fit yet; use "
+                "image_transform=BucketResizeCrop(...) (decoding on the CPU in DataLoader "
+                "workers)"
+            )
         upscaled = int(np.count_nonzero(getattr(assignment, "upscaled", ())))
         refuses = isinstance(image_transform, DeclaresUpscale) and not image_transform.allow_upscale
         if upscaled and refuses:
@@ -324,7 +342,20 @@ class TextToImageDataset(Dataset):
                 f"image_transform returned pixel_values of shape {shape} for bucket "
                 f"{wh[0]}x{wh[1]} (w x h)"
             )
+        if self.index.has_pairs:
+            sample.update(self._paired(row, sample.get("fit")))
         return sample
+
+    def _paired(self, row: int, params: Any) -> dict[str, Any]:
+        """``row``'s conditioning images and mask, cut with its image's ``params``."""
+        if not isinstance(params, FitParams):
+            raise TypeError(
+                "the index has conditioning images or loss masks, which are fitted with the "
+                "image's own FitParams: image_transform must add sample['fit'] "
+                "(BucketResizeCrop does)"
+            )
+        resample = getattr(self.image_transform, "resample", DEFAULT_RESAMPLE)
+        return paired_fields(self.index, row, params, self.decode, resample=resample)
 
     def _cached(
         self, row: int, requested: int, draw: tuple[int, int], wh: tuple[int, ...]
@@ -334,6 +365,8 @@ class TextToImageDataset(Dataset):
         rng = sample_rng(self.seed, epoch, requested, "image", occurrence)
         size = (int(self.index.width[row]), int(self.index.height[row]))
         sample = self.encoder_cache.latent_sample(self.index.paths[row], size, wh, rng)
+        if self.index.has_pairs:
+            sample.update(cached_pairs(self.encoder_cache, self.index, row, sample["fit"]))
         return {**sample, "index": row, "original_index": requested,
                 "substituted": row != requested, "occurrence": occurrence}
 
@@ -452,32 +485,6 @@ def _check_transform(name: str, transform: Any) -> None:
             "reads sample['image'], sample['bucket'] and sample['rng'], a caption transform "
             "sample['captions'] and sample['rng']"
         ) from None
-
-
-def check_cacheable_captions(caption_transform: Any, encoder_cache: Any = None) -> None:
-    """Refuse a caption transform whose captions no encoder cache can hold (part shuffle,
-    tag dropout), or, given ``encoder_cache``, one formatting captions (template, prefix,
-    suffix) otherwise than its build did: every sample would fail in a worker."""
-    shuffles = getattr(caption_transform, "shuffle_parts", False)
-    drops = getattr(caption_transform, "tag_dropout", 0.0)
-    if shuffles or drops:
-        raise ValueError(
-            "an encoder cache holds fixed captions (the index's, templated as the build's "
-            "caption_transform says, and ''), but this caption_transform shuffles parts or "
-            "drops tags, making captions no build can list: drop shuffle_parts/tag_dropout, "
-            "or train without an encoder cache (text encoded every step)"
-        )
-    built = getattr(encoder_cache, "meta", {}).get("caption_format")
-    if built is None:  # a cache from before the format was recorded: checked per caption
-        return
-    wanted = {name: getattr(caption_transform, name, default)
-              for name, default in (("prefix", ""), ("suffix", ""), ("template", None))}
-    if wanted != built:
-        raise ValueError(
-            f"the encoder cache {getattr(encoder_cache, 'root', '')} holds captions formatted "
-            f"with {built} but this caption_transform formats them with {wanted}: rebuild it "
-            "with build_cache(..., caption_transform=<this transform>)"
-        )
 
 
 def _reason(error: Exception) -> str:

@@ -35,7 +35,7 @@ from bucketing.sources.folder import resolve_folder
 from bucketing.sources.hf_dataset import RowBytes, load_source, resolve_dataset
 from bucketing.sources.lists import resolve_list
 from bucketing.sources.manifest import ManifestReader, resolve_manifest
-from bucketing.sources.rows import CAPTION_COLUMNS, IMAGE_COLUMNS
+from bucketing.sources.rows import CAPTION_COLUMNS, IMAGE_COLUMNS, refuse_pairs
 from bucketing.sources.shards import parquet_shards, resolve_shards
 from bucketing.sources.tar import resolve_tars, tar_shards
 
@@ -96,6 +96,12 @@ def resolve_source(
     the current folder). ``http(s)://`` values are fetched once into ``download_dir``
     (default: the user cache, see :mod:`bucketing.download`; pass ``downloader=`` for
     timeouts/retries).
+    Paired files: ``column_map`` also names a row's conditioning images
+    (``conditioning_image``, or ``conditioning_image_0`` .. ``_{K-1}``) and loss mask
+    (``loss_mask``; ``"alpha"``: the image's alpha); columns of those names are picked up
+    without it. For a folder, its values are templates such as ``"{stem}_mask.png"``
+    (opt-in; see :mod:`bucketing.sources.folder`). An unusable paired file rejects the
+    row (``missing_pair``, ``unreadable_pair``).
 
     Per-entry problems are rejections: ``missing_file`` (checked here for manifests,
     lists and datasets; ``scan`` still handles files that vanish later),
@@ -113,16 +119,18 @@ def resolve_source(
         source = names
     tars = tar_shards(source)
     if tars is not None:
+        refuse_pairs(columns, "tar shards")
         return resolve_tars(tars, base)
     shards = parquet_shards(source)
     if shards is not None:
         return resolve_shards(shards, columns, base, downloader, ddir)
     if isinstance(source, (list, tuple)):
+        refuse_pairs(columns, "lists of paths")
         return resolve_list(source, base, downloader, ddir)
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if os.path.isdir(path):
-            return resolve_folder(path, base)
+            return resolve_folder(path, base, columns)
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"source {path!r} does not exist; pass a folder of images, a manifest file "

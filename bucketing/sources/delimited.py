@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from bucketing.download import is_url
 from bucketing.index import Rejection
 from bucketing.sources.entries import image_extensions, read_text
-from bucketing.sources.rows import Record, pick_columns
+from bucketing.sources.rows import PairedColumns, Record, pick_columns, pick_paired
 
 
 def _looks_like_image_ref(cell: str) -> bool:
@@ -72,14 +72,17 @@ def _fit(
 
 def _read_delimited(
     path: str, delimiter: str, column_map: dict[str, str], rejections: list[Rejection]
-) -> tuple[str, str | None, Iterator[Record]]:
-    """(image column, caption column, records) of a CSV/TSV (see the module's rules)."""
+) -> tuple[str, str | None, Iterator[Record], PairedColumns]:
+    """(image column, caption column, records, paired columns) of a CSV/TSV (see the
+    module's rules)."""
     csv.field_size_limit(1 << 30)
     rows = _parse(read_text(path), delimiter, path, rejections)
     first = next(rows, None)
     if first is None:
         raise ValueError(f"{path} is empty; it needs one row per image")
     if _looks_like_image_ref(first[1][0]):
+        # only the image's own alpha can pair with a header-less row; a named column is an error
+        paired = pick_paired(["image", "caption"], column_map, path)
         if "image" not in column_map.values():
             column_map = {}
         image, caption = pick_columns(["image", "caption"], column_map, path)
@@ -89,7 +92,7 @@ def _read_delimited(
                 rest = delimiter.join(cells[1:])
                 yield f"line {line}", {"image": cells[0], "caption": rest}
 
-        return image, caption, header_less()
+        return image, caption, header_less(), paired
     columns = [c.strip() for c in first[1]]
     other = next((sep for sep in ";|\t," if sep != delimiter and sep in first[1][0]), None)
     if len(columns) == 1 and other is not None:
@@ -108,18 +111,20 @@ def _read_delimited(
             else:
                 yield f"line {line}", record
 
-    return image, caption, with_header()
+    return image, caption, with_header(), pick_paired(columns, column_map, path)
 
 
 def read_csv(
     path: str, column_map: dict[str, str], rejections: list[Rejection]
-) -> tuple[str, str | None, Iterator[Record]]:
-    """(image column, caption column, records) of a comma-separated manifest."""
+) -> tuple[str, str | None, Iterator[Record], PairedColumns]:
+    """(image column, caption column, records, paired columns) of a comma-separated
+    manifest."""
     return _read_delimited(path, ",", column_map, rejections)
 
 
 def read_tsv(
     path: str, column_map: dict[str, str], rejections: list[Rejection]
-) -> tuple[str, str | None, Iterator[Record]]:
-    """(image column, caption column, records) of a tab-separated manifest."""
+) -> tuple[str, str | None, Iterator[Record], PairedColumns]:
+    """(image column, caption column, records, paired columns) of a tab-separated
+    manifest."""
     return _read_delimited(path, "\t", column_map, rejections)

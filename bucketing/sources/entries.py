@@ -36,12 +36,17 @@ _BOMS = (  # longest first: the UTF-32-LE BOM starts with the UTF-16-LE one
 class Entry(NamedTuple):
     """One image to scan: an absolute local ``path``, its ``captions`` (possibly empty),
     for ``datasets.Dataset`` sources the dataset ``row`` it came from (else ``None``) and,
-    for a download, the ``url`` it came from (``path`` is then the local copy)."""
+    for a download, the ``url`` it came from (``path`` is then the local copy).
+    ``conditioning``: the paths of the row's conditioning images (K per dataset; empty
+    without); ``mask``: the path of its loss mask, ``ALPHA_MASK`` for the image's alpha
+    channel, or None."""
 
     path: str
     captions: list[str]
     row: int | None = None
     url: str | None = None
+    conditioning: tuple[str, ...] = ()
+    mask: str | None = None
 
     @property
     def label(self) -> str:

@@ -1,9 +1,18 @@
 """Folder sources: every image file below a folder, captions from sidecar files
-(``<stem>.txt`` / ``<stem>.caption``) or HF-imagefolder ``metadata.jsonl`` files."""
+(``<stem>.txt`` / ``<stem>.caption``) or HF-imagefolder ``metadata.jsonl`` files.
+
+Pairing is opt-in: ``column_map={"conditioning_image": "{stem}_control.png", "loss_mask":
+"../masks/{stem}.png"}`` names each image's paired files by a template relative to the
+image's folder (``{stem}``: the image's name without extension), so a suffix rule and a
+parallel-folder rule are both one template; ``"loss_mask": "alpha"`` takes the image's
+alpha. Files that are some image's pair are not images of their own. Without such a
+template a file named ``x_mask.png`` is an ordinary image.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 
 from bucketing.index import Rejection
@@ -19,6 +28,9 @@ from bucketing.sources.entries import (
     sidecar_path,
 )
 from bucketing.sources.json_rows import read_jsonl
+from bucketing.sources.rows import ALPHA, ALPHA_MASK, Pairs, paired_paths
+
+_TEMPLATE_KEY = re.compile(r"^(conditioning_image(_\d+)?|loss_mask)$")
 
 
 def _walk_folder(
@@ -89,18 +101,65 @@ def _walk_folder(
     return images, others, rejections
 
 
-def resolve_folder(folder: str, base_dir: str | None) -> ResolvedSource:
-    """Entries for every image below ``folder`` (see :func:`_walk_folder`), with captions."""
+def pairing_templates(column_map: dict[str, str]) -> tuple[list[str], str | None]:
+    """(conditioning templates in order, mask template or ``"alpha"`` or None) of a folder's
+    ``column_map`` (other keys are for manifests); each template must hold ``{stem}`` (else
+    every image would share one file)."""
+    column_map = {k: v for k, v in column_map.items() if _TEMPLATE_KEY.match(k)}
+    numbered = sorted((int(k.rsplit("_", 1)[1]), v) for k, v in column_map.items()
+                      if k.startswith("conditioning_image_"))  # fmt: skip
+    if numbered and [k for k, _ in numbered] != list(range(len(numbered))):
+        raise ValueError("column_map's conditioning_image_<k> keys must be numbered 0..K-1")
+    if numbered and "conditioning_image" in column_map:
+        raise ValueError("use 'conditioning_image' or numbered 'conditioning_image_<k>' keys")
+    conditioning = [v for _, v in numbered] or (
+        [column_map["conditioning_image"]] if "conditioning_image" in column_map else []
+    )
+    mask = column_map.get("loss_mask")
+    for template in [*conditioning, *([mask] if mask and mask != ALPHA else [])]:
+        if "{stem}" not in template:
+            raise ValueError(
+                f"folder pairing template {template!r} must contain '{{stem}}' (the image's "
+                "name without extension), e.g. '{stem}_mask.png' or '../control/{stem}.png'"
+            )
+    return conditioning, mask
+
+
+def _pairs_of(path: str, conditioning: list[str], mask: str | None) -> Pairs:
+    """The paired values of the image at ``path`` (relative to its folder)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.dirname(path)
+    values = tuple(os.path.join(folder, t.replace("{stem}", stem)) for t in conditioning)
+    if mask == ALPHA:
+        return values, ALPHA_MASK
+    return values, (os.path.join(folder, mask.replace("{stem}", stem)) if mask else None)
+
+
+def resolve_folder(
+    folder: str, base_dir: str | None, column_map: dict[str, str] | None = None
+) -> ResolvedSource:
+    """Entries for every image below ``folder`` (see :func:`_walk_folder`), with captions
+    and, when ``column_map`` holds pairing templates, paired files (module docstring)."""
     root = os.path.abspath(folder)
-    images, others, rejections = _walk_folder(root, image_extensions(), real_base(base_dir))
+    base = real_base(base_dir)
+    images, others, rejections = _walk_folder(root, image_extensions(), base)
     sidecars = {p for p in others if p.lower().endswith(CAPTION_SUFFIXES)}
     metadata = _folder_metadata(others, rejections)
+    conditioning, mask = pairing_templates(dict(column_map or {}))
+    pairs = {p: _pairs_of(p, conditioning, mask) for p in images}
+    if conditioning or mask:
+        paired = {os.path.normpath(v) for c, m in pairs.values() for v in (*c, m or "")}
+        images = [p for p in images if os.path.normpath(p) not in paired]
     entries = []
     for path in images:
         captions = _sidecar_captions(path, sidecars, rejections)
         if captions is None:
             captions = metadata.get(os.path.normpath(path), [])
-        entries.append(Entry(path, captions))
+        got = paired_paths(pairs[path], os.path.dirname(path), base, {})
+        if isinstance(got[0], str):
+            rejections.append(Rejection(path, got[0], str(got[1])))
+            continue
+        entries.append(Entry(path, captions, conditioning=got[0], mask=got[1]))
     if not entries and not rejections:
         raise ValueError(
             f"no images found in {folder!r} (looked recursively for "

@@ -23,7 +23,15 @@ from bucketing.sources.entries import (
     read_regular_file,
     real_base,
 )
-from bucketing.sources.rows import collect, manifest_rows, pick_columns, source_folder
+from bucketing.sources.rows import (
+    PairedColumns,
+    collect,
+    manifest_rows,
+    paired_paths,
+    pick_columns,
+    pick_paired,
+    source_folder,
+)
 
 HF_PREFIX = "hf:"
 
@@ -118,6 +126,9 @@ def resolve_dataset(
     on disk is scanned from that file, a row with only bytes through ``blobs``. A
     string column holds paths or URLs and is treated like a manifest column
     (relative paths against ``base_dir`` or the current folder; no ``blobs``).
+    Conditioning-image and mask columns (see ``pick_paired``) hold paths, or ``Image``
+    cells whose file is on disk; a paired image held only as embedded bytes is an
+    ``unreadable_pair`` rejection (not supported yet).
     """
     import datasets
 
@@ -126,20 +137,53 @@ def resolve_dataset(
     if "image" not in column_map and image_columns:
         column_map = {**column_map, "image": image_columns[0]}
     image, caption = pick_columns(columns, column_map, "the dataset")
+    paired = pick_paired(columns, column_map, "the dataset")
+    for column in paired.wanted:
+        if isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
     relative_to = source_folder(base_dir)
     if not isinstance(dataset.features[image], datasets.Image):
         rejections: list[Rejection] = []
-        records = (
-            (f"row {i}", row)
-            for i, row in enumerate(
-                dataset.select_columns([image] + ([caption] if caption else []))
-            )
-        )
-        rows = manifest_rows(records, image, caption, "dataset", rejections)
+        wanted = list(dict.fromkeys([image] + ([caption] if caption else []) + paired.wanted))
+        records = ((f"row {i}", row) for i, row in enumerate(dataset.select_columns(wanted)))
+        rows = manifest_rows(records, image, caption, "dataset", rejections, paired)
         entries, more = collect(rows, "dataset", relative_to, base_dir, downloader, download_dir)
         return ResolvedSource(entries, rejections + more)
     images = dataset.cast_column(image, datasets.Image(decode=False)).select_columns([image])
-    return _resolve_image_column(images, image, dataset, caption, relative_to, base_dir)
+    resolved = _resolve_image_column(images, image, dataset, caption, relative_to, base_dir)
+    if paired:
+        resolved = _with_pairs(resolved, dataset, paired, relative_to, base_dir)
+    return resolved
+
+
+def _with_pairs(
+    resolved: ResolvedSource,
+    dataset: Any,
+    paired: PairedColumns,
+    relative_to: str,
+    base_dir: str | None,
+) -> ResolvedSource:
+    """``resolved`` with each entry's paired files (paths, or ``Image`` cells with a file);
+    rows whose paired file is unusable become rejections."""
+    base = real_base(base_dir)
+    columns = dataset.select_columns(paired.wanted) if paired.wanted else None
+    entries: list[Entry] = []
+    rejections = list(resolved.rejections)
+    for entry in resolved.entries:
+        record = columns[int(entry.row)] if columns is not None else {}
+        embedded = [c for c in paired.wanted if isinstance(record.get(c), dict)
+                    and record[c].get("bytes") and not record[c].get("path")]  # fmt: skip
+        if embedded:
+            rejections.append(Rejection(entry.label, "unreadable_pair", f"row {entry.row}: "
+                              f"{embedded[0]!r} holds embedded bytes without a file; paired "
+                              "images are read from files (not supported yet)"))  # fmt: skip
+            continue
+        got = paired_paths(paired.values(record, "the dataset"), relative_to, base, {})
+        if isinstance(got[0], str):
+            rejections.append(Rejection(entry.label, got[0], f"row {entry.row}: {got[1]}"))
+            continue
+        entries.append(entry._replace(conditioning=got[0], mask=got[1]))
+    return ResolvedSource(entries, rejections, resolved.blobs)
 
 
 def _resolve_image_column(

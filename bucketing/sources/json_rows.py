@@ -14,7 +14,7 @@ from typing import Any
 
 from bucketing.index import Rejection
 from bucketing.sources.entries import read_text
-from bucketing.sources.rows import Record, pick_columns
+from bucketing.sources.rows import PairedColumns, Record, pick_columns, pick_paired
 
 
 class _RepeatedKey(ValueError):
@@ -64,21 +64,22 @@ def read_jsonl(path: str, rejections: list[Rejection]) -> list[tuple[int, dict]]
 
 def read_jsonl_manifest(
     path: str, column_map: dict[str, str], rejections: list[Rejection]
-) -> tuple[str, str | None, list[Record]]:
-    """(image column, caption column, records) of a ``.jsonl`` manifest."""
+) -> tuple[str, str | None, list[Record], PairedColumns]:
+    """(image column, caption column, records, paired columns) of a ``.jsonl`` manifest."""
     records = [(f"line {n}", row) for n, row in read_jsonl(path, rejections)]
     return _pick(records, column_map, path, rejections)
 
 
 def _pick(
     records: list[Record], column_map: dict[str, str], path: str, rejections: list[Rejection]
-) -> tuple[str, str | None, list[Record]]:
+) -> tuple[str, str | None, list[Record], PairedColumns]:
     """The columns of ``records`` picked; with only bad rows, nothing to pick (the rows'
     rejections say what was wrong)."""
     if not records and rejections:
-        return column_map.get("image", "image"), None, []
+        return column_map.get("image", "image"), None, [], PairedColumns()
     columns = list(dict.fromkeys(k for _, row in records for k in row))
-    return (*pick_columns(columns, column_map, path), records)
+    image, caption = pick_columns(columns, column_map, path)
+    return image, caption, records, pick_paired(columns, column_map, path)
 
 
 # strings (escapes included), brackets and commas: all a top-level split needs to see
@@ -118,8 +119,8 @@ def _items(text: str) -> Iterator[str] | None:
 
 def read_json_manifest(
     path: str, column_map: dict[str, str], rejections: list[Rejection]
-) -> tuple[str, str | None, list[Record]]:
-    """(image column, caption column, records) of a ``.json`` list of objects."""
+) -> tuple[str, str | None, list[Record], PairedColumns]:
+    """(image column, caption column, records, paired columns) of a ``.json`` list."""
     text = read_text(path)
     try:
         data = _load(text)

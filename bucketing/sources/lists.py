@@ -9,7 +9,7 @@ from typing import Any
 from bucketing.download import Downloader
 from bucketing.index import Rejection
 from bucketing.sources.entries import ResolvedSource
-from bucketing.sources.rows import Row, collect, source_folder
+from bucketing.sources.rows import NO_PAIRS, Row, collect, source_folder
 
 
 def resolve_list(
@@ -33,7 +33,7 @@ def resolve_list(
         if not value.strip():
             rejections.append(Rejection(f"<list item {i}>", "no_image", "empty path"))
             continue
-        rows.append((value, [], f"item {i}"))
+        rows.append((value, [], f"item {i}", NO_PAIRS))
     entries, more = collect(
         rows, "list", source_folder(base_dir), base_dir, downloader, download_dir
     )

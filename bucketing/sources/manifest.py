@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterable
 from bucketing.download import Downloader
 from bucketing.index import Rejection
 from bucketing.sources.entries import ResolvedSource
-from bucketing.sources.rows import Record, collect, manifest_rows
+from bucketing.sources.rows import PairedColumns, Record, collect, manifest_rows
 
 ManifestReader = Callable[
-    [str, dict[str, str], list[Rejection]], tuple[str, str | None, Iterable[Record]]
+    [str, dict[str, str], list[Rejection]],
+    tuple[str, str | None, Iterable[Record], PairedColumns],
 ]
 
 
@@ -28,8 +29,8 @@ def resolve_manifest(
     against the manifest's folder."""
     path = os.path.abspath(path)
     rejections: list[Rejection] = []
-    image, caption, records = reader(path, column_map, rejections)
-    rows = manifest_rows(records, image, caption, path, rejections)
+    image, caption, records, paired = reader(path, column_map, rejections)
+    rows = manifest_rows(records, image, caption, path, rejections, paired)
     entries, more = collect(rows, path, os.path.dirname(path), base_dir, downloader, download_dir)
     if not entries and not rejections and not more:
         raise ValueError(f"{path} lists no images; it needs one row per image")

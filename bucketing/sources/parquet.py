@@ -1,4 +1,5 @@
-"""Parquet manifests: only the image and caption columns are read, batch by batch."""
+"""Parquet manifests: only the image, caption and paired-file columns are read, batch by
+batch."""
 
 from __future__ import annotations
 
@@ -7,20 +8,22 @@ from collections.abc import Iterable
 import pyarrow.parquet as pq
 
 from bucketing.index import Rejection
-from bucketing.sources.rows import Record, pick_columns
+from bucketing.sources.rows import PairedColumns, Record, pick_columns, pick_paired
 
 
 def read_parquet(
     path: str, column_map: dict[str, str], rejections: list[Rejection]
-) -> tuple[str, str | None, Iterable[Record]]:
-    """(image column, caption column, records) of a ``.parquet`` manifest."""
+) -> tuple[str, str | None, Iterable[Record], PairedColumns]:
+    """(image column, caption column, records, paired columns) of a ``.parquet``
+    manifest."""
     file = pq.ParquetFile(path)
     image, caption = pick_columns(file.schema_arrow.names, column_map, path)
-    wanted = [image] + ([caption] if caption else [])
+    paired = pick_paired(file.schema_arrow.names, column_map, path)
+    wanted = list(dict.fromkeys([image] + ([caption] if caption else []) + paired.wanted))
     records = (
         (f"row {n}", row)
         for n, row in enumerate(
             r for batch in file.iter_batches(columns=wanted) for r in batch.to_pylist()
         )
     )
-    return image, caption, records
+    return image, caption, records, paired

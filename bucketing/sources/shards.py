@@ -36,7 +36,7 @@ from bucketing.sources.entries import (
     path_problem,
     real_base,
 )
-from bucketing.sources.rows import Row, collect, pick_columns, source_folder
+from bucketing.sources.rows import NO_PAIRS, Row, collect, pick_columns, pick_paired, source_folder
 
 SIZE_COLUMNS = {"width": ("width", "WIDTH"), "height": ("height", "HEIGHT")}
 _BATCH_ROWS = 1 << 15  # rows of a shard normalised at a time
@@ -114,6 +114,7 @@ def _read_shards(
     of a batch is its normalised columns, never the whole table's intermediate copies."""
     schema = pq.read_schema(files[0])
     image, caption = pick_columns(schema.names, column_map, files[0])
+    _refuse_pairs(schema.names, column_map, files[0])
     size_columns = [_size_column(schema.names, column_map, k, files[0]) for k in SIZE_COLUMNS]
     wanted = [image] + ([caption] if caption else []) + (size_columns if sizes else [])
 
@@ -150,11 +151,24 @@ def _read_dataset(
     current folder."""
     names = list(dataset.column_names)
     image, caption = pick_columns(names, column_map, "the dataset")
+    _refuse_pairs(names, column_map, "the dataset")
     size_columns = [_size_column(names, column_map, k, "the dataset") for k in SIZE_COLUMNS]
     wanted = [image] + ([caption] if caption else []) + size_columns
     table = dataset.select_columns(wanted).with_format("arrow")[:]
     return image, [_normalise("dataset", source_folder(base_dir), table, image, caption,
                               size_columns)]  # fmt: skip
+
+
+def _refuse_pairs(names: Sequence[str], column_map: dict[str, str], what: str) -> None:
+    """Paired files (conditioning images, masks) are read from single manifests with headers;
+    shards and sizes from the manifest would drop them, so they raise instead."""
+    paired = pick_paired(names, column_map, what)
+    if paired:
+        raise ValueError(
+            f"{what} names conditioning images or a loss mask ({paired.wanted or ['alpha']}); "
+            "paired files are read from one manifest file scanned with sizes='headers', not "
+            "from parquet shards or sizes='manifest' (yet)"
+        )
 
 
 def _size_column(names: Sequence[str], column_map: dict[str, str], key: str, what: str) -> str:
@@ -514,7 +528,8 @@ def resolve_shards(
                 rejections.append(Rejection(f"{shard.path}:row {row}", "no_image",
                                             f"no path or URL in column {image!r}"))  # fmt: skip
             else:
-                rows.append((value, caps, f"{shard.path}:row {row}" if several else f"row {row}"))
+                where = f"{shard.path}:row {row}" if several else f"row {row}"
+                rows.append((value, caps, where, NO_PAIRS))
     origin = files[0] if len(files) == 1 else "parquet shards"
     entries, more = collect(rows, origin, "/", base_dir, downloader, download_dir)
     if not entries and not rejections and not more:

@@ -17,7 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bucketing.atomic import atomic_path
-from bucketing.pipeline.dataset import check_cacheable_captions
+from bucketing.pipeline.encoder_cache.captions import (
+    caption_format,
+    check_cacheable_captions,
+    final_caption,
+)
 from bucketing.pipeline.encoder_cache.keys import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -29,6 +33,7 @@ from bucketing.pipeline.encoder_cache.keys import (
     plan_rows,
     text_key,
 )
+from bucketing.pipeline.encoder_cache.pairs import encode_pairs
 from bucketing.pipeline.encoder_cache.reader import EncoderCache
 from bucketing.pipeline.encoder_cache.store import (
     ShardWriter,
@@ -39,7 +44,6 @@ from bucketing.pipeline.encoder_cache.store import (
     write_entries,
     write_meta,
 )
-from transforms.caption import format_caption
 from transforms.image import DEFAULT_DECODE, DecodeSettings
 from transforms.resize_crop import DEFAULT_RESAMPLE, RESAMPLE_MODES, decode_and_fit
 
@@ -150,6 +154,9 @@ def build_cache(
     caption embeddings here. ``caption_transform``: the dataset's ``CaptionTransform``; its
     template, prefix and suffix are applied to every caption before encoding (the cache is
     keyed by the final caption text); one that shuffles parts or drops tags is refused.
+    An index with paired files also caches, beside every image latent (same crop and flip),
+    its conditioning latents and its loss mask on the latent grid (see
+    :mod:`bucketing.pipeline.encoder_cache.pairs`).
     """
     check_cacheable_captions(caption_transform)
     if crop not in CROPS:
@@ -188,7 +195,7 @@ def build_cache(
         else:  # text only: no image is read, every accepted row's captions are encoded
             cols, jobs = {k: [] for k in cols}, []
             rows = np.flatnonzero(np.asarray(assignment.bucket_id) >= 0).tolist()
-        captions = sorted({_final_caption(c, caption_transform)
+        captions = sorted({final_caption(c, caption_transform)
                            for r in rows for c in index.captions[r]} | {""})
         tkeys = {c: text_key(c, text_fp, text_dtype, padding) for c in captions}
         stored = load_entries(root)
@@ -214,6 +221,9 @@ def build_cache(
         mine = _batches(todo, int(batch_size))[rank::world]
         failed = _encode_images(index, todo, mine, settings, encoders, writer, workers,
                                 progress and rank == 0)
+        if index.has_pairs:  # conditioning latents and latent-grid masks, beside each latent
+            failed["rows"] += encode_pairs(index, jobs, settings, encoders, writer, stored, rank,
+                                           world)
         writer.flush()
 
         stats = {"latents_encoded": sum(1 for b in mine for i in b for k in todo[i].keys if k)
@@ -231,7 +241,7 @@ def build_cache(
                 "text_dtype": text_dtype, "t5_padding": padding, "flip_p": float(flip_p),
                 "crop": crop, "variants": int(variants), "fit": settings.key(), "seed": int(seed),
                 "empty_caption_key": tkeys[""], "images": bool(images),
-                "caption_format": _caption_format(caption_transform),
+                "caption_format": caption_format(caption_transform),
                 "vae_scale_factor": getattr(encoders, "vae_scale_factor", None),
             })
     _barrier()
@@ -246,20 +256,6 @@ def build_cache(
         - len(rows),
     }
     return cache
-
-
-def _final_caption(caption: str, caption_transform: Any) -> str:
-    """``caption`` as ``caption_transform`` formats it (template, prefix, suffix)."""
-    if caption_transform is None:
-        return caption
-    return format_caption(caption, prefix=caption_transform.prefix,
-                          suffix=caption_transform.suffix, template=caption_transform.template)
-
-
-def _caption_format(caption_transform: Any) -> dict[str, Any]:
-    """The caption formatting a cache was built with (recorded in cache.json)."""
-    return {name: getattr(caption_transform, name, default)
-            for name, default in (("prefix", ""), ("suffix", ""), ("template", None))}
 
 
 def _prepare_folder(root: Path, rank: int) -> None:

@@ -114,7 +114,10 @@ class EncoderCache:
         want = {"latents": (self.meta["dtype"], 3),
                 "prompt_embeds": (self.meta.get("text_dtype"), 2),
                 "pooled_prompt_embeds": (self.meta.get("text_dtype"), 1),
-                "text_length": ("int64", 1)}.get(name)
+                "text_length": ("int64", 1),
+                # a paired row's entries (encoder_cache.pairs): K latents, a latent-grid mask
+                "conditioning_latents": (self.meta["dtype"], 4),
+                "loss_mask": ("uint8", 3)}.get(name)
         got = str(t.dtype).removeprefix("torch.")
         if want is None or got != want[0] or t.ndim != want[1]:
             raise ValueError(f"shard {shard} of {self.root} holds {full[:20]}... as {got} "
