@@ -7,6 +7,11 @@
    - cached: ``TextToImageDataset(encoder_cache=...)`` + ``collate`` (memory-mapped shards);
    - cached, resident: the same after ``cache.to("cpu")`` (the tiny-dataset option).
    All in one process (``num_workers=0``): per-core figures, the same sampler plan.
+   - which cache when: for FLUX and SDXL (tiny random models of each layout), an epoch
+     with no cache (VAE + text encoders every batch), a text-only cache
+     (``build_cache(..., images=False)``: decode + fit + VAE every batch, fresh crops, no
+     text encoder loaded) and a full cache; with the parameter bytes of the text encoders
+     a text-only cache leaves unloaded (tiny models: the real sizes are not measured here).
 2. Bytes per sample for FLUX.1 at 1024² (bf16, the real 4096-wide T5-XXL, 768-wide pooled
    CLIP), full 512-token T5 vs trimmed to a caption's tokens.
 3. Reading one cached FLUX 1024² sample through the dataset (latent 16x128x128 bf16 = 512 KiB
@@ -20,6 +25,7 @@
     python bench/cache.py            # 48 images, 5 repetitions
     python bench/cache.py --quick    # fewer images and repetitions
     python bench/cache.py --tiny     # smoke test: 4 images, 1 repetition
+    python bench/cache.py --modes --images 8   # the which-cache-when table alone
     python bench/cache.py --weights /models/FLUX.1-dev --device cuda --images 512
 """
 
@@ -52,7 +58,7 @@ from bucketing import (  # noqa: E402
 )
 from bucketing.pipeline.encoder_cache import estimate_bytes  # noqa: E402
 from samplers import BucketBatchSampler  # noqa: E402
-from transforms import BucketResizeCrop, FluxEncoders, collate  # noqa: E402
+from transforms import BucketResizeCrop, FluxEncoders, SDXLEncoders, collate  # noqa: E402
 from transforms.image import load_image  # noqa: E402
 from transforms.resize_crop import fit  # noqa: E402
 
@@ -79,13 +85,16 @@ def write_photos(folder: Path, count: int) -> Path:
 
 
 def epoch(ds: TextToImageDataset, sampler: BucketBatchSampler, encoders: Any = None) -> int:
-    """One epoch in this process; with ``encoders``, each batch is encoded as a trainer would."""
+    """One epoch in this process; with ``encoders``, each batch is encoded as a trainer would
+    (the pixels, and the captions unless a cache supplied their embeddings)."""
     n = 0
     for batch_ids in sampler:
         batch = collate([ds[i] for i in batch_ids])
         if encoders is not None:
-            batch["latents"] = encoders.encode_images(batch["pixel_values"])
-            batch.update(encoders.encode_text(batch["captions"]))
+            if "pixel_values" in batch:
+                batch["latents"] = encoders.encode_images(batch["pixel_values"])
+            if "prompt_embeds" not in batch:
+                batch.update(encoders.encode_text(batch["captions"]))
         n += len(batch_ids)
     return n
 
@@ -151,6 +160,45 @@ def bench_epochs(root: Path, images: int, reps: int) -> tuple[list[dict], float]
          "samples/s": f"{n / build_s:.0f}", "vs on the fly": "-"},
     ]
     return rows, t_fly.median / t_cached.median
+
+
+def bench_modes(root: Path, images: int, reps: int) -> list[dict]:
+    """The "which cache when" table: none / text-only / full, for FLUX and SDXL."""
+    dirs = write_tiny_encoders(root / "mode-models", TOKENIZERS)
+    photos = write_photos(root / "mode-photos", images)
+    index = scan(str(photos), workers=1)
+    assignment = assign(index, LADDER)
+    sampler = BucketBatchSampler(assignment, batch_size=4, seed=0)
+    fit = BucketResizeCrop(crop="random", flip_p=0.5)
+    rows = []
+    for model, cls in (("flux", FluxEncoders), ("sdxl", SDXLEncoders)):
+        enc = cls.from_pretrained(dirs[model], dtype=torch.float32)
+        text = build_cache(index, assignment, enc, root / f"{model}-text", images=False,
+                           progress=False)
+        full = build_cache(index, assignment, enc, root / f"{model}-full", progress=False)
+        sides = {
+            "none": TextToImageDataset(index, assignment, image_transform=fit),
+            "text-only": TextToImageDataset(index, assignment, image_transform=fit,
+                                            encoder_cache=text),
+            "full latents": TextToImageDataset(index, assignment, encoder_cache=full),
+        }
+        with torch.inference_mode():
+            times = {name: timeit(lambda d=d, e=enc: epoch(d, sampler, e), reps=reps)
+                     for name, d in sides.items()}
+        text_bytes = sum(p.numel() * p.element_size()
+                         for m in (enc.text_encoder, enc.text_encoder_2) for p in m.parameters())
+        base = times["none"].median
+        for name, t in times.items():
+            rows.append({
+                "model": model, "cache": name, "epoch": str(t),
+                "vs none": ratio(base, t.median),
+                "text encoders loaded": "yes" if name == "none" else
+                f"no ({text_bytes / 2**20:.2f} MiB tiny params saved)",
+                "fresh crops": "no (K variants)" if name == "full latents" else "yes",
+                "cache on disk": "-" if name == "none" else
+                f"{(text if name == 'text-only' else full).nbytes() / 2**10:.0f} KiB",
+            })
+    return rows
 
 
 def bench_build(
@@ -252,7 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="device of the build table's encoders")
     p.add_argument("--images", type=int, help="images in the build table")
     p.add_argument("--workers", type=int, default=2, help="decoding workers of the build")
+    p.add_argument("--modes", action="store_true", help="only the which-cache-when table "
+                   "(--images of them, 2 repetitions)")
     args = p.parse_args(argv)
+    if args.modes:
+        print(machine_line())
+        with tempfile.TemporaryDirectory() as tmp:
+            n = args.images or 8
+            print_table(bench_modes(Path(tmp), n, 2), f"Which cache when ({n} images, tiny "
+                        "random FLUX / SDXL layouts on CPU, 1 process)")
+        return 0
     images, reps, reads = (
         (4, 1, 20) if args.tiny else (16, 2, 200) if args.quick else (48, 5, 1000)
     )
@@ -262,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, speedup = bench_epochs(root, images, reps)
         print_table(rows, f"Cached epoch vs on the fly ({images} images, tiny FLUX-like "
                     "encoders, 1 process)")
+        if not args.tiny:  # --modes runs it alone
+            print_table(bench_modes(root, images, reps), f"Which cache when ({images} images, "
+                        "tiny random FLUX / SDXL layouts on CPU, 1 process)")
         print_table(bench_sizes([16, 40, 77, 128]), "Bytes per FLUX.1 1024² sample (bf16)")
         read_rows, read_s = bench_read(root, reads)
         print_table(read_rows, "Reading one cached FLUX 1024² sample")

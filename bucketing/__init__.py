@@ -26,7 +26,8 @@ _LAZY_MODULES = {
         "load_loader_state",
     ),
     "transforms": (
-        "BucketResizeCrop", "CaptionTransform", "DecodeSettings", "FitParams", "FluxEncoders",
+        "BucketResizeCrop", "CaptionTransform", "DecodeSettings", "DecodedImageCache",
+        "FitParams", "FluxEncoders",
         "FluxTokenizer", "decode_and_fit", "decode_image",
         "PromptTokenizer", "SD3Encoders", "SD3Tokenizer", "SD15Tokenizer", "SDXLEncoders",
         "SDXLTokenizer", "collate", "flux_image_ids", "flux_time_shift_mu", "load_image",
@@ -46,8 +47,8 @@ _LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in nam
 
 __all__ = [
     "Assignment", "BatchingRule", "BucketBatchSampler", "BucketLadder", "BucketResizeCrop",
-    "CaptionTransform", "ConfigError", "DecodeSettings", "EncoderCache", "FitParams",
-    "FluxEncoders", "FluxTokenizer",
+    "CaptionTransform", "ConfigError", "DecodeSettings", "DecodedImageCache", "EncoderCache",
+    "FitParams", "FluxEncoders", "FluxTokenizer",
     "ImageIndex", "MixedDataset", "PromptTokenizer", "Rejection", "SD15Tokenizer",
     "SD3Encoders", "SD3Tokenizer", "SDXLEncoders", "SDXLTokenizer", "SampleBatch", "SampleIndex",
     "Spec", "StreamingBucketDataset", "TextToImageDataset", "assign", "bucket_batch_sampler",

@@ -20,6 +20,11 @@ the first step, saying which buckets differ. Trimmed T5 rows (the cache's defaul
 kept out of attention with the batch's ``t5_attention_mask``; a ``--t5-padding full`` cache
 feeds every padded row, as the on-the-fly path does.
 
+A text-only cache (``bucket-cache --text-only``) holds the caption embeddings alone: the
+pixels are decoded, randomly cropped and flipped per occurrence as without a cache (fresh
+crops every epoch), the VAE encodes them each step, and the text encoders (T5-XXL's 9.5 GB
+in bf16) are never loaded.
+
     python examples/tiny_models.py flux .cache/tiny-flux --tokenizers .cache/flux-tokenizers
     python examples/train_flux_lora.py --weights .cache/tiny-flux --max-steps 3 --max-area 65536 \
         --output runs/tiny
@@ -29,6 +34,8 @@ feeds every padded row, as the on-the-fly path does.
         --epochs 10 --grad-accum 4 --lr-scheduler cosine --output runs/me --resume latest
     bucket-cache my_photos/ --weights FLUX.1-dev --out cache/ --max-area 1048576
     python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --cache cache/
+    bucket-cache my_photos/ --weights FLUX.1-dev --out text/ --max-area 1048576 --text-only
+    python examples/train_flux_lora.py --weights FLUX.1-dev --data my_photos/ --cache text/
 
 With ``--loss-mask`` the data's loss masks weight the loss (a manifest's ``loss_mask`` column;
 ``--loss-mask alpha`` the images' alpha; ``--loss-mask '{stem}_mask.png'`` a folder's mask
@@ -55,6 +62,7 @@ from transformers import CLIPTextModel, T5EncoderModel
 
 from bucketing import EncoderCache, TextToImageDataset
 from transforms import (
+    BucketResizeCrop,
     CaptionTransform,
     FluxTokenizer,
     flux_image_ids,
@@ -79,21 +87,27 @@ def data_loader(args: argparse.Namespace, cache: EncoderCache | None = None) -> 
     def cached(index, assignment, seed):
         # refused here, before any worker, when the cache was built for another ladder or
         # without this template
-        return TextToImageDataset(
-            index, assignment, encoder_cache=cache, seed=seed,
-            caption_transform=CaptionTransform(dropout=0.1, template=args.template))
+        captions = CaptionTransform(dropout=0.1, template=args.template)
+        if cache.images:
+            return TextToImageDataset(index, assignment, encoder_cache=cache, seed=seed,
+                                      caption_transform=captions)
+        # text-only: embeddings cached, pixels fitted (and flipped) every occurrence
+        return TextToImageDataset(index, assignment, encoder_cache=cache, seed=seed,
+                                  image_transform=BucketResizeCrop(crop="random", flip_p=0.5),
+                                  caption_transform=captions)
 
     return build_loader(args, MODELS, None, cached)
 
 
 def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-                encoders: bool = True):
-    """The frozen VAE and text encoders (None for each without ``encoders``), and the
-    transformer."""
+                images: bool = True, text: bool = True):
+    """The frozen VAE (None without ``images``) and text encoders (None without ``text``),
+    and the transformer."""
     weights = Path(args.weights)
     vae = clip = t5 = None
-    if encoders:
+    if images:
         vae = AutoencoderKL.from_pretrained(weights, subfolder="vae", torch_dtype=dtype)
+    if text:
         clip = CLIPTextModel.from_pretrained(weights, subfolder="text_encoder", torch_dtype=dtype)
         t5 = T5EncoderModel.from_pretrained(weights, subfolder="text_encoder_2",
                                             torch_dtype=dtype)
@@ -120,27 +134,32 @@ def train(args: argparse.Namespace) -> list[float]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cache = open_cache(args.cache) if args.cache else None
     loader = data_loader(args, cache)
-    vae, clip, t5, transformer = load_models(args, device, dtype, encoders=cache is None)
+    vae, clip, t5, transformer = load_models(args, device, dtype,
+                                             images=cache is None or not cache.images,
+                                             text=cache is None)
     params = add_lora(transformer, args.rank)
 
     def step(batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, str]:
         inputs = to_model_input(batch, device, dtype)  # pixels in [-1, 1] on the device
         attention = None
-        if cache is not None:  # encoded once, by bucket-cache
+        if "latents" in inputs:  # encoded once, by bucket-cache
             latents = inputs["latents"].to(dtype)
-            pooled = inputs["pooled_prompt_embeds"].to(dtype)
-            prompt_embeds = inputs["prompt_embeds"].to(dtype)
             b, height, width = latents.shape[0], latents.shape[2] * 8, latents.shape[3] * 8
-            if cache.t5_padding == "trimmed":  # T5 rows padded with zeros by collate: masked
-                text = inputs["t5_attention_mask"].bool()
-                image = text.new_ones(b, (height // 16) * (width // 16))
-                attention = {"attention_mask": torch.cat([text, image], 1)[:, None, None, :]}
-        else:
+        else:  # pixels fitted this step (no cache, or a text-only one)
             b, _, height, width = inputs["pixel_values"].shape
             with torch.no_grad():
                 dist = vae.encode(inputs["pixel_values"]).latent_dist
                 latents = dist.sample(generator=generator)
                 latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        if cache is not None:  # caption embeddings encoded once, by bucket-cache
+            pooled = inputs["pooled_prompt_embeds"].to(dtype)
+            prompt_embeds = inputs["prompt_embeds"].to(dtype)
+            if cache.t5_padding == "trimmed":  # T5 rows padded with zeros by collate: masked
+                text = inputs["t5_attention_mask"].bool()
+                image = text.new_ones(b, (height // 16) * (width // 16))
+                attention = {"attention_mask": torch.cat([text, image], 1)[:, None, None, :]}
+        else:
+            with torch.no_grad():
                 pooled = clip(inputs["clip_input_ids"], output_hidden_states=False).pooler_output
                 prompt_embeds = t5(inputs["t5_input_ids"])[0]
         lh, lw = latents.shape[-2:]

@@ -430,10 +430,11 @@ def test_caption_dropout_works_and_uncacheable_captions_are_refused(photos, tmp_
     assert dropped["caption"] == "" and dropped["text_length"] == 1  # only </s>
     empty = flux.encode_text([""])["prompt_embeds"][0, :1]
     torch.testing.assert_close(dropped["prompt_embeds"], empty)
-    # captions the cache lacks are refused when the dataset is built, not in a worker
-    with pytest.raises(ValueError, match=r"3 captions are not in the cache \(e.g. 'sks, a phot"):
-        TextToImageDataset(index, assignment, encoder_cache=cache,
+    with pytest.raises(ValueError, match="formats them with .*'sks, '.*rebuild it"):
+        TextToImageDataset(index, assignment, encoder_cache=cache,  # refused before any worker
                            caption_transform=CaptionTransform(prefix="sks, "))
+    with pytest.raises(ValueError, match="'sks, a photo number 0' is not in the cache"):
+        cache.text_sample("sks, a photo number 0")
     with pytest.raises(ValueError, match="shuffles parts or drops tags"):
         TextToImageDataset(index, assignment, encoder_cache=cache,
                            caption_transform=CaptionTransform(shuffle_parts=True))

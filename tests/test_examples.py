@@ -231,6 +231,40 @@ def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny, photos, tmp_pat
     assert not steps(capsys.readouterr().out)
 
 
+def test_train_flux_lora_from_a_text_only_cache(repo_root, tiny, photos, tmp_path, capsys):
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    cache = str(tmp_path / "text-cache")
+    built = subprocess.run(
+        [sys.executable, "-m", "bucketing.cli.cache", str(photos), "--weights",
+         str(tiny["flux"]), "--out", cache, "--dtype", "float32", "--t5-length", "16",
+         "--max-area", str(64 * 64), "--text-only", "--loader-workers", "0"],
+        capture_output=True, text=True, timeout=400, env=env)
+    assert built.returncode == 0, built.stdout + built.stderr
+    assert "0 latents encoded (0 in the view)" in built.stdout
+    # The VAE and the transformer only: a checkout without text_encoder/ or text_encoder_2/,
+    # so CLIP and T5 cannot be constructed; the pixels are fitted (and encoded) every step.
+    weights = tmp_path / "vae-and-transformer"
+    weights.mkdir()
+    for part in ("vae", "transformer"):
+        (weights / part).symlink_to(tiny["flux"] / part)
+    argv = ["--weights", str(weights), "--cache", cache, "--data", str(photos), "--max-area",
+            str(64 * 64), "--batch-size", "2", "--workers", "2", "--device", "cpu",
+            "--output", str(tmp_path / "lora")]
+    out = run_here(train_flux_lora, capsys, *argv)
+    assert len(BATCH.findall(out)) == 2 and len(steps(out)) == 2
+    assert any(k.startswith("transformer.") for k in lora_tensors(tmp_path / "lora"))
+    # The trainer's own loader: pixels, not latents, fitted afresh every epoch.
+    loader = train_flux_lora.data_loader(train_flux_lora.parse_args(argv),
+                                         train_flux_lora.open_cache(cache))
+    by_epoch = []
+    for epoch in range(2):
+        loader.batch_sampler.set_epoch(epoch)
+        by_epoch.append({int(i): px for batch in loader
+                         for i, px in zip(batch["index"], batch["pixel_values"], strict=True)})
+        assert all("prompt_embeds" in batch and "latents" not in batch for batch in loader)
+    assert any(not torch.equal(px, by_epoch[1][i]) for i, px in by_epoch[0].items())
+
+
 def test_contradictory_options_are_refused(capsys):
     for extra, message in ((["--data", "x", "--config", "y"], "give one"),
                            (["--max-steps", "2"], "need --output"),

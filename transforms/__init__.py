@@ -2,6 +2,7 @@
 
 from transforms.caption import CaptionTransform
 from transforms.collate import collate, to_model_input
+from transforms.decoded_cache import DecodedImageCache
 from transforms.diffusers_scripts import DiffusersCollate, diffusers_batch
 from transforms.encoders import FluxEncoders, SD3Encoders, SDXLEncoders
 from transforms.image import DecodeSettings, decode_image, load_image
@@ -26,6 +27,7 @@ __all__ = [
     "BucketResizeCrop",
     "CaptionTransform",
     "DecodeSettings",
+    "DecodedImageCache",
     "DiffusersCollate",
     "FitParams",
     "FluxEncoders",

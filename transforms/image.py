@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from bucketing.headers import SWAPS_AXES, orientation_code
+from transforms.decoded_cache import DecodedImageCache
 
 ORIGINAL_SIZE_KEY = "original_size"
 DEFAULT_MAX_DECODE_BYTES = 2**30
@@ -223,12 +224,22 @@ def decode_image(
     *,
     bucket_wh: Sequence[int] | None = None,
     expected_size: Sequence[int] | None = None,
+    cache: DecodedImageCache | None = None,
 ) -> Image.Image:
     """:func:`load_image` of ``source`` with ``settings``, for a picture that will be fitted to
     ``bucket_wh`` (w, h; the JPEG draft's target). ``expected_size``: the (w, h) the scan
     recorded; a file of another oriented size raises :class:`ImageDecodeError` (it changed
-    after the scan, so its bucket was chosen for another picture)."""
-    img = load_image(source, **settings.load_kwargs(bucket_wh))
+    after the scan, so its bucket was chosen for another picture). ``cache``: a
+    :class:`~transforms.decoded_cache.DecodedImageCache` that returns this picture without
+    decoding when the same file (path, size, mtime) was decoded toward the same draft target
+    with the same settings in this process, and keeps it otherwise."""
+    kwargs = settings.load_kwargs(bucket_wh)
+    key = cache.key(source, settings, kwargs["draft_size"]) if cache is not None else None
+    img = cache.get(key) if cache is not None else None
+    if img is None:
+        img = load_image(source, **kwargs)
+        if cache is not None:
+            cache.put(key, img)
     check_size(describe_source(source), img.info[ORIGINAL_SIZE_KEY], expected_size)
     return img
 

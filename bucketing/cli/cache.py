@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-batch-size", type=positive_int, default=64, metavar="B")
     p.add_argument("--loader-workers", type=int, default=min(4, os.cpu_count() or 1),
                    metavar="N", help="processes decoding images (default: min(4, cores))")
+    p.add_argument("--text-only", action="store_true",
+                   help="cache the caption embeddings only (no latents): the dataset fits "
+                   "pixels per occurrence, with fresh crops and flips every epoch, and the "
+                   "trainer loads no text encoder")
     p.add_argument("--prune", action="store_true",
                    help="then remove entries no current image, caption or setting refers to")
     return p
@@ -160,6 +164,7 @@ def run(args: argparse.Namespace, given: dict[str, Any]) -> list[str]:
         flip_p=flip_p, resample=args.resample, seed=spec.seed, t5_padding=args.t5_padding,
         batch_size=args.vae_batch_size, text_batch_size=args.text_batch_size,
         workers=args.loader_workers, plan_fingerprint=fingerprint,
+        images=not args.text_only, captions_formatted=True,
     )
     s = cache.build_stats
     lines = [

@@ -16,7 +16,19 @@ caption transform gets ``captions`` (the image's list of captions) and ``rng`` a
 ``captions`` and ``rng`` are removed once their transform has run. An image transform with a
 ``read(source, settings, *, bucket_wh, expected_size)`` method (:class:`ReadsFiles`, such as
 the GPU path's ``EncodedFit``) says how its ``image`` is read; otherwise it is
-``transforms.image.decode_image``, the decode every reader of the library shares.
+``transforms.image.decode_image``, the decode every reader of the library shares, through the
+dataset's :class:`~transforms.decoded_cache.DecodedImageCache` (``decoded_cache_bytes`` per
+process): a file repeated within an epoch is decoded once per DataLoader worker, and every
+occurrence still draws its own crop and flip from the same pixels. :meth:`stats` gives its
+hit and miss counts, summed over the workers.
+
+An encoder cache built with ``images=False`` (text embeddings only) keeps the pixel path:
+images are decoded and fitted per occurrence as without a cache, and the final caption
+(after template, dropout and shuffle) takes its embeddings from the cache. A caption variant
+the cache does not hold is refused with a clear error, never encoded in a worker: the
+caption transform is checked at construction: shuffle and tag dropout make captions no
+build can list, and its template, prefix and suffix must be the build's
+(``build_cache(..., caption_transform=...)`` caches them).
 
 A file that fails to decode (or to fit its bucket, or no longer has the size the scan
 recorded) at training time does not end the epoch:
@@ -47,9 +59,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bucketing.pipeline.encoder_cache.captions import check_cacheable_captions
 from bucketing.pipeline.encoder_cache.pairs import cached_pairs
 from bucketing.pipeline.plan import check_encoder_cache, dataset_fingerprint
 from bucketing.printable import escape
+from transforms.decoded_cache import DEFAULT_DECODED_CACHE_BYTES, DecodedImageCache
 from transforms.image import (
     DEFAULT_MAX_DECODE_BYTES,
     DecodeSettings,
@@ -118,9 +132,12 @@ class TextToImageDataset(Dataset):
     transform that upscales: one with ``allow_upscale=False`` is refused here.
     ``encoder_cache``: an encoder cache (``bucketing.build_cache``); samples then carry its
     ``latents`` and caption embeddings instead of pixels, and no image transform is needed
-    (``cache=`` is its old name: accepted with a DeprecationWarning). A cache built for
-    another plan (rows in other buckets, rows or captions it lacks) is refused here, before
-    any DataLoader worker starts.
+    (``cache=`` is its old name: accepted with a DeprecationWarning); a text-only one
+    (``build_cache(..., images=False)``) supplies the embeddings while the image transform
+    fits pixels per occurrence. ``decoded_cache_bytes``: the decoded pictures each process
+    keeps (``transforms.decoded_cache``; 0: decode every occurrence afresh). A cache built
+    for another plan (rows in other buckets, rows or captions it lacks) is refused here,
+    before any DataLoader worker starts.
 
     An index with paired files (``index.conditioning``, ``index.loss_mask``) adds
     ``conditioning_pixel_values`` uint8 [K, 3, h, w] and ``loss_mask`` uint8 [1, h, w],
@@ -146,6 +163,7 @@ class TextToImageDataset(Dataset):
         background: Sequence[int] = (255, 255, 255),
         encoder_cache: Any = None,
         cache: Any = None,
+        decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
     ) -> None:
         if cache is not None:
             warnings.warn("TextToImageDataset(cache=...) is now encoder_cache=...; the old name "
@@ -162,8 +180,11 @@ class TextToImageDataset(Dataset):
             )
         if int(seed) < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        if encoder_cache is None or image_transform is not None:  # a cache needs no image transform
+        cached_pixels = encoder_cache is not None and getattr(encoder_cache, "images", True)
+        if not cached_pixels or image_transform is not None:  # latents need no image transform
             _check_transform("image_transform", image_transform)
+        if encoder_cache is not None:
+            check_cacheable_captions(caption_transform, encoder_cache)
         for name, transform in (
             ("caption_transform", caption_transform), ("model_transform", model_transform)
         ):
@@ -202,6 +223,8 @@ class TextToImageDataset(Dataset):
         self.decode = DecodeSettings(max_pixels=max_pixels, max_decode_bytes=max_decode_bytes,
                                      draft=draft, background=tuple(background))
         self.encoder_cache = encoder_cache
+        self._cached_pixels = cached_pixels
+        self.decoded_cache = DecodedImageCache(decoded_cache_bytes)
         self._epoch = torch.full((1,), -1, dtype=torch.int64).share_memory_()  # -1: never set
         self._warned_epoch = False
         self._members: tuple[np.ndarray, np.ndarray] | None = None  # built on first need
@@ -228,6 +251,12 @@ class TextToImageDataset(Dataset):
         if not 0 <= epoch <= _MAX_EPOCH:
             raise ValueError(f"epoch must be in [0, 2**63 - 1], got {epoch}")
         self._epoch[0] = epoch
+
+    def stats(self) -> dict[str, Any]:
+        """What the dataset's caches did, summed over the main process and its DataLoader
+        workers: ``decoded_cache`` (hits, misses, evictions, hit_rate, bytes and entries
+        held, the per-process limit)."""
+        return {"decoded_cache": self.decoded_cache.stats()}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         occurrence = operator.index(getattr(i, "occurrence", 0))
@@ -298,13 +327,15 @@ class TextToImageDataset(Dataset):
         (``draw`` = (epoch, occurrence))."""
         wh = tuple(int(v) for v in self.bucket_wh[requested])
         epoch, occurrence = draw
-        if self.encoder_cache is not None:
+        if self._cached_pixels:
             return self._cached(row, requested, draw, wh)
-        read = (self.image_transform.read if isinstance(self.image_transform, ReadsFiles)
-                else decode_image)
         scanned = (int(self.index.width[row]), int(self.index.height[row]))
-        img = read(self.index.image_source(row), self.decode, bucket_wh=wh,
-                   expected_size=scanned)  # a changed file's bucket was chosen for another
+        if isinstance(self.image_transform, ReadsFiles):
+            img = self.image_transform.read(self.index.image_source(row), self.decode,
+                                            bucket_wh=wh, expected_size=scanned)
+        else:  # a changed file's bucket was chosen for another: the size is checked
+            img = decode_image(self.index.image_source(row), self.decode, bucket_wh=wh,
+                               expected_size=scanned, cache=self.decoded_cache)
         identity = {
             "index": row,
             "original_index": requested,

@@ -17,6 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bucketing.atomic import atomic_path
+from bucketing.pipeline.encoder_cache.captions import (
+    caption_format,
+    check_cacheable_captions,
+    final_caption,
+)
 from bucketing.pipeline.encoder_cache.keys import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -130,6 +135,9 @@ def build_cache(
     shard_size: int = 256,
     progress: bool = True,
     plan_fingerprint: str | None = None,
+    images: bool = True,
+    caption_transform: Any = None,
+    captions_formatted: bool = False,
 ) -> EncoderCache:
     """Encode what ``path`` lacks for ``index`` x ``assignment`` and return the cache.
 
@@ -145,10 +153,19 @@ def build_cache(
     ``torch.distributed`` call it on every rank.
     ``plan_fingerprint``: the plan's (``bucket-cache`` passes the dataset's), recorded with
     the per-row buckets so that a dataset built on another plan refuses the cache.
+    ``images=False``: a text-only cache (no latents, nothing decoded): the dataset then fits
+    pixels per occurrence, with fresh crops and flips every epoch, and reads only the
+    caption embeddings here. ``caption_transform``: the dataset's ``CaptionTransform``; its
+    template, prefix and suffix are applied to every caption before encoding (the cache is
+    keyed by the final caption text); one that shuffles parts or drops tags is refused.
+    ``captions_formatted``: the index's captions are already formatted, each dataset's its own
+    way (``bucket-cache --config``'s mix): no one format is recorded, and a dataset's captions
+    are checked one by one against the cache when it is made.
     An index with paired files also caches, beside every image latent (same crop and flip),
     its conditioning latents and its loss mask on the latent grid (see
     :mod:`bucketing.pipeline.encoder_cache.pairs`).
     """
+    check_cacheable_captions(caption_transform)
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     if crop == "center" and variants != 1:
@@ -180,7 +197,13 @@ def build_cache(
         image_fp, text_fp = encoders.fingerprint("image"), encoders.fingerprint("text")
 
         cols, jobs = plan_rows(index, assignment, settings, image_fp, dtype)
-        captions = sorted({c for r in cols["row"] for c in index.captions[r]} | {""})
+        if images:
+            rows = cols["row"]
+        else:  # text only: no image is read, every accepted row's captions are encoded
+            cols, jobs = {k: [] for k in cols}, []
+            rows = np.flatnonzero(np.asarray(assignment.bucket_id) >= 0).tolist()
+        captions = sorted({final_caption(c, caption_transform)
+                           for r in rows for c in index.captions[r]} | {""})
         tkeys = {c: text_key(c, text_fp, text_dtype, padding) for c in captions}
         stored = load_entries(root)
         _barrier()
@@ -224,7 +247,9 @@ def build_cache(
                 "fingerprints": {"image": image_fp, "text": text_fp}, "dtype": dtype,
                 "text_dtype": text_dtype, "t5_padding": padding, "flip_p": float(flip_p),
                 "crop": crop, "variants": int(variants), "fit": settings.key(), "seed": int(seed),
-                "empty_caption_key": tkeys[""],
+                "empty_caption_key": tkeys[""], "images": bool(images),
+                "caption_format": None if captions_formatted else caption_format(
+                    caption_transform),
                 "vae_scale_factor": getattr(encoders, "vae_scale_factor", None),
                 "plan": {"fingerprint": plan_fingerprint,
                          "missing": _missing(index, assignment, cols)},
@@ -238,7 +263,7 @@ def build_cache(
         "texts_total": len(captions),
         "failed": [f for s, _ in everyone for f in s["failed"]],
         "missing_files": int(np.count_nonzero(np.asarray(assignment.bucket_id) >= 0))
-        - len(cols["row"]),
+        - len(rows),
     }
     return cache
 

@@ -48,6 +48,7 @@ class EncoderCache:
         self.flip_p = float(meta["flip_p"])
         self.variants = int(meta["variants"])
         self.t5_padding: str = meta["t5_padding"]
+        self.images = bool(meta.get("images", True))  # False: text embeddings only
         self.rows = rows
         self._by_path = {p: i for i, p in enumerate(rows["path"])}
         self._texts = texts
