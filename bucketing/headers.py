@@ -179,41 +179,32 @@ def _read(source: str | os.PathLike | bytes) -> Header:
         return _parse(_Reader(None, data, len(data)), source=data)
     path = os.fspath(source)
     member = parse_member(path)
-    if member is not None:
-        return _read_member(*member)
+    if member is None:
+        return _read_file(path, None)
+    shard, offset, length = member
+    return _read_file(shard, (offset, length))
+
+
+def _read_file(path: str, member: tuple[int, int] | None) -> Header:
+    """The header of the file at ``path``, or of the ``(offset, length)`` bytes of the tar
+    shard at ``path`` when ``member`` is given (read in place)."""
+    missing = "no such file" if member is None else "no such tar shard"
     try:
         fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
     except FileNotFoundError:
-        return Header(reason="missing_file", detail="no such file", io_error=True)
+        return Header(reason="missing_file", detail=missing, io_error=True)
     except OSError as e:
         return Header(reason="unreadable", detail=_oserror(e), io_error=True)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return Header(reason="unreadable", detail="not a regular file", io_error=True)
-        size = st.st_size
-        head = os.pread(fd, _WINDOW, 0)
-        if not head:
-            return Header(reason="empty_file", detail="0 bytes")
-        return _parse(_Reader(fd, head, max(size, len(head))), source=path)
-    except OSError as e:
-        return Header(reason="unreadable", detail=_oserror(e), io_error=True)
-    finally:
-        os.close(fd)
-
-
-def _read_member(shard: str, offset: int, length: int) -> Header:
-    """The header of the ``length`` bytes at ``offset`` of the tar ``shard``, read in place."""
-    try:
-        fd = os.open(shard, os.O_RDONLY | _OPEN_FLAGS)
-    except FileNotFoundError:
-        return Header(reason="missing_file", detail="no such tar shard", io_error=True)
-    except OSError as e:
-        return Header(reason="unreadable", detail=_oserror(e), io_error=True)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return Header(reason="unreadable", detail="not a regular file", io_error=True)
+        if member is None:
+            head = os.pread(fd, _WINDOW, 0)
+            if not head:
+                return Header(reason="empty_file", detail="0 bytes")
+            return _parse(_Reader(fd, head, max(st.st_size, len(head))), source=path)
+        offset, length = member
         if offset + length > st.st_size:
             return Header(reason="unreadable", detail=f"truncated tar member: the shard ends "
                           f"at byte {st.st_size}, the member at {offset + length}")  # fmt: skip

@@ -142,3 +142,14 @@ def write_tiny_encoders(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
 def tiny_encoders_dirs(flux_tokenizer_dir: Path, tmp_path_factory) -> dict[str, Path]:
     """``write_tiny_encoders`` in a session temp folder: ``{"flux": DIR, "sdxl": DIR, ...}``."""
     return write_tiny_encoders(tmp_path_factory.mktemp("tiny-encoders"), flux_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_encoders_dirs: dict[str, Path]):
+    """The tiny FLUX encoders (float32, T5 length 32) that the encoder-cache tests build with."""
+    import torch
+
+    from transforms import FluxEncoders
+
+    return FluxEncoders.from_pretrained(tiny_encoders_dirs["flux"], dtype=torch.float32,
+                                        max_sequence_length=32)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from captioned_photos import write_captioned_photos
 from safetensors import safe_open
 
 from bucketing import BucketLadder, EncoderCache, TextToImageDataset, assign, build_cache, scan
@@ -34,19 +34,7 @@ T5_LENGTH = 32
 
 
 def write_images(folder: Path, sizes=SIZES, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (w, h) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
-        (folder / f"im{i}.txt").write_text(f"a photo number {i % 3}")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def flux(tiny_encoders_dirs) -> FluxEncoders:
-    return FluxEncoders.from_pretrained(
-        tiny_encoders_dirs["flux"], dtype=torch.float32, max_sequence_length=T5_LENGTH
-    )
+    return write_captioned_photos(folder, sizes, seed)
 
 
 @pytest.fixture()

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from captioned_photos import write_captioned_photos
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -26,25 +27,13 @@ import bucketing.pipeline.encoder_cache.store as store
 from bucketing import BucketLadder, EncoderCache, TextToImageDataset, assign, build_cache, scan
 from bucketing.pipeline.dataset import SubstitutionWarning
 from bucketing.pipeline.encoder_cache.store import build_lock
-from transforms import FluxEncoders
 
 SIZES = [(80, 64), (64, 80), (96, 64), (70, 50), (50, 70), (64, 64)]
 LADDER = BucketLadder.from_buckets([(32, 32), (48, 32), (32, 48)], multiple=16)
 
 
-def _write(folder: Path, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (w, h) in enumerate(SIZES):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
-        (folder / f"im{i}.txt").write_text(f"a photo number {i % 3}")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def flux(tiny_encoders_dirs) -> FluxEncoders:
-    return FluxEncoders.from_pretrained(tiny_encoders_dirs["flux"], dtype=torch.float32,
-                                        max_sequence_length=32)
+def _write(folder: Path, sizes=SIZES, seed: int = 0) -> Path:
+    return write_captioned_photos(folder, sizes, seed)
 
 
 @pytest.fixture(scope="module")

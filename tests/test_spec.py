@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from captioned_photos import write_captioned_photos
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 import bucketing.cli.report as report_cli
 from bucketing import (
@@ -33,25 +33,13 @@ from bucketing.cli.cache import main as cache_main
 from bucketing.pipeline import spec as spec_module
 from bucketing.pipeline.spec import ConfigError, key_table
 from samplers import BucketBatchSampler
-from transforms import FluxEncoders
 
 SIZES = [(160, 128), (128, 160), (192, 128), (140, 100), (100, 140), (128, 128)]
 T5_LENGTH = 32
 
 
-def write_images(folder: Path, seed: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i, (w, h) in enumerate(SIZES):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
-        (folder / f"im{i}.txt").write_text(f"a photo number {i % 3}")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def flux(tiny_encoders_dirs) -> FluxEncoders:
-    return FluxEncoders.from_pretrained(
-        tiny_encoders_dirs["flux"], dtype=torch.float32, max_sequence_length=T5_LENGTH)
+def write_images(folder: Path, sizes=SIZES, seed: int = 0) -> Path:
+    return write_captioned_photos(folder, sizes, seed)
 
 
 def test_the_docs_key_table_is_the_specs(repo_root):
