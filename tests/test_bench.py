@@ -50,6 +50,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.slow
 def test_script_runs_tiny(tiny_run: dict, script: str) -> None:
     result = tiny_run["results"][script]
     assert result["rc"] == 0, result["stdout"][-3000:]
@@ -62,6 +63,7 @@ def test_script_runs_tiny(tiny_run: dict, script: str) -> None:
     assert all(h["status"] in ("PASS", "MISS", "n/a") for h in mine)
 
 
+@pytest.mark.slow
 def test_summary_lists_every_headline(tiny_run: dict) -> None:
     for h in tiny_run["headlines"]:
         assert f"{h['bench']}: {h['target']}" in tiny_run["summary_text"]
@@ -177,6 +179,7 @@ def test_scale_headlines_read_the_largest_size(
         ("gpu_loader.py", ["--device", "cpu", "--tiny"], "GPU path >= 2x CPU path"),
     ],
 )
+@pytest.mark.slow
 def test_standalone_script_runs_tiny(script: str, args: list[str], expect: str) -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), *args],

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # bench/ is scripts, not an installed package
 
 from bench.run_all import parse_tables  # noqa: E402
 
 
+@pytest.mark.slow
 def test_scale_bench_runs_tiny() -> None:
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "scale.py"), "--tiny"],

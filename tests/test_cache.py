@@ -358,6 +358,7 @@ def _assert_same_cache(a: EncoderCache, b: EncoderCache, index, assignment) -> N
             assert torch.equal(sa[key], sb[key]), (i, key)
 
 
+@pytest.mark.slow
 def test_two_rank_torchrun_build_equals_one_process(photos, tmp_path, flux, tiny_encoders_dirs):
     out = tmp_path / "ddp"
     script = REPO / "tests" / "distributed" / "cache_build.py"

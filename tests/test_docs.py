@@ -53,6 +53,7 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+@pytest.mark.slow
 def test_page_runs(page: Path, user_dir: Path) -> None:
     script = "\n\n".join(blocks(page, "python"))
     commands = command_lines(page)

@@ -182,6 +182,7 @@ def test_cuda_batches_equal_the_cpu_run_of_the_same_code(datasets) -> None:
             assert _psnr(a, b) > 40
 
 
+@pytest.mark.slow
 def test_two_ddp_ranks_decode_their_own_share_and_resume(corpus: Path, tmp_path: Path) -> None:
     script = Path(__file__).parent / "distributed" / "gpu_decode_ddp.py"
     torchrun(2, str(corpus), str(tmp_path), script=script)

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_sampler_bench_tiny(repo_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "sampler.json"
     proc = subprocess.run(

@@ -27,6 +27,7 @@ def torchrun(nproc: int, *args: str, script: Path = SCRIPT) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_two_ranks_epoch_then_elastic_resume_at_three(tmp_path: Path) -> None:
     torchrun(2, "epoch", str(tmp_path))
     assert (tmp_path / "state.json").exists()
@@ -34,6 +35,7 @@ def test_two_ranks_epoch_then_elastic_resume_at_three(tmp_path: Path) -> None:
     assert (tmp_path / "resumed_3.ok").read_text() == "ok"
 
 
+@pytest.mark.slow
 def test_ddp_example_stops_and_resumes_on_another_world_size(repo_root: Path, tmp_path) -> None:
     example = repo_root / "examples" / "ddp_torchrun.py"
     ckpt = str(tmp_path / "ddp.pt")

@@ -256,6 +256,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_distributed_ranks_share_one_index(tmp_path, mixed_dir):
     """Two real processes in a gloo group (as torchrun starts them) scan one folder."""
     folder = str(mixed_dir / "gen")
