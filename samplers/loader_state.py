@@ -17,19 +17,19 @@ def load_loader_state(loader: Any, state: dict[str, Any]) -> None:
     """
     loader.load_state_dict(state)
     sampler = getattr(loader, "batch_sampler", None)
-    found = _sampler_state(state)
+    found = find_sampler_state(state)
     if found is not None and hasattr(sampler, "load_state_dict"):
         sampler.load_state_dict(found)
 
 
-def _sampler_state(tree: Any) -> dict[str, Any] | None:
+def find_sampler_state(tree: Any) -> dict[str, Any] | None:
     """The first sampler state (a dict with ``fingerprint`` and ``consumed``) in ``tree``."""
     if not isinstance(tree, dict):
         return None
     if "fingerprint" in tree and "consumed" in tree:
         return tree
     for value in tree.values():
-        found = _sampler_state(value)
+        found = find_sampler_state(value)
         if found is not None:
             return found
     return None

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from samplers import BucketBatchSampler, SampleIndex, load_loader_state
+from samplers.loader_state import find_sampler_state
 
 IDS = np.random.default_rng(0).integers(-1, 5, 120)
 
@@ -99,20 +100,9 @@ def test_sampler_state_inside_the_loader_state_counts_what_was_yielded() -> None
     state = loader.state_dict()
     with pytest.warns(UserWarning, match="prefetches"):
         assert sampler.state_dict()["consumed"] > 4  # prefetched ahead
-    found = _find_sampler_state(state)
+    found = find_sampler_state(state)
     assert found["consumed"] == 4 and found["epoch"] == 0
     del it
-
-
-def _find_sampler_state(tree):
-    if isinstance(tree, dict):
-        if "fingerprint" in tree and "consumed" in tree:
-            return tree
-        for value in tree.values():
-            found = _find_sampler_state(value)
-            if found is not None:
-                return found
-    return None
 
 
 def test_collated_batches_are_tensors_of_one_bucket() -> None:
@@ -229,7 +219,7 @@ def test_state_dict_without_received_warns_mid_iteration_but_not_under_stateful_
         warnings.simplefilter("error")
         next(it)
         state = loader.state_dict()
-    assert _find_sampler_state(state)["consumed"] == 1
+    assert find_sampler_state(state)["consumed"] == 1
 
 
 def test_load_loader_state_updates_epoch_and_length_before_iter() -> None:
