@@ -181,11 +181,46 @@ def test_scale_headlines_read_the_largest_size(
 )
 @pytest.mark.slow
 def test_standalone_script_runs_tiny(script: str, args: list[str], expect: str) -> None:
+    stdout, tables = _run_tiny(script, *args)
+    assert tables and all(t["rows"] for t in tables)
+    assert expect in stdout
+
+
+def _run_tiny(script: str, *args: str) -> tuple[str, list[dict]]:
+    """Run ``bench/<script>`` as a user would; its stdout and the tables parsed from it."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / script), *args],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    tables = parse_tables(proc.stdout)
-    assert tables and all(t["rows"] for t in tables)
-    assert expect in proc.stdout
+    return proc.stdout, parse_tables(proc.stdout)
+
+
+@pytest.mark.slow
+def test_scale_bench_runs_tiny() -> None:
+    """bench/scale.py at 20k rows: the index's bytes per row beyond the text stay within
+    budget, and a forked reader of the columns copies (almost) nothing while one of the old
+    lists copies megabytes."""
+    _, (speed, memory) = _run_tiny("scale.py", "--tiny")
+    (row,) = speed["rows"]
+    assert row["rows"] == "20,000" and int(row["steps/rank"]) > 0
+    assert int(row["beyond text"]) <= 80
+    (mem,) = memory["rows"]
+    assert float(mem["columns: worker grows"].split()[0]) < 2.0
+    assert float(mem["lists: worker grows"].split()[0]) > 2.0
+
+
+@pytest.mark.slow
+def test_stream_bench_runs_tiny() -> None:
+    """bench/stream.py: every side serves every image, and a tighter buffer bound holds fewer
+    rows and gives more short batches."""
+    _, (speed, memory) = _run_tiny("stream.py", "--tiny")
+    assert [r["side"] for r in speed["rows"]] == [
+        "map-style (folder)", "map-style (tar shards)", "streaming (tar shards)",
+        "streaming (file rows)"]
+    assert all(float(r["images/s"]) > 0 for r in speed["rows"])
+    loose, tight = memory["rows"][0], memory["rows"][-1]
+    for row in memory["rows"]:
+        assert int(row["peak rows"]) <= int(row["max_buffered_rows"]) + 1
+    assert int(tight["peak rows"]) < int(loose["peak rows"])
+    assert int(tight["short batches"]) >= int(loose["short batches"])
