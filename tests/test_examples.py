@@ -202,15 +202,21 @@ def test_sdxl_trains_accumulates_stops_at_an_epoch_end_and_resumes(repo_root, ti
     assert any(t.abs().sum() > 0 for t in loaded[0])
 
 
-def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny, photos, tmp_path, capsys):
-    env = {**os.environ, "PYTHONPATH": str(repo_root)}
-    cache = str(tmp_path / "cache")
+def bucket_cache(repo_root, photos, tiny, out: str, *extra: str) -> str:
+    """``bucket-cache`` over ``photos`` with the tiny FLUX encoders at 64x64; its stdout."""
     built = subprocess.run(
         [sys.executable, "-m", "bucketing.cli.cache", str(photos), "--weights",
-         str(tiny["flux"]), "--out", cache, "--dtype", "float32", "--t5-length", "16",
-         "--max-area", str(64 * 64), "--flip-p", "0.5", "--loader-workers", "0"],
-        capture_output=True, text=True, timeout=400, env=env)
+         str(tiny["flux"]), "--out", out, "--dtype", "float32", "--t5-length", "16",
+         "--max-area", str(64 * 64), "--loader-workers", "0", *extra],
+        capture_output=True, text=True, timeout=400,
+        env={**os.environ, "PYTHONPATH": str(repo_root)})
     assert built.returncode == 0, built.stdout + built.stderr
+    return built.stdout
+
+
+def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny, photos, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    bucket_cache(repo_root, photos, tiny, cache, "--flip-p", "0.5")
     # No VAE or text encoder on the training side: a checkout holding only the transformer.
     (tmp_path / "transformer-only").mkdir()
     (tmp_path / "transformer-only" / "transformer").symlink_to(tiny["flux"] / "transformer")
@@ -232,15 +238,9 @@ def test_train_flux_lora_from_the_encoder_cache(repo_root, tiny, photos, tmp_pat
 
 
 def test_train_flux_lora_from_a_text_only_cache(repo_root, tiny, photos, tmp_path, capsys):
-    env = {**os.environ, "PYTHONPATH": str(repo_root)}
     cache = str(tmp_path / "text-cache")
-    built = subprocess.run(
-        [sys.executable, "-m", "bucketing.cli.cache", str(photos), "--weights",
-         str(tiny["flux"]), "--out", cache, "--dtype", "float32", "--t5-length", "16",
-         "--max-area", str(64 * 64), "--text-only", "--loader-workers", "0"],
-        capture_output=True, text=True, timeout=400, env=env)
-    assert built.returncode == 0, built.stdout + built.stderr
-    assert "0 latents encoded (0 in the view)" in built.stdout
+    built = bucket_cache(repo_root, photos, tiny, cache, "--text-only")
+    assert "0 latents encoded (0 in the view)" in built
     # The VAE and the transformer only: a checkout without text_encoder/ or text_encoder_2/,
     # so CLIP and T5 cannot be constructed; the pixels are fitted (and encoded) every step.
     weights = tmp_path / "vae-and-transformer"
